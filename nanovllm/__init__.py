@@ -1,0 +1,13 @@
+"""nanovllm: a small, readable, fast offline LLM inference engine with pluggable backends."""
+from nanovllm.core.hookspecs import hookimpl
+from nanovllm.core.plugins import PLUGIN_API
+from nanovllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "hookimpl", "PLUGIN_API"]
+
+
+def __getattr__(name):
+    if name == "LLM":  # imported lazily: it pulls in transformers
+        from nanovllm.llm import LLM
+        return LLM
+    raise AttributeError(f"module 'nanovllm' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""The device-agnostic core: it never imports a backend."""

@@ -1,0 +1,136 @@
+"""BlockManager: paged KV blocks with reference counts and a prefix cache.
+
+A full block is keyed by an xxhash of its token ids chained with the previous block's key. A block is
+entered in the cache only once its K/V have been computed, and a hit is served only when the stored
+token ids equal the request's, so a hash collision can never serve wrong K/V. Freed blocks keep their
+key and stay reusable until their slot is handed out again (least recently freed first).
+"""
+from collections import OrderedDict
+
+import numpy as np
+import xxhash
+
+from nanovllm.core.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+def compute_block_hash(token_ids, prefix_hash: int | None) -> int:
+    h = xxhash.xxh64()
+    if prefix_hash is not None:
+        h.update(prefix_hash.to_bytes(8, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.intdigest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block_id: dict[int, int] = {}
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_prefix_hit_tokens = 0
+        self.num_prefix_query_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_block_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, None, 1
+        return block_id
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Cached blocks matching the sequence's leading full blocks; at least one token is left to compute."""
+        hits, prefix_hash = [], None
+        for i in range((len(seq) - 1) // self.block_size):
+            tokens = seq.block_tokens(i, self.block_size)
+            prefix_hash = compute_block_hash(tokens, prefix_hash)
+            block_id = self.hash_to_block_id.get(prefix_hash)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._prefix_hits(seq)
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return seq.num_blocks(self.block_size) - len(hits) + revived <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table, "sequence already holds blocks"
+        hits = self._prefix_hits(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_block_ids[block_id]
+            block.ref_count += 1
+        seq.block_table = hits + [self._take_free_block() for _ in range(seq.num_blocks(self.block_size) - len(hits))]
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+        self.num_prefix_hit_tokens += seq.num_cached_tokens
+        self.num_prefix_query_tokens += len(seq)
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+
+    def can_append(self, seq: Sequence, num_new_slots: int = 1) -> bool:
+        needed = (seq.num_computed_tokens + num_new_slots + self.block_size - 1) // self.block_size
+        return needed - len(seq.block_table) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_new_slots: int = 1) -> None:
+        """Make sure the next `num_new_slots` tokens of a running sequence have KV slots."""
+        needed = (seq.num_computed_tokens + num_new_slots + self.block_size - 1) // self.block_size
+        while len(seq.block_table) < needed:
+            seq.block_table.append(self._take_free_block())
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Enter the sequence's newly completed full blocks in the prefix cache (after their K/V were written)."""
+        bs = self.block_size
+        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i else None
+                tokens = tuple(seq.block_tokens(i, bs))
+                block.hash, block.token_ids = compute_block_hash(tokens, prefix_hash), tokens
+                self.hash_to_block_id.setdefault(block.hash, block.block_id)
+            seq.num_hashed_blocks = i + 1
+
+    def check_invariants(self, live: list[Sequence]) -> None:
+        """Ref counts equal the live sequences' references; free blocks are exactly those with none."""
+        refs = [0] * self.num_blocks
+        for seq in live:
+            for block_id in seq.block_table:
+                refs[block_id] += 1
+        for block in self.blocks:
+            if block.ref_count != refs[block.block_id]:
+                raise RuntimeError(f"block {block.block_id}: ref_count {block.ref_count}, referenced {refs[block.block_id]}")
+            if (block.ref_count == 0) != (block.block_id in self.free_block_ids):
+                raise RuntimeError(f"block {block.block_id}: ref_count {block.ref_count} but free={block.block_id in self.free_block_ids}")
+        for h, block_id in self.hash_to_block_id.items():
+            if self.blocks[block_id].hash != h:
+                raise RuntimeError(f"prefix cache entry {h:x} points at block {block_id} holding another hash")

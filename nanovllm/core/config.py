@@ -1,0 +1,68 @@
+"""EngineConfig: the engine's options, validated once; every bad value names the field and the fix."""
+from dataclasses import dataclass, field, fields
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float": torch.float32, "half": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Options of LLM(model, **options). `None` means "the backend or model chooses"."""
+    model: str
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | torch.dtype | None = None
+    max_model_len: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 16384
+    kvcache_block_size: int | None = None
+    num_kvcache_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_memory_fraction: float = 0.3
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    kernels: str | dict | None = None
+    seed: int = 0
+    tokenizer: str | None = None
+    hf_config: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        def bad(name, allowed):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        def positive_int(name, minimum=1):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                bad(name, f"expected an integer >= {minimum}")
+
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+            positive_int(name)
+        for name in ("kvcache_block_size", "num_kvcache_blocks"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):
+            bad("kvcache_block_size", "expected a power of two (e.g. 16, 32, 256)")
+        for name in ("gpu_memory_utilization", "cpu_memory_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                bad(name, "expected a fraction in (0, 1]")
+        if not isinstance(self.enforce_eager, bool):
+            bad("enforce_eager", "expected True or False")
+        if isinstance(self.dtype, str):
+            if self.dtype not in DTYPES and self.dtype != "auto":
+                bad("dtype", f"expected one of {sorted(DTYPES)} or 'auto'")
+            self.dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
+        elif self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
+        if self.kernels is not None and not isinstance(self.kernels, (str, dict)):
+            bad("kernels", "expected 'reference' or a dict {op: kernel name}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_num_seqs="
+                             f"{self.max_num_seqs}: a decode step of max_num_seqs sequences would not fit; raise it")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config")]

@@ -1,0 +1,181 @@
+"""Plugin discovery (entry points, group `nanovllm.backends`), plugins.toml, and backend selection.
+
+Every backend, built-in or third-party, arrives the same way: an entry point names a module that
+implements the hooks in `hookspecs`. A plugin that fails to import, targets another plugin API, or
+whose hook raises is reported and skipped; the others keep working.
+"""
+import importlib.metadata
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pluggy
+
+from nanovllm.core import hookspecs
+from nanovllm.core.backend import Backend
+from nanovllm.core.logging import get_logger
+from nanovllm.core.registry import KernelRegistry, suggest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+logger = get_logger(__name__)
+
+ENTRY_POINT_GROUP = "nanovllm.backends"
+PLUGIN_API = (1, 0)
+DEFAULT_TOML = Path(__file__).resolve().parent.parent / "plugins.toml"
+
+
+def user_toml_path() -> Path:
+    if "NANOVLLM_PLUGINS_TOML" in os.environ:
+        return Path(os.environ["NANOVLLM_PLUGINS_TOML"])
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "nanovllm" / "plugins.toml"
+
+
+def load_settings() -> dict:
+    """The packaged plugins.toml, with the user's file (NANOVLLM_PLUGINS_TOML or ~/.config) laid over it."""
+    with open(DEFAULT_TOML, "rb") as f:
+        settings = tomllib.load(f)
+    user = user_toml_path()
+    if user.is_file():
+        try:
+            with open(user, "rb") as f:
+                override = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{user}: not valid TOML ({e}); fix or delete it") from e
+        settings.setdefault("backends", {}).update(override.get("backends", {}))
+        for backend, prefs in override.get("kernels", {}).items():
+            settings.setdefault("kernels", {}).setdefault(backend, {}).update(prefs)
+    return settings
+
+
+def check_api_version(declared) -> str | None:
+    """None when a plugin built for `declared` can be loaded, else the reason and the fix."""
+    core = f"{PLUGIN_API[0]}.{PLUGIN_API[1]}"
+    if declared is None:
+        return f"declares no NANOVLLM_PLUGIN_API; set it to the version it was written for (this nanovllm speaks {core})"
+    try:
+        major, minor = declared
+    except (TypeError, ValueError):
+        return f"NANOVLLM_PLUGIN_API={declared!r} is not a (major, minor) pair"
+    if major != PLUGIN_API[0] or minor > PLUGIN_API[1]:
+        newer = "upgrade nanovllm" if (major, minor) > PLUGIN_API else "upgrade the plugin"
+        return (f"built for plugin API {major}.{minor}, this nanovllm speaks {core}: {newer} "
+                f"or install a plugin release for {PLUGIN_API[0]}.x")
+    return None
+
+
+@dataclass
+class Plugins:
+    """What loading found: usable backends, the kernel registry, and every plugin that was refused."""
+    backends: dict[str, Backend] = field(default_factory=dict)
+    registry: KernelRegistry = field(default_factory=KernelRegistry)
+    failures: dict[str, str] = field(default_factory=dict)
+    plugin_of_backend: dict[str, str] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    def select(self, name: str | None) -> Backend:
+        """The backend named, or the first available in plugins.toml's order. Raises with reasons."""
+        if name is not None:
+            if name not in self.backends:
+                raise ValueError(f"unknown backend {name!r}{suggest(name, self.backends)}. {self.describe()}")
+            ok, reason = self.backends[name].availability()
+            if not ok:
+                raise RuntimeError(f"backend {name!r} is not available on this machine: {reason}. {self.describe()}")
+            return self.backends[name]
+        order = self.settings.get("backends", {}).get("order", [])
+        for candidate in [*order, *sorted(set(self.backends) - set(order))]:
+            if candidate in self.backends and self.backends[candidate].availability()[0]:
+                return self.backends[candidate]
+        raise RuntimeError(f"no backend is available. {self.describe()}")
+
+    def describe(self) -> str:
+        parts = []
+        for name, backend in self.backends.items():
+            ok, reason = backend.availability()
+            parts.append(f"{name} (available)" if ok else f"{name} (unavailable: {reason})")
+        parts += [f"{name} (plugin refused: {why})" for name, why in self.failures.items()]
+        return "Known backends: " + (", ".join(parts) or "none")
+
+
+def _entry_points():
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_plugins(settings: dict | None = None, modules: dict | None = None) -> Plugins:
+    """Discover, validate and register every plugin. `modules` ({name: module}) bypasses entry points (tests)."""
+    settings = load_settings() if settings is None else settings
+    disabled = set(settings.get("backends", {}).get("disabled", []))
+    plugins = Plugins(settings=settings)
+    pm = pluggy.PluginManager("nanovllm")
+    pm.add_hookspecs(hookspecs)
+
+    found = dict(modules or {})
+    if modules is None:
+        for ep in _entry_points():
+            if ep.name in disabled or ep.name in found:
+                continue
+            try:
+                found[ep.name] = ep.load()
+            except Exception as e:
+                plugins.failures[ep.name] = f"import failed: {type(e).__name__}: {e}"
+                logger.warning("plugin %r (%s) failed to import and is skipped: %s: %s", ep.name, ep.value,
+                               type(e).__name__, e)
+    for name, module in found.items():
+        why = check_api_version(getattr(module, "NANOVLLM_PLUGIN_API", None))
+        if why is None:
+            try:
+                pm.register(module, name=name)
+                pm.check_pending()
+            except Exception as e:
+                if pm.is_registered(module):
+                    pm.unregister(module)
+                why = f"invalid hooks: {e}"
+        if why is not None:
+            plugins.failures[name] = why
+            logger.warning("plugin %r is refused: %s", name, why)
+
+    for impl in pm.hook.nanovllm_register_backends.get_hookimpls():
+        try:
+            offered = list(impl.function() or [])
+            for backend in offered:
+                if not isinstance(backend, Backend) or not backend.name:
+                    raise TypeError(f"{backend!r} is not a named nanovllm Backend")
+        except Exception as e:
+            plugins.failures[impl.plugin_name] = f"nanovllm_register_backends raised {type(e).__name__}: {e}"
+            logger.warning("plugin %r: %s", impl.plugin_name, plugins.failures[impl.plugin_name])
+            continue
+        for backend in offered:
+            if backend.name in plugins.backends:
+                logger.warning("plugin %r offers backend %r, already offered by %r; ignored", impl.plugin_name,
+                               backend.name, plugins.plugin_of_backend[backend.name])
+                continue
+            plugins.backends[backend.name] = backend
+            plugins.plugin_of_backend[backend.name] = impl.plugin_name
+
+    for impl in pm.hook.nanovllm_register_kernels.get_hookimpls():
+        staging = KernelRegistry()
+        try:
+            args = {"registry": _PluginRegistry(staging, impl.plugin_name)}
+            impl.function(**{name: args[name] for name in impl.argnames})
+        except Exception as e:
+            plugins.failures[impl.plugin_name] = f"nanovllm_register_kernels raised {type(e).__name__}: {e}"
+            logger.warning("plugin %r: %s; its kernels are skipped", impl.plugin_name, plugins.failures[impl.plugin_name])
+            continue
+        for op, impls in staging.impls.items():
+            plugins.registry.impls[op].extend(impls)
+    return plugins
+
+
+class _PluginRegistry:
+    """The registry as one plugin sees it: registrations are tagged with the plugin's name."""
+
+    def __init__(self, registry: KernelRegistry, plugin: str):
+        self._registry, self._plugin = registry, plugin
+
+    def register(self, op, backend, name, fn, priority=0, check=None):
+        return self._registry.register(op, backend, name, fn, priority, check, plugin=self._plugin)

@@ -1,0 +1,68 @@
+"""Sequence: one request's tokens, its place in the paged KV cache, and how far it has got."""
+from enum import Enum, auto
+from itertools import count
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Token ids (prompt then output), the KV block table and the count of tokens whose KV is cached.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache (prefix-cache hits included); a step
+    computes `token_ids[num_computed_tokens : num_computed_tokens + n]` and a token is sampled once every
+    token is computed.
+    """
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, request_index: int = 0):
+        self.seq_id = next(Sequence._ids)
+        self.request_index = request_index
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # of the prompt, served by the prefix cache at the last admission
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading blocks already entered in the prefix cache
+        self.params = params
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict] = []
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def num_blocks(self, block_size: int) -> int:
+        return (len(self.token_ids) + block_size - 1) // block_size
+
+    def block_tokens(self, i: int, block_size: int) -> list[int]:
+        return self.token_ids[i * block_size:(i + 1) * block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,32 @@
+"""The attention front: store this step's K/V in the paged cache, then run the resolved kernels.
+
+The kernels come from the engine's KernelPlan; this layer never knows which backend provided them.
+"""
+import torch
+from torch import nn
+
+from nanovllm.core.step_metadata import StepMetadata
+from nanovllm.models.layers.context import LayerContext
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ctx: LayerContext):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        plan = ctx.kernels
+        self.store = plan.fn("kv_cache.store")
+        self.prefill = plan.fn("attention.prefill")
+        self.decode = plan.fn("attention.decode")
+        self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the cache exists
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]"""
+        if self.k_cache.numel():
+            self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.decode is None:
+            return self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+        if meta.prefill is None:
+            return self.decode(q, self.k_cache, self.v_cache, meta.decode, self.scale)
+        p = meta.num_prefill_tokens
+        return torch.cat([self.prefill(q[:p], k[:p], v[:p], self.k_cache, self.v_cache, meta.prefill, self.scale),
+                          self.decode(q[p:], self.k_cache, self.v_cache, meta.decode, self.scale)])

@@ -1,0 +1,68 @@
+"""Load safetensors weights (one file or shards with an index) into a model, shard by shard for TP."""
+import json
+import os
+from glob import glob
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{index} lists {', '.join(missing)}, which is missing; re-download the model")
+        return files
+    files = sorted(glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}; point model at a folder holding a checkpoint")
+    return files
+
+
+def load_model(model: nn.Module, path: str) -> None:
+    """Copy every checkpoint tensor into its parameter; raises naming any missing file or tensor."""
+    packed = getattr(model, "packed_modules_mapping", {})
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for file in weight_files(path):
+        try:
+            handle = safe_open(file, "pt", "cpu")
+        except Exception as e:
+            raise RuntimeError(f"cannot read weights {file}: {e} (the file is truncated or corrupt; re-download it)") from e
+        with handle as f:
+            for name in f.keys():
+                target, shard_id = name, None
+                for key, (merged, sid) in packed.items():
+                    if f".{key}." in name:
+                        target, shard_id = name.replace(f".{key}.", f".{merged}."), sid
+                        break
+                param = params.get(target)
+                if param is None:
+                    if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and model.tie_word_embeddings):
+                        continue
+                    raise ValueError(f"{file}: tensor {name} has no place in {type(model).__name__}")
+                tensor = f.get_tensor(name)
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    param.data.copy_(tensor)
+                elif shard_id is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard_id)
+                loaded.add(f"{target}:{shard_id}")
+    expected = set()
+    for name, param in params.items():
+        module = name.rsplit(".", 1)[0]
+        shards = [sid for key, (merged, sid) in packed.items() if module.endswith(merged)]
+        expected.update(f"{name}:{sid}" for sid in (shards or [None]))
+    missing = sorted(expected - loaded)
+    if model.tie_word_embeddings:
+        missing = [m for m in missing if not m.startswith("lm_head.")]
+    if missing:
+        raise ValueError(f"the checkpoint in {path} lacks tensors: {', '.join(m.split(':')[0] for m in missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")

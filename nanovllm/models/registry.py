@@ -1,0 +1,17 @@
+"""Architectures by the name in config.json's `architectures`."""
+from torch import nn
+
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(hf_config) -> type[nn.Module]:
+    names = list(getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    raise ValueError(f"unsupported architecture {names or '(none in config.json)'}; "
+                     f"supported: {', '.join(sorted(ARCHITECTURES))}")

@@ -1,0 +1,1 @@
+"""Public test helpers for nanovllm and its plugin authors: tiny random models and parity checks."""

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+from nanovllm.testing.tiny_models import make_tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> str:
+    return make_tiny_model(str(tmp_path_factory.mktemp("qwen3")), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return make_tiny_model(str(tmp_path_factory.mktemp("llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> str:
+    return make_tiny_model(str(tmp_path_factory.mktemp("qwen2")), "qwen2")
+
+
+def random_prompts(n: int, vocab: int, lengths=(1, 300), seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
+        out.append(torch.randint(3, vocab, (length,), generator=g).tolist())
+    return out
