@@ -119,8 +119,11 @@ class KernelRegistry:
         return max(refs, key=lambda i: i.priority) if refs else None
 
     def resolve(self, backend: str, query: KernelQuery, preferences: dict[str, list[str]] | None = None,
-                overrides: str | dict[str, str] | None = None) -> KernelPlan:
-        """Choose one implementation per op for `backend`. `overrides` is "reference" or {op: kernel name}."""
+                overrides: str | dict[str, str] | None = None, ops: list[str] | None = None) -> KernelPlan:
+        """Choose one implementation per op (all ops, or `ops`) for `backend`.
+
+        `overrides` is "reference" (every op's reference kernel) or {op: kernel name}.
+        """
         preferences = preferences or {}
         if isinstance(overrides, dict):
             for op in overrides:
@@ -128,7 +131,7 @@ class KernelRegistry:
                     raise ValueError(f"kernels: unknown op {op!r}{suggest(op, OPS)}; known ops: {', '.join(OPS)}")
         elif overrides not in (None, "reference"):
             raise ValueError(f"kernels={overrides!r}: expected 'reference' or a dict {{op: kernel name}}")
-        choices = {op: self._resolve_op(op, backend, query, preferences.get(op, []), overrides) for op in OPS}
+        choices = {op: self._resolve_op(op, backend, query, preferences.get(op, []), overrides) for op in (ops or OPS)}
         return KernelPlan(backend, choices)
 
     def _resolve_op(self, op, backend, query, preferred, overrides) -> OpChoice:

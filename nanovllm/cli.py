@@ -1,0 +1,87 @@
+"""The `nanovllm` command: generate, backends, bench."""
+import argparse
+import sys
+
+
+def _engine_options(args) -> dict:
+    options = {}
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kvcache_blocks",
+                 "kvcache_block_size", "tensor_parallel_size", "device", "dtype"):
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    if getattr(args, "enforce_eager", False):
+        options["enforce_eager"] = True
+    return options
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", help="cuda, mps, cpu_ref or a plugin's backend (default: first available)")
+    p.add_argument("--device", help="device for the backend (e.g. cpu to run the mps backend's code on CPU)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the backend's)")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--num-kvcache-blocks", type=int)
+    p.add_argument("--kvcache-block-size", type=int)
+    p.add_argument("--tensor-parallel-size", type=int)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def cmd_generate(args) -> int:
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.demo_model import default_model_path
+    model = args.model or default_model_path()
+    llm = LLM(model, backend=args.backend, **_engine_options(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    for prompt, out in zip(args.prompts, llm.generate(args.prompts, params, use_tqdm=False)):
+        print(f"--- {prompt!r}\n{out['text']}")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from nanovllm.core.plugins import load_plugins
+    from nanovllm.core.registry import KernelQuery
+    plugins = load_plugins()
+    for name, backend in plugins.backends.items():
+        ok, reason = backend.availability()
+        print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
+        query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
+                            args.num_kv_heads, backend.default_block_size)
+        print(f"  kernels for {str(query.dtype).removeprefix('torch.')}, head_dim {query.head_dim}, "
+              f"{query.num_heads}/{query.num_kv_heads} heads, block size {query.block_size}:")
+        settings = plugins.settings.get("kernels", {}).get(name, {})
+        try:
+            print(plugins.registry.resolve(name, query, settings).table())
+        except (ValueError, RuntimeError) as e:
+            print(f"  cannot resolve: {e}")
+    for name, why in plugins.failures.items():
+        print(f"{name} (plugin refused): {why}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanovllm", description="Offline LLM inference with pluggable backends")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for prompts")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--model", help="a Hugging Face checkpoint folder (default: the embedded demo model)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--max-tokens", type=int, default=64)
+    add_engine_arguments(g)
+    g.set_defaults(fn=cmd_generate)
+    b = sub.add_parser("backends", help="list backends, their availability and the kernels per op")
+    b.add_argument("--head-dim", type=int, default=128, help="head dim of the query the kernels are resolved for")
+    b.add_argument("--num-heads", type=int, default=16)
+    b.add_argument("--num-kv-heads", type=int, default=8)
+    b.set_defaults(fn=cmd_backends)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"nanovllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+from nanovllm.core.config import EngineConfig
+from nanovllm.core.scheduler import Scheduler
+from nanovllm.core.sequence import Sequence, SequenceStatus
+from nanovllm.sampling_params import SamplingParams
+
+
+def make(num_blocks=64, block_size=4, **kw):
+    config = EngineConfig(model="unused", **{"max_num_seqs": 8, "max_num_batched_tokens": 32, "max_model_len": 64, **kw})
+    return Scheduler(config, num_blocks, block_size, eos_token_ids={0})
+
+
+def add(s, n, max_tokens=4, **kw):
+    seq = Sequence(list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, **kw))
+    s.add(seq)
+    return seq
+
+
+def test_prefill_first_then_decode():
+    s = make()
+    a, b = add(s, 5), add(s, 7)
+    batch = s.schedule()
+    assert batch.is_prefill and batch.seqs == [a, b] and batch.num_new_tokens == [5, 7] and batch.sample == [True, True]
+    s.postprocess(batch, [9, 9])
+    batch = s.schedule()
+    assert not batch.is_prefill and batch.seqs == [a, b] and batch.num_new_tokens == [1, 1]
+
+
+def test_chunked_prefill_splits_long_prompt_and_samples_only_at_the_end():
+    s = make(max_num_batched_tokens=16, max_num_seqs=4)
+    a = add(s, 40)
+    sizes = []
+    while True:
+        batch = s.schedule()
+        sizes.append(batch.num_new_tokens[0])
+        s.postprocess(batch, [9 if x else None for x in batch.sample])
+        if a.num_output_tokens:
+            break
+    assert sizes == [16, 16, 8] and a.token_ids[-1] == 9
+
+
+def test_preemption_when_blocks_run_out_and_resume():
+    s = make(num_blocks=5, block_size=4, max_model_len=16)
+    a, b = add(s, 8, max_tokens=8), add(s, 8, max_tokens=8)
+    batch = s.schedule()
+    s.postprocess(batch, [5, 5])  # a, b hold 2 blocks each; 1 free
+    batch = s.schedule()  # a needs a third block (takes the free one), b cannot get one: preempted
+    assert batch.seqs == [a] and b.status == SequenceStatus.WAITING and s.num_preemptions == 1
+    assert s.block_manager.num_free_blocks == 2
+    s.block_manager.check_invariants(s.running)
+
+
+def test_finish_on_eos_max_tokens_and_stop_token():
+    s = make()
+    a, b, c = add(s, 3, max_tokens=2), add(s, 3, max_tokens=5), add(s, 3, max_tokens=5, stop_token_ids=[7])
+    s.postprocess(s.schedule(), [4, 0, 7])
+    assert b.finish_reason == "stop" and c.finish_reason == "stop" and not a.is_finished
+    s.postprocess(s.schedule(), [4])
+    assert a.finish_reason == "length" and not s.has_unfinished()
+    assert s.block_manager.num_free_blocks == 64
+
+
+def test_ignore_eos_and_min_tokens():
+    s = make()
+    a, b = add(s, 3, max_tokens=3, ignore_eos=True), add(s, 3, max_tokens=3, min_tokens=2)
+    s.postprocess(s.schedule(), [0, 0])
+    assert not a.is_finished and not b.is_finished
+    s.postprocess(s.schedule(), [0, 0])
+    assert b.finish_reason == "stop" and not a.is_finished
+
+
+def test_max_num_seqs_limits_admission():
+    s = make(max_num_seqs=2, max_num_batched_tokens=32)
+    seqs = [add(s, 3) for _ in range(3)]
+    batch = s.schedule()
+    assert batch.seqs == seqs[:2] and len(s.waiting) == 1

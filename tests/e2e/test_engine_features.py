@@ -1,0 +1,58 @@
+"""Prefix caching, chunked prefill and preemption give the same greedy tokens as an unconstrained run."""
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from tests.conftest import random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_qwen3):
+    return random_prompts(8, 512, (1, 120), seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3, prompts):
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=512, kvcache_block_size=16, max_model_len=512)
+    return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def test_prefix_cache_hits_and_same_tokens(tiny_qwen3):
+    prefix = random_prompts(1, 512, (40, 40), seed=4)[0]
+    tails = random_prompts(4, 512, (3, 30), seed=5)
+    prompts = [prefix + t for t in tails]
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=256, kvcache_block_size=16, max_model_len=512)
+    fresh = [LLM.generate(llm, [p], GREEDY, use_tqdm=False)[0]["token_ids"] for p in prompts[:1]]
+    bm = llm.engine.scheduler.block_manager
+    hits_before = bm.num_prefix_hit_tokens
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert bm.num_prefix_hit_tokens - hits_before >= 4 * 32, "each prompt shares two full blocks with the first"
+    assert outputs[0]["token_ids"] == fresh[0]
+    uncached = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=256, kvcache_block_size=16, max_model_len=512)
+    for p, out in zip(prompts, outputs):
+        assert out["token_ids"] == uncached.generate([p], GREEDY, use_tqdm=False)[0]["token_ids"]
+
+
+def test_fully_cached_prompt_twice(tiny_qwen3):
+    prompt = random_prompts(1, 512, (48, 48), seed=6)[0]  # exactly 3 blocks of 16
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=64, kvcache_block_size=16, max_model_len=512)
+    first = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    hits = llm.engine.scheduler.block_manager.num_prefix_hit_tokens
+    second = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert llm.engine.scheduler.block_manager.num_prefix_hit_tokens - hits == 32
+    assert first["token_ids"] == second["token_ids"]
+
+
+def test_chunked_prefill_same_tokens(tiny_qwen3, prompts, reference):
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=512, kvcache_block_size=16, max_model_len=512,
+              max_num_batched_tokens=40, max_num_seqs=8)
+    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+
+
+def test_preemption_same_tokens(tiny_qwen3, prompts, reference):
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=18, kvcache_block_size=16, max_model_len=256)
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o["token_ids"] for o in outputs] == reference
+    assert llm.engine.scheduler.block_manager.num_free_blocks == 18
