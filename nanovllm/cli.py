@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--num-heads", type=int, default=16)
     b.add_argument("--num-kv-heads", type=int, default=8)
     b.set_defaults(fn=cmd_backends)
+    t = sub.add_parser("bench", help="the seed throughput benchmark with its measured floor")
+    from nanovllm import bench
+    bench.add_arguments(t)
+    t.set_defaults(fn=bench.main)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

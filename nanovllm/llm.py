@@ -30,7 +30,8 @@ class LLM:
         check_model_folder(model)
         hf_config = AutoConfig.from_pretrained(model)
         self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, **options)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or model)
+        self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
+            self.config.tokenizer or model)
         self.engine = Engine(self.config)
 
     def _prompts_to_ids(self, prompts) -> list[list[int]]:
@@ -42,6 +43,8 @@ class LLM:
         ids = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompts[{i}] is text, but skip_tokenizer_init=True: pass token ids")
                 p = self.tokenizer.encode(p)
             elif not isinstance(p, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in p):
                 raise ValueError(f"prompts[{i}] must be a string or a list of int token ids; got {type(p).__name__}")
@@ -76,5 +79,6 @@ class LLM:
 
     def _output(self, seq) -> dict:
         tokens = seq.output_token_ids
-        return {"text": self.tokenizer.decode(tokens, skip_special_tokens=True), "token_ids": tokens,
+        text = "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return {"text": text, "token_ids": tokens,
                 "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens], "finish_reason": seq.finish_reason}

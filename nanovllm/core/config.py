@@ -27,6 +27,8 @@ class EngineConfig:
     kernels: str | dict | None = None
     seed: int = 0
     tokenizer: str | None = None
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
+    skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -57,6 +59,8 @@ class EngineConfig:
             self.dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
         elif self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
+        if self.load_format not in ("auto", "dummy"):
+            bad("load_format", "expected 'auto' (safetensors weights) or 'dummy' (random weights)")
         if self.kernels is not None and not isinstance(self.kernels, (str, dict)):
             bad("kernels", "expected 'reference' or a dict {op: kernel name}")
         if self.max_num_batched_tokens < self.max_num_seqs:

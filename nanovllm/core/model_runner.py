@@ -20,6 +20,19 @@ from nanovllm.models.registry import model_class
 logger = get_logger(__name__)
 
 
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights of a realistic scale, for benchmarks without a checkpoint."""
+    gen = None
+    for name, p in model.named_parameters():
+        if gen is None:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, backend: Backend, plan: KernelPlan, comm: Communicator,
                  dtype: torch.dtype, block_size: int):
@@ -37,7 +50,10 @@ class ModelRunner:
                 self.model = model_class(self.hf_config)(self.hf_config, LayerContext(comm, plan))
         finally:
             torch.set_default_dtype(default_dtype)
-        load_model(self.model, config.model)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_model(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
         self.num_blocks = 0
         self.graphs = None

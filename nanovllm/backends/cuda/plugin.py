@@ -1,0 +1,99 @@
+"""The cuda backend: Triton paged kernels (flash-attn or PyTorch's flash attention where they fit),
+CUDA graphs for decode, a KV budget measured after warm-up, and NCCL for tensor parallelism.
+
+Kernels are imported lazily (inside the registration hook and the kernels' own modules), so this
+plugin loads on machines without a GPU, triton or flash-attn and reports why it cannot run there.
+"""
+import importlib.util
+
+import torch
+
+import nanovllm
+from nanovllm.core.backend import Backend
+from nanovllm.core.parallel import Communicator
+
+NANOVLLM_PLUGIN_API = (1, 0)
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+    default_dtype = torch.bfloat16
+    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    supports_graphs = True
+    measures_peak_memory = True
+    dist_backend = "nccl"
+
+    def __init__(self):
+        # flash-attn's paged kernels need blocks of a multiple of 256 tokens; ours serve any power of two,
+        # and small blocks make prefix caching finer-grained.
+        self.default_block_size = 256 if flash_attn_installed() else 16
+
+    def availability(self) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "torch.cuda.is_available() is False (no NVIDIA GPU, or a CPU-only build of torch)"
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
+        return True, ""
+
+    def device(self, config, rank: int = 0) -> torch.device:
+        if config.device not in (None, "cuda") and not str(config.device).startswith("cuda"):
+            raise ValueError(f"device={config.device!r}: the cuda backend runs on 'cuda' devices")
+        device = torch.device(config.device or "cuda")
+        index = (device.index or 0) + rank
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {rank} needs GPU {index}, but this machine has {torch.cuda.device_count()}; "
+                               f"lower tensor_parallel_size")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+
+    def check_block_size(self, block_size: int) -> list[str]:
+        if block_size < 16:
+            return [f"the cuda kernels need blocks of at least 16 tokens, got {block_size}"]
+        return []
+
+    def memory_info(self, device):
+        return torch.cuda.mem_get_info(device)
+
+    def kv_cache_budget(self, config, device, bytes_per_block: int) -> int:
+        """gpu_memory_utilization of the card, minus what is in use and the warm-up's peak activations."""
+        if config.num_kvcache_blocks is not None:
+            return config.num_kvcache_blocks
+        free, total = torch.cuda.mem_get_info(device)
+        stats = torch.cuda.memory_stats(device)
+        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+        available = total * config.gpu_memory_utilization - (total - free) - (peak - current)
+        return max(0, int(available) // bytes_per_block)
+
+    def capture_graphs(self, runner, batch_sizes: list[int]):
+        from nanovllm.backends.cuda.graphs import CudaGraphRunner
+        return CudaGraphRunner(runner, batch_sizes)
+
+    def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
+        if world_size == 1:
+            return Communicator(rank, world_size)
+        from nanovllm.core.distributed import TorchDistCommunicator
+        return TorchDistCommunicator(rank, world_size, init_method, "nccl", torch.device("cuda", rank))
+
+    def synchronize(self, device) -> None:
+        torch.cuda.synchronize(device)
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+
+
+@nanovllm.hookimpl
+def nanovllm_register_backends():
+    return [CudaBackend()]
+
+
+@nanovllm.hookimpl
+def nanovllm_register_kernels(registry):
+    from nanovllm.backends.cuda.kernels import register_cuda_kernels
+    register_cuda_kernels(registry)
