@@ -12,7 +12,8 @@ from nanovllm.core.parallel import Communicator
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.sampler import SamplingTensors
 from nanovllm.core.scheduler import ScheduledBatch
-from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata
+from nanovllm.core.step_inputs import StepInputBuilder
+from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
 from nanovllm.models.registry import model_class
@@ -57,6 +58,8 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
         self.num_blocks = 0
         self.graphs = None
+        self.inputs = StepInputBuilder(self.device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
+                                       pin=backend.pin_memory)
 
     # ---- start-up -------------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -106,45 +109,7 @@ class ModelRunner:
     # ---- one step -------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
         """The step's inputs and metadata, built once on the host and copied to the device."""
-        bs = self.block_size
-        input_ids, positions, slots, logits_indices = [], [], [], []
-        cu_q, cu_k, tables, context_lens = [0], [0], [], []
-        p = batch.num_prefill_seqs
-        any_cached = False
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[t // bs] * bs + t % bs for t in range(start, end))
-            if batch.sample[i]:
-                logits_indices.append(len(input_ids) - 1)
-            if i < p:
-                cu_q.append(cu_q[-1] + n)
-                cu_k.append(cu_k[-1] + end)
-                any_cached |= start > 0
-            else:
-                context_lens.append(end)
-            tables.append(table)
-        dev = self.device
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        def block_table_tensor(rows):
-            width = max(len(r) for r in rows)
-            return tensor([r + [0] * (width - len(r)) for r in rows], torch.int32)
-
-        prefill = decode = None
-        if p:
-            prefill = PrefillMetadata(tensor(cu_q, torch.int32), tensor(cu_k, torch.int32),
-                                      max(b - a for a, b in zip(cu_q, cu_q[1:])),
-                                      max(b - a for a, b in zip(cu_k, cu_k[1:])),
-                                      block_table_tensor(tables[:p]) if any_cached else None)
-        if len(batch.seqs) > p:
-            decode = DecodeMetadata(tensor(context_lens, torch.int32), block_table_tensor(tables[p:]), max(context_lens))
-        meta = StepMetadata(tensor(slots, torch.int64), cu_q[-1], prefill, decode, tensor(logits_indices, torch.int64))
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
+        return self.inputs.build(batch)
 
     @torch.inference_mode()
     def execute(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor | None:

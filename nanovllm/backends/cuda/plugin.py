@@ -26,6 +26,7 @@ class CudaBackend(Backend):
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     supports_graphs = True
     measures_peak_memory = True
+    pin_memory = True
     dist_backend = "nccl"
 
     def __init__(self):

@@ -1,0 +1,100 @@
+"""StepInputBuilder: turns a ScheduledBatch into the step's device tensors and StepMetadata.
+
+The decode path (the hot one: every step after the prompts) is vectorised with numpy over persistent
+host buffers (pinned where the backend asks), copied to the device asynchronously. Two sets of host
+buffers alternate, so building step N+1 never overwrites what step N's copies are still reading.
+"""
+import numpy as np
+import torch
+
+from nanovllm.core.scheduler import ScheduledBatch
+from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata
+
+
+class _HostBuffers:
+    def __init__(self, max_seqs: int, max_blocks: int, pin: bool):
+        def buf(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        self.ids = buf((max_seqs,), torch.int64)
+        self.positions = buf((max_seqs,), torch.int64)
+        self.slots = buf((max_seqs,), torch.int64)
+        self.context_lens = buf((max_seqs,), torch.int32)
+        self.tables = buf((max_seqs, max_blocks), torch.int32)
+
+
+class StepInputBuilder:
+    def __init__(self, device: torch.device, block_size: int, max_num_seqs: int, max_blocks_per_seq: int, pin: bool):
+        self.device, self.block_size = device, block_size
+        self.buffers = [_HostBuffers(max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)]
+        self.turn = 0
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, non_blocking=True)
+
+    def build(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+        if batch.num_prefill_seqs == 0:
+            return self.build_decode(batch)
+        return self.build_general(batch)
+
+    def build_decode(self, batch: ScheduledBatch):
+        """One token per sequence: the last of its tokens, at position context_len - 1."""
+        seqs, n, bs = batch.seqs, len(batch.seqs), self.block_size
+        buf = self.buffers[self.turn]
+        self.turn ^= 1
+        ids, positions, slots = buf.ids.numpy()[:n], buf.positions.numpy()[:n], buf.slots.numpy()[:n]
+        context_lens = buf.context_lens.numpy()[:n]
+        width = max(len(s.block_table) for s in seqs)
+        tables = buf.tables.numpy()[:n, :width]
+        for i, s in enumerate(seqs):
+            ids[i] = s.token_ids[s.num_computed_tokens]
+            context_lens[i] = s.num_computed_tokens + 1
+            table = s.block_table
+            tables[i, :len(table)] = table
+        np.subtract(context_lens, 1, out=positions)
+        slots[:] = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
+        decode = DecodeMetadata(self._to_device(buf.context_lens[:n]), self._to_device(buf.tables[:n, :width]),
+                                int(context_lens.max()))
+        logits_indices = torch.arange(n, device=self.device)
+        meta = StepMetadata(self._to_device(buf.slots[:n]), 0, None, decode, logits_indices)
+        return self._to_device(buf.ids[:n]), self._to_device(buf.positions[:n]), meta
+
+    def build_general(self, batch: ScheduledBatch):
+        """Prefill chunks first, then decodes; plain Python lists (prefill steps are few and large)."""
+        bs = self.block_size
+        input_ids, positions, slots, logits_indices = [], [], [], []
+        cu_q, cu_k, tables, context_lens = [0], [0], [], []
+        p = batch.num_prefill_seqs
+        any_cached = False
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[t // bs] * bs + t % bs for t in range(start, end))
+            if batch.sample[i]:
+                logits_indices.append(len(input_ids) - 1)
+            if i < p:
+                cu_q.append(cu_q[-1] + n)
+                cu_k.append(cu_k[-1] + end)
+                any_cached |= start > 0
+            else:
+                context_lens.append(end)
+            tables.append(table)
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        def block_table_tensor(rows):
+            width = max(len(r) for r in rows)
+            return tensor([r + [0] * (width - len(r)) for r in rows], torch.int32)
+
+        prefill = decode = None
+        if p:
+            prefill = PrefillMetadata(tensor(cu_q, torch.int32), tensor(cu_k, torch.int32),
+                                      max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                                      max(b - a for a, b in zip(cu_k, cu_k[1:])),
+                                      block_table_tensor(tables[:p]) if any_cached else None)
+        if len(batch.seqs) > p:
+            decode = DecodeMetadata(tensor(context_lens, torch.int32), block_table_tensor(tables[p:]), max(context_lens))
+        meta = StepMetadata(tensor(slots, torch.int64), cu_q[-1], prefill, decode, tensor(logits_indices, torch.int64))
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
