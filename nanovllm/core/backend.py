@@ -61,6 +61,10 @@ class Backend:
     def synchronize(self, device: torch.device) -> None:
         pass
 
+    def record_event(self, device: torch.device):
+        """An object whose .synchronize() waits for the work queued so far, or None if work is synchronous."""
+        return None
+
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 

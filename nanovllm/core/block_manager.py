@@ -111,7 +111,8 @@ class BlockManager:
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Enter the sequence's newly completed full blocks in the prefix cache (after their K/V were written)."""
         bs = self.block_size
-        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
+        known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending)  # pending tokens are not known yet
+        for i in range(seq.num_hashed_blocks, known // bs):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i else None

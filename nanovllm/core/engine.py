@@ -73,38 +73,64 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
-    def step(self) -> list[Sequence]:
-        """Schedule, run and post-process one step; returns the sequences that finished in it."""
-        start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        token_ids = self.runner.run(batch)
-        finished = self.scheduler.postprocess(batch, token_ids)
+    def _launch(self, batch, prev=None):
+        step = self.runner.launch(batch, prev)
+        step.indices = self.scheduler.launch(batch)
         if batch.is_prefill:
             self.stats.num_prefill_tokens += batch.num_tokens
         else:
             self.stats.num_decode_tokens += batch.num_tokens
-        self.stats.seconds += time.perf_counter() - start
-        return finished
+        return step
+
+    def _commit(self, step) -> list[Sequence]:
+        return self.scheduler.commit(step.batch, step.indices, self.runner.wait(step))
+
+    def step(self) -> list[Sequence]:
+        """Schedule, run and commit one step synchronously; returns the sequences that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("nothing can be scheduled although requests are waiting; the KV cache is too small")
+        return self._commit(self._launch(batch))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
-        """Step until every sequence in `seqs` (and anything else queued) has finished."""
+        """Step until every queued sequence has finished.
+
+        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens
+        are committed, so host work overlaps device work (`async_scheduling=False` turns this off).
+        """
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
+        in_flight = None
+        last = time.perf_counter()
+        last_tokens = (0, 0)
         try:
             while self.has_unfinished():
-                t = time.perf_counter()
-                before = (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
-                finished = self.step()
-                dt = time.perf_counter() - t
-                if self.stats.num_prefill_tokens > before[0]:
-                    prefill_tps = (self.stats.num_prefill_tokens - before[0]) / dt
+                batch = self.scheduler.schedule(in_flight=in_flight is not None)
+                if batch is None or (in_flight is not None and not batch.seqs):
+                    bar.update(len(self._commit(in_flight)))
+                    in_flight = None
+                    continue
+                if not batch.seqs:
+                    raise RuntimeError("nothing can be scheduled although requests are waiting; "
+                                       "the KV cache is too small")
+                step = self._launch(batch, in_flight)
+                finished = self._commit(in_flight) if in_flight is not None else []
+                if self.config.async_scheduling and not batch.is_prefill:
+                    in_flight = step
                 else:
-                    decode_tps = (self.stats.num_decode_tokens - before[1]) / dt
-                bar.set_postfix_str(f"prefill {prefill_tps:.0f} tok/s, decode {decode_tps:.0f} tok/s", refresh=False)
+                    finished += self._commit(step)
+                    in_flight = None
                 bar.update(len(finished))
+                now = time.perf_counter()
+                if now - last > 0.5:
+                    prefill = (self.stats.num_prefill_tokens - last_tokens[0]) / (now - last)
+                    decode = (self.stats.num_decode_tokens - last_tokens[1]) / (now - last)
+                    bar.set_postfix_str(f"prefill {prefill:.0f} tok/s, decode {decode:.0f} tok/s", refresh=False)
+                    last, last_tokens = now, (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
+            if in_flight is not None:
+                bar.update(len(self._commit(in_flight)))
         finally:
             bar.close()
 

@@ -3,6 +3,8 @@
 It builds each step's StepMetadata once, runs the model (eagerly or through the backend's captured
 graphs) and samples. It knows the backend only through the Backend interface and the KernelPlan.
 """
+from dataclasses import dataclass, field
+
 import torch
 
 from nanovllm.core.backend import Backend
@@ -12,6 +14,7 @@ from nanovllm.core.parallel import Communicator
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.sampler import SamplingTensors
 from nanovllm.core.scheduler import ScheduledBatch
+from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
 from nanovllm.models.layers.context import LayerContext
@@ -135,12 +138,47 @@ class ModelRunner:
             all_greedy=all(p.temperature == 0 for p in params))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; returns a sampled token per sequence (None where its prompt is not done yet)."""
+    def launch(self, batch: ScheduledBatch, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
+        """Start one step on the device and return without waiting for its sampled tokens.
+
+        Sequences whose input token was sampled by `prev` (still in flight) read it from prev's device
+        tensor, so the host never waits for it.
+        """
         input_ids, positions, meta = self.prepare(batch)
+        if prev is not None and prev.rows:
+            dst, src = [], []
+            for i, seq in enumerate(batch.seqs):
+                row = prev.rows.get(seq.seq_id)
+                if row is not None and seq.token_ids[seq.num_computed_tokens] == PENDING_TOKEN:
+                    dst.append(i), src.append(row)
+            if dst:
+                index = torch.tensor([dst, src], dtype=torch.int64).to(self.device, non_blocking=True)
+                input_ids[index[0]] = prev.tokens[index[1]]
         logits = self.execute(input_ids, positions, meta)
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
         if not sampled_seqs:
-            return [None] * len(batch.seqs)
-        tokens = iter(self.sampler(logits, self.sampling_tensors(sampled_seqs)).tolist())
-        return [next(tokens) if want else None for want in batch.sample]
+            return LaunchedStep(batch, None, None, None, {})
+        tokens = self.sampler(logits, self.sampling_tensors(sampled_seqs))
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.backend.pin_memory)
+        host.copy_(tokens, non_blocking=self.backend.pin_memory)
+        return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
+                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)})
+
+    @staticmethod
+    def wait(step: "LaunchedStep") -> list[int]:
+        """The step's sampled tokens on the host (the step's only device->host copy)."""
+        if step.host is None:
+            return []
+        if step.event is not None:
+            step.event.synchronize()
+        return step.host.tolist()
+
+
+@dataclass
+class LaunchedStep:
+    batch: ScheduledBatch
+    tokens: torch.Tensor | None  # [num_sampled] on the device
+    host: torch.Tensor | None  # its host copy, valid once `event` completes
+    event: object | None
+    rows: dict[int, int]  # seq_id -> row of `tokens`
+    indices: list[int] = field(default_factory=list)  # placeholder positions, filled by the scheduler

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from nanovllm.core.block_manager import BlockManager
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
-from nanovllm.core.sequence import Sequence, SequenceStatus
+from nanovllm.core.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 logger = get_logger(__name__)
 
@@ -48,7 +48,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, in_flight: bool = False) -> ScheduledBatch | None:
+        """The next step. With `in_flight` (a step launched whose tokens are not committed yet) only a
+        decode step that needs no preemption is scheduled; otherwise None: commit first, then ask again."""
+        if in_flight:
+            if self.waiting and len(self.running) < self.max_num_seqs or any(
+                    s.num_uncomputed_tokens > 1 for s in self.running):
+                return None
+            return self._schedule_decode(allow_preemption=False)
         batch = self._schedule_prefill()
         return batch if batch.seqs else self._schedule_decode()
 
@@ -74,12 +81,14 @@ class Scheduler:
         sample = [s.num_computed_tokens + n == len(s) for s, n in zip(seqs, counts)]
         return ScheduledBatch(seqs, counts, len(seqs), sample)
 
-    def _schedule_decode(self) -> ScheduledBatch:
+    def _schedule_decode(self, allow_preemption: bool = True) -> ScheduledBatch | None:
         seqs = []
-        running = list(self.running)
+        running = [s for s in self.running if not self.length_reached(s)]
         while running:
             seq = running.pop(0)
             while not self.block_manager.can_append(seq):
+                if not allow_preemption:
+                    return None
                 victim = running.pop() if running else seq
                 self._preempt(victim)
                 if victim is seq:
@@ -87,8 +96,6 @@ class Scheduler:
             else:
                 self.block_manager.append_slots(seq)
                 seqs.append(seq)
-        if not seqs and self.running:
-            raise RuntimeError("the KV cache cannot hold a single running sequence; raise num_kvcache_blocks")
         return ScheduledBatch(seqs, [1] * len(seqs), 0, [True] * len(seqs))
 
     def _preempt(self, seq: Sequence) -> None:
@@ -100,29 +107,57 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
-        """Record the step's results; returns the sequences that finished."""
-        finished = []
-        for seq, n, token_id in zip(batch.seqs, batch.num_new_tokens, token_ids):
+    def length_reached(self, seq: Sequence) -> bool:
+        """True when the sequence (counting tokens still in flight) has no room for another token."""
+        return seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
+
+    def launch(self, batch: ScheduledBatch) -> list[int]:
+        """Book the step as launched: its tokens are computed, and each sampled sequence gets a placeholder
+        for its new token. Returns the placeholders' indices, which `commit` fills in."""
+        indices = []
+        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
             seq.num_computed_tokens += n
-            self.block_manager.cache_computed_blocks(seq)
-            if token_id is None:
+            if sample:
+                indices.append(len(seq.token_ids))
+                seq.append_token(PENDING_TOKEN)
+                seq.num_pending += 1
+        return indices
+
+    def commit(self, batch: ScheduledBatch, indices: list[int], token_ids: list[int]) -> list[Sequence]:
+        """Fill in a launched step's sampled tokens; returns the sequences that finished."""
+        finished = []
+        sampled = (seq for seq, sample in zip(batch.seqs, batch.sample) if sample)
+        for seq, index, token_id in zip(sampled, indices, token_ids):
+            if seq.is_finished:  # it finished at the previous step; this step's token is dropped
                 continue
-            seq.append_token(token_id)
-            reason = self.stop_reason(seq, token_id)
+            seq.token_ids[index] = token_id
+            seq.num_pending -= 1
+            reason = self.stop_reason(seq, token_id, index + 1)
             if reason is not None:
+                del seq.token_ids[index + 1:]
+                seq.num_pending = 0
                 self.finish(seq, reason)
                 finished.append(seq)
+        for seq in batch.seqs:
+            if not seq.is_finished and seq.block_table:
+                self.block_manager.cache_computed_blocks(seq)
         return finished
 
-    def stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
+        """Launch and commit at once (the synchronous step); returns the sequences that finished."""
+        indices = self.launch(batch)
+        return self.commit(batch, indices, [t for t, sample in zip(token_ids, batch.sample) if sample])
+
+    def stop_reason(self, seq: Sequence, token_id: int, length: int) -> str | None:
+        """Why the sequence stops after `token_id`, its `length`-th token (None: it goes on)."""
         params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
+        num_output = length - seq.num_prompt_tokens
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop"
             if token_id in params.stop_token_ids:
                 return "stop"
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if num_output >= params.max_tokens or length >= self.max_model_len:
             return "length"
         return None
 

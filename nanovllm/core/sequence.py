@@ -5,6 +5,9 @@ from itertools import count
 from nanovllm.sampling_params import SamplingParams
 
 
+PENDING_TOKEN = -1  # a sampled token still on the device (the step that makes it is in flight)
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -29,7 +32,8 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # of the prompt, served by the prefix cache at the last admission
         self.block_table: list[int] = []
-        self.num_hashed_blocks = 0  # leading blocks already entered in the prefix cache
+        self.num_hashed_blocks = 0
+        self.num_pending = 0  # trailing PENDING_TOKEN placeholders  # leading blocks already entered in the prefix cache
         self.params = params
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []

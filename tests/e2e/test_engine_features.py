@@ -56,3 +56,15 @@ def test_preemption_same_tokens(tiny_qwen3, prompts, reference):
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o["token_ids"] for o in outputs] == reference
     assert llm.engine.scheduler.block_manager.num_free_blocks == 18
+
+
+def test_pipelined_steps_equal_synchronous_steps(tiny_qwen3, prompts):
+    """Launching step N+1 before step N's tokens are committed changes nothing, stops included."""
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[t]) for t in (7, 100, 300, 42)] * 2
+    params += [SamplingParams(temperature=0.8, seed=5, max_tokens=9)]
+    outs = {}
+    for mode in (True, False):
+        llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=128, max_model_len=512, async_scheduling=mode)
+        outs[mode] = llm.generate(prompts + prompts[:1], params, use_tqdm=False)
+        assert llm.engine.scheduler.block_manager.num_free_blocks == 128
+    assert outs[True] == outs[False]

@@ -44,7 +44,6 @@ def prefill_logits(llm, prompts):
     assert batch.is_prefill and batch.seqs == seqs
     input_ids, positions, meta = engine.runner.prepare(batch)
     logits = engine.runner.execute(input_ids, positions, meta)
-    engine.scheduler.postprocess(batch, [None] * len(seqs))
-    for seq in seqs:
-        engine.scheduler.finish(seq, "abort")
+    engine.scheduler.postprocess(batch, [0] * len(seqs))  # max_tokens=1: every sequence finishes
+    assert not engine.has_unfinished()
     return logits

@@ -83,6 +83,11 @@ class CudaBackend(Backend):
     def synchronize(self, device) -> None:
         torch.cuda.synchronize(device)
 
+    def record_event(self, device):
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         if torch.cuda.is_available():
