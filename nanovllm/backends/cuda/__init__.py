@@ -1,0 +1,1 @@
+"""The cuda backend: Triton and FlashAttention kernels for NVIDIA GPUs."""

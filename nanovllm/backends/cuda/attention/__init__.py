@@ -1,0 +1,1 @@
+"""Attention kernels of the cuda backend: Triton paged prefill/decode and thin adapters over FlashAttention."""

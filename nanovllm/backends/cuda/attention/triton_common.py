@@ -1,0 +1,40 @@
+"""Pieces shared by the Triton attention kernels: paged-cache addressing, head-dim padding, dot precision."""
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634  # the kernels use exp2, so scores are scaled into log2 units
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 runs exist to compare with the reference: keep them exact instead of TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def paged_row_offsets(block_table_ptr, tokens, token_mask, tile_start, stride_block, stride_row,
+                      PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Element offsets of the cache rows holding `tokens` (BLOCK_N consecutive positions from `tile_start`,
+    a multiple of BLOCK_N) of the sequence whose block-table row starts at `block_table_ptr`."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        # the tile lies inside one page: a single block-table load serves the whole tile
+        block = tl.load(block_table_ptr + tile_start // PAGE_SIZE).to(tl.int64)
+    else:
+        # the tile spans several pages (or pages are not a multiple of the tile): one lookup per token
+        block = tl.load(block_table_ptr + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
+    return block * stride_block + (tokens % PAGE_SIZE) * stride_row
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """tl.arange needs a power of two and tl.dot a reduction of >= 16: head dims are padded to one."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def head_dim_mask(HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Which of the HEAD_DIM_PAD lanes hold data. All-true when nothing is padded, a constant the
+    compiler folds away, so power-of-two head dims keep unmasked, full-width loads."""
+    if HEAD_DIM == HEAD_DIM_PAD:
+        return tl.full([HEAD_DIM_PAD], 1, tl.int1)
+    else:
+        return tl.arange(0, HEAD_DIM_PAD) < HEAD_DIM

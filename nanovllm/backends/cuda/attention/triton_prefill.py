@@ -1,0 +1,180 @@
+"""Paged prefill attention in Triton: query chunks against their whole context through the block table.
+
+Grid (num_heads, num_seqs, query tiles). A program takes BLOCK_M query rows of one head of one sequence;
+the chunk is the last len_q positions of a context of len_k tokens, so row r sits at position
+len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
+without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
+Without a block table (no cached prefix) K/V come straight from this step's tensors.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, head_dim_mask, padded_head_dim,
+                                                           paged_row_offsets)
+from nanovllm.core.step_metadata import PrefillMetadata
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int  # query rows per program
+    block_n: int  # context tokens per tile
+    num_warps: int
+    num_stages: int
+
+
+def prefill_config(head_dim: int) -> PrefillConfig:
+    if head_dim <= 64:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens, positions, kv_end,
+                 qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of a query tile over one tile of context tokens."""
+    if MASKED:
+        kv_mask = (tokens < kv_end)[:, None] & dim_mask[None, :]
+    else:
+        kv_mask = dim_mask[None, :]  # all-true (folded away) unless head_dim is padded
+    k = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    if MASKED:
+        visible = (tokens[None, :] <= positions[:, None]) & (tokens < kv_end)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_block, stride_row,
+             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    if PAGED:
+        return paged_row_offsets(block_table_ptr, tokens, tokens < kv_end, tile_start, stride_block, stride_row,
+                                 PAGE_SIZE, BLOCK_N)
+    else:
+        return (kv_start + tokens).to(tl.int64) * stride_row
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head, stride_bt_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    m_start = tile * BLOCK_M
+    if m_start >= q_len:
+        return
+    kv_start = tl.load(cu_seqlens_k_ptr + seq)
+    context_offset = tl.load(cu_seqlens_k_ptr + seq + 1) - kv_start - q_len  # cached tokens before the chunk
+
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len
+    positions = context_offset + rows
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_token + head * stride_q_head + dims[None, :],
+                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+    kv_head = head // GROUP
+    k_base = k_ptr + kv_head * stride_k_head
+    v_base = v_ptr + kv_head * stride_v_head
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    first_position = context_offset + m_start
+    kv_end = context_offset + tl.minimum(m_start + BLOCK_M, q_len)  # one past the last visible token
+    full_end = (first_position + 1) // BLOCK_N * BLOCK_N  # tiles before this are visible to every row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for tile_start in range(0, full_end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        k_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_k_block, stride_k_row,
+                          PAGED, PAGE_SIZE, BLOCK_N)
+        v_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_v_block, stride_v_row,
+                          PAGED, PAGE_SIZE, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens,
+                                     positions, kv_end, qk_scale, False, DOT_PRECISION)
+    for tile_start in range(full_end, kv_end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        k_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_k_block, stride_k_row,
+                          PAGED, PAGE_SIZE, BLOCK_N)
+        v_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_v_block, stride_v_row,
+                          PAGED, PAGE_SIZE, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens,
+                                     positions, kv_end, qk_scale, True, DOT_PRECISION)
+
+    # every real row sees at least token 0, so l_i > 0 there; padding rows are not stored
+    out = acc / tl.where(row_mask, l_i, 1.0)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: PrefillMetadata, scale: float, config: PrefillConfig | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] of this step;
+    caches: [num_blocks, block_size, num_kv_heads, head_dim] -> [num_tokens, num_heads, head_dim].
+
+    With `meta.block_tables` the whole context (cached prefix + this chunk, already stored) is read from
+    the caches; without it, from k and v (then cu_seqlens_k equals cu_seqlens_q). Writes into `out` if given."""
+    num_tokens, num_heads, head_dim = q.shape
+    paged = meta.block_tables is not None
+    k_src, v_src = (k_cache, v_cache) if paged else (k, v)
+    num_kv_heads = k_src.shape[-2]
+    if k_src.shape[-1] != head_dim or num_heads % num_kv_heads or v_src.shape != k_src.shape:
+        raise ValueError(f"prefill: q {tuple(q.shape)} does not fit k/v {tuple(k_src.shape)}, {tuple(v_src.shape)}")
+    if head_dim > 256:
+        raise ValueError(f"prefill: head_dim {head_dim} is over 256")
+    if any(t.stride(-1) != 1 for t in (q, k_src, v_src)):
+        raise ValueError("prefill: q, k, v and the caches need a unit stride on head_dim")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"prefill: out {tuple(out.shape)} {out.dtype} must be shaped and typed like q "
+                         f"{tuple(q.shape)} {q.dtype}, with a unit stride on head_dim")
+    if num_tokens == 0:
+        return out
+    head_dim_pad = padded_head_dim(head_dim)
+    config = config or prefill_config(head_dim_pad)
+    if paged:
+        block_tables, page_size = meta.block_tables, k_cache.shape[1]
+        strides_k = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+        strides_v = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+    else:  # rows of k/v are tokens; the block-table pointer and strides are unused
+        block_tables, page_size = meta.cu_seqlens_k, 1
+        strides_k = (0, k.stride(0), k.stride(1))
+        strides_v = (0, v.stride(0), v.stride(1))
+    num_m_tiles = triton.cdiv(meta.max_seqlen_q, config.block_m)
+    _prefill_kernel[(num_heads, meta.num_seqs, num_m_tiles)](
+        q, k_src, v_src, block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, out, scale * LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides_k, *strides_v,
+        block_tables.stride(0) if paged else 0,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size, PAGED=paged,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+    """The `attention.prefill` op (cached prefixes and chunked prefill included)."""
+    return paged_prefill(q, k, v, k_cache, v_cache, meta, scale)

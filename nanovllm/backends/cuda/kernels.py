@@ -1,0 +1,132 @@
+"""The cuda backend's kernels and the checks that say when each can serve a run.
+
+Importing this module loads neither triton nor flash_attn: each kernel module is imported on the first
+call, so the plugin loads on machines without them (where the checks explain why they are skipped), and
+tests can enable Triton's interpreter before any kernel is defined.
+"""
+import importlib
+import importlib.util
+from functools import cache
+
+import torch
+
+from nanovllm.core.registry import KernelQuery
+from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
+
+BACKEND = "cuda"
+_PACKAGE = "nanovllm.backends.cuda"
+
+
+@cache
+def _module(name: str):
+    return importlib.import_module(f"{_PACKAGE}.{name}")
+
+
+# ---- the kernels, as the registry's ops call them ------------------------------------------------
+def triton_store(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    _module("kv_store").store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def triton_paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+    return _module("attention.triton_prefill").prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def torch_flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+    return _module("attention.torch_flash").prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def flash_attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
+    return _module("attention.flash_attn").prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
+                        scale: float) -> torch.Tensor:
+    return _module("attention.triton_decode").decode_attention(q, k_cache, v_cache, meta, scale)
+
+
+def flash_attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
+                      scale: float) -> torch.Tensor:
+    return _module("attention.flash_attn").decode_attention(q, k_cache, v_cache, meta, scale)
+
+
+# ---- checks: each returns the reasons a kernel cannot serve a query (empty = usable) --------------
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def _device_reasons(query: KernelQuery, min_capability: tuple[int, int] = (0, 0)) -> list[str]:
+    if query.device_type != "cuda":
+        return [f"needs CUDA (device_type is {query.device_type})"]
+    if not torch.cuda.is_available():
+        return ["needs CUDA (torch.cuda.is_available() is False)"]
+    capability = torch.cuda.get_device_capability()
+    if capability < min_capability:
+        return [f"needs compute capability >= {min_capability[0]}.{min_capability[1]}, "
+                f"the GPU has {capability[0]}.{capability[1]}"]
+    if query.dtype == torch.bfloat16 and capability < (8, 0):
+        return [f"bfloat16 needs compute capability >= 8.0, the GPU has {capability[0]}.{capability[1]}"]
+    return []
+
+
+def _head_reasons(query: KernelQuery) -> list[str]:
+    if query.num_kv_heads <= 0 or query.num_heads % query.num_kv_heads:
+        return [f"num_heads {query.num_heads} is not a multiple of num_kv_heads {query.num_kv_heads}"]
+    return []
+
+
+def check_triton(query: KernelQuery) -> list[str]:
+    reasons = _device_reasons(query) + _head_reasons(query)
+    if not _installed("triton"):
+        reasons.append("triton is not installed")
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {query.dtype} is not float16, bfloat16 or float32")
+    if query.head_dim & (query.head_dim - 1) or not 16 <= query.head_dim <= 256:
+        reasons.append(f"head_dim {query.head_dim} is not a power of two in [16, 256]")
+    if query.block_size < 1:
+        reasons.append(f"block_size {query.block_size} is not positive")
+    return reasons
+
+
+def check_torch_flash(query: KernelQuery) -> list[str]:
+    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        reasons.append(f"torch {torch.__version__} has no aten._flash_attention_forward")
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {query.dtype} is not float16 or bfloat16")
+    if query.head_dim % 8 or query.head_dim > 256:
+        reasons.append(f"head_dim {query.head_dim} is not a multiple of 8 up to 256")
+    # batches with a cached prefix go to the Triton paged prefill
+    reasons += [f"for cached prefixes: {r}" for r in check_triton(query) if r not in reasons]
+    return reasons
+
+
+def check_flash_attn(query: KernelQuery) -> list[str]:
+    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    if not _installed("flash_attn"):
+        reasons.append("flash_attn is not installed")
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {query.dtype} is not float16 or bfloat16")
+    if query.head_dim % 8 or query.head_dim > 256:
+        reasons.append(f"head_dim {query.head_dim} is not a multiple of 8 up to 256")
+    if query.block_size % 256:
+        reasons.append(f"block_size must be a multiple of 256 (it is {query.block_size})")
+    return reasons
+
+
+def register_cuda_kernels(registry) -> None:
+    """Add the cuda backend's kernels to `registry`; called by the cuda plugin's registration hook."""
+    registry.register("kv_cache.store", BACKEND, "triton", triton_store, priority=10, check=check_triton)
+    registry.register("attention.prefill", BACKEND, "flash_attn", flash_attn_prefill, priority=30,
+                      check=check_flash_attn)
+    registry.register("attention.prefill", BACKEND, "torch_flash", torch_flash_prefill, priority=20,
+                      check=check_torch_flash)
+    registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
+                      check=check_triton)
+    registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
+                      check=check_flash_attn)
+    registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,
+                      check=check_triton)

@@ -1,0 +1,64 @@
+"""Triton KV store: write this step's K/V into the paged cache through the slot mapping.
+
+One program per token copies all of its KV heads, so a token's K and V rows are written by one program
+with wide, contiguous loads and stores. Padding tokens (slot < 0) are skipped.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_key_token, stride_key_head, stride_value_token, stride_value_head,
+    stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    row = slot % BLOCK_SIZE
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    mask = (heads < NUM_KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    token64 = token.to(tl.int64)
+
+    src = key_ptr + token64 * stride_key_token + heads[:, None] * stride_key_head + dims[None, :]
+    dst = k_cache_ptr + block * stride_k_block + row * stride_k_row + heads[:, None] * stride_k_head + dims[None, :]
+    tl.store(dst, tl.load(src, mask=mask).to(k_cache_ptr.dtype.element_ty), mask=mask)
+
+    src = value_ptr + token64 * stride_value_token + heads[:, None] * stride_value_head + dims[None, :]
+    dst = v_cache_ptr + block * stride_v_block + row * stride_v_row + heads[:, None] * stride_v_head + dims[None, :]
+    tl.store(dst, tl.load(src, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_warps(num_kv_heads: int, head_dim: int) -> int:
+    """Eight elements (16 bytes of bf16) per thread, so loads and stores are full-width vectors."""
+    return max(1, min(8, triton.next_power_of_2(num_kv_heads) * head_dim // 256))
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """key, value: [num_tokens, num_kv_heads, head_dim] (views with unit last stride are fine);
+    caches: [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens], -1 = not stored."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    if value.shape != key.shape or k_cache.shape[2:] != key.shape[1:] or v_cache.shape != k_cache.shape:
+        raise ValueError(f"kv store: key {tuple(key.shape)}, value {tuple(value.shape)}, caches "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not match")
+    if any(t.stride(-1) != 1 for t in (key, value, k_cache, v_cache)):
+        raise ValueError("kv store: key, value and the caches need a unit stride on head_dim")
+    _store_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+        num_warps=_num_warps(num_kv_heads, head_dim),
+    )

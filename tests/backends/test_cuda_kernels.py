@@ -1,0 +1,300 @@
+"""The cuda backend's kernels against the cpu_ref kernels on fresh random paged layouts.
+
+On a machine without CUDA the Triton kernels run under Triton's interpreter (float32, small shapes); with
+CUDA they run compiled, in bfloat16 and float16 with contexts up to 4096. Outputs are poisoned with NaN
+first, so an element a kernel fails to write fails the comparison.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # the interpreter must be on before any Triton kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+    TRITON_REASON = ""
+except ImportError as e:
+    TRITON_REASON = f"triton is not importable ({e})"
+
+from nanovllm.backends.cpu_ref.attention import decode_attention as ref_decode  # noqa: E402
+from nanovllm.backends.cpu_ref.attention import prefill_attention as ref_prefill  # noqa: E402
+from nanovllm.backends.cpu_ref.kv_store import store_kvcache as ref_store  # noqa: E402
+from nanovllm.backends.cuda.kernels import register_cuda_kernels  # noqa: E402
+from nanovllm.core.registry import KernelQuery, KernelRegistry  # noqa: E402
+from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata  # noqa: E402
+
+
+def _cpu_skip_reason() -> str:
+    if TRITON_REASON:
+        return TRITON_REASON
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton's interpreter is off (TRITON_INTERPRET is not 1), so Triton kernels cannot run on the CPU"
+    return ""
+
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(bool(_cpu_skip_reason()), reason=_cpu_skip_reason() or "-")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA or bool(TRITON_REASON),
+                                                                     reason=TRITON_REASON or "needs a CUDA GPU")]),
+]
+# (rtol, atol): outputs are rounded to the dtype, so two correct kernels may differ by an ulp or two
+TOLERANCES = {torch.float32: (1e-3, 2e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def poison_allocator(device: str):
+    """Fill memory the caching allocator will hand out next with NaN, so unwritten scratch shows up."""
+    if device == "cuda":
+        torch.full((64 << 20,), float("nan"), device=device)
+
+
+# ---- random paged layouts -------------------------------------------------------------------------
+def random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, g):
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return (torch.randn(shape, generator=g).to(dtype=dtype, device=device),
+            torch.randn(shape, generator=g).to(dtype=dtype, device=device))
+
+
+def scattered_block_tables(context_lens, block_size, g, extra_blocks=3, extra_columns=2):
+    """Each sequence gets distinct blocks in a shuffled order; rows are 0-padded and wider than needed."""
+    needed = [(n + block_size - 1) // block_size for n in context_lens]
+    num_blocks = sum(needed) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(needed + [1]) + extra_columns
+    table = torch.zeros(len(context_lens), width, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(needed):
+        table[i, :n] = torch.tensor(perm[start:start + n], dtype=torch.int32)
+        start += n
+    return table, num_blocks
+
+
+def random_context_lens(num_seqs, max_len, block_size, g):
+    """Edge lengths first (1, a full block, one past it), then random ones."""
+    fixed = [1, block_size, block_size + 1, max_len]
+    rand = torch.randint(1, max_len + 1, (max(0, num_seqs - len(fixed)),), generator=g).tolist()
+    return (fixed + rand)[:num_seqs]
+
+
+# ---- kv_cache.store --------------------------------------------------------------------------------
+STORE_CASES = [(2, 64, 16), (8, 128, 32), (1, 48, 16), (4, 128, 256)]  # (num_kv_heads, head_dim, block_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_kv_heads,head_dim,block_size", STORE_CASES)
+def test_kv_store_matches_reference(device, num_kv_heads, head_dim, block_size):
+    from nanovllm.backends.cuda.kv_store import store_kvcache
+    g = torch.Generator().manual_seed(num_kv_heads * 1000 + head_dim + block_size)
+    num_tokens = 37 if device == "cpu" else 3000
+    num_heads = 2 * num_kv_heads
+    for dtype in dtypes_for(device):
+        num_blocks = (num_tokens + 20) // block_size + 2
+        # key/value are strided views into a fused qkv projection, as the model produces them
+        qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+        key, value = qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]
+        slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+        slots[torch.rand(num_tokens, generator=g) < 0.2] = -1  # padding tokens must not be written
+        slots = slots.to(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        k_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        v_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        store_kvcache(key, value, k_cache, v_cache, slots)
+        ref_store(key, value, k_ref, v_ref, slots)
+        torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- attention.decode ------------------------------------------------------------------------------
+# (group, num_kv_heads, head_dim, block_size, num_splits, block_n): None = the kernel's own choice.
+# block_n 16 with block_size 32 takes the one-lookup-per-tile path; block_size 16 with the default 64
+# the per-token lookup; 48 exercises a padded head dim.
+DECODE_CASES = [
+    (1, 2, 64, 16, None, None),
+    (2, 2, 128, 16, 1, None),
+    (4, 1, 64, 32, 4, None),
+    (8, 1, 64, 16, None, None),
+    (2, 2, 64, 256, 3, None),
+    (2, 1, 48, 16, 2, None),
+    (4, 1, 128, 32, None, 16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,num_splits,block_n", DECODE_CASES)
+def test_triton_decode_matches_reference(device, group, num_kv_heads, head_dim, block_size, num_splits, block_n):
+    from nanovllm.backends.cuda.attention.triton_decode import DecodeConfig, decode_config, paged_decode
+    g = torch.Generator().manual_seed(group * 100 + head_dim + block_size)
+    num_seqs, max_len = (5, 300) if device == "cpu" else (24, 4096)
+    num_heads = group * num_kv_heads
+    config = DecodeConfig(block_n, 4, 2) if block_n else decode_config(head_dim, block_size)
+    for dtype in dtypes_for(device):
+        context_lens = random_context_lens(num_seqs, max_len, block_size, g)
+        block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
+        k_cache, v_cache = random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, g)
+        q = torch.randn(num_seqs, num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+        meta = DecodeMetadata(torch.tensor(context_lens, dtype=torch.int32, device=device), block_tables.to(device),
+                              max_context_len=1)  # deliberately stale: the kernel must not rely on it
+        out = torch.full_like(q, float("nan"))
+        poison_allocator(device)
+        paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, head_dim ** -0.5,
+                     num_splits=num_splits, config=config, out=out)
+        meta.max_context_len = max(context_lens)
+        assert_close(out, ref_decode(q, k_cache, v_cache, meta, head_dim ** -0.5), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_decode_empty_context_gives_zeros(device, num_splits):
+    """Padded batches under CUDA graphs may carry context_len 0: the output must be finite (zero)."""
+    from nanovllm.backends.cuda.attention.triton_decode import paged_decode
+    g = torch.Generator().manual_seed(7)
+    context_lens = [0, 20, 0]
+    block_tables, num_blocks = scattered_block_tables(context_lens, 16, g)
+    k_cache, v_cache = random_caches(num_blocks, 16, 2, 64, torch.float32, device, g)
+    q = torch.randn(3, 4, 64, generator=g).to(device)
+    out = torch.full_like(q, float("nan"))
+    poison_allocator(device)
+    paged_decode(q, k_cache, v_cache, torch.tensor(context_lens, dtype=torch.int32, device=device),
+                 block_tables.to(device), 0.125, num_splits=num_splits, out=out)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    meta = DecodeMetadata(torch.tensor([20], dtype=torch.int32, device=device), block_tables[1:2].to(device), 20)
+    assert_close(out[1:2], ref_decode(q[1:2], k_cache, v_cache, meta, 0.125), torch.float32)
+
+
+# ---- attention.prefill -----------------------------------------------------------------------------
+# (group, num_kv_heads, head_dim, block_size, paged)
+PREFILL_CASES = [
+    (1, 2, 64, 16, True),
+    (2, 1, 128, 32, True),
+    (4, 1, 64, 16, True),
+    (8, 1, 64, 32, True),
+    (2, 1, 64, 256, True),
+    (2, 1, 48, 16, True),
+    (1, 1, 64, 16, False),
+    (4, 1, 128, 16, False),
+    (2, 1, 48, 16, False),
+]
+
+
+def prefill_batch(paged: bool, device: str, g):
+    """Query-chunk lengths and cached-prefix lengths; cached prefixes only exist with a block table."""
+    if device == "cpu":
+        q_lens, cached = [1, 70, 130, 9], [0, 33, 64, 250]
+    else:
+        q_lens = [1, 1024, 700, 333, 2048, 64] + torch.randint(1, 1025, (4,), generator=g).tolist()
+        cached = [0, 0, 3000, 17, 2048, 4000] + torch.randint(0, 3000, (4,), generator=g).tolist()
+    return q_lens, (cached if paged else [0] * len(q_lens))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,paged", PREFILL_CASES)
+def test_triton_prefill_matches_reference(device, group, num_kv_heads, head_dim, block_size, paged):
+    from nanovllm.backends.cuda.attention.triton_prefill import paged_prefill
+    g = torch.Generator().manual_seed(group * 100 + head_dim + block_size + paged)
+    num_heads = group * num_kv_heads
+    for dtype in dtypes_for(device):
+        q_lens, cached = prefill_batch(paged, device, g)
+        meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, paged, num_heads, num_kv_heads,
+                                                              head_dim, block_size, dtype, device, g)
+        out = torch.full_like(q, float("nan"))
+        paged_prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5, out=out)
+        assert_close(out, ref_prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5), dtype)
+
+
+def make_prefill_inputs(q_lens, cached, paged, num_heads, num_kv_heads, head_dim, block_size, dtype, device, g):
+    context_lens = [a + b for a, b in zip(q_lens, cached)]
+    block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
+    k_cache, v_cache = random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, g)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    if paged:  # this chunk's K/V were stored before attention runs: take them from the cache
+        rows = [block_tables[i, t // block_size] * block_size + t % block_size
+                for i, (c, n) in enumerate(zip(cached, context_lens)) for t in range(c, n)]
+        flat = torch.tensor(rows, dtype=torch.long, device=device)
+        k = k_cache.flatten(0, 1)[flat]
+        v = v_cache.flatten(0, 1)[flat]
+    else:
+        k = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+        v = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+
+    def cumulative(lengths):
+        return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+    meta = PrefillMetadata(cumulative(q_lens), cumulative(context_lens), max(q_lens), max(context_lens),
+                           block_tables.to(device) if paged else None)
+    return meta, q, k, v, k_cache, v_cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("group", [1, 4])
+def test_torch_flash_prefill_matches_reference(paged, group):
+    from nanovllm.backends.cuda.attention.torch_flash import prefill_attention
+    g = torch.Generator().manual_seed(11 + group)
+    for dtype in dtypes_for("cuda"):
+        q_lens, cached = prefill_batch(paged, "cuda", g)
+        meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, paged, 4 * group, 4, 128, 16,
+                                                              dtype, "cuda", g)
+        out = prefill_attention(q, k, v, k_cache, v_cache, meta, 128 ** -0.5)
+        assert_close(out, ref_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_flash_attn_adapter_matches_reference():
+    pytest.importorskip("flash_attn", reason="flash_attn is not installed")
+    from nanovllm.backends.cuda.attention import flash_attn as adapter
+    g = torch.Generator().manual_seed(3)
+    q_lens, cached = prefill_batch(True, "cuda", g)
+    meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, True, 16, 8, 128, 256,
+                                                          torch.bfloat16, "cuda", g)
+    out = adapter.prefill_attention(q, k, v, k_cache, v_cache, meta, 128 ** -0.5)
+    assert_close(out, ref_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5), torch.bfloat16)
+    context_lens = torch.diff(meta.cu_seqlens_k).to(torch.int32)
+    decode_meta = DecodeMetadata(context_lens, meta.block_tables, int(context_lens.max()))
+    qd = q[meta.cu_seqlens_q[1:].long() - 1]
+    out = adapter.decode_attention(qd, k_cache, v_cache, decode_meta, 128 ** -0.5)
+    assert_close(out, ref_decode(qd, k_cache, v_cache, decode_meta, 128 ** -0.5), torch.bfloat16)
+
+
+# ---- registration and checks (no GPU or triton needed) ---------------------------------------------
+def test_registers_every_kernel_with_a_check():
+    registry = KernelRegistry()
+    register_cuda_kernels(registry)
+    names = {op: sorted(i.name for i in registry.candidates(op, "cuda")) for op in registry.impls}
+    assert names["kv_cache.store"] == ["triton"]
+    assert names["attention.prefill"] == ["flash_attn", "torch_flash", "triton_paged"]
+    assert names["attention.decode"] == ["flash_attn", "triton_paged"]
+    cpu_query = KernelQuery("cpu", torch.float32, 128, 16, 8, 16)
+    for impls in registry.impls.values():
+        for impl in impls:
+            assert "needs CUDA (device_type is cpu)" in impl.reasons(cpu_query)
+
+
+def test_checks_explain_unsupported_queries():
+    from nanovllm.backends.cuda.kernels import check_flash_attn, check_torch_flash, check_triton
+    query = KernelQuery("cuda", torch.float64, 512, 12, 8, 16)
+    assert any("head_dim 512" in r for r in check_triton(query))
+    assert any("float64" in r for r in check_triton(query))
+    assert any("not a multiple of num_kv_heads" in r for r in check_triton(query))
+    assert any("float64" in r for r in check_torch_flash(query))
+    assert any("block_size must be a multiple of 256" in r for r in check_flash_attn(query))
+
+
+def test_importing_the_kernel_table_loads_no_triton():
+    import subprocess
+    import sys
+    code = "import sys, nanovllm.backends.cuda.kernels; sys.exit('triton' in sys.modules or 'flash_attn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
