@@ -103,6 +103,12 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         if self.config.enforce_eager or not self.backend.supports_graphs:
             return
+        unsafe = [f"{op} -> {c.impl.backend}/{c.impl.name}" for op, c in self.plan.choices.items()
+                  if op in ("kv_cache.store", "attention.decode") and not c.impl.graph_safe]
+        if unsafe:
+            logger.warning("CUDA graphs are off: %s cannot be captured (it syncs with the host); decode runs "
+                           "eagerly", ", ".join(unsafe))
+            return
         sizes = [s for s in (1, 2, 4, 8) if s < self.config.max_num_seqs]
         sizes += list(range(16, self.config.max_num_seqs + 1, 16)) or [self.config.max_num_seqs]
         if sizes[-1] != self.config.max_num_seqs:

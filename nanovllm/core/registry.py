@@ -46,6 +46,7 @@ class KernelImpl:
     priority: int = 0
     check: Callable[[KernelQuery], list[str]] | None = None
     plugin: str = ""
+    graph_safe: bool = False  # no host syncs or data-dependent launches: may be captured in a device graph
 
     def reasons(self, query: KernelQuery) -> list[str]:
         if self.check is None:
@@ -91,7 +92,8 @@ class KernelRegistry:
         self.impls: dict[str, list[KernelImpl]] = {op: [] for op in OPS}
 
     def register(self, op: str, backend: str, name: str, fn: Callable, priority: int = 0,
-                 check: Callable[[KernelQuery], list[str]] | None = None, plugin: str = "") -> KernelImpl:
+                 check: Callable[[KernelQuery], list[str]] | None = None, plugin: str = "",
+                 graph_safe: bool = False) -> KernelImpl:
         """Add an implementation of `op` for `backend`. Raises ValueError for an unknown op or a bad signature."""
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}{suggest(op, OPS)}; known ops: {', '.join(OPS)}")
@@ -107,7 +109,7 @@ class KernelRegistry:
                              f"the op passes ({', '.join(OPS[op])})")
         if any(i.backend == backend and i.name == name for i in self.impls[op]):
             raise ValueError(f"kernel {backend}/{name} is already registered for {op}")
-        impl = KernelImpl(op, backend, name, fn, priority, check, plugin)
+        impl = KernelImpl(op, backend, name, fn, priority, check, plugin, graph_safe)
         self.impls[op].append(impl)
         return impl
 

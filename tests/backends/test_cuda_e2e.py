@@ -11,6 +11,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    """head_dim 64: a size the Triton kernels serve (the shared tiny model's 48 is refused by their checks)."""
+    from nanovllm.testing.tiny_models import make_tiny_model
+    return make_tiny_model(str(tmp_path_factory.mktemp("qwen3_hd64")), "qwen3", head_dim=64)
+
+
+@pytest.fixture(scope="module")
 def prompts():
     return random_prompts(12, 512, (1, 300), seed=11)
 
@@ -30,6 +37,8 @@ def test_float32_greedy_equals_cpu_ref(tiny_qwen3, prompts, reference, enforce_e
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in outputs] == reference
     assert (llm.engine.runner.graphs is None) == enforce_eager
+    plan = {op: c.impl.backend for op, c in llm.engine.kernel_plan.choices.items()}
+    assert plan["attention.decode"] == plan["kv_cache.store"] == "cuda", plan
 
 
 def test_bfloat16_logits_close_to_cpu_ref(tiny_qwen3, prompts):

@@ -119,7 +119,8 @@ def check_flash_attn(query: KernelQuery) -> list[str]:
 
 def register_cuda_kernels(registry) -> None:
     """Add the cuda backend's kernels to `registry`; called by the cuda plugin's registration hook."""
-    registry.register("kv_cache.store", BACKEND, "triton", triton_store, priority=10, check=check_triton)
+    registry.register("kv_cache.store", BACKEND, "triton", triton_store, priority=10, check=check_triton,
+                      graph_safe=True)
     registry.register("attention.prefill", BACKEND, "flash_attn", flash_attn_prefill, priority=30,
                       check=check_flash_attn)
     registry.register("attention.prefill", BACKEND, "torch_flash", torch_flash_prefill, priority=20,
@@ -127,6 +128,6 @@ def register_cuda_kernels(registry) -> None:
     registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
                       check=check_triton)
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
-                      check=check_flash_attn)
+                      check=check_flash_attn, graph_safe=True)
     registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,
-                      check=check_triton)
+                      check=check_triton, graph_safe=True)

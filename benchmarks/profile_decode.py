@@ -1,0 +1,67 @@
+"""Where one decode step's time goes (GPU only): host phases, graph replay, sampler, and top kernels.
+
+    python benchmarks/profile_decode.py --config ../shared/models/qwen3-0.6b/config.json --batch 256 --context 1024
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
+              skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=args.batch)
+    engine, runner, sched = llm.engine, llm.engine.runner, llm.engine.scheduler
+    g = torch.Generator().manual_seed(0)
+    for _ in range(args.batch):
+        engine.add_request(torch.randint(0, 10000, (args.context,), generator=g).tolist(),
+                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=10_000))
+    while any(s.num_output_tokens == 0 for s in sched.running) or sched.waiting:
+        engine.step()
+    torch.cuda.synchronize()
+    phases = {k: 0.0 for k in ("schedule", "prepare", "forward", "sample", "wait", "commit")}
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        batch = sched.schedule()
+        t1 = time.perf_counter()
+        ids, pos, meta = runner.prepare(batch)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        logits = runner.execute(ids, pos, meta)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        tokens = runner.sampler(logits, runner.sampling_tensors(batch.seqs))
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        host = tokens.tolist()
+        t5 = time.perf_counter()
+        sched.postprocess(batch, host)
+        t6 = time.perf_counter()
+        for k, a, b in zip(phases, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6)):
+            phases[k] += (b - a) * 1000 / args.steps
+    print(f"decode step at batch {len(batch.seqs)}, context ~{args.context}: "
+          + ", ".join(f"{k} {v:.3f} ms" for k, v in phases.items()))
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    print(f"synchronous engine.step: {(time.perf_counter() - t) * 1000 / args.steps:.3f} ms/step")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
