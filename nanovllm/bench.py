@@ -80,7 +80,10 @@ def run(args) -> dict:
     from nanovllm import LLM, SamplingParams
     model = args.model or os.path.dirname(os.path.abspath(args.config))
     options = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                   async_scheduling=not args.sync)
+    if args.no_compile:
+        options["compile"] = False
     if args.config:
         options.update(load_format="dummy", skip_tokenizer_init=True)
     if args.num_kvcache_blocks:
@@ -106,7 +109,7 @@ def run(args) -> dict:
         "floor_s": round(floor_s, 3), "efficiency": round(floor_s / seconds, 3),
         "torch": torch.__version__, "python": platform.python_version(),
         "kernels": {op: f"{c.impl.backend}/{c.impl.name}" for op, c in llm.engine.kernel_plan.choices.items()},
-        "enforce_eager": args.enforce_eager,
+        "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
     }
     try:
         import triton
@@ -134,6 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--num-kvcache-blocks", type=int)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="do not fuse elementwise layers with torch.compile")
+    p.add_argument("--sync", action="store_true", help="no pipelined decode (async_scheduling=False)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="append the result as a JSON line to this file")
 

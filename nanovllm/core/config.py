@@ -23,6 +23,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_memory_fraction: float = 0.3
     enforce_eager: bool = False
+    compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
     async_scheduling: bool = True  # launch decode step N+1 before step N's tokens reach the host
     tensor_parallel_size: int = 1
     kernels: str | dict | None = None

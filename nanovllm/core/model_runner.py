@@ -9,6 +9,7 @@ import torch
 
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
+from nanovllm.core.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
 from nanovllm.core.parallel import Communicator
 from nanovllm.core.registry import KernelPlan
@@ -59,8 +60,11 @@ class ModelRunner:
         else:
             load_model(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
+        if config.compile if config.compile is not None else backend.compile_small_ops:
+            fuse_small_ops(self.model)
         self.num_blocks = 0
         self.graphs = None
+        self._sampling_key, self._sampling_tensors = None, None
         self.inputs = StepInputBuilder(self.device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
                                        pin=backend.pin_memory)
 
@@ -128,20 +132,29 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[meta.logits_indices])
 
+    def to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the device without a host sync (staged in pinned memory where the backend pins)."""
+        return torch.tensor(values, dtype=dtype, pin_memory=self.backend.pin_memory).to(self.device, non_blocking=True)
+
     def sampling_tensors(self, seqs) -> SamplingTensors:
+        """The step's per-row sampling settings; reused while the batch's sequences stay the same."""
+        key = tuple(s.seq_id for s in seqs)
+        if key == self._sampling_key:
+            return self._sampling_tensors
         params = [s.params for s in seqs]
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(self.device)
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
         gens = [s.generator for s in seqs]
-        return SamplingTensors(
-            temperatures=temperatures,
-            top_k=torch.tensor(top_k, device=self.device) if any(top_k) else None,
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=self.device) if any(x < 1 for x in top_p) else None,
-            min_p=torch.tensor(min_p, dtype=torch.float32, device=self.device) if any(min_p) else None,
+        self._sampling_key = key
+        self._sampling_tensors = SamplingTensors(
+            temperatures=self.to_device([p.temperature for p in params], torch.float32),
+            top_k=self.to_device(top_k, torch.int64) if any(top_k) else None,
+            top_p=self.to_device(top_p, torch.float32) if any(x < 1 for x in top_p) else None,
+            min_p=self.to_device(min_p, torch.float32) if any(min_p) else None,
             generators=gens if any(g is not None for g in gens) else None,
             all_greedy=all(p.temperature == 0 for p in params))
+        return self._sampling_tensors
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
@@ -158,7 +171,7 @@ class ModelRunner:
                 if row is not None and seq.token_ids[seq.num_computed_tokens] == PENDING_TOKEN:
                     dst.append(i), src.append(row)
             if dst:
-                index = torch.tensor([dst, src], dtype=torch.int64).to(self.device, non_blocking=True)
+                index = self.to_device([dst, src], torch.int64)
                 input_ids[index[0]] = prev.tokens[index[1]]
         logits = self.execute(input_ids, positions, meta)
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]

@@ -25,6 +25,7 @@ class _HostBuffers:
 class StepInputBuilder:
     def __init__(self, device: torch.device, block_size: int, max_num_seqs: int, max_blocks_per_seq: int, pin: bool):
         self.device, self.block_size = device, block_size
+        self.pin = pin
         self.buffers = [_HostBuffers(max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)]
         self.turn = 0
 
@@ -82,7 +83,7 @@ class StepInputBuilder:
             tables.append(table)
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
 
         def block_table_tensor(rows):
             width = max(len(r) for r in rows)

@@ -36,10 +36,14 @@ class SelfAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.qk_transform(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+
+    def qk_transform(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Per-head q/k RMSNorm (Qwen3) then rotary: elementwise work the runner may fuse with torch.compile."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+        return self.rotary_emb(positions, q, k)
 
 
 class MLP(nn.Module):

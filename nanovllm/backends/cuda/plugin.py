@@ -27,6 +27,7 @@ class CudaBackend(Backend):
     supports_graphs = True
     measures_peak_memory = True
     pin_memory = True
+    compile_small_ops = True
     dist_backend = "nccl"
 
     def __init__(self):

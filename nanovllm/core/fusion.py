@@ -1,0 +1,31 @@
+"""Fuse the model's small elementwise layers with torch.compile, where the backend says it pays.
+
+RMSNorm (with its residual add), the q/k norm + rotary of attention, and SiLU-and-mul are chains of
+tiny kernels eagerly: at decode batch sizes each launch costs more than its work. Compiled, each chain
+becomes one kernel. The matrix products and attention stay as they are (library and registry kernels).
+"""
+import torch
+from torch import nn
+
+from nanovllm.core.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+def fuse_small_ops(model: nn.Module) -> int:
+    """Compile the elementwise sub-layers of `model` in place; returns how many were compiled."""
+    from nanovllm.models.layers.activation import SiluAndMul
+    from nanovllm.models.layers.norm import RMSNorm
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "qk_transform"):
+            module.qk_transform = torch.compile(module.qk_transform, dynamic=True)
+            count += 1
+            for child in (getattr(module, "q_norm", None), getattr(module, "k_norm", None)):
+                if child is not None:
+                    child._fused_by_parent = True
+        elif isinstance(module, (RMSNorm, SiluAndMul)) and not getattr(module, "_fused_by_parent", False):
+            module.forward = torch.compile(module.forward, dynamic=True)
+            count += 1
+    logger.info("fused %d elementwise layers with torch.compile", count)
+    return count
