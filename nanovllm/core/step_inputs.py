@@ -44,8 +44,7 @@ class StepInputBuilder:
         self.turn ^= 1
         ids, positions, slots = buf.ids.numpy()[:n], buf.positions.numpy()[:n], buf.slots.numpy()[:n]
         context_lens = buf.context_lens.numpy()[:n]
-        width = max(len(s.block_table) for s in seqs)
-        tables = buf.tables.numpy()[:n, :width]
+        tables = buf.tables.numpy()[:n]  # whole rows: a contiguous slice copies without a host-side gather
         for i, s in enumerate(seqs):
             ids[i] = s.token_ids[s.num_computed_tokens]
             context_lens[i] = s.num_computed_tokens + 1
@@ -53,7 +52,7 @@ class StepInputBuilder:
             tables[i, :len(table)] = table
         np.subtract(context_lens, 1, out=positions)
         slots[:] = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
-        decode = DecodeMetadata(self._to_device(buf.context_lens[:n]), self._to_device(buf.tables[:n, :width]),
+        decode = DecodeMetadata(self._to_device(buf.context_lens[:n]), self._to_device(buf.tables[:n]),
                                 int(context_lens.max()))
         logits_indices = torch.arange(n, device=self.device)
         meta = StepMetadata(self._to_device(buf.slots[:n]), 0, None, decode, logits_indices)
