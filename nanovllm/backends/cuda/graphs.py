@@ -21,19 +21,23 @@ class CudaGraphRunner:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
-        self.logits: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Two instances per size: launching a graph exec that is still running blocks the host until it ends,
+        # so consecutive (pipelined) steps alternate between instances.
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.turn = 0
         model, max_len = runner.model, runner.config.max_model_len
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.batch_sizes):
                 meta = self._meta(bs, max_len)
                 model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))  # warm-up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    self.logits[bs] = model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
-                pool = graph.pool()
-                self.graphs[bs] = graph
+                for instance in range(2):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        logits = model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
+                    pool = graph.pool()
+                    self.graphs[bs, instance], self.logits[bs, instance] = graph, logits
         torch.cuda.synchronize(dev)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
 
@@ -55,5 +59,6 @@ class CudaGraphRunner:
         self.context_lens[n:bs].zero_()
         width = meta.decode.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.decode.block_tables)
-        self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        self.turn ^= 1
+        self.graphs[bs, self.turn].replay()
+        return self.logits[bs, self.turn][:n]
