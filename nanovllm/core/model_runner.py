@@ -3,14 +3,17 @@
 It builds each step's StepMetadata once, runs the model (eagerly or through the backend's captured
 graphs) and samples. It knows the backend only through the Backend interface and the KernelPlan.
 """
+from typing import NamedTuple
+
 import torch
 
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
+from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.parallel import Communicator
 from nanovllm.core.registry import KernelPlan
-from nanovllm.core.sampler import SamplingTensors
+from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata
 from nanovllm.models.layers.context import LayerContext
@@ -18,6 +21,13 @@ from nanovllm.models.loader import load_model
 from nanovllm.models.registry import model_class
 
 logger = get_logger(__name__)
+
+
+class StepOutput(NamedTuple):
+    """Per sequence of the batch: the sampled token (None while its prompt is not done) and, for requests that
+    asked, the step's log-probabilities (`logprobs` is None when no request in the step asked)."""
+    token_ids: list[int | None]
+    logprobs: list[StepLogprobs | None] | None = None
 
 
 class ModelRunner:
@@ -151,15 +161,35 @@ class ModelRunner:
             top_p=torch.tensor(top_p, dtype=torch.float32, device=self.device) if any(x < 1 for x in top_p) else None,
             min_p=torch.tensor(min_p, dtype=torch.float32, device=self.device) if any(min_p) else None,
             generators=gens if any(g is not None for g in gens) else None,
-            all_greedy=all(p.temperature == 0 for p in params))
+            all_greedy=all(p.greedy for p in params))
+
+    @staticmethod
+    def suppress_stop_tokens(logits: torch.Tensor, seqs) -> None:
+        """min_tokens: EOS and stop tokens cannot be sampled before a sequence has min_tokens output tokens."""
+        pairs = [(row, t) for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+                 for t in s.stop_token_ids]
+        if pairs:
+            rows, token_ids = zip(*pairs)
+            suppress_tokens(logits, list(rows), list(token_ids))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; returns a sampled token per sequence (None where its prompt is not done yet)."""
+    def run(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one step; the sampled tokens are its one device->host copy unless a request asked for logprobs."""
         input_ids, positions, meta = self.prepare(batch)
         logits = self.execute(input_ids, positions, meta)
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
         if not sampled_seqs:
-            return [None] * len(batch.seqs)
-        tokens = iter(self.sampler(logits, self.sampling_tensors(sampled_seqs)).tolist())
-        return [next(tokens) if want else None for want in batch.sample]
+            return StepOutput([None] * len(batch.seqs))
+        requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
+        self.suppress_stop_tokens(logits, sampled_seqs)
+        sampled = self.sampler(logits, self.sampling_tensors(sampled_seqs))
+        token_ids = in_batch_order(batch.sample, sampled.tolist())
+        if requested is None:
+            return StepOutput(token_ids)
+        return StepOutput(token_ids, in_batch_order(batch.sample, requested.to_host(sampled)))
+
+
+def in_batch_order(sample: list[bool], values: list) -> list:
+    """Spread one value per sampled sequence over the batch, None for sequences not sampled this step."""
+    values = iter(values)
+    return [next(values) if want else None for want in sample]

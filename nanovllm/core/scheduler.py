@@ -43,6 +43,8 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        params = seq.params
+        seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -100,15 +102,18 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
-        """Record the step's results; returns the sequences that finished."""
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None],
+                    logprobs: list[dict | None] | None = None) -> list[Sequence]:
+        """Record the step's results (and log-probabilities, for requests that asked); returns the finished sequences."""
         finished = []
-        for seq, n, token_id in zip(batch.seqs, batch.num_new_tokens, token_ids):
+        for i, (seq, n, token_id) in enumerate(zip(batch.seqs, batch.num_new_tokens, token_ids)):
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
             if token_id is None:
                 continue
             seq.append_token(token_id)
+            if logprobs is not None and logprobs[i] is not None:
+                seq.logprobs.append(logprobs[i])
             reason = self.stop_reason(seq, token_id)
             if reason is not None:
                 self.finish(seq, reason)
@@ -116,18 +121,40 @@ class Scheduler:
         return finished
 
     def stop_reason(self, seq: Sequence, token_id: int) -> str | None:
-        params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return "stop"
-            if token_id in params.stop_token_ids:
-                return "stop"
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        """Why `seq` ends after `token_id`: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or
+        max_model_len), or None.
+
+        Stop conditions count only once min_tokens tokens precede the token. A stop token's text is left out of
+        the detokenized text; stop strings are looked for only in requests that have them.
+        """
+        can_stop = seq.num_output_tokens > seq.params.min_tokens
+        if can_stop and token_id in seq.stop_token_ids:
+            seq.stop_reason = token_id
+            return "stop"
+        if seq.detokenizer is not None:
+            new_text = seq.detokenizer.add_token(token_id)
+            if can_stop and seq.params.stop_strings:
+                seq.stop_reason = seq.detokenizer.find_stop_string(len(new_text))
+                if seq.stop_reason is not None:
+                    return "stop"
+        if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if seq.detokenizer is not None:
+            seq.detokenizer.flush()
         self.block_manager.free(seq)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished sequence (a stream the caller stopped reading), freeing its blocks."""
+        if seq.is_finished:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        else:
+            self.finish(seq, "abort")
