@@ -44,7 +44,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         params = seq.params
-        seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
+        seq.stop_token_ids = eos | frozenset(params.stop_token_ids)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -104,7 +105,7 @@ class Scheduler:
 
     def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None],
                     logprobs: list[dict | None] | None = None) -> list[Sequence]:
-        """Record the step's results (and log-probabilities, for requests that asked); returns the finished sequences."""
+        """Record the step's results (and logprobs, for requests that asked); returns the finished sequences."""
         finished = []
         for i, (seq, n, token_id) in enumerate(zip(batch.seqs, batch.num_new_tokens, token_ids)):
             seq.num_computed_tokens += n

@@ -16,7 +16,7 @@ def tokenizer(tiny_qwen3):
 
 def byte_level_ids(tokenizer, text: str) -> list[int]:
     """One token per UTF-8 byte (GPT-2's byte-to-unicode map), so every multi-byte character is split."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

@@ -46,8 +46,9 @@ def boundary_stop_string(llm, output) -> str:
     ids, text = output["token_ids"], output["text"]
     for j in range(2, len(ids) - 1):
         before, after = decode(llm.tokenizer, ids[:j]), decode(llm.tokenizer, ids[:j + 1])
-        if text.startswith(after) and len(after) > len(before) > 0 and "\ufffd" not in text[len(before) - 1:len(before) + 1]:
-            return text[len(before) - 1:len(before) + 1]
+        stop = text[len(before) - 1:len(before) + 1]
+        if text.startswith(after) and len(after) > len(before) > 0 and "\ufffd" not in stop:
+            return stop
     raise AssertionError(f"no token boundary with plain text on both sides in {text!r}")
 
 
