@@ -1,11 +1,13 @@
-"""LLM: the user-facing offline API, shaped like vLLM's (`generate`)."""
+"""LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`, `stream`)."""
 import os
+from collections.abc import Iterator
 
 from transformers import AutoConfig, AutoTokenizer
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.engine import Engine
 from nanovllm.core.logging import get_logger
+from nanovllm.outputs import StreamOutput, request_output
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -16,6 +18,21 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"model folder {path!r} does not exist; pass the path of a Hugging Face checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face checkpoint folder")
+
+
+def as_conversations(messages) -> list[list[dict]]:
+    """One conversation or a list of them -> a list of conversations; ValueError for anything else."""
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        messages = [messages]
+
+    def is_message(m) -> bool:
+        return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(c, list) and c and all(map(is_message, c)) for c in messages):
+        raise ValueError("messages must be a conversation (a non-empty list of {'role': str, 'content': str} dicts) "
+                         "or a list of conversations")
+    return messages
 
 
 class LLM:
@@ -32,7 +49,7 @@ class LLM:
         self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, **options)
         self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             self.config.tokenizer or model)
-        self.engine = Engine(self.config)
+        self.engine = Engine(self.config, tokenizer=self.tokenizer)
 
     def _prompts_to_ids(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -59,12 +76,8 @@ class LLM:
             ids.append(list(p))
         return ids
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[dict]:
-        """Generate for every prompt; returns one dict per prompt, in input order.
-
-        Each dict has `text`, `token_ids` (the output), `prompt_token_ids` and `finish_reason`.
-        """
+    def _requests(self, prompts, sampling_params) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Validate every prompt and every SamplingParams before anything is queued."""
         ids = self._prompts_to_ids(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
@@ -73,12 +86,65 @@ class LLM:
             raise ValueError("sampling_params must be a SamplingParams or a list of them")
         if len(params) != len(ids):
             raise ValueError(f"got {len(ids)} prompts but {len(params)} sampling params; give one, or one per prompt")
+        for p in params:
+            self.engine.check_params(p)
+        return ids, list(params)
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict]:
+        """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
+
+        Each dict has `text`, `token_ids` (the output), `prompt_token_ids`, `finish_reason` ("stop" for EOS, a stop
+        token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
+        """
+        ids, params = self._requests(prompts, sampling_params)
         seqs = [self.engine.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
         self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
-        return [self._output(seq) for seq in seqs]
+        return [request_output(seq, self.tokenizer) for seq in seqs]
 
-    def _output(self, seq) -> dict:
-        tokens = seq.output_token_ids
-        text = "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return {"text": text, "token_ids": tokens,
-                "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens], "finish_reason": seq.finish_reason}
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[dict]:
+        """`generate` for one conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's
+        chat template (with the assistant's generation prompt)."""
+        return self.generate(self.apply_chat_template(messages), sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict] | list[list[dict]]) -> list[list[int]]:
+        """The prompt token ids of each conversation, as `chat` sends them."""
+        conversations = as_conversations(messages)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.config.model!r} has no chat template; use generate() with "
+                             f"a formatted prompt instead")
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+    def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+               ) -> Iterator[StreamOutput]:
+        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished)
+        as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
+        checked at once; requests are queued when iteration starts and dropped if it stops early."""
+        ids, params = self._requests(prompts, sampling_params)
+        return self._stream(ids, params)
+
+    def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
+        seqs = [self.engine.add_request(p, sp, i, detokenize=True) for i, (p, sp) in enumerate(zip(ids, params))]
+        num_sent = [0] * len(seqs)
+        unreported = dict(enumerate(seqs))  # requests whose last piece is not out yet
+        try:
+            while unreported:
+                self.engine.step()
+                for i, seq in list(unreported.items()):
+                    if seq.num_output_tokens > num_sent[i] or seq.is_finished:
+                        yield self._stream_piece(i, seq, num_sent[i])
+                        num_sent[i] = seq.num_output_tokens
+                        if seq.is_finished:
+                            del unreported[i]
+        finally:
+            self.engine.abort(seqs)
+
+    @staticmethod
+    def _stream_piece(index: int, seq, start: int) -> StreamOutput:
+        finished = seq.is_finished
+        logprobs = seq.logprobs[start:] if seq.params.logprobs is not None else None
+        return StreamOutput(index, seq.detokenizer.stream_text(finished), seq.output_token_ids[start:], finished,
+                            seq.finish_reason if finished else None, logprobs)

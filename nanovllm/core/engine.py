@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.core.config import EngineConfig
+from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.parallel import Communicator
@@ -26,8 +27,10 @@ class StepStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, plugins: Plugins | None = None):
+    def __init__(self, config: EngineConfig, plugins: Plugins | None = None, tokenizer=None):
+        """`tokenizer` detokenizes streamed requests and requests with stop strings (None: neither is accepted)."""
         self.config = config
+        self.tokenizer = tokenizer
         self.plugins = plugins or load_plugins()
         self.backend = self.plugins.select(config.backend)
         hf = config.hf_config
@@ -64,14 +67,36 @@ class Engine:
         self.scheduler = Scheduler(config, num_blocks, block_size, eos_token_ids(hf))
         self.stats = StepStats()
 
-    def add_request(self, token_ids: list[int], params: SamplingParams, request_index: int = 0) -> Sequence:
+    def add_request(self, token_ids: list[int], params: SamplingParams, request_index: int = 0,
+                    detokenize: bool = False) -> Sequence:
+        """Queue a request. `detokenize` keeps its text up to date token by token (for streaming); requests with
+        stop strings always are."""
+        self.check_params(params)
         seq = Sequence(token_ids, params, request_index)
-        seq.generator = None
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
+        if detokenize or params.stop_strings:
+            if self.tokenizer is None:
+                raise ValueError("stop strings and streaming need a tokenizer: create the Engine with tokenizer=...")
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
         self.scheduler.add(seq)
         return seq
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: the values bounded by the model's vocabulary."""
+        vocab_size = self.config.hf_config.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab_size:
+            raise ValueError(f"SamplingParams.logprobs={params.logprobs} is invalid: expected at most the "
+                             f"vocabulary size {vocab_size}")
+        bad = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids has {bad[0]}, outside the vocabulary [0, {vocab_size})")
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drop the unfinished sequences among `seqs`, freeing their KV blocks."""
+        for seq in seqs:
+            self.scheduler.abort(seq)
 
     def _launch(self, batch, prev=None):
         step = self.runner.launch(batch, prev)
@@ -83,7 +108,8 @@ class Engine:
         return step
 
     def _commit(self, step) -> list[Sequence]:
-        return self.scheduler.commit(step.batch, step.indices, self.runner.wait(step))
+        token_ids, logprobs = self.runner.wait(step)
+        return self.scheduler.commit(step.batch, step.indices, token_ids, logprobs)
 
     def step(self) -> list[Sequence]:
         """Schedule, run and commit one step synchronously; returns the sequences that finished in it."""

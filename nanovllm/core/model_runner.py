@@ -4,6 +4,7 @@ It builds each step's StepMetadata once, runs the model (eagerly or through the 
 graphs) and samples. It knows the backend only through the Backend interface and the KernelPlan.
 """
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -11,9 +12,10 @@ from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
+from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.parallel import Communicator
 from nanovllm.core.registry import KernelPlan
-from nanovllm.core.sampler import SamplingTensors
+from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.step_inputs import StepInputBuilder
@@ -153,8 +155,18 @@ class ModelRunner:
             top_p=self.to_device(top_p, torch.float32) if any(x < 1 for x in top_p) else None,
             min_p=self.to_device(min_p, torch.float32) if any(min_p) else None,
             generators=gens if any(g is not None for g in gens) else None,
-            all_greedy=all(p.temperature == 0 for p in params))
+            all_greedy=all(p.greedy for p in params))
         return self._sampling_tensors
+
+    @staticmethod
+    def suppress_stop_tokens(logits: torch.Tensor, seqs) -> None:
+        """min_tokens: EOS and stop tokens cannot be sampled before a sequence has min_tokens output tokens
+        (tokens still in flight count: they will exist)."""
+        pairs = [(row, t) for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+                 for t in s.stop_token_ids]
+        if pairs:
+            rows, token_ids = zip(*pairs)
+            suppress_tokens(logits, list(rows), list(token_ids))
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
@@ -177,20 +189,32 @@ class ModelRunner:
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
         if not sampled_seqs:
             return LaunchedStep(batch, None, None, None, {})
+        requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
+        self.suppress_stop_tokens(logits, sampled_seqs)
         tokens = self.sampler(logits, self.sampling_tensors(sampled_seqs))
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.backend.pin_memory)
         host.copy_(tokens, non_blocking=self.backend.pin_memory)
         return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
-                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)})
+                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested)
 
     @staticmethod
-    def wait(step: "LaunchedStep") -> list[int]:
-        """The step's sampled tokens on the host (the step's only device->host copy)."""
+    def wait(step: "LaunchedStep") -> tuple[list[int], list[StepLogprobs | None] | None]:
+        """The step's sampled tokens on the host, one per sampled sequence (the step's only device->host copy
+        unless a request asked for logprobs), and the logprobs of those that asked."""
         if step.host is None:
-            return []
+            return [], None
         if step.event is not None:
             step.event.synchronize()
-        return step.host.tolist()
+        logprobs = None if step.requested is None else step.requested.to_host(step.tokens)
+        return step.host.tolist(), logprobs
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> "StepOutput":
+        """Launch and wait: one synchronous step, results in batch order (None where nothing was sampled)."""
+        step = self.launch(batch)
+        token_ids, logprobs = self.wait(step)
+        return StepOutput(in_batch_order(batch.sample, token_ids),
+                          None if logprobs is None else in_batch_order(batch.sample, logprobs))
 
 
 @dataclass
@@ -200,4 +224,18 @@ class LaunchedStep:
     host: torch.Tensor | None  # its host copy, valid once `event` completes
     event: object | None
     rows: dict[int, int]  # seq_id -> row of `tokens`
+    requested: RequestedLogprobs | None = None  # logprobs of the requests that asked, still on the device
     indices: list[int] = field(default_factory=list)  # placeholder positions, filled by the scheduler
+
+
+class StepOutput(NamedTuple):
+    """Per sequence of the batch: the sampled token (None while its prompt is not done) and, for requests that
+    asked, the step's log-probabilities (`logprobs` is None when no request in the step asked)."""
+    token_ids: list[int | None]
+    logprobs: list[StepLogprobs | None] | None = None
+
+
+def in_batch_order(sample: list[bool], values: list) -> list:
+    """Spread one value per sampled sequence over the batch, None for sequences not sampled this step."""
+    values = iter(values)
+    return [next(values) if want else None for want in sample]

@@ -43,6 +43,9 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        params = seq.params
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
+        seq.stop_token_ids = eos | frozenset(params.stop_token_ids)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -123,15 +126,19 @@ class Scheduler:
                 seq.num_pending += 1
         return indices
 
-    def commit(self, batch: ScheduledBatch, indices: list[int], token_ids: list[int]) -> list[Sequence]:
-        """Fill in a launched step's sampled tokens; returns the sequences that finished."""
+    def commit(self, batch: ScheduledBatch, indices: list[int], token_ids: list[int],
+               logprobs: list[dict | None] | None = None) -> list[Sequence]:
+        """Fill in a launched step's sampled tokens (and logprobs, for requests that asked); returns the
+        sequences that finished."""
         finished = []
         sampled = (seq for seq, sample in zip(batch.seqs, batch.sample) if sample)
-        for seq, index, token_id in zip(sampled, indices, token_ids):
+        for i, (seq, index, token_id) in enumerate(zip(sampled, indices, token_ids)):
             if seq.is_finished:  # it finished at the previous step; this step's token is dropped
                 continue
             seq.token_ids[index] = token_id
             seq.num_pending -= 1
+            if logprobs is not None and logprobs[i] is not None:
+                seq.logprobs.append(logprobs[i])
             reason = self.stop_reason(seq, token_id, index + 1)
             if reason is not None:
                 del seq.token_ids[index + 1:]
@@ -143,26 +150,51 @@ class Scheduler:
                 self.block_manager.cache_computed_blocks(seq)
         return finished
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None],
+                    logprobs: list[dict | None] | None = None) -> list[Sequence]:
         """Launch and commit at once (the synchronous step); returns the sequences that finished."""
         indices = self.launch(batch)
-        return self.commit(batch, indices, [t for t, sample in zip(token_ids, batch.sample) if sample])
+        sampled = [t for t, sample in zip(token_ids, batch.sample) if sample]
+        if logprobs is not None:
+            logprobs = [lp for lp, sample in zip(logprobs, batch.sample) if sample]
+        return self.commit(batch, indices, sampled, logprobs)
 
     def stop_reason(self, seq: Sequence, token_id: int, length: int) -> str | None:
-        """Why the sequence stops after `token_id`, its `length`-th token (None: it goes on)."""
-        params = seq.params
+        """Why `seq` ends after `token_id`, its `length`-th token: "stop" (EOS, a stop token or a stop string),
+        "length" (max_tokens or max_model_len), or None.
+
+        Stop conditions count only once min_tokens tokens precede the token. A stop token's text is left out of
+        the detokenized text; stop strings are looked for only in requests that have them.
+        """
         num_output = length - seq.num_prompt_tokens
-        if num_output >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return "stop"
-            if token_id in params.stop_token_ids:
-                return "stop"
-        if num_output >= params.max_tokens or length >= self.max_model_len:
+        can_stop = num_output > seq.params.min_tokens
+        if can_stop and token_id in seq.stop_token_ids:
+            seq.stop_reason = token_id
+            return "stop"
+        if seq.detokenizer is not None:
+            new_text = seq.detokenizer.add_token(token_id)
+            if can_stop and seq.params.stop_strings:
+                seq.stop_reason = seq.detokenizer.find_stop_string(len(new_text))
+                if seq.stop_reason is not None:
+                    return "stop"
+        if num_output >= seq.params.max_tokens or length >= self.max_model_len:
             return "length"
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if seq.detokenizer is not None:
+            seq.detokenizer.flush()
         self.block_manager.free(seq)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished sequence (a stream the caller stopped reading), freeing its blocks."""
+        if seq.is_finished:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        else:
+            self.finish(seq, "abort")

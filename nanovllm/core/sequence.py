@@ -35,8 +35,12 @@ class Sequence:
         self.num_hashed_blocks = 0
         self.num_pending = 0  # trailing PENDING_TOKEN placeholders  # leading blocks already entered in the prefix cache
         self.params = params
-        self.finish_reason: str | None = None
-        self.logprobs: list[dict] = []
+        self.finish_reason: str | None = None  # "stop" or "length" (or "abort")
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that finished it
+        self.stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and params.stop_token_ids
+        self.generator = None  # torch.Generator of a seeded request
+        self.detokenizer = None  # IncrementalDetokenizer, for streamed requests and requests with stop strings
+        self.logprobs: list[dict[int, float]] = []  # one per output token, when params.logprobs is set
         self.num_preemptions = 0
 
     def __len__(self) -> int:

@@ -61,8 +61,8 @@ def test_finish_on_eos_max_tokens_and_stop_token():
 
 def test_ignore_eos_and_min_tokens():
     s = make()
-    a, b = add(s, 3, max_tokens=3, ignore_eos=True), add(s, 3, max_tokens=3, min_tokens=2)
-    s.postprocess(s.schedule(), [0, 0])
+    a, b = add(s, 3, max_tokens=3, ignore_eos=True), add(s, 3, max_tokens=3, min_tokens=1)
+    s.postprocess(s.schedule(), [0, 0])  # b's EOS counts only once min_tokens=1 tokens precede it
     assert not a.is_finished and not b.is_finished
     s.postprocess(s.schedule(), [0, 0])
     assert b.finish_reason == "stop" and not a.is_finished

@@ -1,0 +1,96 @@
+"""LLM.stream, LLM.chat and `nanovllm generate`: streamed pieces add up to generate's outputs."""
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.cli import main
+
+PROMPTS = ["paris is the capital of", "hello world", "the quick"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    return LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=128, max_model_len=256)
+
+
+def mixed_params(llm):
+    """Greedy, seeded sampling with a stop string taken from its own output, and seeded sampling with logprobs."""
+    seeded = dict(temperature=1.0, seed=21, max_tokens=12, ignore_eos=True)
+    text = llm.generate([PROMPTS[1]], SamplingParams(**seeded), use_tqdm=False)[0]["text"]
+    stop = next(text[i:i + 2] for i in range(3, len(text)) if "\ufffd" not in text[i:i + 2])
+    return [SamplingParams(temperature=0, max_tokens=10), SamplingParams(**seeded, stop=stop),
+            SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=9, logprobs=2)]
+
+
+def collect(pieces, n):
+    out = [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None, "num_finished": 0} for _ in range(n)]
+    for piece in pieces:
+        o = out[piece.index]
+        assert o["num_finished"] == 0, "a piece after the finished one"
+        o["text"] += piece.text
+        o["token_ids"] += piece.token_ids
+        o["logprobs"] += piece.logprobs or []
+        o["num_finished"] += piece.finished
+        o["finish_reason"] = piece.finish_reason
+    return out
+
+
+def test_stream_concatenation_equals_generate(llm):
+    params = mixed_params(llm)
+    expected = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert expected[1]["finish_reason"] == "stop", "the stop string should end request 1"
+    streamed = collect(llm.stream(PROMPTS, params), len(PROMPTS))
+    for e, s in zip(expected, streamed):
+        assert (s["text"], s["token_ids"], s["finish_reason"], s["num_finished"]) == \
+               (e["text"], e["token_ids"], e["finish_reason"], 1)
+        assert s["logprobs"] == (e["logprobs"] or [])
+
+
+def test_stream_stopped_early_frees_its_requests(llm):
+    pieces = llm.stream(PROMPTS, SamplingParams(temperature=0, max_tokens=20))
+    first = next(pieces)
+    assert first.token_ids and not first.finished
+    pieces.close()
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.scheduler.block_manager.num_free_blocks == 128
+
+
+def test_stream_checks_its_arguments_at_once(llm):
+    with pytest.raises(ValueError, match="sampling params"):
+        llm.stream(PROMPTS, [SamplingParams()])
+    assert not llm.engine.has_unfinished()
+
+
+def test_chat_applies_the_template(llm):
+    conversation = [{"role": "user", "content": "hello"}]
+    params = SamplingParams(temperature=0, max_tokens=5)
+    out = llm.chat(conversation, params, use_tqdm=False)
+    text = llm.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    assert out[0]["prompt_token_ids"] == prompt_ids
+    assert out[0]["token_ids"] == llm.generate([prompt_ids], params, use_tqdm=False)[0]["token_ids"]
+    two = llm.chat([conversation, conversation + [{"role": "assistant", "content": "hi"}]], params, use_tqdm=False)
+    assert len(two) == 2 and two[0] == out[0] and len(two[1]["prompt_token_ids"]) > len(prompt_ids)
+
+
+@pytest.mark.parametrize("messages", [[], "hello", [{"role": "user"}], [[{"role": "user", "content": 3}]]])
+def test_chat_rejects_malformed_messages(llm, messages):
+    with pytest.raises(ValueError, match="messages must be a conversation"):
+        llm.chat(messages)
+
+
+def test_cli_generate_stream_prints_the_same_text(tiny_qwen3, capsys):
+    args = ["generate", "--model", tiny_qwen3, "--backend", "cpu_ref", "--max-tokens", "6", "--temperature", "0.9",
+            "--top-p", "0.95", "--top-k", "50", "--seed", "3", "--num-kvcache-blocks", "64", "--max-model-len", "256",
+            "hello", "paris"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == plain and plain.startswith("--- 'hello'\n")
+    assert main(args[:-2] + ["--max-tokens", "2", "--chat", "--stream", "hello", "paris"]) == 0
+    assert capsys.readouterr().out.count("--- ") == 2
+
+
+def test_cli_reports_invalid_sampling_values(capsys):
+    assert main(["generate", "--top-p", "1.5", "hi"]) == 2
+    assert "SamplingParams.top_p=1.5 is invalid" in capsys.readouterr().err
