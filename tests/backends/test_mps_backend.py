@@ -63,7 +63,7 @@ DECODE_CASES = {
 @pytest.mark.parametrize("case", list(DECODE_CASES))
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_decode_matches_reference(group, case, block_size):
-    gen = torch.Generator().manual_seed(hash((group, case, block_size)) % 2**31)
+    gen = torch.Generator().manual_seed(100 * group + block_size + len(DECODE_CASES[case]))
     context_lens = DECODE_CASES[case]
     num_blocks, tables = paged_layout(context_lens, block_size, gen)
     k_cache, v_cache = random_cache(num_blocks, block_size, tables, context_lens, gen, torch.float32)
