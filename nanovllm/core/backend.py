@@ -27,12 +27,19 @@ class Backend:
     measures_peak_memory: bool = False  # run a warm-up prefill before sizing the KV cache
     dist_backend: str | None = None  # torch.distributed backend for tensor parallelism, None if refused
 
-    def availability(self) -> tuple[bool, str]:
-        """(True, "") when this machine can run the backend, else (False, the reason)."""
+    def availability(self, device: str | None = None) -> tuple[bool, str]:
+        """(True, "") when this machine can run the backend on `device`, else (False, the reason).
+
+        `device` is the engine's `device` option; None asks about the backend's own device type.
+        """
         return True, ""
 
     def device(self, config: EngineConfig, rank: int = 0) -> torch.device:
         return torch.device(config.device or self.device_type)
+
+    def default_dtype_for(self, device: torch.device) -> torch.dtype:
+        """The dtype used when the user sets none; a backend that runs on several devices may vary it."""
+        return self.default_dtype
 
     def check_block_size(self, block_size: int) -> list[str]:
         """Reasons the KV block size cannot be used (empty: usable)."""

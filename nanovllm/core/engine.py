@@ -32,9 +32,10 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.plugins = plugins or load_plugins()
-        self.backend = self.plugins.select(config.backend)
+        self.backend = self.plugins.select(config.backend, config.device)
         hf = config.hf_config
-        dtype = config.dtype or self.backend.default_dtype
+        device = self.backend.device(config)
+        dtype = config.dtype or self.backend.default_dtype_for(device)
         if dtype not in self.backend.supported_dtypes:
             raise ValueError(f"dtype={dtype} is not supported by backend {self.backend.name!r}; "
                              f"supported: {', '.join(str(d) for d in self.backend.supported_dtypes)}")
@@ -50,14 +51,16 @@ class Engine:
             config.max_model_len = max_pos
         tp = config.tensor_parallel_size
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        query = KernelQuery(self.backend.device_type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
+        query = KernelQuery(device.type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
                             max(1, hf.num_key_value_heads // tp), block_size)
         settings = self.plugins.settings.get("kernels", {}).get(self.backend.name, {})
         self.kernel_plan = self.plugins.registry.resolve(self.backend.name, query, settings, config.kernels)
         logger.info("backend %s, %s, kernels:\n%s", self.backend.name, dtype, self.kernel_plan.table())
-        comm = self.backend.communicator(0, 1, "") if tp == 1 else None
-        if comm is None:
+        if tp > 1:
+            if self.backend.dist_backend is None:  # the backend refuses TP: its communicator raises the reason
+                self.backend.communicator(0, tp, "")
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        comm = self.backend.communicator(0, 1, "")
         self.runner = ModelRunner(config, self.backend, self.kernel_plan, comm, dtype, block_size)
         if self.backend.measures_peak_memory:
             self.runner.warmup()

@@ -78,12 +78,17 @@ class Plugins:
     plugin_of_backend: dict[str, str] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
-    def select(self, name: str | None) -> Backend:
-        """The backend named, or the first available in plugins.toml's order. Raises with reasons."""
+    def select(self, name: str | None, device: str | None = None) -> Backend:
+        """The backend named, or the first available in plugins.toml's order. Raises with reasons.
+
+        A named backend is asked whether it can run on `device` (the engine option), so a backend may
+        accept a device other than its own (a GPU backend run on CPU tensors in CI). Auto-selection asks
+        each backend about its own device: the device option is not a reason to pick a backend.
+        """
         if name is not None:
             if name not in self.backends:
                 raise ValueError(f"unknown backend {name!r}{suggest(name, self.backends)}. {self.describe()}")
-            ok, reason = self.backends[name].availability()
+            ok, reason = self.backends[name].availability(device)
             if not ok:
                 raise RuntimeError(f"backend {name!r} is not available on this machine: {reason}. {self.describe()}")
             return self.backends[name]

@@ -35,7 +35,7 @@ class CudaBackend(Backend):
         # and small blocks make prefix caching finer-grained.
         self.default_block_size = 256 if flash_attn_installed() else 16
 
-    def availability(self) -> tuple[bool, str]:
+    def availability(self, device: str | None = None) -> tuple[bool, str]:
         if not torch.cuda.is_available():
             return False, "torch.cuda.is_available() is False (no NVIDIA GPU, or a CPU-only build of torch)"
         if importlib.util.find_spec("triton") is None:
