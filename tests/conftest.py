@@ -24,6 +24,23 @@ def tiny_qwen2(tmp_path_factory) -> str:
     return make_tiny_model(str(tmp_path_factory.mktemp("qwen2")), "qwen2")
 
 
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 256}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_rope(tmp_path_factory) -> str:
+    """A Llama 3.x-style model: llama3 rope scaling and a large rope theta."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("llama3")), "llama", rope_scaling=LLAMA3_ROPE_SCALING,
+                           rope_theta=500000.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_biased(tmp_path_factory) -> str:
+    """A Llama with `attention_bias` (q/k/v/o) and `mlp_bias`."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("llama_bias")), "llama", attention_bias=True, mlp_bias=True)
+
+
 def random_prompts(n: int, vocab: int, lengths=(1, 300), seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     out = []
