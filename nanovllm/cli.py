@@ -18,7 +18,7 @@ def _engine_options(args) -> dict:
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="cuda, mps, cpu_ref or a plugin's backend (default: first available)")
     p.add_argument("--device", help="device for the backend (e.g. cpu to run the mps backend's code on CPU)")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the backend's)")
+    p.add_argument("--dtype", help="float32, float16, bfloat16 or auto: the checkpoint's (default: the backend's)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
