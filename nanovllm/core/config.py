@@ -14,7 +14,7 @@ class EngineConfig:
     model: str
     backend: str | None = None
     device: str | None = None
-    dtype: str | torch.dtype | None = None
+    dtype: str | torch.dtype | None = None  # None: the backend's default; "auto": the checkpoint's
     max_model_len: int = 4096
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
@@ -58,7 +58,7 @@ class EngineConfig:
         if isinstance(self.dtype, str):
             if self.dtype not in DTYPES and self.dtype != "auto":
                 bad("dtype", f"expected one of {sorted(DTYPES)} or 'auto'")
-            self.dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
+            self.dtype = checkpoint_dtype(self.hf_config) if self.dtype == "auto" else DTYPES[self.dtype]
         elif self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
         if self.load_format not in ("auto", "dummy"):
@@ -72,3 +72,11 @@ class EngineConfig:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name not in ("model", "hf_config")]
+
+
+def checkpoint_dtype(hf_config) -> torch.dtype | None:
+    """The dtype config.json records for the weights (`dtype` in transformers 5, `torch_dtype` before), if any."""
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(value, str):
+        return DTYPES.get(value)
+    return value if isinstance(value, torch.dtype) else None

@@ -88,7 +88,9 @@ class Plugins:
         if name is not None:
             if name not in self.backends:
                 raise ValueError(f"unknown backend {name!r}{suggest(name, self.backends)}. {self.describe()}")
-            ok, reason = self.backends[name].availability(device)
+            backend = self.backends[name]
+            # plugins written before availability() took a device keep working: ask with one only if set
+            ok, reason = backend.availability(device) if device is not None else backend.availability()
             if not ok:
                 raise RuntimeError(f"backend {name!r} is not available on this machine: {reason}. {self.describe()}")
             return self.backends[name]

@@ -25,7 +25,8 @@ def weight_files(path: str) -> list[str]:
 
 
 def load_model(model: nn.Module, path: str) -> None:
-    """Copy every checkpoint tensor into its parameter; raises naming any missing file or tensor."""
+    """Copy every checkpoint tensor into its parameter, cast to the parameter's dtype (the checkpoint's dtype
+    may differ); raises naming any missing or unreadable file and any missing or unexpected tensor."""
     packed = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -64,5 +65,15 @@ def load_model(model: nn.Module, path: str) -> None:
     if model.tie_word_embeddings:
         missing = [m for m in missing if not m.startswith("lm_head.")]
     if missing:
-        raise ValueError(f"the checkpoint in {path} lacks tensors: {', '.join(m.split(':')[0] for m in missing[:8])}"
-                         f"{' ...' if len(missing) > 8 else ''}")
+        names = [checkpoint_name(m, packed) for m in missing]
+        raise ValueError(f"the checkpoint in {path} lacks tensors: {', '.join(names[:8])}"
+                         f"{' ...' if len(names) > 8 else ''}; re-download or re-convert the model")
+
+
+def checkpoint_name(key: str, packed: dict) -> str:
+    """The checkpoint's name for a loaded-key `param:shard`, e.g. `...qkv_proj.weight:k` -> `...k_proj.weight`."""
+    name, shard = key.split(":")
+    for ckpt, (merged, sid) in packed.items():
+        if f".{merged}." in name and str(sid) == shard:
+            return name.replace(f".{merged}.", f".{ckpt}.")
+    return name

@@ -1,6 +1,6 @@
 """Tiny random Hugging Face checkpoints (Qwen3, Llama, Qwen2) with a locally trained BPE tokenizer.
 
-Built on the spot with transformers and tokenizers, so tests and the demo need no download.
+Built on the spot with transformers and tokenizers, so tests need no download.
 """
 import os
 

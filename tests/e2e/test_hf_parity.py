@@ -1,4 +1,5 @@
-"""cpu_ref against Hugging Face transformers on a small random model: identical greedy tokens, close logits."""
+"""cpu_ref against Hugging Face transformers on small random models of every architecture: identical greedy
+tokens, close logits."""
 import pytest
 import torch
 
@@ -6,7 +7,7 @@ from nanovllm import LLM, SamplingParams
 from tests.conftest import random_prompts
 from tests.e2e.hf_reference import hf_greedy, hf_last_logits, load_hf
 
-MODELS = ["tiny_qwen3"]
+MODELS = ["tiny_qwen3", "tiny_qwen2", "tiny_llama", "tiny_llama3_rope", "tiny_llama_biased"]
 
 
 @pytest.mark.parametrize("model_fixture", MODELS)

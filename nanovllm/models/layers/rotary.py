@@ -5,6 +5,14 @@ import torch
 from torch import nn
 
 
+def rope_config(config) -> tuple[float, dict | None]:
+    """(theta, scaling) of a transformers config: 5.x keeps both in `rope_parameters`, 4.x has
+    `rope_theta` and `rope_scaling` (None when unscaled)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
+    return float(theta), params or None
+
+
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     """Llama 3.x frequency scaling: long wavelengths are divided by `factor`, short ones kept, smooth between."""
     factor = scaling["factor"]

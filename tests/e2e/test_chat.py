@@ -1,0 +1,31 @@
+"""LLM.chat: conversations go through the tokenizer's chat template, ending with the assistant's turn."""
+import pytest
+
+from nanovllm import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    return LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=64, max_model_len=256)
+
+
+def test_chat_prompt_applies_the_template(llm):
+    ids = llm.chat_prompt("hello world")
+    assert llm.tokenizer.decode(ids) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    assert llm.chat_prompt([{"role": "user", "content": "hello world"}]) == ids
+
+
+def test_chat_equals_generate_on_the_templated_prompt(llm):
+    conversations = ["hello world", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "paris?"}]]
+    chats = llm.chat(conversations, GREEDY, use_tqdm=False)
+    plain = llm.generate([llm.chat_prompt(c) for c in conversations], GREEDY, use_tqdm=False)
+    assert [c["token_ids"] for c in chats] == [p["token_ids"] for p in plain]
+    assert llm.chat("hello world", GREEDY, use_tqdm=False)[0]["token_ids"] == chats[0]["token_ids"]
+
+
+def test_chat_without_a_template_is_refused(llm, monkeypatch):
+    monkeypatch.setattr(llm.tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match="has no chat template"):
+        llm.chat_prompt("hello")
