@@ -50,9 +50,8 @@ def cmd_backends(args) -> int:
                             args.num_kv_heads, backend.default_block_size)
         print(f"  kernels for {str(query.dtype).removeprefix('torch.')}, head_dim {query.head_dim}, "
               f"{query.num_heads}/{query.num_kv_heads} heads, block size {query.block_size}:")
-        settings = plugins.settings.get("kernels", {}).get(name, {})
         try:
-            print(plugins.registry.resolve(name, query, settings).table())
+            print(plugins.registry.resolve(name, query, plugins.kernel_preferences(name)).table())
         except (ValueError, RuntimeError) as e:
             print(f"  cannot resolve: {e}")
     for name, why in plugins.failures.items():

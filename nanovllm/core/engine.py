@@ -49,8 +49,8 @@ class Engine:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         query = KernelQuery(self.backend.device_type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
                             max(1, hf.num_key_value_heads // tp), block_size)
-        settings = self.plugins.settings.get("kernels", {}).get(self.backend.name, {})
-        self.kernel_plan = self.plugins.registry.resolve(self.backend.name, query, settings, config.kernels)
+        preferences = self.plugins.kernel_preferences(self.backend.name)
+        self.kernel_plan = self.plugins.registry.resolve(self.backend.name, query, preferences, config.kernels)
         logger.info("backend %s, %s, kernels:\n%s", self.backend.name, dtype, self.kernel_plan.table())
         comm = self.backend.communicator(0, 1, "") if tp == 1 else None
         if comm is None:

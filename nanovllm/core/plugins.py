@@ -4,6 +4,7 @@ Every backend, built-in or third-party, arrives the same way: an entry point nam
 implements the hooks in `hookspecs`. A plugin that fails to import, targets another plugin API, or
 whose hook raises is reported and skipped; the others keep working.
 """
+import dataclasses
 import importlib.metadata
 import os
 import sys
@@ -15,7 +16,7 @@ import pluggy
 from nanovllm.core import hookspecs
 from nanovllm.core.backend import Backend
 from nanovllm.core.logging import get_logger
-from nanovllm.core.registry import KernelRegistry, suggest
+from nanovllm.core.registry import KernelImpl, KernelRegistry, suggest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,6 +94,12 @@ class Plugins:
                 return self.backends[candidate]
         raise RuntimeError(f"no backend is available. {self.describe()}")
 
+    def kernel_preferences(self, backend: str) -> dict[str, list[str]]:
+        """Per op, the kernel names to try first: the backend's own `kernel_preferences`, with plugins.toml's
+        `[kernels.<backend>]` (packaged or user file) replacing them op by op."""
+        own = getattr(self.backends.get(backend), "kernel_preferences", None) or {}
+        return {**own, **self.settings.get("kernels", {}).get(backend, {})}
+
     def describe(self) -> str:
         parts = []
         for name, backend in self.backends.items():
@@ -110,6 +117,7 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
     """Discover, validate and register every plugin. `modules` ({name: module}) bypasses entry points (tests)."""
     settings = load_settings() if settings is None else settings
     disabled = set(settings.get("backends", {}).get("disabled", []))
+    disabled_kernels = set(settings.get("backends", {}).get("disabled_kernels", []))
     plugins = Plugins(settings=settings)
     pm = pluggy.PluginManager("nanovllm")
     pm.add_hookspecs(hookspecs)
@@ -167,8 +175,19 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
             logger.warning("plugin %r: %s; its kernels are skipped", impl.plugin_name, plugins.failures[impl.plugin_name])
             continue
         for op, impls in staging.impls.items():
-            plugins.registry.impls[op].extend(impls)
+            plugins.registry.impls[op].extend(disable_listed(impls, disabled_kernels))
     return plugins
+
+
+def disable_listed(impls: list[KernelImpl], disabled: set[str]) -> list[KernelImpl]:
+    """Kernels named "backend/name" in plugins.toml's `disabled_kernels` stay listed but never resolve."""
+    out = []
+    for impl in impls:
+        if f"{impl.backend}/{impl.name}" in disabled:
+            reason = f"disabled in plugins.toml ([backends] disabled_kernels has {impl.backend + '/' + impl.name!r})"
+            impl = dataclasses.replace(impl, check=lambda query, reason=reason: [reason])
+        out.append(impl)
+    return out
 
 
 class _PluginRegistry:
