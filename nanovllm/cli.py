@@ -40,11 +40,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_backends(args) -> int:
-    from nanovllm.core.plugins import load_plugins
+    from nanovllm.core.plugins import backend_availability, load_plugins
     from nanovllm.core.registry import KernelQuery
     plugins = load_plugins()
     for name, backend in plugins.backends.items():
-        ok, reason = backend.availability()
+        ok, reason = backend_availability(backend)
         print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
         query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
                             args.num_kv_heads, backend.default_block_size)

@@ -70,6 +70,15 @@ def check_api_version(declared) -> str | None:
     return None
 
 
+def backend_availability(backend: Backend) -> tuple[bool, str]:
+    """backend.availability(), with a check that raises reported as the reason it is unavailable."""
+    try:
+        ok, reason = backend.availability()
+    except Exception as e:  # a third party's broken check must not take down the others
+        return False, f"its availability() raised {type(e).__name__}: {e}"
+    return bool(ok), reason
+
+
 @dataclass
 class Plugins:
     """What loading found: usable backends, the kernel registry, and every plugin that was refused."""
@@ -84,13 +93,13 @@ class Plugins:
         if name is not None:
             if name not in self.backends:
                 raise ValueError(f"unknown backend {name!r}{suggest(name, self.backends)}. {self.describe()}")
-            ok, reason = self.backends[name].availability()
+            ok, reason = backend_availability(self.backends[name])
             if not ok:
                 raise RuntimeError(f"backend {name!r} is not available on this machine: {reason}. {self.describe()}")
             return self.backends[name]
         order = self.settings.get("backends", {}).get("order", [])
         for candidate in [*order, *sorted(set(self.backends) - set(order))]:
-            if candidate in self.backends and self.backends[candidate].availability()[0]:
+            if candidate in self.backends and backend_availability(self.backends[candidate])[0]:
                 return self.backends[candidate]
         raise RuntimeError(f"no backend is available. {self.describe()}")
 
@@ -103,7 +112,7 @@ class Plugins:
     def describe(self) -> str:
         parts = []
         for name, backend in self.backends.items():
-            ok, reason = backend.availability()
+            ok, reason = backend_availability(backend)
             parts.append(f"{name} (available)" if ok else f"{name} (unavailable: {reason})")
         parts += [f"{name} (plugin refused: {why})" for name, why in self.failures.items()]
         return "Known backends: " + (", ".join(parts) or "none")

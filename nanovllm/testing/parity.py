@@ -26,6 +26,7 @@ from nanovllm.backends.cpu_ref import kv_store as ref_kv_store
 from nanovllm.core import sampler as ref_sampler
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
+from nanovllm.core.plugins import backend_availability
 from nanovllm.core.registry import OPS, KernelImpl, KernelQuery
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
 from nanovllm.testing.layouts import DEFAULT_CASES, TOLERANCES, ParityCase, PagedLayout, nan_like, random_layout
@@ -76,7 +77,7 @@ def parity_cases(plugins, backends: list[str] | None = None,
         if backend is None:
             why = f"{name}: no installed plugin offers this backend"
         else:
-            ok, reason = backend.availability()
+            ok, reason = backend_availability(backend)
             why = None if ok else f"{name}: {reason}"
         for op in OPS:
             for impl in plugins.registry.candidates(op, name):
