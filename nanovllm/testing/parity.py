@@ -160,7 +160,7 @@ def check_kv_store(fn, case: ParityCase, device, generator) -> None:
         assert_close(out, expected, 0, 0, f"{what} after the store (slots < 0 must stay untouched)")
 
 
-def _prefill_inputs(layout: PagedLayout, case: ParityCase, device, generator, with_tables: bool):
+def prefill_inputs(layout: PagedLayout, case: ParityCase, device, generator, with_tables: bool):
     num_tokens = sum(layout.query_lens)
     q = torch.randn(num_tokens, case.num_heads, case.head_dim, generator=generator).to(case.dtype).to(device)
     k, v = layout.query_rows(layout.k_cache), layout.query_rows(layout.v_cache)
@@ -173,7 +173,7 @@ def _prefill_inputs(layout: PagedLayout, case: ParityCase, device, generator, wi
 
 def _check_prefill(fn, case, device, generator, kind: str) -> None:
     layout = random_layout(case, device, kind, generator)
-    q, k, v, meta = _prefill_inputs(layout, case, device, generator, with_tables=kind == "chunked")
+    q, k, v, meta = prefill_inputs(layout, case, device, generator, with_tables=kind == "chunked")
     scale = case.head_dim ** -0.5
     expected = REFERENCE["attention.prefill"](q, k, v, layout.k_cache, layout.v_cache, meta, scale)
     out = fn(q.clone(), k.clone(), v.clone(), layout.k_cache.clone(), layout.v_cache.clone(), meta, scale)
