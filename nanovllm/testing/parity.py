@@ -221,6 +221,10 @@ def check_sampler(fn, case: ParityCase, device, generator) -> None:
         temperatures, top_k=torch.tensor([0, 50, 0, 5, 0, 20, 0, 1], device=device),
         top_p=torch.tensor([1, 0.9, 1, 1, 0.5, 1, 0.8, 1], device=device),
         min_p=torch.tensor([0, 0, 0, 0.05, 0, 0, 0.1, 0], device=device))
+    # flat logits on sampled rows, so a sampler that ignores a filter almost surely picks an excluded token
+    is_greedy_row = (temperatures == 0).unsqueeze(-1)
+    flat = torch.randn(num_rows, vocab_size, generator=generator).to(case.dtype).to(device)
+    logits = torch.where(is_greedy_row, logits, flat)
     out = fn(logits.clone(), mixed)
     expected = REFERENCE["sampler"](logits, mixed)
     _expect_like(out, expected, "mixed-batch token ids")

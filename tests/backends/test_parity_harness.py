@@ -67,3 +67,25 @@ def test_cases_the_check_rejects_are_not_run():
     picky = KernelImpl("attention.decode", "cpu_ref", "picky", attention.decode_attention,
                        check=lambda q: [] if q.head_dim == 48 else ["needs head_dim 48"])
     assert check_kernel_parity(CpuRefBackend(), picky) == 1
+
+
+def test_matrix_cells_carry_the_reason_they_cannot_run():
+    from nanovllm.backends.cpu_ref import plugin as cpu_ref
+    from nanovllm.core.plugins import load_plugins
+    from nanovllm.testing.parity import parity_cases
+    from tests.core.test_plugins import SETTINGS, NullBackend, plugin_module
+
+    def kernels(registry):
+        registry.register("attention.decode", "null", "any", attention.decode_attention)
+        registry.register("attention.prefill", "null", "fp8_only", attention.prefill_attention,
+                          check=lambda q: ["needs float8 inputs"])
+        registry.register("attention.decode", "ghost", "vendor", attention.decode_attention)
+    mods = {"cpu_ref": cpu_ref, "n": plugin_module("n", [NullBackend(ok=False)], kernels)}
+    cells = {str(c): c.skip_reason for c in parity_cases(load_plugins(SETTINGS, modules=mods))}
+    assert cells["null-attention.decode-any"] == "null: the null device is switched off"
+    assert cells["ghost-attention.decode-vendor"] == "ghost: no installed plugin offers this backend"
+    assert cells["cpu_ref-attention.decode-torch_loop"] is None
+    mods["n"] = plugin_module("n", [NullBackend(ok=True)], kernels)
+    cells = {str(c): c.skip_reason for c in parity_cases(load_plugins(SETTINGS, modules=mods))}
+    assert "rejects every parity case" in cells["null-attention.prefill-fp8_only"]
+    assert "needs float8 inputs" in cells["null-attention.prefill-fp8_only"]
