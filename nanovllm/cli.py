@@ -64,19 +64,18 @@ def print_stream(pieces, prompts: list[str]) -> None:
 
 
 def cmd_backends(args) -> int:
-    from nanovllm.core.plugins import load_plugins
+    from nanovllm.core.plugins import backend_availability, load_plugins
     from nanovllm.core.registry import KernelQuery
     plugins = load_plugins()
     for name, backend in plugins.backends.items():
-        ok, reason = backend.availability()
+        ok, reason = backend_availability(backend)
         print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
         query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
                             args.num_kv_heads, backend.default_block_size)
         print(f"  kernels for {str(query.dtype).removeprefix('torch.')}, head_dim {query.head_dim}, "
               f"{query.num_heads}/{query.num_kv_heads} heads, block size {query.block_size}:")
-        settings = plugins.settings.get("kernels", {}).get(name, {})
         try:
-            print(plugins.registry.resolve(name, query, settings).table())
+            print(plugins.registry.resolve(name, query, plugins.kernel_preferences(name)).table())
         except (ValueError, RuntimeError) as e:
             print(f"  cannot resolve: {e}")
     for name, why in plugins.failures.items():

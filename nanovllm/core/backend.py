@@ -26,6 +26,8 @@ class Backend:
     pin_memory: bool = False  # stage host->device copies in pinned memory
     measures_peak_memory: bool = False  # run a warm-up prefill before sizing the KV cache
     dist_backend: str | None = None  # torch.distributed backend for tensor parallelism, None if refused
+    # op -> kernel names, best first: the plugin's own preference; plugins.toml [kernels.<name>] overrides per op
+    kernel_preferences: dict[str, list[str]] = {}
 
     def availability(self, device: str | None = None) -> tuple[bool, str]:
         """(True, "") when this machine can run the backend on `device`, else (False, the reason).

@@ -53,8 +53,8 @@ class Engine:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         query = KernelQuery(device.type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
                             max(1, hf.num_key_value_heads // tp), block_size)
-        settings = self.plugins.settings.get("kernels", {}).get(self.backend.name, {})
-        self.kernel_plan = self.plugins.registry.resolve(self.backend.name, query, settings, config.kernels)
+        preferences = self.plugins.kernel_preferences(self.backend.name)
+        self.kernel_plan = self.plugins.registry.resolve(self.backend.name, query, preferences, config.kernels)
         logger.info("backend %s, %s, kernels:\n%s", self.backend.name, dtype, self.kernel_plan.table())
         if tp > 1:
             if self.backend.dist_backend is None:  # the backend refuses TP: its communicator raises the reason

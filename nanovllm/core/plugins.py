@@ -4,6 +4,7 @@ Every backend, built-in or third-party, arrives the same way: an entry point nam
 implements the hooks in `hookspecs`. A plugin that fails to import, targets another plugin API, or
 whose hook raises is reported and skipped; the others keep working.
 """
+import dataclasses
 import importlib.metadata
 import os
 import sys
@@ -15,7 +16,7 @@ import pluggy
 from nanovllm.core import hookspecs
 from nanovllm.core.backend import Backend
 from nanovllm.core.logging import get_logger
-from nanovllm.core.registry import KernelRegistry, suggest
+from nanovllm.core.registry import KernelImpl, KernelRegistry, suggest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,6 +70,18 @@ def check_api_version(declared) -> str | None:
     return None
 
 
+def backend_availability(backend: Backend, device: str | None = None) -> tuple[bool, str]:
+    """backend.availability(), with a check that raises reported as the reason it is unavailable.
+
+    Plugins written before availability() took a device keep working: it is passed only when set.
+    """
+    try:
+        ok, reason = backend.availability(device) if device is not None else backend.availability()
+    except Exception as e:  # a third party's broken check must not take down the others
+        return False, f"its availability() raised {type(e).__name__}: {e}"
+    return bool(ok), reason
+
+
 @dataclass
 class Plugins:
     """What loading found: usable backends, the kernel registry, and every plugin that was refused."""
@@ -88,22 +101,26 @@ class Plugins:
         if name is not None:
             if name not in self.backends:
                 raise ValueError(f"unknown backend {name!r}{suggest(name, self.backends)}. {self.describe()}")
-            backend = self.backends[name]
-            # plugins written before availability() took a device keep working: ask with one only if set
-            ok, reason = backend.availability(device) if device is not None else backend.availability()
+            ok, reason = backend_availability(self.backends[name], device)
             if not ok:
                 raise RuntimeError(f"backend {name!r} is not available on this machine: {reason}. {self.describe()}")
             return self.backends[name]
         order = self.settings.get("backends", {}).get("order", [])
         for candidate in [*order, *sorted(set(self.backends) - set(order))]:
-            if candidate in self.backends and self.backends[candidate].availability()[0]:
+            if candidate in self.backends and backend_availability(self.backends[candidate])[0]:
                 return self.backends[candidate]
         raise RuntimeError(f"no backend is available. {self.describe()}")
+
+    def kernel_preferences(self, backend: str) -> dict[str, list[str]]:
+        """Per op, the kernel names to try first: the backend's own `kernel_preferences`, with plugins.toml's
+        `[kernels.<backend>]` (packaged or user file) replacing them op by op."""
+        own = getattr(self.backends.get(backend), "kernel_preferences", None) or {}
+        return {**own, **self.settings.get("kernels", {}).get(backend, {})}
 
     def describe(self) -> str:
         parts = []
         for name, backend in self.backends.items():
-            ok, reason = backend.availability()
+            ok, reason = backend_availability(backend)
             parts.append(f"{name} (available)" if ok else f"{name} (unavailable: {reason})")
         parts += [f"{name} (plugin refused: {why})" for name, why in self.failures.items()]
         return "Known backends: " + (", ".join(parts) or "none")
@@ -117,6 +134,7 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
     """Discover, validate and register every plugin. `modules` ({name: module}) bypasses entry points (tests)."""
     settings = load_settings() if settings is None else settings
     disabled = set(settings.get("backends", {}).get("disabled", []))
+    disabled_kernels = set(settings.get("backends", {}).get("disabled_kernels", []))
     plugins = Plugins(settings=settings)
     pm = pluggy.PluginManager("nanovllm")
     pm.add_hookspecs(hookspecs)
@@ -174,8 +192,19 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
             logger.warning("plugin %r: %s; its kernels are skipped", impl.plugin_name, plugins.failures[impl.plugin_name])
             continue
         for op, impls in staging.impls.items():
-            plugins.registry.impls[op].extend(impls)
+            plugins.registry.impls[op].extend(disable_listed(impls, disabled_kernels))
     return plugins
+
+
+def disable_listed(impls: list[KernelImpl], disabled: set[str]) -> list[KernelImpl]:
+    """Kernels named "backend/name" in plugins.toml's `disabled_kernels` stay listed but never resolve."""
+    out = []
+    for impl in impls:
+        if f"{impl.backend}/{impl.name}" in disabled:
+            reason = f"disabled in plugins.toml ([backends] disabled_kernels has {impl.backend + '/' + impl.name!r})"
+            impl = dataclasses.replace(impl, check=lambda query, reason=reason: [reason])
+        out.append(impl)
+    return out
 
 
 class _PluginRegistry:

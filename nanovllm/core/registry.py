@@ -160,7 +160,7 @@ class KernelRegistry:
         for impl in ranked:
             reasons = impl.reasons(query)
             if not reasons:
-                why = "plugins.toml preference" if impl.name in preferred else f"priority {impl.priority}"
+                why = "preferred by plugins.toml or the backend" if impl.name in preferred else f"priority {impl.priority}"
                 return OpChoice(op, impl, why, tuple(rejected))
             rejected.append((impl.name, tuple(reasons)))
         if reference is not None and not reference.reasons(query):

@@ -1,6 +1,7 @@
 import types
 
 import pytest
+import torch
 
 import nanovllm
 from nanovllm.core import plugins as plugins_module
@@ -103,3 +104,59 @@ def test_plugin_api_version_is_checked(api, ok):
     assert ("null" in plugins.backends) == ok
     if not ok:
         assert "v" in plugins.failures
+
+
+class RaisingBackend(Backend):
+    name = "raising"
+
+    def availability(self):
+        raise OSError("driver library libvendor.so not found")
+
+
+def test_backend_whose_availability_raises_is_unavailable_not_fatal():
+    from nanovllm.backends.cpu_ref import plugin as cpu_ref
+    plugins = load_plugins(SETTINGS, modules={"cpu_ref": cpu_ref, "r": plugin_module("r", [RaisingBackend()])})
+    assert plugins.select(None).name == "cpu_ref"
+    with pytest.raises(RuntimeError, match="availability\\(\\) raised OSError: driver library"):
+        plugins.select("raising")
+    assert "raising (unavailable: its availability() raised OSError" in plugins.describe()
+
+
+def test_kernel_whose_check_raises_is_skipped_with_the_reason():
+    from nanovllm.backends.cpu_ref import plugin as cpu_ref
+    from nanovllm.core.registry import KernelQuery
+
+    def kernels(registry):
+        def check(query):
+            raise RuntimeError("cannot query device capability")
+        registry.register("attention.decode", "null", "vendor_decode", lambda q, kc, vc, meta, scale: q, priority=9,
+                          check=check)
+    plugins = load_plugins(SETTINGS, modules={"cpu_ref": cpu_ref, "v": plugin_module("v", [NullBackend()], kernels)})
+    query = KernelQuery("cpu", torch.float32, 64, 4, 2, 16)
+    choice = plugins.registry.resolve("null", query, plugins.kernel_preferences("null")).choices["attention.decode"]
+    assert choice.impl.backend == "cpu_ref"
+    assert choice.rejected[0][0] == "vendor_decode" and "check raised RuntimeError" in choice.rejected[0][1][0]
+
+
+def test_backend_preference_and_plugins_toml_override():
+    from nanovllm.backends.cpu_ref import plugin as cpu_ref
+    from nanovllm.core.registry import KernelQuery
+
+    class PreferringBackend(NullBackend):
+        kernel_preferences = {"attention.decode": ["b"]}
+
+    def kernels(registry):
+        for name, priority in (("a", 5), ("b", 1), ("c", 0)):
+            registry.register("attention.decode", "null", name, lambda q, kc, vc, meta, scale: q, priority=priority)
+    query = KernelQuery("cpu", torch.float32, 64, 4, 2, 16)
+
+    def chosen(settings):
+        plugins = load_plugins(settings, modules={"cpu_ref": cpu_ref,
+                                                  "p": plugin_module("p", [PreferringBackend()], kernels)})
+        plan = plugins.registry.resolve("null", query, plugins.kernel_preferences("null"))
+        return plan.choices["attention.decode"]
+    assert chosen(SETTINGS).impl.name == "b"  # the backend's own preference beats priority
+    assert chosen({**SETTINGS, "kernels": {"null": {"attention.decode": ["c"]}}}).impl.name == "c"  # user wins
+    disabled = {"backends": {**SETTINGS["backends"], "disabled_kernels": ["null/b"]}}
+    choice = chosen(disabled)
+    assert choice.impl.name == "a" and "disabled_kernels" in dict(choice.rejected)["b"][0]

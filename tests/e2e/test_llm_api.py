@@ -73,7 +73,7 @@ def test_chat_applies_the_template(llm):
     assert len(two) == 2 and two[0] == out[0] and len(two[1]["prompt_token_ids"]) > len(prompt_ids)
 
 
-@pytest.mark.parametrize("messages", [[], "hello", [{"role": "user"}], [[{"role": "user", "content": 3}]]])
+@pytest.mark.parametrize("messages", [[], 3, [{"role": "user"}], [[{"role": "user", "content": 3}]]])
 def test_chat_rejects_malformed_messages(llm, messages):
     with pytest.raises(ValueError, match="messages must be a conversation"):
         llm.chat(messages)

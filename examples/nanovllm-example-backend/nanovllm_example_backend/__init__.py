@@ -1,0 +1,1 @@
+"""nanovllm-example-backend: a third-party CPU backend for nanovllm with batched attention kernels."""

@@ -1,0 +1,107 @@
+"""Random paged KV layouts for parity checks: scattered block tables, ragged lengths, poisoned free space.
+
+A layout is what one step of the engine would hand the attention kernels: per sequence a cached prefix
+(possibly empty) and a query chunk, the whole context already stored in a paged cache whose blocks are
+shuffled across the pool. Every cache row no sequence owns holds NaN (float) so a kernel that reads
+past a context, or through a padding entry of a block table, shows up as NaN in its output.
+"""
+from dataclasses import dataclass
+
+import torch
+
+# dtype -> (atol, rtol) of a kernel's output against the float32-computed reference cast to that dtype
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """The shape of one random problem; `seed` makes its numbers reproducible."""
+    dtype: torch.dtype = torch.float32
+    head_dim: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    block_size: int = 16
+    num_seqs: int = 3
+    max_context_len: int = 70
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return (f"{str(self.dtype).removeprefix('torch.')} head_dim={self.head_dim} heads={self.num_heads}/"
+                f"{self.num_kv_heads} block_size={self.block_size} seqs={self.num_seqs} seed={self.seed}")
+
+
+DEFAULT_CASES: tuple[ParityCase, ...] = (
+    ParityCase(),
+    ParityCase(torch.float32, 128, 8, 8, 32, num_seqs=4, max_context_len=100, seed=1),  # MHA
+    ParityCase(torch.float32, 64, 8, 1, 16, num_seqs=5, seed=2),                       # MQA
+    ParityCase(torch.float16, 64, 6, 2, 16, seed=3),                                    # GQA 3
+    ParityCase(torch.bfloat16, 128, 4, 2, 32, seed=4),
+    ParityCase(torch.float32, 48, 4, 2, 8, num_seqs=2, max_context_len=40, seed=5),    # odd head dim
+)
+
+
+@dataclass
+class PagedLayout:
+    """One step's worth of paged state; tensors on the device the layout was built for."""
+    k_cache: torch.Tensor        # [num_blocks, block_size, num_kv_heads, head_dim], NaN where unowned
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor   # [num_seqs, max_num_blocks] int32; padding entries are random real blocks
+    context_lens: list[int]      # cached prefix + query chunk, per sequence
+    query_lens: list[int]        # tokens computed this step, per sequence
+    slot_mapping: torch.Tensor   # [sum(query_lens)] int64, the slots of this step's tokens
+
+    @property
+    def num_cached(self) -> list[int]:
+        return [c - q for c, q in zip(self.context_lens, self.query_lens)]
+
+    def query_rows(self, cache: torch.Tensor) -> torch.Tensor:
+        """This step's K or V rows, read back from `cache`: [sum(query_lens), num_kv_heads, head_dim]."""
+        return cache.flatten(0, 1)[self.slot_mapping]
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan")) if t.is_floating_point() else torch.full_like(t, -1)
+
+
+def random_layout(case: ParityCase, device: torch.device, query_lens: str, generator: torch.Generator) -> PagedLayout:
+    """query_lens: "decode" (one token each), "prefill" (whole contexts) or "chunked" (cached prefix + chunk)."""
+    def randint(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    bs = case.block_size
+    context_lens = [randint(1, case.max_context_len) for _ in range(case.num_seqs)]
+    if query_lens == "decode":
+        q_lens = [1] * case.num_seqs
+    elif query_lens == "prefill":
+        q_lens = list(context_lens)
+    elif query_lens == "chunked":
+        context_lens = [max(c, 2) for c in context_lens]
+        q_lens = [randint(1, c - 1) for c in context_lens]
+        q_lens[0] = context_lens[0]  # one sequence without a cached prefix, mixed with ones that have it
+    else:
+        raise ValueError(f"query_lens={query_lens!r}: expected 'decode', 'prefill' or 'chunked'")
+    blocks_per_seq = [-(-c // bs) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks nobody owns: poisoned
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    width = max(blocks_per_seq) + 1
+    tables = torch.randint(0, num_blocks, (case.num_seqs, width), generator=generator, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = torch.tensor(order[start:start + n], dtype=torch.int32)
+        start += n
+    shape = (num_blocks, bs, case.num_kv_heads, case.head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=case.dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=case.dtype)
+    slots = []
+    for i, (c, q) in enumerate(zip(context_lens, q_lens)):
+        owned = tables[i, :blocks_per_seq[i]].long()
+        rows = (owned.unsqueeze(1) * bs + torch.arange(bs)).flatten()[:c]
+        k_cache.view(-1, *shape[2:])[rows] = torch.randn(c, *shape[2:], generator=generator).to(case.dtype)
+        v_cache.view(-1, *shape[2:])[rows] = torch.randn(c, *shape[2:], generator=generator).to(case.dtype)
+        slots.append(rows[c - q:])
+    return PagedLayout(k_cache.to(device), v_cache.to(device), tables.to(device), context_lens, q_lens,
+                       torch.cat(slots).to(device))

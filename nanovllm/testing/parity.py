@@ -1,0 +1,248 @@
+"""The parity harness: every kernel a backend registers, checked against cpu_ref's twin on random inputs.
+
+For plugin authors as much as for us. In a test suite:
+
+    from nanovllm.core.plugins import load_plugins
+    from nanovllm.testing.parity import parity_cases, check_kernel_parity
+
+    @pytest.mark.parametrize("cell", list(parity_cases(load_plugins(), backends=["my_backend"])), ids=str)
+    def test_parity(cell):
+        if cell.skip_reason:
+            pytest.skip(cell.skip_reason)
+        check_kernel_parity(cell.backend, cell.impl)
+
+Each check builds fresh random inputs on the backend's device (`Backend.device`), runs the reference and
+the kernel on separate copies, and raises AssertionError naming the kernel, the case and what differed.
+Outputs the kernel writes in place (the KV cache) start poisoned with NaN; the cache rows no sequence
+owns stay NaN, so reading past a context shows up as NaN.
+"""
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from nanovllm.backends.cpu_ref import attention as ref_attention
+from nanovllm.backends.cpu_ref import kv_store as ref_kv_store
+from nanovllm.core import sampler as ref_sampler
+from nanovllm.core.backend import Backend
+from nanovllm.core.config import EngineConfig
+from nanovllm.core.plugins import backend_availability
+from nanovllm.core.registry import OPS, KernelImpl, KernelQuery
+from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
+from nanovllm.testing.layouts import DEFAULT_CASES, TOLERANCES, ParityCase, PagedLayout, nan_like, random_layout
+
+REFERENCE = {
+    "kv_cache.store": ref_kv_store.store_kvcache,
+    "attention.prefill": ref_attention.prefill_attention,
+    "attention.decode": ref_attention.decode_attention,
+    "sampler": ref_sampler.sample,
+}
+
+
+@dataclass(frozen=True)
+class ParityCell:
+    """One cell of the backends x kernels matrix; `skip_reason` is None when it can be checked here."""
+    backend: Backend | None
+    backend_name: str
+    op: str
+    impl: KernelImpl
+    skip_reason: str | None
+
+    def __str__(self) -> str:
+        return f"{self.backend_name}-{self.op}-{self.impl.name}"
+
+
+def backend_device(backend: Backend) -> torch.device:
+    """The device the backend runs on by default, as the engine would ask for it."""
+    return backend.device(EngineConfig(model=""))
+
+
+def case_reasons(backend: Backend, impl: KernelImpl, case: ParityCase) -> list[str]:
+    """Why `impl` cannot serve `case` on `backend` (empty: it can)."""
+    reasons = []
+    if case.dtype not in backend.supported_dtypes:
+        reasons.append(f"backend {backend.name!r} does not support {case.dtype}")
+    reasons += backend.check_block_size(case.block_size)
+    query = KernelQuery(backend.device_type, case.dtype, case.head_dim, case.num_heads, case.num_kv_heads,
+                        case.block_size)
+    return reasons + impl.reasons(query)
+
+
+def parity_cases(plugins, backends: list[str] | None = None,
+                 cases: tuple[ParityCase, ...] = DEFAULT_CASES) -> Iterator[ParityCell]:
+    """Every registered kernel of every backend (or of `backends`), with the reason it cannot be checked here."""
+    names = set(plugins.backends) | {i.backend for impls in plugins.registry.impls.values() for i in impls}
+    for name in sorted(names if backends is None else set(backends)):
+        backend = plugins.backends.get(name)
+        if backend is None:
+            why = f"{name}: no installed plugin offers this backend"
+        else:
+            ok, reason = backend_availability(backend)
+            why = None if ok else f"{name}: {reason}"
+        for op in OPS:
+            for impl in plugins.registry.candidates(op, name):
+                skip = why
+                if skip is None:
+                    rejected = [f"[{case}] {'; '.join(r)}" for case in cases if (r := case_reasons(backend, impl, case))]
+                    if len(rejected) == len(cases):
+                        skip = f"{name}/{impl.name}: its check rejects every parity case: " + " | ".join(rejected)
+                yield ParityCell(backend, name, op, impl, skip)
+
+
+def check_kernel_parity(backend: Backend, impl: KernelImpl, cases: tuple[ParityCase, ...] = DEFAULT_CASES) -> int:
+    """Check `impl` against the reference on every case it accepts; returns how many cases ran."""
+    device = backend_device(backend)
+    ran = 0
+    for case in cases:
+        if not case_reasons(backend, impl, case):
+            check_kernel(impl, case, device)
+            ran += 1
+    return ran
+
+
+def check_kernel(impl: KernelImpl, case: ParityCase, device: torch.device) -> None:
+    """One kernel, one case: raises AssertionError naming the kernel and the case when it differs."""
+    if impl.op not in CHECKS:
+        raise ValueError(f"no parity check for op {impl.op!r}; known ops: {', '.join(CHECKS)}")
+    generator = torch.Generator().manual_seed(case.seed)
+    for label, run in CHECKS[impl.op]:
+        try:
+            run(impl.fn, case, device, generator)
+        except AssertionError as e:
+            raise AssertionError(f"{impl.backend}/{impl.name} ({impl.op}, {label}) differs from cpu_ref "
+                                 f"on [{case}]: {e}") from None
+        except Exception as e:  # a crash is a parity failure too, reported the same way
+            raise AssertionError(f"{impl.backend}/{impl.name} ({impl.op}, {label}) raised on [{case}]: "
+                                 f"{type(e).__name__}: {e}") from e
+
+
+def _expect_like(out, expected: torch.Tensor, what: str) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise AssertionError(f"{what}: returned {type(out).__name__}, expected a tensor")
+    if out.shape != expected.shape:
+        raise AssertionError(f"{what}: returned shape {tuple(out.shape)}, expected {tuple(expected.shape)}")
+    if out.dtype != expected.dtype:
+        raise AssertionError(f"{what}: returned dtype {out.dtype}, expected {expected.dtype}")
+
+
+def _close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    _expect_like(out, expected, what)
+    assert_close(out, expected, *TOLERANCES[dtype], what)
+
+
+def assert_close(out: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+    """Elementwise |out - expected| <= atol + rtol * |expected|, NaN only where expected is NaN."""
+    out, expected = out.detach().cpu().float(), expected.detach().cpu().float()
+    ok = torch.isclose(out, expected, atol=atol, rtol=rtol, equal_nan=True)
+    if not ok.all():
+        bad = (~ok).nonzero()
+        first = tuple(bad[0].tolist())
+        diff = (out - expected).abs().nan_to_num(float("inf"))[~ok].max().item()
+        raise AssertionError(f"{what}: {len(bad)} of {out.numel()} elements differ (atol={atol}, rtol={rtol}); "
+                             f"max abs diff {diff:.3g}; first at index {first}: {out[first].item()} "
+                             f"vs reference {expected[first].item()}")
+
+
+def check_kv_store(fn, case: ParityCase, device, generator) -> None:
+    layout = random_layout(case, device, "prefill", generator)
+    num_tokens = int(layout.slot_mapping.numel())
+    slot_mapping = layout.slot_mapping.clone()
+    slot_mapping[torch.randperm(num_tokens, generator=generator)[: num_tokens // 5].to(device)] = -1  # padding
+    shape = (num_tokens, case.num_kv_heads, case.head_dim)
+    key = torch.randn(shape, generator=generator).to(case.dtype).to(device)
+    value = torch.randn(shape, generator=generator).to(case.dtype).to(device)
+    caches = {name: (nan_like(layout.k_cache), nan_like(layout.v_cache)) for name in ("ref", "kernel")}
+    REFERENCE["kv_cache.store"](key, value, *caches["ref"], slot_mapping)
+    fn(key, value, *caches["kernel"], slot_mapping)
+    for i, what in enumerate(("k_cache", "v_cache")):
+        out, expected = caches["kernel"][i], caches["ref"][i]
+        _expect_like(out, expected, what)
+        assert_close(out, expected, 0, 0, f"{what} after the store (slots < 0 must stay untouched)")
+
+
+def prefill_inputs(layout: PagedLayout, case: ParityCase, device, generator, with_tables: bool):
+    num_tokens = sum(layout.query_lens)
+    q = torch.randn(num_tokens, case.num_heads, case.head_dim, generator=generator).to(case.dtype).to(device)
+    k, v = layout.query_rows(layout.k_cache), layout.query_rows(layout.v_cache)
+    cu_q = torch.tensor([0, *torch.tensor(layout.query_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, *torch.tensor(layout.context_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    meta = PrefillMetadata(cu_q, cu_k, max(layout.query_lens), max(layout.context_lens),
+                           layout.block_tables if with_tables else None)
+    return q, k, v, meta
+
+
+def _check_prefill(fn, case, device, generator, kind: str) -> None:
+    layout = random_layout(case, device, kind, generator)
+    q, k, v, meta = prefill_inputs(layout, case, device, generator, with_tables=kind == "chunked")
+    scale = case.head_dim ** -0.5
+    expected = REFERENCE["attention.prefill"](q, k, v, layout.k_cache, layout.v_cache, meta, scale)
+    out = fn(q.clone(), k.clone(), v.clone(), layout.k_cache.clone(), layout.v_cache.clone(), meta, scale)
+    _close(out, expected, case.dtype, f"output for query lens {layout.query_lens}, context lens {layout.context_lens}")
+
+
+def check_prefill_whole(fn, case, device, generator) -> None:
+    _check_prefill(fn, case, device, generator, "prefill")
+
+
+def check_prefill_chunked(fn, case, device, generator) -> None:
+    _check_prefill(fn, case, device, generator, "chunked")
+
+
+def check_decode(fn, case: ParityCase, device, generator) -> None:
+    layout = random_layout(case, device, "decode", generator)
+    q = torch.randn(case.num_seqs, case.num_heads, case.head_dim, generator=generator).to(case.dtype).to(device)
+    context_lens = torch.tensor(layout.context_lens, dtype=torch.int32, device=device)
+    meta = DecodeMetadata(context_lens, layout.block_tables, max(layout.context_lens))
+    scale = case.head_dim ** -0.5
+    expected = REFERENCE["attention.decode"](q, layout.k_cache, layout.v_cache, meta, scale)
+    out = fn(q.clone(), layout.k_cache.clone(), layout.v_cache.clone(), meta, scale)
+    _close(out, expected, case.dtype, f"output for context lens {layout.context_lens}")
+
+
+def _random_logits(case: ParityCase, num_rows: int, vocab_size: int, generator) -> torch.Tensor:
+    logits = 3 * torch.randn(num_rows, vocab_size, generator=generator)
+    winners = torch.randint(0, vocab_size, (num_rows,), generator=generator)
+    logits[torch.arange(num_rows), winners] = logits.max() + 1  # a unique argmax even in bfloat16
+    return logits.to(case.dtype)
+
+
+def check_sampler(fn, case: ParityCase, device, generator) -> None:
+    num_rows, vocab_size = 8, 1000
+    logits = _random_logits(case, num_rows, vocab_size, generator).to(device)
+    greedy = ref_sampler.SamplingTensors(torch.zeros(num_rows, device=device), all_greedy=True)
+    out = fn(logits.clone(), greedy)
+    expected = REFERENCE["sampler"](logits, greedy)
+    _expect_like(out, expected, "all-greedy token ids")
+    if not torch.equal(out.cpu(), expected.cpu()):
+        raise AssertionError(f"all-greedy token ids {out.tolist()} != reference {expected.tolist()}")
+
+    temperatures = torch.tensor([0, 0.7, 0, 1.0, 1.3, 0, 0.9, 1.1], device=device)
+    mixed = ref_sampler.SamplingTensors(
+        temperatures, top_k=torch.tensor([0, 50, 0, 5, 0, 20, 0, 1], device=device),
+        top_p=torch.tensor([1, 0.9, 1, 1, 0.5, 1, 0.8, 1], device=device),
+        min_p=torch.tensor([0, 0, 0, 0.05, 0, 0, 0.1, 0], device=device))
+    # flat logits on sampled rows, so a sampler that ignores a filter almost surely picks an excluded token
+    is_greedy_row = (temperatures == 0).unsqueeze(-1)
+    flat = torch.randn(num_rows, vocab_size, generator=generator).to(case.dtype).to(device)
+    logits = torch.where(is_greedy_row, logits, flat)
+    out = fn(logits.clone(), mixed)
+    expected = REFERENCE["sampler"](logits, mixed)
+    _expect_like(out, expected, "mixed-batch token ids")
+    is_greedy = (temperatures == 0).cpu()
+    if not torch.equal(out.cpu()[is_greedy], expected.cpu()[is_greedy]):
+        raise AssertionError(f"greedy rows {is_greedy.nonzero().flatten().tolist()} got {out.cpu()[is_greedy].tolist()}, "
+                             f"reference {expected.cpu()[is_greedy].tolist()}")
+    scaled = logits.float() / temperatures.clamp_min(1e-6).unsqueeze(-1)
+    allowed = ref_sampler.apply_top_k_top_p_min_p(scaled, mixed).isfinite().cpu()
+    picked = allowed[torch.arange(num_rows), out.cpu().clamp(0, vocab_size - 1)] & (out.cpu() >= 0) & (out.cpu() < vocab_size)
+    if not picked[~is_greedy].all():
+        bad = (~picked & ~is_greedy).nonzero().flatten().tolist()
+        raise AssertionError(f"rows {bad} sampled tokens {out.cpu()[bad].tolist()} that top-k/top-p/min-p exclude")
+
+
+CHECKS = {
+    "kv_cache.store": [("store", check_kv_store)],
+    "attention.prefill": [("whole prompts", check_prefill_whole), ("chunks after a cached prefix", check_prefill_chunked)],
+    "attention.decode": [("decode", check_decode)],
+    "sampler": [("greedy and masked sampling", check_sampler)],
+}
