@@ -66,18 +66,24 @@ def random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
             torch.randn(shape, generator=g).to(dtype=dtype, device=device))
 
 
-def scattered_block_tables(context_lens, block_size, g, extra_blocks=3, extra_columns=2):
-    """Each sequence gets distinct blocks in a shuffled order; rows are 0-padded and wider than needed."""
+def scattered_block_tables(context_lens, block_size, g, extra_blocks=3):
+    """Each sequence gets distinct blocks in a shuffled order; rows are 0-padded, at times wider than needed."""
     needed = [(n + block_size - 1) // block_size for n in context_lens]
     num_blocks = sum(needed) + extra_blocks
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(needed + [1]) + extra_columns
+    width = max(needed + [1]) + int(torch.randint(0, 3, (1,), generator=g))
     table = torch.zeros(len(context_lens), width, dtype=torch.int32)
     start = 0
     for i, n in enumerate(needed):
         table[i, :n] = torch.tensor(perm[start:start + n], dtype=torch.int32)
         start += n
     return table, num_blocks
+
+
+def fused_qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, g):
+    """q, k, v as the strided views of one qkv projection output that the model hands to attention."""
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    return qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
 
 
 def random_context_lens(num_seqs, max_len, block_size, g):
@@ -100,9 +106,7 @@ def test_kv_store_matches_reference(device, num_kv_heads, head_dim, block_size):
     num_heads = 2 * num_kv_heads
     for dtype in dtypes_for(device):
         num_blocks = (num_tokens + 20) // block_size + 2
-        # key/value are strided views into a fused qkv projection, as the model produces them
-        qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
-        key, value = qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]
+        _, key, value = fused_qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, g)
         slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
         slots[torch.rand(num_tokens, generator=g) < 0.2] = -1  # padding tokens must not be written
         slots = slots.to(device)
@@ -143,7 +147,7 @@ def test_triton_decode_matches_reference(device, group, num_kv_heads, head_dim, 
         context_lens = random_context_lens(num_seqs, max_len, block_size, g)
         block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
         k_cache, v_cache = random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, g)
-        q = torch.randn(num_seqs, num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+        q = fused_qkv_views(num_seqs, num_heads, num_kv_heads, head_dim, dtype, device, g)[0]
         meta = DecodeMetadata(torch.tensor(context_lens, dtype=torch.int32, device=device), block_tables.to(device),
                               max_context_len=1)  # deliberately stale: the kernel must not rely on it
         out = torch.full_like(q, float("nan"))
@@ -217,16 +221,13 @@ def make_prefill_inputs(q_lens, cached, paged, num_heads, num_kv_heads, head_dim
     context_lens = [a + b for a, b in zip(q_lens, cached)]
     block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
     k_cache, v_cache = random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, g)
-    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    q, k, v = fused_qkv_views(sum(q_lens), num_heads, num_kv_heads, head_dim, dtype, device, g)
     if paged:  # this chunk's K/V were stored before attention runs: take them from the cache
         rows = [block_tables[i, t // block_size] * block_size + t % block_size
                 for i, (c, n) in enumerate(zip(cached, context_lens)) for t in range(c, n)]
         flat = torch.tensor(rows, dtype=torch.long, device=device)
         k = k_cache.flatten(0, 1)[flat]
         v = v_cache.flatten(0, 1)[flat]
-    else:
-        k = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
-        v = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
 
     def cumulative(lengths):
         return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)

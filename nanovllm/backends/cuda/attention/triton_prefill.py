@@ -34,9 +34,10 @@ def prefill_config(head_dim: int) -> PrefillConfig:
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens, positions, kv_end,
-                 qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step of a query tile over one tile of context tokens."""
+def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start, positions, kv_end,
+                 qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of a query tile over the context tile starting at tile_start."""
+    tokens = tile_start + tl.arange(0, BLOCK_N)
     if MASKED:
         kv_mask = (tokens < kv_end)[:, None] & dim_mask[None, :]
     else:
@@ -56,13 +57,13 @@ def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mas
 
 
 @triton.jit
-def _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_block, stride_row,
+def _kv_rows(block_table_ptr, kv_start, tile_start, kv_end, stride_block, stride_row,
              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets of the K/V rows of context positions tile_start .. tile_start + BLOCK_N - 1."""
     if PAGED:
-        return paged_row_offsets(block_table_ptr, tokens, tokens < kv_end, tile_start, stride_block, stride_row,
-                                 PAGE_SIZE, BLOCK_N)
-    else:
-        return (kv_start + tokens).to(tl.int64) * stride_row
+        return paged_row_offsets(block_table_ptr, tile_start, kv_end, stride_block, stride_row, PAGE_SIZE, BLOCK_N)
+    else:  # this step's tensors: the sequence's tokens are consecutive rows from kv_start
+        return (kv_start + tile_start + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_row
 
 
 @triton.jit
@@ -104,22 +105,25 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    # rows are looked up one tile ahead so K/V addresses never wait on a block-table load (see decode)
+    k_rows = _kv_rows(block_table_ptr, kv_start, 0, kv_end, stride_k_block, stride_k_row, PAGED, PAGE_SIZE, BLOCK_N)
+    v_rows = _kv_rows(block_table_ptr, kv_start, 0, kv_end, stride_v_block, stride_v_row, PAGED, PAGE_SIZE, BLOCK_N)
     for tile_start in range(0, full_end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        k_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_k_block, stride_k_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        v_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_v_block, stride_v_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens,
-                                     positions, kv_end, qk_scale, False, DOT_PRECISION)
+        next_k_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_k_block, stride_k_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        next_v_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_v_block, stride_v_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start,
+                                     positions, kv_end, qk_scale, False, BLOCK_N, DOT_PRECISION)
+        k_rows, v_rows = next_k_rows, next_v_rows
     for tile_start in range(full_end, kv_end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        k_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_k_block, stride_k_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        v_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_v_block, stride_v_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens,
-                                     positions, kv_end, qk_scale, True, DOT_PRECISION)
+        next_k_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_k_block, stride_k_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        next_v_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_v_block, stride_v_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start,
+                                     positions, kv_end, qk_scale, True, BLOCK_N, DOT_PRECISION)
+        k_rows, v_rows = next_k_rows, next_v_rows
 
     # every real row sees at least token 0, so l_i > 0 there; padding rows are not stored
     out = acc / tl.where(row_mask, l_i, 1.0)[:, None]
