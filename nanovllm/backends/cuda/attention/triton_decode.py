@@ -29,12 +29,12 @@ class DecodeConfig:
     num_stages: int
 
 
-def decode_config(head_dim: int, block_size: int) -> DecodeConfig:
+def decode_config(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
     """Tile shape for the split kernel. Decode is bound by K/V reads, so what matters is bytes in flight:
     at head_dim 128 a 64-token tile is 32 KiB of K+V, and num_stages 3 double-buffers it (~70 KiB of
     shared memory, ~96 registers a thread on sm_90): three programs per SM keep up to 192 KiB in flight,
     several times what HBM3 needs at its latency. `benchmarks/kernels_cuda.py --sweep` re-tunes this."""
-    if head_dim > 128:
+    if head_dim > 128 or dtype == torch.float32:  # same bytes per tile for wider rows
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
@@ -165,7 +165,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"decode: num_splits {num_splits} is not in [1, {MAX_SPLITS}]")
-    config = config or decode_config(head_dim_pad, block_size)
+    config = config or decode_config(head_dim_pad, block_size, q.dtype)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
