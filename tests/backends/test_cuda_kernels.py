@@ -4,7 +4,10 @@ On a machine without CUDA the Triton kernels run under Triton's interpreter (flo
 CUDA they run compiled, in bfloat16 and float16 with contexts up to 4096. Outputs are poisoned with NaN
 first, so an element a kernel fails to write fails the comparison.
 """
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -271,6 +274,18 @@ def test_flash_attn_adapter_matches_reference():
     assert_close(out, ref_decode(qd, k_cache, v_cache, decode_meta, 128 ** -0.5), torch.bfloat16)
 
 
+# ---- compiled for an H100 without one --------------------------------------------------------------
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the tests above compile the kernels for real")
+@pytest.mark.skipif(bool(TRITON_REASON) or importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason=TRITON_REASON or "triton has no NVIDIA backend")
+def test_kernels_compile_for_h100_without_spills():
+    """The interpreter runs kernels as numpy; this lowers them to sm_90 machine code, as on the device."""
+    script = os.path.join(os.path.dirname(__file__), "compile_cuda_kernels.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ---- registration and checks (no GPU or triton needed) ---------------------------------------------
 def test_registers_every_kernel_with_a_check():
     registry = KernelRegistry()
@@ -296,7 +311,6 @@ def test_checks_explain_unsupported_queries():
 
 
 def test_importing_the_kernel_table_loads_no_triton():
-    import subprocess
-    import sys
-    code = "import sys, nanovllm.backends.cuda.kernels; sys.exit('triton' in sys.modules or 'flash_attn' in sys.modules)"
+    code = ("import sys, nanovllm.backends.cuda.kernels; "
+            "sys.exit('triton' in sys.modules or 'flash_attn' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -152,7 +152,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
-        raise ValueError(f"decode: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(f"decode: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
     if head_dim > 256:
         raise ValueError(f"decode: head_dim {head_dim} is over 256")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():

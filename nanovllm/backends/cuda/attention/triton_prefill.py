@@ -75,8 +75,8 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head, stride_bt_seq,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
