@@ -1,8 +1,9 @@
 """The cuda backend's kernels against the cpu_ref kernels on fresh random paged layouts.
 
-On a machine without CUDA the Triton kernels run under Triton's interpreter (float32, small shapes); with
-CUDA they run compiled, in bfloat16 and float16 with contexts up to 4096. Outputs are poisoned with NaN
-first, so an element a kernel fails to write fails the comparison.
+On a machine without CUDA the Triton kernels run under Triton's interpreter (float32, small shapes), and
+are also compiled for sm_90 to catch what the interpreter cannot; with CUDA they run compiled, in
+bfloat16, float16 and float32 with contexts up to 4096. Outputs are poisoned with NaN first, so an
+element a kernel fails to write fails the comparison.
 """
 import importlib.util
 import os
@@ -59,8 +60,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def poison_allocator(device: str):
     """Fill memory the caching allocator will hand out next with NaN, so unwritten scratch shows up."""
-    if device == "cuda":
+    if device == "cuda":  # the caching allocator keeps large (> 1 MiB) and small blocks in separate pools
         torch.full((64 << 20,), float("nan"), device=device)
+        [torch.full((128 << 10,), float("nan"), device=device) for _ in range(32)]
 
 
 # ---- random paged layouts -------------------------------------------------------------------------
