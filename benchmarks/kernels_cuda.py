@@ -165,7 +165,7 @@ def sweep_decode(copy_bw: float) -> list[dict]:
     for (batch, context), block_size in product([(256, 1024), (64, 1024), (256, "mixed")], (16, 256)):
         q, k_cache, v_cache, meta, kv_bytes = decode_inputs(batch, context, block_size, g)
         default_splits = choose_num_splits(batch, NUM_KV_HEADS, q.device)
-        for block_n, warps, stages, splits in product((32, 64, 128), (4, 8), (1, 2, 3, 4),
+        for block_n, warps, stages, splits in product((32, 64, 128), (4, 8), (2, 3, 4),
                                                       sorted({default_splits, 1, 2, 4})):
             config = DecodeConfig(block_n, warps, stages)
             try:
@@ -263,7 +263,7 @@ def main():
     else:
         g = torch.Generator().manual_seed(0)
         results["decode"] = run_decode(copy_bw, g)
-        print_table(f"decode attention: {NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, bf16",
+        print_table(f"decode attention: {NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, {DTYPE}",
                     results["decode"])
         results["prefill"] = run_prefill()
         print_table("prefill attention (causal)", results["prefill"])

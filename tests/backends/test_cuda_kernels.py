@@ -1,10 +1,14 @@
 """The cuda backend's kernels against the cpu_ref kernels on fresh random paged layouts.
 
-On a machine without CUDA the Triton kernels run under Triton's interpreter (float32, small shapes); with
-CUDA they run compiled, in bfloat16 and float16 with contexts up to 4096. Outputs are poisoned with NaN
-first, so an element a kernel fails to write fails the comparison.
+On a machine without CUDA the Triton kernels run under Triton's interpreter (float32, small shapes), and
+are also compiled for sm_90 to catch what the interpreter cannot; with CUDA they run compiled, in
+bfloat16, float16 and float32 with contexts up to 4096. Outputs are poisoned with NaN first, so an
+element a kernel fails to write fails the comparison.
 """
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,7 +49,8 @@ TOLERANCES = {torch.float32: (1e-3, 2e-4), torch.bfloat16: (2e-2, 2e-2), torch.f
 
 
 def dtypes_for(device: str) -> list[torch.dtype]:
-    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+    """The interpreter runs float32 only; on a GPU float32 is kept for the engine's exact-comparison runs."""
+    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16, torch.float32]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
@@ -55,8 +60,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def poison_allocator(device: str):
     """Fill memory the caching allocator will hand out next with NaN, so unwritten scratch shows up."""
-    if device == "cuda":
+    if device == "cuda":  # the caching allocator keeps large (> 1 MiB) and small blocks in separate pools
         torch.full((64 << 20,), float("nan"), device=device)
+        [torch.full((128 << 10,), float("nan"), device=device) for _ in range(32)]
 
 
 # ---- random paged layouts -------------------------------------------------------------------------
@@ -66,18 +72,24 @@ def random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
             torch.randn(shape, generator=g).to(dtype=dtype, device=device))
 
 
-def scattered_block_tables(context_lens, block_size, g, extra_blocks=3, extra_columns=2):
-    """Each sequence gets distinct blocks in a shuffled order; rows are 0-padded and wider than needed."""
+def scattered_block_tables(context_lens, block_size, g, extra_blocks=3):
+    """Each sequence gets distinct blocks in a shuffled order; rows are 0-padded, at times wider than needed."""
     needed = [(n + block_size - 1) // block_size for n in context_lens]
     num_blocks = sum(needed) + extra_blocks
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(needed + [1]) + extra_columns
+    width = max(needed + [1]) + int(torch.randint(0, 3, (1,), generator=g))
     table = torch.zeros(len(context_lens), width, dtype=torch.int32)
     start = 0
     for i, n in enumerate(needed):
         table[i, :n] = torch.tensor(perm[start:start + n], dtype=torch.int32)
         start += n
     return table, num_blocks
+
+
+def fused_qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, g):
+    """q, k, v as the strided views of one qkv projection output that the model hands to attention."""
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    return qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
 
 
 def random_context_lens(num_seqs, max_len, block_size, g):
@@ -100,9 +112,7 @@ def test_kv_store_matches_reference(device, num_kv_heads, head_dim, block_size):
     num_heads = 2 * num_kv_heads
     for dtype in dtypes_for(device):
         num_blocks = (num_tokens + 20) // block_size + 2
-        # key/value are strided views into a fused qkv projection, as the model produces them
-        qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
-        key, value = qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]
+        _, key, value = fused_qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, g)
         slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
         slots[torch.rand(num_tokens, generator=g) < 0.2] = -1  # padding tokens must not be written
         slots = slots.to(device)
@@ -143,7 +153,7 @@ def test_triton_decode_matches_reference(device, group, num_kv_heads, head_dim, 
         context_lens = random_context_lens(num_seqs, max_len, block_size, g)
         block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
         k_cache, v_cache = random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, g)
-        q = torch.randn(num_seqs, num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+        q = fused_qkv_views(num_seqs, num_heads, num_kv_heads, head_dim, dtype, device, g)[0]
         meta = DecodeMetadata(torch.tensor(context_lens, dtype=torch.int32, device=device), block_tables.to(device),
                               max_context_len=1)  # deliberately stale: the kernel must not rely on it
         out = torch.full_like(q, float("nan"))
@@ -217,16 +227,13 @@ def make_prefill_inputs(q_lens, cached, paged, num_heads, num_kv_heads, head_dim
     context_lens = [a + b for a, b in zip(q_lens, cached)]
     block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
     k_cache, v_cache = random_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, g)
-    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    q, k, v = fused_qkv_views(sum(q_lens), num_heads, num_kv_heads, head_dim, dtype, device, g)
     if paged:  # this chunk's K/V were stored before attention runs: take them from the cache
         rows = [block_tables[i, t // block_size] * block_size + t % block_size
                 for i, (c, n) in enumerate(zip(cached, context_lens)) for t in range(c, n)]
         flat = torch.tensor(rows, dtype=torch.long, device=device)
         k = k_cache.flatten(0, 1)[flat]
         v = v_cache.flatten(0, 1)[flat]
-    else:
-        k = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
-        v = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
 
     def cumulative(lengths):
         return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -243,7 +250,7 @@ def make_prefill_inputs(q_lens, cached, paged, num_heads, num_kv_heads, head_dim
 def test_torch_flash_prefill_matches_reference(paged, group):
     from nanovllm.backends.cuda.attention.torch_flash import prefill_attention
     g = torch.Generator().manual_seed(11 + group)
-    for dtype in dtypes_for("cuda"):
+    for dtype in (torch.bfloat16, torch.float16):  # FlashAttention has no float32
         q_lens, cached = prefill_batch(paged, "cuda", g)
         meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, paged, 4 * group, 4, 128, 16,
                                                               dtype, "cuda", g)
@@ -267,6 +274,18 @@ def test_flash_attn_adapter_matches_reference():
     qd = q[meta.cu_seqlens_q[1:].long() - 1]
     out = adapter.decode_attention(qd, k_cache, v_cache, decode_meta, 128 ** -0.5)
     assert_close(out, ref_decode(qd, k_cache, v_cache, decode_meta, 128 ** -0.5), torch.bfloat16)
+
+
+# ---- compiled for an H100 without one --------------------------------------------------------------
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the tests above compile the kernels for real")
+@pytest.mark.skipif(bool(TRITON_REASON) or importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason=TRITON_REASON or "triton has no NVIDIA backend")
+def test_kernels_compile_for_h100_without_spills():
+    """The interpreter runs kernels as numpy; this lowers them to sm_90 machine code, as on the device."""
+    script = os.path.join(os.path.dirname(__file__), "compile_cuda_kernels.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---- registration and checks (no GPU or triton needed) ---------------------------------------------
@@ -294,7 +313,6 @@ def test_checks_explain_unsupported_queries():
 
 
 def test_importing_the_kernel_table_loads_no_triton():
-    import subprocess
-    import sys
-    code = "import sys, nanovllm.backends.cuda.kernels; sys.exit('triton' in sys.modules or 'flash_attn' in sys.modules)"
+    code = ("import sys, nanovllm.backends.cuda.kernels; "
+            "sys.exit('triton' in sys.modules or 'flash_attn' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

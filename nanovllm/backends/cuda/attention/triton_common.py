@@ -7,23 +7,25 @@ LOG2_E = 1.4426950408889634  # the kernels use exp2, so scores are scaled into l
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 runs exist to compare with the reference: keep them exact instead of TF32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """float32 runs exist to compare with the reference, so they get three-pass TF32 (float32 accuracy on
+    tensor cores; plain "ieee" FMA dots spill registers at these tile sizes). Ignored for 16-bit inputs."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
-def paged_row_offsets(block_table_ptr, tokens, token_mask, tile_start, stride_block, stride_row,
+def paged_row_offsets(block_table_ptr, tile_start, end, stride_block, stride_row,
                       PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Element offsets of the cache rows holding `tokens` (BLOCK_N consecutive positions from `tile_start`,
-    a multiple of BLOCK_N) of the sequence whose block-table row starts at `block_table_ptr`."""
+    """Element offsets in the cache of the rows holding context positions tile_start .. tile_start +
+    BLOCK_N - 1 (tile_start a multiple of BLOCK_N) of the sequence whose block-table row starts at
+    `block_table_ptr`. Positions >= `end` are not looked up, so the table is never read past its row."""
+    tokens = tile_start + tl.arange(0, BLOCK_N)
     if PAGE_SIZE % BLOCK_N == 0:
         # the tile lies inside one page: a single block-table load serves the whole tile
-        block = tl.load(block_table_ptr + tile_start // PAGE_SIZE).to(tl.int64)
+        block = tl.load(block_table_ptr + tile_start // PAGE_SIZE, mask=tile_start < end, other=0)
     else:
         # the tile spans several pages (or pages are not a multiple of the tile): one lookup per token
-        block = tl.load(block_table_ptr + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
-    return block * stride_block + (tokens % PAGE_SIZE) * stride_row
-
+        block = tl.load(block_table_ptr + tokens // PAGE_SIZE, mask=tokens < end, other=0)
+    return block.to(tl.int64) * stride_block + (tokens % PAGE_SIZE) * stride_row
 
 def padded_head_dim(head_dim: int) -> int:
     """tl.arange needs a power of two and tl.dot a reduction of >= 16: head dims are padded to one."""

@@ -1,6 +1,6 @@
 """Paged decode attention in Triton, flash-decoding style.
 
-Grid (num_seqs, num_kv_heads, num_splits). A program serves every query head of one KV head's group at
+Grid (num_kv_heads, num_seqs, num_splits). A program serves every query head of one KV head's group at
 once (the group padded to >= 16 rows so the scores are one `tl.dot`), so each K/V tile is read from
 memory once per KV head. Splits divide each sequence's context so that small batches still fill the
 GPU; every program derives its token range from its own context length, so the launch depends only on
@@ -8,6 +8,7 @@ the batch and head counts and one captured CUDA graph serves every replay. With 
 partial outputs and their log-sum-exp go to scratch and a small second kernel combines them.
 """
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
@@ -17,7 +18,8 @@ from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precisio
                                                            paged_row_offsets)
 from nanovllm.core.step_metadata import DecodeMetadata
 
-MAX_SPLITS = 32
+MAX_SPLITS = 32  # a power of two: the combine kernel reads this many partials, masked
+PROGRAMS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -27,18 +29,22 @@ class DecodeConfig:
     num_stages: int
 
 
-def decode_config(head_dim: int, block_size: int) -> DecodeConfig:
-    """Tile shape for the split kernel. Decode is bound by K/V reads: 64-token tiles keep a 32 KiB
-    K+V tile in flight per stage at head_dim 128, three stages deep, and still fit two programs per SM."""
-    if head_dim > 128:
+def decode_config(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
+    """Tile shape for the split kernel. Decode is bound by K/V reads, so what matters is bytes in flight:
+    at head_dim 128 a 64-token tile is 32 KiB of K+V, and num_stages 3 double-buffers it (~70 KiB of
+    shared memory, ~96 registers a thread on sm_90): three programs per SM keep up to 192 KiB in flight,
+    several times what HBM3 needs at its latency. `benchmarks/kernels_cuda.py --sweep` re-tunes this."""
+    if head_dim > 128 or dtype == torch.float32:  # same bytes per tile for wider rows
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
+@cache
 def num_programs_target(device: torch.device) -> int:
-    """How many (sequence, KV head, split) programs fill the device: a few per SM."""
+    """How many (KV head, sequence, split) programs fill the device: a little more than fit on it at once
+    (three per SM at the default tile sizes), so small batches are split until every SM is busy."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 16  # the interpreter: enough to exercise splitting in tests
 
 
@@ -53,22 +59,23 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
-    stride_q_seq, stride_q_head, stride_k_block, stride_k_row, stride_k_head,
-    stride_v_block, stride_v_row, stride_v_head, stride_bt_seq, stride_o_seq, stride_o_head,
+    stride_q_seq, stride_q_head, stride_cache_block, stride_cache_row, stride_cache_head,
+    stride_bt_seq, stride_o_seq, stride_o_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)  # fastest: the KV heads of a token, adjacent in the cache, are read together
+    seq = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)  # a launch dimension, not a constant: one compiled kernel serves all
     context_len = tl.load(context_lens_ptr + seq)
-    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
 
-    rows = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + rows
-    head_mask = rows < GROUP
+    group_rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group_rows
+    head_mask = group_rows < GROUP
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
@@ -78,18 +85,18 @@ def _decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-    k_base = k_cache_ptr + kv_head * stride_k_head
-    v_base = v_cache_ptr + kv_head * stride_v_head
+    k_base = k_cache_ptr + kv_head * stride_cache_head
+    v_base = v_cache_ptr + kv_head * stride_cache_head
+    # the next tile's rows are looked up one iteration ahead, so its K/V addresses do not wait on a
+    # block-table load: that lets the compiler keep num_stages - 1 tiles in flight while this one computes
+    rows = paged_row_offsets(block_table_ptr, start, end, stride_cache_block, stride_cache_row, PAGE_SIZE, BLOCK_N)
     for tile_start in range(start, end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        token_mask = tokens < end
-        k_rows = paged_row_offsets(block_table_ptr, tokens, token_mask, tile_start, stride_k_block, stride_k_row,
-                                   PAGE_SIZE, BLOCK_N)
-        v_rows = paged_row_offsets(block_table_ptr, tokens, token_mask, tile_start, stride_v_block, stride_v_row,
-                                   PAGE_SIZE, BLOCK_N)
+        next_rows = paged_row_offsets(block_table_ptr, tile_start + BLOCK_N, end, stride_cache_block,
+                                      stride_cache_row, PAGE_SIZE, BLOCK_N)
+        token_mask = tile_start + tl.arange(0, BLOCK_N) < end
         kv_mask = token_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N], log2 units
         s = tl.where(token_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -98,37 +105,38 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        rows = next_rows
 
     # an empty range (short context, or context_len 0 in a padded graph batch) contributes nothing
     has_tokens = l_i > 0
     part = tl.where(has_tokens[:, None], acc / tl.where(has_tokens, l_i, 1.0)[:, None], 0.0)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
                  part.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
     else:
-        # scratch: part_out [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM_PAD], part_lse [num_seqs, num_heads, NUM_SPLITS]
-        slot = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+        # scratch: part_out [num_seqs, num_heads, num_splits, HEAD_DIM_PAD], part_lse [num_seqs, num_heads, num_splits]
+        slot = (seq.to(tl.int64) * tl.num_programs(0) * GROUP + heads) * num_splits + split
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + slot, lse, mask=head_mask)
         tl.store(part_out_ptr + slot[:, None] * HEAD_DIM_PAD + dims[None, :], part, mask=head_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_combine_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_o_seq, stride_o_head,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    num_splits, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+    base = (seq.to(tl.int64) * tl.num_programs(0) + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + splits, mask=splits < num_splits, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     # every split empty (context_len 0): all weights 0 and the output 0, not NaN
     weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
     parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM_PAD + dims[None, :],
-                    mask=(splits < NUM_SPLITS)[:, None], other=0.0)
+                    mask=(splits < num_splits)[:, None], other=0.0)
     total = tl.sum(weights, 0)
     out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
@@ -144,38 +152,38 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
-        raise ValueError(f"decode: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(f"decode: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
     if head_dim > 256:
         raise ValueError(f"decode: head_dim {head_dim} is over 256")
-    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
-        raise ValueError("decode: q and the caches need a unit stride on head_dim")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("decode: q and the caches need a unit stride on head_dim, and the two caches one layout")
     out = _output(out, q)
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
     head_dim_pad = padded_head_dim(head_dim)
     num_splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, q.device)
-    config = config or decode_config(head_dim_pad, block_size)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"decode: num_splits {num_splits} is not in [1, {MAX_SPLITS}]")
+    config = config or decode_config(head_dim_pad, block_size, q.dtype)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the single-split kernel
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * LOG2_E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        PAGE_SIZE=block_size,
-        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(q.dtype),
+        PAGE_SIZE=block_size, BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
-        _decode_combine_kernel[(num_seqs, num_heads)](
+        _decode_combine_kernel[(num_heads, num_seqs)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad, num_warps=1 if head_dim_pad <= 64 else 2,
+            num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
         )
     return out
 

@@ -25,7 +25,11 @@ class PrefillConfig:
     num_stages: int
 
 
-def prefill_config(head_dim: int) -> PrefillConfig:
+def prefill_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> PrefillConfig:
+    """Tile shape by padded head dim. float32 (exact-comparison runs only) gets small tiles: its 128x64
+    tiles would spill registers and fill shared memory."""
+    if dtype == torch.float32:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
@@ -34,9 +38,10 @@ def prefill_config(head_dim: int) -> PrefillConfig:
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens, positions, kv_end,
-                 qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step of a query tile over one tile of context tokens."""
+def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start, positions, kv_end,
+                 qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of a query tile over the context tile starting at tile_start."""
+    tokens = tile_start + tl.arange(0, BLOCK_N)
     if MASKED:
         kv_mask = (tokens < kv_end)[:, None] & dim_mask[None, :]
     else:
@@ -56,13 +61,13 @@ def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mas
 
 
 @triton.jit
-def _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_block, stride_row,
+def _kv_rows(block_table_ptr, kv_start, tile_start, kv_end, stride_block, stride_row,
              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets of the K/V rows of context positions tile_start .. tile_start + BLOCK_N - 1."""
     if PAGED:
-        return paged_row_offsets(block_table_ptr, tokens, tokens < kv_end, tile_start, stride_block, stride_row,
-                                 PAGE_SIZE, BLOCK_N)
-    else:
-        return (kv_start + tokens).to(tl.int64) * stride_row
+        return paged_row_offsets(block_table_ptr, tile_start, kv_end, stride_block, stride_row, PAGE_SIZE, BLOCK_N)
+    else:  # this step's tensors: the sequence's tokens are consecutive rows from kv_start
+        return (kv_start + tile_start + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_row
 
 
 @triton.jit
@@ -70,8 +75,8 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head, stride_bt_seq,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -104,22 +109,25 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    # rows are looked up one tile ahead so K/V addresses never wait on a block-table load (see decode)
+    k_rows = _kv_rows(block_table_ptr, kv_start, 0, kv_end, stride_k_block, stride_k_row, PAGED, PAGE_SIZE, BLOCK_N)
+    v_rows = _kv_rows(block_table_ptr, kv_start, 0, kv_end, stride_v_block, stride_v_row, PAGED, PAGE_SIZE, BLOCK_N)
     for tile_start in range(0, full_end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        k_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_k_block, stride_k_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        v_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_v_block, stride_v_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens,
-                                     positions, kv_end, qk_scale, False, DOT_PRECISION)
+        next_k_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_k_block, stride_k_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        next_v_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_v_block, stride_v_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start,
+                                     positions, kv_end, qk_scale, False, BLOCK_N, DOT_PRECISION)
+        k_rows, v_rows = next_k_rows, next_v_rows
     for tile_start in range(full_end, kv_end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        k_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_k_block, stride_k_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        v_rows = _kv_rows(block_table_ptr, kv_start, tokens, tile_start, kv_end, stride_v_block, stride_v_row,
-                          PAGED, PAGE_SIZE, BLOCK_N)
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tokens,
-                                     positions, kv_end, qk_scale, True, DOT_PRECISION)
+        next_k_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_k_block, stride_k_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        next_v_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_v_block, stride_v_row,
+                               PAGED, PAGE_SIZE, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start,
+                                     positions, kv_end, qk_scale, True, BLOCK_N, DOT_PRECISION)
+        k_rows, v_rows = next_k_rows, next_v_rows
 
     # every real row sees at least token 0, so l_i > 0 there; padding rows are not stored
     out = acc / tl.where(row_mask, l_i, 1.0)[:, None]
@@ -153,7 +161,7 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     if num_tokens == 0:
         return out
     head_dim_pad = padded_head_dim(head_dim)
-    config = config or prefill_config(head_dim_pad)
+    config = config or prefill_config(head_dim_pad, q.dtype)
     if paged:
         block_tables, page_size = meta.block_tables, k_cache.shape[1]
         strides_k = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))

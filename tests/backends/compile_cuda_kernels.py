@@ -1,0 +1,114 @@
+"""Compile the cuda backend's Triton kernels for an H100 (sm_90) on a machine without a GPU.
+
+This catches what Triton's interpreter cannot: code that does not lower to GPU code, tiles that overflow
+shared memory, register spills. It swaps a stand-in driver into Triton so compilation needs no GPU, so
+it must run in a process of its own without TRITON_INTERPRET; test_cuda_kernels.py runs it that way.
+By hand: `python tests/backends/compile_cuda_kernels.py` prints registers, spills and shared memory.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+SM90_SHARED_MEMORY = 232448  # bytes a block may use on an H100
+GROUP, NUM_KV_HEADS, PAGE = 2, 8, 16
+
+
+class CompileOnlyDriver:
+    """What Triton's JIT asks of a driver to compile a kernel (not to launch one)."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def resources(kernel) -> dict:
+    """Registers and spill bytes from the cubin (via the cuobjdump Triton ships), shared memory in bytes."""
+    found = dict(smem=kernel.metadata.shared, regs=None, spill=None)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        if m := re.search(r"REG:(\d+)", usage):
+            found["regs"] = int(m.group(1))
+        if m := re.search(r"STACK:(\d+)", usage):
+            found["spill"] = int(m.group(1))
+    return found
+
+
+def compile_all() -> list[tuple[str, dict]]:
+    from nanovllm.backends.cuda import kv_store
+    from nanovllm.backends.cuda.attention import triton_decode as dec, triton_prefill as pre
+    from nanovllm.backends.cuda.attention.triton_common import dot_precision, padded_head_dim
+    out = []
+    for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 48)]:
+        pad = padded_head_dim(head_dim)
+        row = NUM_KV_HEADS * head_dim  # cache row stride
+        for block_size in (PAGE, 256):
+            cfg = dec.decode_config(pad, block_size, dtype)
+            for split in (False, True):
+                k = dec._decode_split_kernel.warmup(
+                    dtype, dtype, dtype, torch.int32, torch.int32, dtype, torch.float32, torch.float32, 0.1,
+                    3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
+                    GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
+                    BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                out.append((f"decode {dtype} d{head_dim} page{block_size} split={split}", resources(k)))
+            cfg = pre.prefill_config(pad, dtype)
+            for paged in (False, True):
+                k = pre._prefill_kernel.warmup(
+                    dtype, dtype, dtype, torch.int32, torch.int32, torch.int32, dtype, 0.1,
+                    3 * GROUP * row, head_dim, GROUP * row, head_dim, block_size * row, row, head_dim,
+                    block_size * row, row, head_dim, 64,
+                    GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                out.append((f"prefill {dtype} d{head_dim} page{block_size} paged={paged}", resources(k)))
+        k = dec._decode_combine_kernel.warmup(
+            torch.float32, torch.float32, dtype, GROUP * row, head_dim, 3, SPLITS_PAD=dec.MAX_SPLITS,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, num_warps=4, grid=(1,))
+        out.append((f"decode combine {dtype} d{head_dim}", resources(k)))
+        k = kv_store._store_kv_kernel.warmup(
+            dtype, dtype, dtype, dtype, torch.int64, 3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim,
+            PAGE * row, row, head_dim, PAGE * row, row, head_dim,
+            NUM_KV_HEADS=NUM_KV_HEADS, HEADS_PAD=NUM_KV_HEADS, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=PAGE,
+            num_warps=kv_store._num_warps(NUM_KV_HEADS, head_dim), grid=(1,))
+        out.append((f"kv store {dtype} d{head_dim}", resources(k)))
+    return out
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET: interpreted kernels are not compiled")
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", 90, 32)))
+    failures = 0
+    print(f"triton {triton.__version__}, target sm_90")
+    for name, r in compile_all():
+        problems = []
+        if r["smem"] > SM90_SHARED_MEMORY:
+            problems.append("too much shared memory")
+        if r["spill"]:
+            problems.append("spills registers")
+        failures += bool(problems)
+        print(f"  {name:<48} regs {r['regs']}  spill {r['spill']}  smem {r['smem']:>6}  {'; '.join(problems)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
