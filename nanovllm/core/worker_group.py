@@ -29,7 +29,8 @@ def free_local_port() -> int:
 class WorkerGroup:
     def __init__(self, config: EngineConfig, backend_name: str, world_size: int):
         self.init_method = f"tcp://127.0.0.1:{free_local_port()}"
-        self.failure: str | None = None
+        self.failure: str | None = None  # written only by the monitor thread, then `died` is set
+        self.died = threading.Event()
         self.closed = False
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
@@ -57,6 +58,7 @@ class WorkerGroup:
                 if not self.closed and self.failure is None:
                     self.failure = self._describe_death(rank)
                     logger.error("%s", self.failure)
+                    self.died.set()
 
     def _describe_death(self, rank: int) -> str:
         proc, conn = self.procs[rank - 1], self.conns[rank - 1]
@@ -87,11 +89,8 @@ class WorkerGroup:
         """
         if not isinstance(error, (RuntimeError, OSError)):
             return None
-        if self.failure is None and not self.closed:
-            wait([p.sentinel for p in self.procs], timeout=DEATH_NOTICE_SECONDS)
-        for rank, proc in enumerate(self.procs, start=1):
-            if self.failure is None and proc.exitcode not in (None, 0):
-                self.failure = self._describe_death(rank)
+        if not self.closed:
+            self.died.wait(timeout=DEATH_NOTICE_SECONDS)
         return RuntimeError(self.failure) if self.failure is not None else None
 
     def send_step(self, payload: bytes) -> None:
