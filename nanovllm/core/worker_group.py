@@ -34,14 +34,20 @@ class WorkerGroup:
         self.closed = False
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
-        for rank in range(1, world_size):
-            parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, name=f"nanovllm-tp-rank{rank}", daemon=True,
-                               args=(config, backend_name, rank, world_size, self.init_method, child_end))
-            proc.start()
-            child_end.close()
-            self.procs.append(proc)
-            self.conns.append(parent_end)
+        try:
+            for rank in range(1, world_size):
+                parent_end, child_end = ctx.Pipe()
+                proc = ctx.Process(target=worker_main, name=f"nanovllm-tp-rank{rank}", daemon=True,
+                                   args=(config, backend_name, rank, world_size, self.init_method, child_end))
+                self.conns.append(parent_end)
+                proc.start()
+                child_end.close()
+                self.procs.append(proc)
+        except BaseException:
+            for proc in self.procs:
+                proc.kill()
+                proc.join()
+            raise
         atexit.register(self.close, False)
         self.monitor = threading.Thread(target=self._watch, name="nanovllm-tp-monitor", daemon=True)
         self.monitor.start()
