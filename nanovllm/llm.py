@@ -61,6 +61,21 @@ class LLM:
             self.config.tokenizer or model)
         self.engine = Engine(self.config, tokenizer=self.tokenizer)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (if any); also run at exit and by `with LLM(...)`."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
     def _prompts_to_ids(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

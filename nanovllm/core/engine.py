@@ -9,11 +9,12 @@ from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
-from nanovllm.core.parallel import Communicator
 from nanovllm.core.plugins import Plugins, load_plugins
 from nanovllm.core.registry import KernelQuery
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence
+from nanovllm.core.tensor_parallel import check_tensor_parallel
+from nanovllm.core.worker_group import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -32,43 +33,36 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.plugins = plugins or load_plugins()
-        self.backend = self.plugins.select(config.backend, config.device)
-        hf = config.hf_config
-        device = self.backend.device(config)
-        dtype = config.dtype or self.backend.default_dtype_for(device)
-        if dtype not in self.backend.supported_dtypes:
-            raise ValueError(f"dtype={dtype} is not supported by backend {self.backend.name!r}; "
-                             f"supported: {', '.join(str(d) for d in self.backend.supported_dtypes)}")
-        block_size = config.kvcache_block_size or self.backend.default_block_size
-        reasons = self.backend.check_block_size(block_size)
-        if reasons:
-            raise ValueError(f"kvcache_block_size={block_size} cannot be used by backend {self.backend.name!r}: "
-                             + "; ".join(reasons))
-        max_pos = getattr(hf, "max_position_embeddings", config.max_model_len)
-        if config.max_model_len > max_pos:
-            logger.info("max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",
-                        config.max_model_len, max_pos, max_pos)
-            config.max_model_len = max_pos
+        self.backend, dtype, block_size, self.kernel_plan = resolve_backend(config, self.plugins)
         tp = config.tensor_parallel_size
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        query = KernelQuery(device.type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
-                            max(1, hf.num_key_value_heads // tp), block_size)
-        preferences = self.plugins.kernel_preferences(self.backend.name)
-        self.kernel_plan = self.plugins.registry.resolve(self.backend.name, query, preferences, config.kernels)
-        logger.info("backend %s, %s, kernels:\n%s", self.backend.name, dtype, self.kernel_plan.table())
+        self.workers, self.comm = None, None
         if tp > 1:
-            if self.backend.dist_backend is None:  # the backend refuses TP: its communicator raises the reason
-                self.backend.communicator(0, tp, "")
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
-        comm = self.backend.communicator(0, 1, "")
-        self.runner = ModelRunner(config, self.backend, self.kernel_plan, comm, dtype, block_size)
-        if self.backend.measures_peak_memory:
-            self.runner.warmup()
-        num_blocks = self.backend.kv_cache_budget(config, self.runner.device, self.runner.bytes_per_block())
-        self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_graphs()
-        self.scheduler = Scheduler(config, num_blocks, block_size, eos_token_ids(hf))
+            check_tensor_parallel(config, self.backend)
+            self.workers = WorkerGroup(config, self.backend.name, tp)
+        try:
+            self.comm = self.backend.communicator(0, tp, self.workers.init_method if self.workers else "")
+            self.runner = ModelRunner(config, self.backend, self.kernel_plan, self.comm, dtype, block_size,
+                                      self.workers)
+            num_blocks = self.runner.initialize()
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self.scheduler = Scheduler(config, num_blocks, block_size, eos_token_ids(config.hf_config))
         self.stats = StepStats()
+
+    def _fail(self, error: BaseException) -> None:
+        """Shut everything down after `error`; raise RuntimeError instead if a worker's death caused it."""
+        death = self.workers.death_error(error) if self.workers is not None else None
+        self.close(graceful=False)
+        if death is not None:
+            raise death from error
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the tensor-parallel workers and leave the process group; safe to call twice."""
+        if self.workers is not None:
+            self.workers.close(graceful)
+        if self.comm is not None:
+            self.comm.close()
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_index: int = 0,
                     detokenize: bool = False) -> Sequence:
@@ -102,7 +96,12 @@ class Engine:
             self.scheduler.abort(seq)
 
     def _launch(self, batch, prev=None):
-        step = self.runner.launch(batch, prev)
+        try:
+            step = self.runner.launch(batch, prev)
+        except BaseException as e:
+            if self.workers is not None:  # a half-run step leaves the workers inside a collective
+                self._fail(e)
+            raise
         step.indices = self.scheduler.launch(batch)
         if batch.is_prefill:
             self.stats.num_prefill_tokens += batch.num_tokens
@@ -162,6 +161,34 @@ class Engine:
                 bar.update(len(self._commit(in_flight)))
         finally:
             bar.close()
+
+
+def resolve_backend(config: EngineConfig, plugins: Plugins):
+    """(backend, dtype, KV block size, kernel plan) for this config; raises naming any value that cannot serve."""
+    backend = plugins.select(config.backend, config.device)
+    hf = config.hf_config
+    device_type = torch.device(config.device).type if config.device else backend.device_type
+    dtype = config.dtype or backend.default_dtype_for(torch.device(device_type))
+    if dtype not in backend.supported_dtypes:
+        raise ValueError(f"dtype={dtype} is not supported by backend {backend.name!r}; "
+                         f"supported: {', '.join(str(d) for d in backend.supported_dtypes)}")
+    block_size = config.kvcache_block_size or backend.default_block_size
+    reasons = backend.check_block_size(block_size)
+    if reasons:
+        raise ValueError(f"kvcache_block_size={block_size} cannot be used by backend {backend.name!r}: "
+                         + "; ".join(reasons))
+    max_pos = getattr(hf, "max_position_embeddings", config.max_model_len)
+    if config.max_model_len > max_pos:
+        logger.info("max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",
+                    config.max_model_len, max_pos, max_pos)
+        config.max_model_len = max_pos
+    tp = config.tensor_parallel_size
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    query = KernelQuery(device_type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
+                        max(1, hf.num_key_value_heads // tp), block_size)
+    plan = plugins.registry.resolve(backend.name, query, plugins.kernel_preferences(backend.name), config.kernels)
+    logger.info("backend %s, %s, kernels:\n%s", backend.name, dtype, plan.table())
+    return backend, dtype, block_size, plan
 
 
 def eos_token_ids(hf_config) -> set[int]:

@@ -3,8 +3,10 @@
 It builds each step's StepMetadata once, runs the model (eagerly or through the backend's captured
 graphs) and samples. It knows the backend only through the Backend interface and the KernelPlan.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -20,9 +22,13 @@ from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
+from nanovllm.core.step_transport import pack_step, step_to_device
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
 from nanovllm.models.registry import model_class
+
+if TYPE_CHECKING:
+    from nanovllm.core.worker_group import WorkerGroup
 
 logger = get_logger(__name__)
 
@@ -42,8 +48,10 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, backend: Backend, plan: KernelPlan, comm: Communicator,
-                 dtype: torch.dtype, block_size: int):
+                 dtype: torch.dtype, block_size: int, workers: "WorkerGroup | None" = None):
+        """`workers` is rank 0's handle on the other ranks under tensor parallelism (None otherwise)."""
         self.config, self.backend, self.plan, self.comm = config, backend, plan, comm
+        self.workers = workers
         self.hf_config = config.hf_config
         self.dtype, self.block_size = dtype, block_size
         self.device = backend.device(config, comm.rank)
@@ -67,10 +75,35 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs = None
         self._sampling_key, self._sampling_tensors = None, None
-        self.inputs = StepInputBuilder(self.device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
+        # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
+        build_device = self.device if comm.world_size == 1 else torch.device("cpu")
+        self.inputs = StepInputBuilder(build_device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
                                        pin=backend.pin_memory)
 
     # ---- start-up -------------------------------------------------------------------------------
+    def initialize(self) -> int:
+        """Warm up, size and allocate the KV cache, capture graphs; returns the number of KV blocks.
+
+        Every rank runs this in the same order (warm-up and capture run collectives), and all ranks
+        agree on the smallest budget any of them measured.
+        """
+        if self.backend.measures_peak_memory:
+            self.warmup()
+        num_blocks = self.backend.kv_cache_budget(self.config, self.device, self.bytes_per_block())
+        num_blocks = self.agree_on_num_blocks(num_blocks)
+        self.allocate_kv_cache(num_blocks)
+        self.capture_graphs()
+        return num_blocks
+
+    def agree_on_num_blocks(self, num_blocks: int) -> int:
+        if self.comm.world_size == 1:
+            return num_blocks
+        budget = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        budgets = self.comm.gather(budget)
+        if budgets is not None:
+            budget.fill_(int(budgets.min()))
+        return int(self.comm.broadcast(budget).item())
+
     def warmup(self) -> None:
         """Run the largest prefill once without a cache, so the backend can measure peak memory."""
         c = self.config
@@ -123,8 +156,15 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-        """The step's inputs and metadata, built once on the host and copied to the device."""
-        return self.inputs.build(batch)
+        """The step's inputs and metadata, built once on the host and copied to the device.
+
+        Under TP rank 0 also sends the host copy to the workers here.
+        """
+        if self.workers is None:
+            return self.inputs.build(batch)
+        host = self.inputs.build(batch)
+        self.workers.send_step(pack_step(host))
+        return step_to_device(host, self.device)
 
     @torch.inference_mode()
     def execute(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor | None:
@@ -185,6 +225,8 @@ class ModelRunner:
             if dst:
                 index = self.to_device([dst, src], torch.int64)
                 input_ids[index[0]] = prev.tokens[index[1]]
+        if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
+            self.comm.broadcast(input_ids)
         logits = self.execute(input_ids, positions, meta)
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
         if not sampled_seqs:

@@ -1,0 +1,49 @@
+"""The loop of one tensor-parallel worker process (ranks 1..N-1), started with `spawn` by WorkerGroup.
+
+A worker builds the same runner as rank 0 (its own shard of the weights and KV cache), then for each
+step receives the packed inputs over its pipe, receives the final input_ids by broadcast (rank 0 may
+have filled in tokens sampled by the step still in flight) and runs the forward pass; the LM head
+gathers the logits on rank 0. An empty message, or rank 0's end of the pipe closing, ends the loop.
+"""
+import pickle
+import signal
+import traceback
+from multiprocessing.connection import Connection
+
+from nanovllm.core.config import EngineConfig
+
+
+def worker_main(config: EngineConfig, backend_name: str, rank: int, world_size: int, init_method: str,
+                conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
+    comm = None
+    try:
+        from nanovllm.core.engine import resolve_backend
+        from nanovllm.core.model_runner import ModelRunner
+        from nanovllm.core.plugins import load_plugins
+        from nanovllm.core.step_transport import step_to_device, unpack_step
+
+        config.backend = backend_name
+        backend, dtype, block_size, plan = resolve_backend(config, load_plugins())
+        comm = backend.communicator(rank, world_size, init_method)
+        runner = ModelRunner(config, backend, plan, comm, dtype, block_size)
+        runner.initialize()
+        while True:
+            try:
+                payload = conn.recv_bytes()
+            except EOFError:  # rank 0 is gone
+                break
+            if not payload:
+                break
+            input_ids, positions, meta = step_to_device(unpack_step(payload), runner.device)
+            comm.broadcast(input_ids)
+            runner.execute(input_ids, positions, meta)
+    except BaseException:
+        try:
+            conn.send_bytes(pickle.dumps(traceback.format_exc()))
+        except OSError:
+            pass
+        raise SystemExit(1)
+    finally:
+        if comm is not None:
+            comm.close()
