@@ -9,7 +9,8 @@ from nanovllm.core.config import EngineConfig
 def check_tensor_parallel(config: EngineConfig, backend: Backend) -> None:
     """Raise ValueError (sizes) or RuntimeError (backend, devices) when TP of this size cannot run."""
     tp, hf = config.tensor_parallel_size, config.hf_config
-    if backend.dist_backend is None:
+    if backend.dist_backend is None:  # the backend refuses TP: its communicator raises its own reason
+        backend.communicator(0, tp, "")
         raise RuntimeError(f"backend {backend.name!r} does not support tensor parallelism; use tensor_parallel_size=1")
     heads, kv_heads = hf.num_attention_heads, hf.num_key_value_heads
     if heads % tp:
