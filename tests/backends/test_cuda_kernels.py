@@ -316,3 +316,26 @@ def test_importing_the_kernel_table_loads_no_triton():
     code = ("import sys, nanovllm.backends.cuda.kernels; "
             "sys.exit('triton' in sys.modules or 'flash_attn' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_sampler_greedy_rows_and_distribution(device):
+    """Greedy rows equal argmax exactly; sampled rows follow softmax(logits / T) (chi-square, fixed seed)."""
+    from nanovllm.backends.cuda.sampler import sample
+    from nanovllm.core.sampler import SamplingTensors
+    torch.manual_seed(0)
+    vocab, draws = 50, 1500 if device == "cpu" else 20000
+    base = torch.randn(vocab, device=device) * 2
+    logits = base.expand(draws, vocab).contiguous()
+    logits[:8] = torch.randn(8, vocab, device=device)  # greedy rows: their own argmax
+    temperatures = torch.full((draws,), 0.7, device=device)
+    temperatures[:8] = 0
+    tokens = sample(logits, SamplingTensors(temperatures))
+    assert tokens.dtype == torch.int64 and tokens.shape == (draws,)
+    assert torch.equal(tokens[:8], logits[:8].argmax(-1))
+    counts = torch.bincount(tokens[8:].cpu(), minlength=vocab).double()
+    expected = (base.cpu().double() / 0.7).softmax(-1) * (draws - 8)
+    keep = expected > 5  # chi-square over the cells with enough mass
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi-square {chi2:.1f} with {dof} degrees of freedom"

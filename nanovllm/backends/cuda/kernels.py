@@ -43,6 +43,10 @@ def flash_attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     return _module("attention.flash_attn").prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
 
 
+def triton_sampler(logits: torch.Tensor, params) -> torch.Tensor:
+    return _module("sampler").sample(logits, params)
+
+
 def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
                         scale: float) -> torch.Tensor:
     return _module("attention.triton_decode").decode_attention(q, k_cache, v_cache, meta, scale)
@@ -91,6 +95,13 @@ def check_triton(query: KernelQuery) -> list[str]:
     return reasons
 
 
+def check_triton_sampler(query: KernelQuery) -> list[str]:
+    reasons = _device_reasons(query)
+    if not _installed("triton"):
+        reasons.append("triton is not installed")
+    return reasons
+
+
 def check_torch_flash(query: KernelQuery) -> list[str]:
     reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
@@ -127,6 +138,7 @@ def register_cuda_kernels(registry) -> None:
                       check=check_torch_flash)
     registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
                       check=check_triton)
+    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler)
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
                       check=check_flash_attn, graph_safe=True)
     registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,
