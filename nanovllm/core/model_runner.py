@@ -92,6 +92,8 @@ class ModelRunner:
         num_blocks = self.backend.kv_cache_budget(self.config, self.device, self.bytes_per_block())
         num_blocks = self.agree_on_num_blocks(num_blocks)
         self.allocate_kv_cache(num_blocks)
+        if self.comm.world_size == 1:
+            self.warmup_kernels()
         self.capture_graphs()
         return num_blocks
 
@@ -117,6 +119,34 @@ class ModelRunner:
         input_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
         self.execute(input_ids, positions, meta)
+        self.backend.synchronize(self.device)
+
+    @torch.inference_mode()
+    def warmup_kernels(self) -> None:
+        """Run a paged prefill, a decode and a sampled step once on the fresh cache, so kernels compiled on first
+        use (Triton, torch.compile) are compiled now rather than stalling a real step."""
+        from nanovllm.core.scheduler import ScheduledBatch
+        from nanovllm.core.sequence import Sequence
+        from nanovllm.sampling_params import SamplingParams
+        bs = self.block_size
+        lengths = [min(3 * bs + 5, self.config.max_model_len - 1), min(7, self.config.max_model_len - 1)]
+        if sum(-(-n // bs) for n in lengths) > self.num_blocks:
+            return
+        seqs, next_block = [], 0
+        for n in lengths:
+            seq = Sequence([0] * n, SamplingParams(temperature=0.7, max_tokens=1))
+            seq.block_table = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(seq.block_table)
+            seqs.append(seq)
+        seqs[0].num_computed_tokens = bs  # a cached prefix: the paged prefill path
+        prefill = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), [True, True])
+        for batch in (prefill, ScheduledBatch(seqs, [1, 1], 0, [True, True])):
+            if batch is not prefill:
+                for s in seqs:
+                    s.num_computed_tokens = len(s) - 1
+            logits = self.execute(*self.prepare(batch))
+            self.sampler(logits, self.sampling_tensors(seqs))
+        self._sampling_key = None
         self.backend.synchronize(self.device)
 
     def bytes_per_block(self) -> int:

@@ -59,20 +59,23 @@ class StepInputBuilder:
         return self._to_device(buf.ids[:n]), self._to_device(buf.positions[:n]), meta
 
     def build_general(self, batch: ScheduledBatch):
-        """Prefill chunks first, then decodes; plain Python lists (prefill steps are few and large)."""
+        """Prefill chunks first, then decodes; numpy per sequence (prefill steps are few and large)."""
         bs = self.block_size
         input_ids, positions, slots, logits_indices = [], [], [], []
         cu_q, cu_k, tables, context_lens = [0], [0], [], []
         p = batch.num_prefill_seqs
         any_cached = False
+        num_tokens = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            input_ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            pos = np.arange(start, end, dtype=np.int64)
+            positions.append(pos)
             table = seq.block_table
-            slots.extend(table[t // bs] * bs + t % bs for t in range(start, end))
+            slots.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
+            num_tokens += n
             if batch.sample[i]:
-                logits_indices.append(len(input_ids) - 1)
+                logits_indices.append(num_tokens - 1)
             if i < p:
                 cu_q.append(cu_q[-1] + n)
                 cu_k.append(cu_k[-1] + end)
@@ -80,8 +83,12 @@ class StepInputBuilder:
             else:
                 context_lens.append(end)
             tables.append(table)
+        input_ids, positions, slots = (np.concatenate(x) for x in (input_ids, positions, slots))
 
         def tensor(values, dtype):
+            if isinstance(values, np.ndarray):
+                host = torch.from_numpy(values).to(dtype)
+                return (host.pin_memory() if self.pin else host).to(self.device, non_blocking=True)
             return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
 
         def block_table_tensor(rows):
