@@ -92,7 +92,9 @@ class StepInputBuilder:
             return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
 
         def block_table_tensor(rows):
-            width = max(len(r) for r in rows)
+            # a width rounded up to 16: JIT kernels specialise on a stride's divisibility by 16, so a varying
+            # width would compile a second variant in the middle of a run
+            width = -(-max(len(r) for r in rows) // 16) * 16
             return tensor([r + [0] * (width - len(r)) for r in rows], torch.int32)
 
         prefill = decode = None
