@@ -159,8 +159,11 @@ class KernelRegistry:
         return [i for i in self.impls[op] if i.backend == backend]
 
     def reference(self, op: str) -> KernelImpl | None:
+        """The oracle for `op`: the cpu_ref plugin's own kernel. Another plugin may add kernels under the cpu_ref
+        backend, but they are candidates like any other, never the reference they are checked against."""
         refs = self.candidates(op, REFERENCE_BACKEND)
-        return max(refs, key=lambda i: i.priority) if refs else None
+        own = [i for i in refs if i.plugin in ("", REFERENCE_BACKEND)] or refs
+        return max(own, key=lambda i: i.priority) if own else None
 
     def resolve(self, backend: str, query: KernelQuery, preferences: dict[str, list[str]] | None = None,
                 overrides: str | dict[str, str] | None = None, ops: list[str] | None = None,
