@@ -144,7 +144,9 @@ def main(args) -> int:
     shapes = build_shapes(plan.query, device, config.hf_config.vocab_size, decode_batch_sizes(args.max_num_seqs),
                           args.context_len, prefill_tokens)
     winners = {}
-    print(f"tuning backend {backend.name} on {device_name(device)}: {plan.query}")
+    q = plan.query
+    print(f"tuning backend {backend.name} on {device_name(device)}: {str(q.dtype).removeprefix('torch.')}, head_dim "
+          f"{q.head_dim}, {q.num_heads}/{q.num_kv_heads} heads, block size {q.block_size}; median of {args.repeats}")
     for op, op_shapes in shapes.items():
         impls = usable_impls(plugins.registry, op, backend.name, plan.query)
         timings = time_op(impls, op_shapes, args.repeats, lambda: backend.synchronize(device))

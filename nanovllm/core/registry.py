@@ -85,7 +85,7 @@ class KernelPlan:
     def demote(self, op: str, replacement: OpChoice, reason: str) -> None:
         """Record that `op`'s kernel failed verification and `replacement` runs instead."""
         old = self.choices[op].impl
-        self.choices[op] = OpChoice(op, replacement.impl, f"demoted {old.full_name}: {reason}",
+        self.choices[op] = OpChoice(op, replacement.impl, f"demoted {old.full_name} (see skipped)",
                                     ((old.name, (reason,)), *replacement.rejected))
 
     def table(self) -> str:
