@@ -88,6 +88,9 @@ def run(args) -> dict:
         options.update(load_format="dummy", skip_tokenizer_init=True)
     if args.num_kvcache_blocks:
         options["num_kvcache_blocks"] = args.num_kvcache_blocks
+    for name in ("kernels", "kernel_plan", "verify_kernels"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     llm = LLM(model, backend=args.backend, **options)
     prompts, max_tokens = seed_workload(args.num_seqs, args.max_input_len, args.max_output_len)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]

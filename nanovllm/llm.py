@@ -6,6 +6,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.engine import Engine
+from nanovllm.core.kernel_plan_io import save_plan
+from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
 from nanovllm.outputs import StreamOutput, request_output
 from nanovllm.sampling_params import SamplingParams
@@ -60,6 +62,16 @@ class LLM:
         self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             self.config.tokenizer or model)
         self.engine = Engine(self.config, tokenizer=self.tokenizer)
+
+    def kernel_plan(self) -> KernelPlan:
+        """The kernels this engine runs: per op the chosen implementation, its plugin and version, why, and every
+        rejected candidate with its reasons (`print(llm.kernel_plan().table())`). Shows shadow-verification
+        demotions as they happen."""
+        return self.engine.kernel_plan
+
+    def save_kernel_plan(self, path: str) -> str:
+        """Write the plan as TOML (stable order, diffable); replay it with LLM(..., kernel_plan=path)."""
+        return str(save_plan(self.engine.kernel_plan, path))
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (if any); also run at exit and by `with LLM(...)`."""

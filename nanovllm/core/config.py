@@ -1,4 +1,5 @@
 """EngineConfig: the engine's options, validated once; every bad value names the field and the fix."""
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -26,7 +27,9 @@ class EngineConfig:
     compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
     async_scheduling: bool = True  # launch decode step N+1 before step N's tokens reach the host
     tensor_parallel_size: int = 1
-    kernels: str | dict | None = None
+    kernels: str | dict | None = None  # "reference", {op: kernel name} or "op=name,op=name" (NANOVLLM_KERNELS)
+    kernel_plan: str | None = None  # a saved plan (TOML) to replay exactly; fails before any work if it cannot
+    verify_kernels: int | None = None  # shadow-verify one call in N per op and shape (NANOVLLM_VERIFY_KERNELS)
     seed: int = 0
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
@@ -63,8 +66,22 @@ class EngineConfig:
             bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", "expected 'auto' (safetensors weights) or 'dummy' (random weights)")
+        if self.kernels is None and os.environ.get("NANOVLLM_KERNELS"):
+            self.kernels = os.environ["NANOVLLM_KERNELS"]
         if self.kernels is not None and not isinstance(self.kernels, (str, dict)):
             bad("kernels", "expected 'reference' or a dict {op: kernel name}")
+        if isinstance(self.kernels, str):
+            self.kernels = parse_kernels(self.kernels)
+        if self.kernel_plan is not None and self.kernels is not None:
+            raise ValueError("kernel_plan and kernels (or NANOVLLM_KERNELS) both choose kernels: give one of them")
+        if self.verify_kernels is None and os.environ.get("NANOVLLM_VERIFY_KERNELS"):
+            try:
+                self.verify_kernels = int(os.environ["NANOVLLM_VERIFY_KERNELS"])
+            except ValueError:
+                raise ValueError(f"NANOVLLM_VERIFY_KERNELS={os.environ['NANOVLLM_VERIFY_KERNELS']!r} is invalid: "
+                                 f"expected an integer N >= 1 (verify one call in N)") from None
+        if self.verify_kernels is not None:
+            positive_int("verify_kernels")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_num_seqs="
                              f"{self.max_num_seqs}: a decode step of max_num_seqs sequences would not fit; raise it")
@@ -80,3 +97,20 @@ def checkpoint_dtype(hf_config) -> torch.dtype | None:
     if isinstance(value, str):
         return DTYPES.get(value)
     return value if isinstance(value, torch.dtype) else None
+
+
+def parse_kernels(text: str) -> str | dict[str, str]:
+    """"reference" -> "reference"; "attention.decode=triton_paged,sampler=torch" -> {op: name}."""
+    text = text.strip()
+    if text == "reference":
+        return text
+    choices = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        op, sep, name = item.partition("=")
+        if not sep or not op.strip() or not name.strip():
+            raise ValueError(f"kernels={text!r} is invalid: expected 'reference' or 'op=name,op=name' "
+                             f"(e.g. 'attention.decode=triton_paged')")
+        choices[op.strip()] = name.strip()
+    if not choices:
+        raise ValueError("kernels='' is invalid: expected 'reference' or 'op=name,op=name'")
+    return choices

@@ -1,4 +1,5 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -10,7 +11,9 @@ from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.plugins import Plugins, load_plugins
-from nanovllm.core.registry import KernelQuery
+from nanovllm.core.kernel_plan_io import load_plan
+from nanovllm.core.registry import KernelPlan, KernelQuery
+from nanovllm.core.shadow import install_shadow_verification
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence
 from nanovllm.core.tensor_parallel import check_tensor_parallel
@@ -164,7 +167,18 @@ class Engine:
 
 
 def resolve_backend(config: EngineConfig, plugins: Plugins):
-    """(backend, dtype, KV block size, kernel plan) for this config; raises naming any value that cannot serve."""
+    """(backend, dtype, KV block size, kernel plan) for this config; raises naming any value that cannot serve.
+
+    With `config.kernel_plan` every op is pinned to the saved plan's kernel; with `config.verify_kernels` the
+    plan's functions are wrapped for shadow verification (`core/shadow.py`).
+    """
+    replay = None
+    if config.kernel_plan is not None:
+        replay = load_plan(config.kernel_plan)
+        if config.backend not in (None, replay[0]):
+            raise ValueError(f"kernel plan {config.kernel_plan!r} was saved for backend {replay[0]!r}, but backend="
+                             f"{config.backend!r} was asked for: drop one, or save a plan for {config.backend!r}")
+        config.backend = replay[0]
     backend = plugins.select(config.backend, config.device)
     hf = config.hf_config
     device_type = torch.device(config.device).type if config.device else backend.device_type
@@ -186,9 +200,28 @@ def resolve_backend(config: EngineConfig, plugins: Plugins):
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     query = KernelQuery(device_type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
                         max(1, hf.num_key_value_heads // tp), block_size)
-    plan = plugins.registry.resolve(backend.name, query, plugins.kernel_preferences(backend.name), config.kernels)
+    preferences, notes = plugins.kernel_preferences(backend.name), plugins.preference_notes(backend.name)
+    try:
+        plan = plugins.registry.resolve(backend.name, query, preferences, replay[1] if replay else config.kernels,
+                                        notes=notes)
+    except (ValueError, RuntimeError) as e:
+        if replay is None:
+            raise
+        raise ValueError(f"kernel plan {config.kernel_plan!r} cannot be honoured: {e}") from None
+    if replay is not None:
+        plan = replay_as_saved(plan, config.kernel_plan)
+    if config.verify_kernels:
+        install_shadow_verification(plan, plugins.registry, config.verify_kernels, lambda op, excluded: (
+            plugins.registry.resolve(backend.name, query, preferences, ops=[op], notes=notes,
+                                     exclude=excluded).choices[op]))
     logger.info("backend %s, %s, kernels:\n%s", backend.name, dtype, plan.table())
     return backend, dtype, block_size, plan
+
+
+def replay_as_saved(plan: KernelPlan, path: str) -> KernelPlan:
+    """The plan with each op's reason saying it was pinned by the saved plan."""
+    choices = {op: dataclasses.replace(c, why=f"pinned by kernel plan {path}") for op, c in plan.choices.items()}
+    return KernelPlan(plan.backend, choices, plan.query)
 
 
 def eos_token_ids(hf_config) -> set[int]:

@@ -172,6 +172,10 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         if self.config.enforce_eager or not self.backend.supports_graphs:
             return
+        if self.plan.wrappers:
+            logger.info("device graphs are off: shadow verification (verify_kernels=%d) checks kernel calls on the "
+                        "host, which a captured graph would skip; decode runs eagerly", self.config.verify_kernels)
+            return
         unsafe = [f"{op} -> {c.impl.backend}/{c.impl.name}" for op, c in self.plan.choices.items()
                   if op in ("kv_cache.store", "attention.decode") and not c.impl.graph_safe]
         if unsafe:

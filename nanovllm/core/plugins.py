@@ -51,6 +51,7 @@ def load_settings() -> dict:
         settings.setdefault("backends", {}).update(override.get("backends", {}))
         for backend, prefs in override.get("kernels", {}).items():
             settings.setdefault("kernels", {}).setdefault(backend, {}).update(prefs)
+        settings["tune"] = override.get("tune", {})  # what `nanovllm tune` wrote, and when: only the user file
     return settings
 
 
@@ -90,6 +91,7 @@ class Plugins:
     failures: dict[str, str] = field(default_factory=dict)
     plugin_of_backend: dict[str, str] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)  # plugin name -> its package's version
 
     def select(self, name: str | None, device: str | None = None) -> Backend:
         """The backend named, or the first available in plugins.toml's order. Raises with reasons.
@@ -116,6 +118,12 @@ class Plugins:
         `[kernels.<backend>]` (packaged or user file) replacing them op by op."""
         own = getattr(self.backends.get(backend), "kernel_preferences", None) or {}
         return {**own, **self.settings.get("kernels", {}).get(backend, {})}
+
+    def preference_notes(self, backend: str) -> dict[str, str]:
+        """{op: "chosen by tune on <date>, <device>"} for the ops whose preference `nanovllm tune` wrote."""
+        tuned = self.settings.get("tune", {}).get(backend, {})
+        note = f"chosen by tune on {tuned.get('date', '?')}, {tuned.get('device', '?')}"
+        return {op: note for op in tuned.get("ops", [])}
 
     def describe(self) -> str:
         parts = []
@@ -146,6 +154,8 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
                 continue
             try:
                 found[ep.name] = ep.load()
+                if getattr(ep, "dist", None) is not None:
+                    plugins.versions[ep.name] = ep.dist.version
             except Exception as e:
                 plugins.failures[ep.name] = f"import failed: {type(e).__name__}: {e}"
                 logger.warning("plugin %r (%s) failed to import and is skipped: %s: %s", ep.name, ep.value,
@@ -191,7 +201,9 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
             plugins.failures[impl.plugin_name] = f"nanovllm_register_kernels raised {type(e).__name__}: {e}"
             logger.warning("plugin %r: %s; its kernels are skipped", impl.plugin_name, plugins.failures[impl.plugin_name])
             continue
+        version = plugins.versions.get(impl.plugin_name, "")
         for op, impls in staging.impls.items():
+            impls = [dataclasses.replace(i, plugin_version=version) for i in impls]
             plugins.registry.impls[op].extend(disable_listed(impls, disabled_kernels))
     return plugins
 

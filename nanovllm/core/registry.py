@@ -47,6 +47,11 @@ class KernelImpl:
     check: Callable[[KernelQuery], list[str]] | None = None
     plugin: str = ""
     graph_safe: bool = False  # no host syncs or data-dependent launches: may be captured in a device graph
+    plugin_version: str = ""  # the plugin package's version, where its distribution is known
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.backend}/{self.name}"
 
     def reasons(self, query: KernelQuery) -> list[str]:
         if self.check is None:
@@ -67,18 +72,35 @@ class OpChoice:
 
 @dataclass(frozen=True)
 class KernelPlan:
+    """One implementation per op for one engine. `choices` changes only when shadow verification demotes a
+    kernel; `wrappers` (op -> callable) replace the chosen functions while verification is on."""
     backend: str
     choices: dict[str, OpChoice] = field(default_factory=dict)
+    query: KernelQuery | None = None
+    wrappers: dict[str, Callable] = field(default_factory=dict)
 
     def fn(self, op: str) -> Callable:
-        return self.choices[op].impl.fn
+        return self.wrappers.get(op) or self.choices[op].impl.fn
+
+    def demote(self, op: str, replacement: OpChoice, reason: str) -> None:
+        """Record that `op`'s kernel failed verification and `replacement` runs instead."""
+        old = self.choices[op].impl
+        self.choices[op] = OpChoice(op, replacement.impl, f"demoted {old.full_name} (see skipped)",
+                                    ((old.name, (reason,)), *replacement.rejected))
 
     def table(self) -> str:
-        lines = []
+        """The plan as one aligned table: op, kernel, plugin and version, why; skipped kernels below their op."""
+        rows = [("op", "kernel", "plugin", "why")]
         for op, c in self.choices.items():
-            lines.append(f"  {op:<18} -> {c.impl.backend}/{c.impl.name}  ({c.why})")
-            for name, reasons in c.rejected:
-                lines.append(f"  {'':<18}    skipped {name}: {'; '.join(reasons)}")
+            plugin = c.impl.plugin + (f" {c.impl.plugin_version}" if c.impl.plugin_version else "")
+            rows.append((op, c.impl.full_name, plugin or "-", c.why))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = []
+        for row in rows:
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+            if row[0] in self.choices:
+                for name, reasons in self.choices[row[0]].rejected:
+                    lines.append(f"  {'':<{widths[0]}}  skipped {name}: {'; '.join(reasons)}")
         return "\n".join(lines)
 
 
@@ -87,29 +109,49 @@ def suggest(name: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def signature_problem(fn: Callable, op: str) -> str | None:
+    """Why `fn` cannot be called as `op` passes its arguments, or None. Parameters may be renamed, but a name the
+    op uses must sit at that name's position (a swapped k_cache/v_cache is an error, not a silent bug)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None  # builtins and C functions cannot be inspected
+    expected = OPS[op]
+    shown = f"takes ({', '.join(p.name for p in params)})"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) > len(expected):
+        return f"{shown}: it requires {len(required)} arguments, the op passes {len(expected)}"
+    if len(positional) < len(expected) and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return f"{shown}: it accepts {len(positional)} arguments, the op passes {len(expected)}"
+    keyword_only = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if keyword_only:
+        return f"{shown}: it requires keyword-only {', '.join(keyword_only)}, which the op never passes"
+    for i, p in enumerate(positional[:len(expected)]):
+        if p.name != expected[i] and p.name in expected:
+            return f"{shown}: parameter {i + 1} is named {p.name!r}, but the op passes {expected[i]!r} there"
+    return None
+
+
 class KernelRegistry:
     def __init__(self):
         self.impls: dict[str, list[KernelImpl]] = {op: [] for op in OPS}
 
     def register(self, op: str, backend: str, name: str, fn: Callable, priority: int = 0,
                  check: Callable[[KernelQuery], list[str]] | None = None, plugin: str = "",
-                 graph_safe: bool = False) -> KernelImpl:
+                 graph_safe: bool = False, plugin_version: str = "") -> KernelImpl:
         """Add an implementation of `op` for `backend`. Raises ValueError for an unknown op or a bad signature."""
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}{suggest(op, OPS)}; known ops: {', '.join(OPS)}")
         if not callable(fn):
             raise ValueError(f"kernel {backend}/{name} for {op}: {fn!r} is not callable")
-        try:
-            params = list(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):
-            params = None  # builtins and C functions cannot be inspected
-        if params is not None and len(params) < len(OPS[op]) and not any(
-                p.kind == p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values()):
-            raise ValueError(f"kernel {backend}/{name} for {op} takes ({', '.join(params)}); "
-                             f"the op passes ({', '.join(OPS[op])})")
+        problem = signature_problem(fn, op)
+        if problem:
+            raise ValueError(f"kernel {backend}/{name} for {op} {problem}; the op passes ({', '.join(OPS[op])}) "
+                             f"positionally: fix the kernel's parameters")
         if any(i.backend == backend and i.name == name for i in self.impls[op]):
             raise ValueError(f"kernel {backend}/{name} is already registered for {op}")
-        impl = KernelImpl(op, backend, name, fn, priority, check, plugin, graph_safe)
+        impl = KernelImpl(op, backend, name, fn, priority, check, plugin, graph_safe, plugin_version)
         self.impls[op].append(impl)
         return impl
 
@@ -117,14 +159,21 @@ class KernelRegistry:
         return [i for i in self.impls[op] if i.backend == backend]
 
     def reference(self, op: str) -> KernelImpl | None:
+        """The oracle for `op`: the cpu_ref plugin's own kernel. Another plugin may add kernels under the cpu_ref
+        backend, but they are candidates like any other, never the reference they are checked against."""
         refs = self.candidates(op, REFERENCE_BACKEND)
-        return max(refs, key=lambda i: i.priority) if refs else None
+        own = [i for i in refs if i.plugin in ("", REFERENCE_BACKEND)] or refs
+        return max(own, key=lambda i: i.priority) if own else None
 
     def resolve(self, backend: str, query: KernelQuery, preferences: dict[str, list[str]] | None = None,
-                overrides: str | dict[str, str] | None = None, ops: list[str] | None = None) -> KernelPlan:
+                overrides: str | dict[str, str] | None = None, ops: list[str] | None = None,
+                notes: dict[str, str] | None = None, exclude: frozenset[str] = frozenset()) -> KernelPlan:
         """Choose one implementation per op (all ops, or `ops`) for `backend`.
 
-        `overrides` is "reference" (every op's reference kernel) or {op: kernel name}.
+        `preferences` ({op: names}) are tried first; a name is a kernel of the backend or "backend/name" (the
+        reference kernel, e.g. "cpu_ref/torch_loop", when tuning found it fastest). `notes` ({op: text}) says
+        where an op's preference came from (e.g. "chosen by tune on ..."). `overrides` is "reference" (every
+        op's reference kernel) or {op: kernel name}. `exclude` holds "backend/name" kernels never to choose.
         """
         preferences = preferences or {}
         if isinstance(overrides, dict):
@@ -133,37 +182,40 @@ class KernelRegistry:
                     raise ValueError(f"kernels: unknown op {op!r}{suggest(op, OPS)}; known ops: {', '.join(OPS)}")
         elif overrides not in (None, "reference"):
             raise ValueError(f"kernels={overrides!r}: expected 'reference' or a dict {{op: kernel name}}")
-        choices = {op: self._resolve_op(op, backend, query, preferences.get(op, []), overrides) for op in (ops or OPS)}
-        return KernelPlan(backend, choices)
+        choices = {op: self._resolve_op(op, backend, query, preferences.get(op, []), overrides,
+                                        (notes or {}).get(op), exclude) for op in (ops or OPS)}
+        return KernelPlan(backend, choices, query)
 
-    def _resolve_op(self, op, backend, query, preferred, overrides) -> OpChoice:
+    def _resolve_op(self, op, backend, query, preferred, overrides, note, exclude) -> OpChoice:
         reference = self.reference(op)
         if overrides == "reference":
             if reference is None:
                 raise RuntimeError(f"no reference ({REFERENCE_BACKEND}) kernel is registered for {op}")
             return OpChoice(op, reference, "forced to the reference kernel")
         candidates = self.candidates(op, backend)
+        pool = candidates + ([reference] if reference and reference not in candidates else [])
         if isinstance(overrides, dict) and op in overrides:
-            wanted = overrides[op]
-            pool = candidates + ([reference] if reference and reference not in candidates else [])
-            named = [i for i in pool if i.name == wanted or f"{i.backend}/{i.name}" == wanted]
-            if not named:
-                raise ValueError(f"kernels[{op!r}]={wanted!r} is not a kernel of backend {backend!r}"
-                                 f"{suggest(wanted, [i.name for i in pool])}; known: {', '.join(i.name for i in pool)}")
-            reasons = named[0].reasons(query)
-            if reasons:
-                raise ValueError(f"kernels[{op!r}]={wanted!r} cannot serve this run: {'; '.join(reasons)}")
-            return OpChoice(op, named[0], "named by the user")
-        ranked = sorted(candidates, key=lambda i: (i.name not in preferred,
-                                                   preferred.index(i.name) if i.name in preferred else 0, -i.priority))
+            return self._named(op, backend, query, overrides[op], pool)
+
+        def rank(impl: KernelImpl) -> int | None:
+            for i, entry in enumerate(preferred):
+                if entry == impl.full_name or (entry == impl.name and impl.backend == backend):
+                    return i
+            return None
+        # the reference joins the ranking only where a preference names it ("cpu_ref/torch_loop")
+        ranked = [i for i in pool if i in candidates or rank(i) is not None]
+        ranked.sort(key=lambda i: (rank(i) is None, rank(i) or 0, -i.priority))
         rejected = []
         for impl in ranked:
-            reasons = impl.reasons(query)
+            reasons = ["demoted by shadow verification"] if impl.full_name in exclude else impl.reasons(query)
             if not reasons:
-                why = "preferred by plugins.toml or the backend" if impl.name in preferred else f"priority {impl.priority}"
+                if rank(impl) is not None:
+                    why = note or "preferred by plugins.toml or the backend"
+                else:
+                    why = f"priority {impl.priority}"
                 return OpChoice(op, impl, why, tuple(rejected))
             rejected.append((impl.name, tuple(reasons)))
-        if reference is not None and not reference.reasons(query):
+        if reference is not None and reference not in ranked and not reference.reasons(query):
             why = ("no kernel registered for this backend" if not candidates else "no kernel of this backend can serve")
             if candidates:
                 logger.warning("%s: no %s kernel can serve this run (%s); using the reference kernel, which is slow",
@@ -171,3 +223,16 @@ class KernelRegistry:
             return OpChoice(op, reference, f"reference: {why}", tuple(rejected))
         detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected) or "none registered"
         raise RuntimeError(f"no kernel can serve {op} on backend {backend!r} ({detail})")
+
+    @staticmethod
+    def _named(op, backend, query, wanted, pool) -> OpChoice:
+        """The kernel the user named for `op` (its name, or "backend/name"), or ValueError naming op and reasons."""
+        named = [i for i in pool if i.name == wanted or i.full_name == wanted]
+        if not named:
+            known = [i.full_name if i.backend != backend else i.name for i in pool]
+            raise ValueError(f"kernels[{op!r}]={wanted!r} is not a kernel of backend {backend!r}"
+                             f"{suggest(wanted, known)}; known: {', '.join(known) or 'none'}")
+        reasons = named[0].reasons(query)
+        if reasons:
+            raise ValueError(f"kernels[{op!r}]={wanted!r} cannot serve this run: {'; '.join(reasons)}")
+        return OpChoice(op, named[0], "named by the user")

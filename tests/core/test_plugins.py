@@ -106,6 +106,17 @@ def test_plugin_api_version_is_checked(api, ok):
         assert "v" in plugins.failures
 
 
+def test_incompatible_plugin_is_listed_with_both_versions_and_the_fix(monkeypatch, capsys):
+    from nanovllm import cli
+    from nanovllm.backends.cpu_ref import plugin as cpu_ref
+    modules = {"cpu_ref": cpu_ref, "future": plugin_module("future", [NullBackend()], api=(2, 0))}
+    monkeypatch.setattr(plugins_module, "load_plugins", lambda: load_plugins(SETTINGS, modules=modules))
+    assert cli.main(["backends"]) == 0
+    assert ("future (plugin refused): built for plugin API 2.0, this nanovllm speaks 1.0: upgrade nanovllm or "
+            "install a plugin release for 1.x") in capsys.readouterr().out
+    assert nanovllm.PLUGIN_API == (1, 0)
+
+
 class RaisingBackend(Backend):
     name = "raising"
 

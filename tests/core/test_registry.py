@@ -56,3 +56,37 @@ def test_check_that_raises_is_a_reason_not_a_crash():
     r.register("attention.decode", "x", "boom", decode, priority=9, check=lambda q: 1 / 0)
     choice = r.resolve("x", Q, ops=OPS).choices["attention.decode"]
     assert choice.impl.name == "mid" and "ZeroDivisionError" in choice.rejected[0][1][0]
+
+
+def test_register_checks_parameter_names_and_counts():
+    r = KernelRegistry()
+    with pytest.raises(ValueError, match="parameter 2 is named 'v_cache', but the op passes 'k_cache'"):
+        r.register("attention.decode", "x", "swapped", lambda q, v_cache, k_cache, meta, scale: q)
+    with pytest.raises(ValueError, match="requires 6 arguments, the op passes 5"):
+        r.register("attention.decode", "x", "extra", lambda q, k_cache, v_cache, meta, scale, window: q)
+    with pytest.raises(ValueError, match="keyword-only window"):
+        r.register("attention.decode", "x", "kwonly", lambda q, k_cache, v_cache, meta, scale, *, window: q)
+    r.register("attention.decode", "x", "renamed", lambda query, kc, vc, metadata, softmax_scale: query)
+    r.register("attention.decode", "x", "defaults", lambda q, k_cache, v_cache, meta, scale, window=None: q)
+    r.register("attention.decode", "x", "varargs", lambda *args: args[0])
+
+
+def test_preference_may_name_the_reference_kernel_and_carries_its_note():
+    prefs = {"attention.decode": ["cpu_ref/ref", "mid"]}
+    choice = registry().resolve("x", Q, ops=OPS, preferences=prefs,
+                                notes={"attention.decode": "chosen by tune on 2025-01-01, cpu"}).choices["attention.decode"]
+    assert choice.impl.full_name == "cpu_ref/ref" and choice.why == "chosen by tune on 2025-01-01, cpu"
+
+
+def test_excluded_kernel_is_skipped_as_demoted():
+    choice = registry().resolve("x", Q, ops=OPS, exclude=frozenset({"x/mid"})).choices["attention.decode"]
+    assert choice.impl.name == "slow" and ("mid", ("demoted by shadow verification",)) in choice.rejected
+
+
+def test_plan_table_names_plugin_version_and_skipped():
+    r = KernelRegistry()
+    r.register("attention.decode", "x", "fast", decode, priority=5, plugin="vendor", plugin_version="2.1.0",
+               check=lambda q: ["needs head_dim 128"])
+    r.register("attention.decode", "x", "mid", decode, plugin="vendor", plugin_version="2.1.0")
+    table = r.resolve("x", Q, ops=OPS).table()
+    assert "x/mid" in table and "vendor 2.1.0" in table and "skipped fast: needs head_dim 128" in table
