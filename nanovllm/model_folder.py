@@ -23,7 +23,7 @@ def read_hf_config(path: str):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}\n(re-download the checkpoint, or "
+        raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e} (re-download the checkpoint, or "
                          f"fix config.json: it needs a model_type transformers knows and an 'architectures' "
                          f"list)") from e
 
