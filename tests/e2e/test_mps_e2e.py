@@ -53,5 +53,5 @@ def test_mps_device_without_apple_gpu_says_not_available_and_lists_backends(tiny
 
 
 def test_tensor_parallelism_is_refused(tiny_qwen3):
-    with pytest.raises(RuntimeError, match="mps backend does not support tensor parallelism"):
+    with pytest.raises(RuntimeError, match="backend 'mps' does not support tensor parallelism"):
         LLM(tiny_qwen3, backend="mps", device="cpu", tensor_parallel_size=2)
