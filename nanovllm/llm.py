@@ -2,24 +2,20 @@
 import os
 from collections.abc import Iterator
 
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.engine import Engine
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
+from nanovllm.model_folder import check_model_folder, check_tokenizer_folder, read_hf_config
+from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
+from nanovllm.requests import params_per_prompt, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
-
-
-def check_model_folder(path: str) -> None:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist; pass the path of a Hugging Face checkpoint folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face checkpoint folder")
 
 
 def as_conversations(messages) -> list[list[dict]]:
@@ -57,10 +53,14 @@ class LLM:
             model = default_model_path()
         model = os.path.expanduser(str(model))
         check_model_folder(model)
-        hf_config = AutoConfig.from_pretrained(model)
+        hf_config = read_hf_config(model)
+        model_class(hf_config)  # an unsupported architecture is refused before any backend work
         self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, **options)
-        self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
-            self.config.tokenizer or model)
+        self.tokenizer = None
+        if not self.config.skip_tokenizer_init:
+            tokenizer_path = os.path.expanduser(self.config.tokenizer or model)
+            check_tokenizer_folder(tokenizer_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.engine = Engine(self.config, tokenizer=self.tokenizer)
 
     def kernel_plan(self) -> KernelPlan:
@@ -88,44 +88,15 @@ class LLM:
     def __del__(self):
         self.close()
 
-    def _prompts_to_ids(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
-        vocab = self.config.hf_config.vocab_size
-        ids = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ValueError(f"prompts[{i}] is text, but skip_tokenizer_init=True: pass token ids")
-                p = self.tokenizer.encode(p)
-            elif not isinstance(p, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in p):
-                raise ValueError(f"prompts[{i}] must be a string or a list of int token ids; got {type(p).__name__}")
-            if not p:
-                raise ValueError(f"prompts[{i}] is empty; give at least one token")
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
-            if len(p) >= self.config.max_model_len:
-                raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_model_len={self.config.max_model_len} "
-                                 f"at most {self.config.max_model_len - 1} leave room for one output token")
-            ids.append(list(p))
-        return ids
-
-    def _requests(self, prompts, sampling_params) -> tuple[list[list[int]], list[SamplingParams]]:
-        """Validate every prompt and every SamplingParams before anything is queued."""
-        ids = self._prompts_to_ids(prompts)
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(ids)
-        if not isinstance(params, (list, tuple)) or any(not isinstance(p, SamplingParams) for p in params):
-            raise ValueError("sampling_params must be a SamplingParams or a list of them")
-        if len(params) != len(ids):
-            raise ValueError(f"got {len(ids)} prompts but {len(params)} sampling params; give one, or one per prompt")
+    def _requests(self, prompts, sampling_params, stream: bool = False
+                  ) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Validate every prompt and every SamplingParams before anything is queued (see nanovllm/requests.py)."""
+        self.engine.check_open()
+        ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len)
+        params = params_per_prompt(sampling_params, len(ids))
         for p in params:
-            self.engine.check_params(p)
-        return ids, list(params)
+            self.engine.check_params(p, detokenize=stream)
+        return ids, params
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
@@ -160,7 +131,7 @@ class LLM:
         """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished)
         as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
         checked at once; requests are queued when iteration starts and dropped if it stops early."""
-        ids, params = self._requests(prompts, sampling_params)
+        ids, params = self._requests(prompts, sampling_params, stream=True)
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:

@@ -39,6 +39,7 @@ class Engine:
         self.backend, dtype, block_size, self.kernel_plan = resolve_backend(config, self.plugins)
         tp = config.tensor_parallel_size
         self.workers, self.comm = None, None
+        self.closed_reason: str | None = None  # why the engine refuses work, once it does
         if tp > 1:
             check_tensor_parallel(config, self.backend)
             self.workers = WorkerGroup(config, self.backend.name, tp)
@@ -56,12 +57,16 @@ class Engine:
     def _fail(self, error: BaseException) -> None:
         """Shut everything down after `error`; raise RuntimeError instead if a worker's death caused it."""
         death = self.workers.death_error(error) if self.workers is not None else None
+        self.closed_reason = f"a step failed with {type(error).__name__}: {error}"
         self.close(graceful=False)
         if death is not None:
             raise death from error
 
     def close(self, graceful: bool = True) -> None:
-        """Stop the tensor-parallel workers and leave the process group; safe to call twice."""
+        """Stop the tensor-parallel workers and leave the process group; safe to call twice. The engine then
+        refuses work with a RuntimeError."""
+        if self.closed_reason is None:
+            self.closed_reason = "close() was called"
         if self.workers is not None:
             self.workers.close(graceful)
         if self.comm is not None:
@@ -71,20 +76,28 @@ class Engine:
                     detokenize: bool = False) -> Sequence:
         """Queue a request. `detokenize` keeps its text up to date token by token (for streaming); requests with
         stop strings always are."""
-        self.check_params(params)
+        self.check_open()
+        self.check_params(params, detokenize)
         seq = Sequence(token_ids, params, request_index)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
         if detokenize or params.stop_strings:
-            if self.tokenizer is None:
-                raise ValueError("stop strings and streaming need a tokenizer: create the Engine with tokenizer=...")
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
         self.scheduler.add(seq)
         return seq
 
-    def check_params(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: the values bounded by the model's vocabulary."""
+    def check_open(self) -> None:
+        """RuntimeError once the engine is shut down (closed, or a tensor-parallel step failed)."""
+        if self.closed_reason is not None:
+            raise RuntimeError(f"the engine is shut down ({self.closed_reason}); create a new LLM")
+
+    def check_params(self, params: SamplingParams, detokenize: bool = False) -> None:
+        """What SamplingParams cannot check alone: the values bounded by the model's vocabulary, and whether
+        stop strings (or streaming, `detokenize`) have a tokenizer to detokenize with."""
+        if (detokenize or params.stop_strings) and self.tokenizer is None:
+            raise ValueError("stop strings and streaming need a tokenizer, and this engine has none "
+                             "(skip_tokenizer_init=True): drop SamplingParams.stop, or create the LLM with a tokenizer")
         vocab_size = self.config.hf_config.vocab_size
         if params.logprobs is not None and params.logprobs > vocab_size:
             raise ValueError(f"SamplingParams.logprobs={params.logprobs} is invalid: expected at most the "
@@ -117,21 +130,41 @@ class Engine:
         return self.scheduler.commit(step.batch, step.indices, token_ids, logprobs)
 
     def step(self) -> list[Sequence]:
-        """Schedule, run and commit one step synchronously; returns the sequences that finished in it."""
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            raise RuntimeError("nothing can be scheduled although requests are waiting; the KV cache is too small")
-        return self._commit(self._launch(batch))
+        """Schedule, run and commit one step synchronously; returns the sequences that finished in it.
+
+        If anything raises, every unfinished request is aborted first (see `_recover`)."""
+        self.check_open()
+        try:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                raise RuntimeError("nothing can be scheduled although requests are waiting; the KV cache is too "
+                                   "small")
+            return self._commit(self._launch(batch))
+        except BaseException as e:
+            self._recover(e)
+            raise
+
+    def _recover(self, error: BaseException) -> None:
+        """After `error` inside a step: abort every unfinished request (freeing its KV blocks, dropping its
+        in-flight placeholders) and forget per-step state, so the engine is idle and consistent again and the
+        next call starts clean. Blocks in the prefix cache stay valid: only fully computed, committed blocks
+        are ever entered there. The caller re-raises `error`."""
+        num_aborted = self.scheduler.abort_all()
+        self.runner.reset_step_state()
+        logger.warning("a step raised %s; aborted %d unfinished request(s)%s", type(error).__name__, num_aborted,
+                       "" if self.closed_reason else "; the engine is idle and usable")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
-        """Step until every queued sequence has finished.
+        """Step until every queued sequence has finished. If anything raises (a kernel, Ctrl-C), every
+        unfinished request is aborted before the exception propagates, leaving the engine idle and usable.
 
         Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens
         are committed, so host work overlaps device work (`async_scheduling=False` turns this off).
         """
+        self.check_open()
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         in_flight = None
         last = time.perf_counter()
@@ -162,6 +195,9 @@ class Engine:
                     last, last_tokens = now, (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
             if in_flight is not None:
                 bar.update(len(self._commit(in_flight)))
+        except BaseException as e:
+            self._recover(e)
+            raise
         finally:
             bar.close()
 

@@ -188,6 +188,10 @@ class ModelRunner:
             sizes.append(self.config.max_num_seqs)
         self.graphs = self.backend.capture_graphs(self, sizes)
 
+    def reset_step_state(self) -> None:
+        """Forget what one step hands the next (after a failed step)."""
+        self._sampling_key, self._sampling_tensors = None, None
+
     # ---- one step -------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
         """The step's inputs and metadata, built once on the host and copied to the device.

@@ -189,6 +189,13 @@ class Scheduler:
         self.block_manager.free(seq)
         self.running.remove(seq)
 
+    def abort_all(self) -> int:
+        """Abort every unfinished sequence (after a failed step); returns how many there were."""
+        seqs = list(self.waiting) + list(self.running)
+        for seq in seqs:
+            self.abort(seq)
+        return len(seqs)
+
     def abort(self, seq: Sequence) -> None:
         """Drop an unfinished sequence (a stream the caller stopped reading), freeing its blocks."""
         if seq.is_finished:

@@ -1,0 +1,58 @@
+"""The arguments of generate / stream, checked in full before anything is queued.
+
+A bad prompt or parameter anywhere in a batch raises ValueError naming its index, so a call is accepted or
+refused as a whole and the engine never holds part of a refused call.
+"""
+from numbers import Integral
+
+from nanovllm.sampling_params import SamplingParams
+
+
+def is_token_id(t) -> bool:
+    return isinstance(t, Integral) and not isinstance(t, bool)
+
+
+def prompts_to_ids(prompts, tokenizer, vocab_size: int, max_model_len: int) -> list[list[int]]:
+    """Strings or token-id lists (or one of either) -> token-id lists, each non-empty, inside the vocabulary and
+    leaving room for at least one output token."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and is_token_id(prompts[0])):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; "
+                         f"got {type(prompts).__name__}")
+    return [prompt_to_ids(i, p, tokenizer, vocab_size, max_model_len) for i, p in enumerate(prompts)]
+
+
+def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"prompts[{i}] is text, but skip_tokenizer_init=True: pass token ids")
+        prompt = tokenizer.encode(prompt)
+    elif not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"prompts[{i}] must be a string or a list of int token ids; got {type(prompt).__name__}")
+    not_ids = [t for t in prompt if not is_token_id(t)]
+    if not_ids:
+        raise ValueError(f"prompts[{i}] holds {not_ids[0]!r} ({type(not_ids[0]).__name__}); token ids must be ints")
+    if not prompt:
+        raise ValueError(f"prompts[{i}] is empty; give at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+                         f"use ids the model's tokenizer produces")
+    if len(prompt) >= max_model_len:
+        raise ValueError(f"prompts[{i}] has {len(prompt)} tokens; with max_model_len={max_model_len} at most "
+                         f"{max_model_len - 1} leave room for one output token: shorten it or raise max_model_len")
+    return [int(t) for t in prompt]
+
+
+def params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: None (the defaults), one for all, or a list as long as the prompts."""
+    params = sampling_params if sampling_params is not None else SamplingParams()
+    if isinstance(params, SamplingParams):
+        return [params] * num_prompts
+    if not isinstance(params, (list, tuple)) or any(not isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them; got "
+                         f"{type(params).__name__}")
+    if len(params) != num_prompts:
+        raise ValueError(f"got {num_prompts} prompts but {len(params)} sampling params; give one, or one per prompt")
+    return list(params)
