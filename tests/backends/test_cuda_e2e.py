@@ -58,7 +58,7 @@ def test_prefix_cache_and_chunked_prefill_on_cuda(tiny_qwen3, prompts, reference
     base = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=512, max_model_len=1024)
     want = [o["token_ids"] for o in base.generate(shared, GREEDY, use_tqdm=False)]
     llm = LLM(tiny_qwen3, backend="cuda", dtype="float32", max_model_len=1024, num_kvcache_blocks=512,
-              max_num_batched_tokens=128, max_num_seqs=8)
+              kvcache_block_size=16, max_num_batched_tokens=128, max_num_seqs=8)
     llm.generate(shared[:1], GREEDY, use_tqdm=False)
     outputs = llm.generate(shared, GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.block_manager.num_prefix_hit_tokens > 0
