@@ -1,5 +1,6 @@
 """The `nanovllm` command: generate, backends, bench, tune."""
 import argparse
+import logging
 import sys
 
 
@@ -100,11 +101,16 @@ def cmd_backends(args) -> int:
                             args.num_kv_heads, backend.default_block_size)
         print(f"  kernels for {str(query.dtype).removeprefix('torch.')}, head_dim {query.head_dim}, "
               f"{query.num_heads}/{query.num_kv_heads} heads, block size {query.block_size}:")
+        registry_logger = logging.getLogger("nanovllm.core.registry")
+        level = registry_logger.level
+        registry_logger.setLevel(logging.ERROR)  # a listing: the table already shows every fallback and reason
         try:
             print(plugins.registry.resolve(name, query, plugins.kernel_preferences(name), kernels,
                                            notes=plugins.preference_notes(name)).table())
         except (ValueError, RuntimeError) as e:
             print(f"  cannot resolve: {e}")
+        finally:
+            registry_logger.setLevel(level)
     for name, why in plugins.failures.items():
         print(f"{name} (plugin refused): {why}")
     return 0
