@@ -56,15 +56,11 @@ def nanovllm_register_backends():
     return [CpuRefBackend()]
 
 
-def _any_device(query) -> list[str]:
-    return []
-
-
 @nanovllm.hookimpl
 def nanovllm_register_kernels(registry):
     from nanovllm.backends.cpu_ref import attention, kv_store
     from nanovllm.core import sampler
-    registry.register("kv_cache.store", "cpu_ref", "torch_index", kv_store.store_kvcache, check=_any_device)
-    registry.register("attention.prefill", "cpu_ref", "torch_loop", attention.prefill_attention, check=_any_device)
-    registry.register("attention.decode", "cpu_ref", "torch_loop", attention.decode_attention, check=_any_device)
-    registry.register("sampler", "cpu_ref", "torch", sampler.sample, check=_any_device)
+    registry.register("kv_cache.store", "cpu_ref", "torch_index", kv_store.store_kvcache)
+    registry.register("attention.prefill", "cpu_ref", "torch_loop", attention.prefill_attention)
+    registry.register("attention.decode", "cpu_ref", "torch_loop", attention.decode_attention)
+    registry.register("sampler", "cpu_ref", "torch", sampler.sample)
