@@ -57,6 +57,7 @@ class ModelRunner:
         self.device = backend.device(config, comm.rank)
         self.sampler = plan.fn("sampler")
         self.max_num_blocks_per_seq = -(-config.max_model_len // block_size)
+        backend.configure_process(config)
         backend.seed(config.seed)
         default_dtype = torch.get_default_dtype()
         try:
