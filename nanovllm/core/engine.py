@@ -1,16 +1,14 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
-
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.plugins import Plugins, load_plugins
+from nanovllm.core.progress import GenerationProgress
 from nanovllm.core.kernel_plan_io import load_plan
 from nanovllm.core.registry import KernelPlan, KernelQuery
 from nanovllm.core.shadow import install_shadow_verification
@@ -157,23 +155,38 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
+    def planned_output_tokens(self, seq: Sequence) -> int:
+        """The most output tokens `seq` can produce: max_tokens, or the room max_model_len leaves."""
+        return min(seq.params.max_tokens, self.config.max_model_len - seq.num_prompt_tokens)
+
+    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True, progress_delay: float = 0.0) -> None:
         """Step until every queued sequence has finished. If anything raises (a kernel, Ctrl-C), every
         unfinished request is aborted before the exception propagates, leaving the engine idle and usable.
 
         Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens
         are committed, so host work overlaps device work (`async_scheduling=False` turns this off).
+        `use_tqdm` shows a bar over the output tokens (`core/progress.py`), after `progress_delay` seconds.
         """
         self.check_open()
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        progress = GenerationProgress(sum(map(self.planned_output_tokens, seqs)), len(seqs),
+                                      sum(s.num_prompt_tokens for s in seqs), enabled=use_tqdm, delay=progress_delay)
+        counted = [0, 0]  # output tokens committed, prompt tokens computed (prefix-cache hits included)
+        ours = {s.seq_id for s in seqs}
+
+        def report(finished: list[Sequence]) -> None:
+            output_tokens = sum(s.num_output_tokens - s.num_pending for s in seqs)
+            prompt_tokens = sum(s.num_prompt_tokens if s.is_finished else min(s.num_computed_tokens, s.num_prompt_tokens)
+                                for s in seqs)
+            progress.advance(output_tokens - counted[0], prompt_tokens - counted[1],
+                             [self.planned_output_tokens(s) - s.num_output_tokens for s in finished if s.seq_id in ours])
+            counted[:] = output_tokens, prompt_tokens
+
         in_flight = None
-        last = time.perf_counter()
-        last_tokens = (0, 0)
         try:
             while self.has_unfinished():
                 batch = self.scheduler.schedule(in_flight=in_flight is not None)
                 if batch is None or (in_flight is not None and not batch.seqs):
-                    bar.update(len(self._commit(in_flight)))
+                    report(self._commit(in_flight))
                     in_flight = None
                     continue
                 if not batch.seqs:
@@ -186,20 +199,14 @@ class Engine:
                 else:
                     finished += self._commit(step)
                     in_flight = None
-                bar.update(len(finished))
-                now = time.perf_counter()
-                if now - last > 0.5:
-                    prefill = (self.stats.num_prefill_tokens - last_tokens[0]) / (now - last)
-                    decode = (self.stats.num_decode_tokens - last_tokens[1]) / (now - last)
-                    bar.set_postfix_str(f"prefill {prefill:.0f} tok/s, decode {decode:.0f} tok/s", refresh=False)
-                    last, last_tokens = now, (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
+                report(finished)
             if in_flight is not None:
-                bar.update(len(self._commit(in_flight)))
+                report(self._commit(in_flight))
         except BaseException as e:
             self._recover(e)
             raise
         finally:
-            bar.close()
+            progress.close()
 
 
 def resolve_backend(config: EngineConfig, plugins: Plugins):
