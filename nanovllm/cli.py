@@ -125,7 +125,7 @@ def print_plan(args, plugins, kernels) -> int:
 
         from nanovllm.core.config import EngineConfig
         from nanovllm.core.engine import resolve_backend
-        from nanovllm.llm import check_model_folder
+        from nanovllm.checkpoint.folder import check_model_folder
         check_model_folder(args.model)
         config = EngineConfig(model=args.model, backend=args.backend, hf_config=AutoConfig.from_pretrained(args.model),
                               kernels=kernels, kernel_plan=args.kernel_plan)
@@ -180,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--kernel-plan", metavar="FILE", help="with --plan --model: check that a saved plan can be replayed")
     b.set_defaults(fn=cmd_backends)
     t = sub.add_parser("bench", help="the seed throughput benchmark with its measured floor")
-    from nanovllm import bench
+    from nanovllm.commands import bench
     bench.add_arguments(t)
     add_kernel_arguments(t)
     t.set_defaults(fn=bench.main)
     u = sub.add_parser("tune", help="time every usable kernel per op at a model's shapes; write the winners to "
                                     "the user's plugins.toml")
-    from nanovllm import tune
+    from nanovllm.commands import tune
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
     args = parser.parse_args(argv)

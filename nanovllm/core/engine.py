@@ -16,8 +16,8 @@ from nanovllm.core.registry import KernelPlan, KernelQuery
 from nanovllm.core.shadow import install_shadow_verification
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence
-from nanovllm.core.tensor_parallel import check_tensor_parallel
-from nanovllm.core.worker_group import WorkerGroup
+from nanovllm.core.parallel.checks import check_tensor_parallel
+from nanovllm.core.parallel.worker_group import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)

@@ -12,23 +12,23 @@ import torch
 
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
-from nanovllm.core.fusion import fuse_small_ops
+from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
-from nanovllm.core.step_transport import pack_step, step_to_device
+from nanovllm.core.parallel.step_transport import pack_step, step_to_device
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
 from nanovllm.models.registry import model_class
 
 if TYPE_CHECKING:
-    from nanovllm.core.worker_group import WorkerGroup
+    from nanovllm.core.parallel.worker_group import WorkerGroup
 
 logger = get_logger(__name__)
 

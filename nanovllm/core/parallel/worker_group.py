@@ -13,7 +13,7 @@ from multiprocessing.connection import wait
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
-from nanovllm.core.worker import worker_main
+from nanovllm.core.parallel.worker_process import worker_main
 
 logger = get_logger(__name__)
 

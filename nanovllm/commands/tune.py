@@ -119,11 +119,11 @@ def format_table(op: str, shapes: list[Shape], timings: dict[str, list[float]], 
 def main(args) -> int:
     from transformers import AutoConfig
 
-    from nanovllm.bench import device_name
+    from nanovllm.commands.bench import device_name
     from nanovllm.core.config import EngineConfig
     from nanovllm.core.engine import resolve_backend
     from nanovllm.core.plugins import load_plugins, user_toml_path
-    from nanovllm.tune_preferences import write_tuned_preferences
+    from nanovllm.commands.tune_preferences import write_tuned_preferences
 
     source = args.model or args.config
     if source is None:

@@ -21,7 +21,7 @@ def worker_main(config: EngineConfig, backend_name: str, rank: int, world_size: 
         from nanovllm.core.engine import resolve_backend
         from nanovllm.core.model_runner import ModelRunner
         from nanovllm.core.plugins import load_plugins
-        from nanovllm.core.step_transport import step_to_device, unpack_step
+        from nanovllm.core.parallel.step_transport import step_to_device, unpack_step
 
         config.backend = backend_name
         backend, dtype, block_size, plan = resolve_backend(config, load_plugins())
