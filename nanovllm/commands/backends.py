@@ -22,6 +22,7 @@ def main(args) -> int:
     from nanovllm.core.config import parse_kernels
     from nanovllm.core.plugins import backend_availability, load_plugins
     from nanovllm.core.registry import KernelQuery
+    from nanovllm.core.startup import resolve_kernels
     plugins = load_plugins()
     source = "--kernels" if args.kernels else "NANOVLLM_KERNELS"
     text = args.kernels or os.environ.get("NANOVLLM_KERNELS")
@@ -43,8 +44,7 @@ def main(args) -> int:
         level = registry_logger.level
         registry_logger.setLevel(logging.ERROR)  # a listing: the table already shows every fallback and reason
         try:
-            print(plugins.registry.resolve(name, query, plugins.kernel_preferences(name), kernels,
-                                           notes=plugins.preference_notes(name)).table())
+            print(resolve_kernels(plugins, name, query, kernels).table())
         except (ValueError, RuntimeError) as e:
             print(f"  cannot resolve: {e}")
         finally:
@@ -58,24 +58,23 @@ def print_plan(args, plugins, kernels) -> int:
     """The kernel plan one engine would run: for --model's shapes, or for --head-dim/--num-heads/--num-kv-heads."""
     from nanovllm.core.kernel_plan_io import save_plan
     from nanovllm.core.registry import KernelQuery
+    from nanovllm.core.startup import resolve, resolve_kernels
     if args.model:
         from transformers import AutoConfig
 
         from nanovllm.core.config import EngineConfig
-        from nanovllm.core.engine import resolve_backend
         from nanovllm.checkpoint.folder import check_model_folder
         check_model_folder(args.model)
         config = EngineConfig(model=args.model, backend=args.backend, hf_config=AutoConfig.from_pretrained(args.model),
                               kernels=kernels, kernel_plan=args.kernel_plan)
-        plan = resolve_backend(config, plugins)[3]
+        plan = resolve(config, plugins).plan
     else:
         if args.kernel_plan:
             raise ValueError("--kernel-plan with --plan needs --model: a plan is checked against a model's shapes")
         backend = plugins.select(args.backend)
         query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
                             args.num_kv_heads, backend.default_block_size)
-        plan = plugins.registry.resolve(backend.name, query, plugins.kernel_preferences(backend.name), kernels,
-                                        notes=plugins.preference_notes(backend.name))
+        plan = resolve_kernels(plugins, backend.name, query, kernels)
     q = plan.query
     print(f"kernel plan for backend {plan.backend} ({q.device_type}, {str(q.dtype).removeprefix('torch.')}, "
           f"head_dim {q.head_dim}, {q.num_heads}/{q.num_kv_heads} heads, block size {q.block_size}"

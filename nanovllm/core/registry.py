@@ -4,6 +4,7 @@ Resolution for a backend: the plugins.toml preference list first, then priority,
 implementations whose `check(query)` returns reasons. The reasons are kept so the choice can be
 explained. An implementation the user named that cannot serve is an error, never a substitution.
 """
+import dataclasses
 import difflib
 import inspect
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class KernelPlan:
 
     def fn(self, op: str) -> Callable:
         return self.wrappers.get(op) or self.choices[op].impl.fn
+
+    def with_why(self, why: str) -> "KernelPlan":
+        """The same kernels, each op's reason replaced by `why` (a replayed plan says it was pinned)."""
+        return dataclasses.replace(self, choices={op: dataclasses.replace(c, why=why) for op, c in self.choices.items()})
 
     def demote(self, op: str, replacement: OpChoice, reason: str) -> None:
         """Record that `op`'s kernel failed verification and `replacement` runs instead."""

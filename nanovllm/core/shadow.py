@@ -113,9 +113,14 @@ class VerifiedKernel:
         self.target = replacement.impl
 
 
-def install_shadow_verification(plan: KernelPlan, registry, every: int,
-                                resolve_again: Callable[[str, frozenset[str]], OpChoice]) -> None:
-    """Wrap every op of `plan` whose reference twin is registered; `resolve_again(op, excluded)` re-resolves."""
+def install_shadow_verification(plan: KernelPlan, plugins, backend: str, every: int) -> None:
+    """Wrap every op of `plan` whose reference twin is registered; a demoted op is re-resolved without it."""
+    from nanovllm.core.startup import resolve_kernels
+    registry = plugins.registry
+
+    def resolve_again(op: str, excluded: frozenset[str]) -> OpChoice:
+        return resolve_kernels(plugins, backend, plan.query, ops=[op], exclude=excluded).choices[op]
+
     for op in plan.choices:
         reference = registry.reference(op)
         if reference is not None:

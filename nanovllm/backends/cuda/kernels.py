@@ -90,8 +90,6 @@ def check_triton(query: KernelQuery) -> list[str]:
         reasons.append(f"dtype {query.dtype} is not float16, bfloat16 or float32")
     if not 1 <= query.head_dim <= 256:  # other than powers of two are padded to one inside the kernels
         reasons.append(f"head_dim {query.head_dim} is not in [1, 256]")
-    if query.block_size < 1:
-        reasons.append(f"block_size {query.block_size} is not positive")
     return reasons
 
 
