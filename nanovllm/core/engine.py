@@ -10,10 +10,11 @@ from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.plugins import Plugins, load_plugins
-from nanovllm.core.shadow import install_shadow_verification
+from nanovllm.core.registry import KernelPlan
+from nanovllm.core.shadow import current_plan
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence
-from nanovllm.core.startup import pinned, resolve
+from nanovllm.core.startup import pinned, resolve, with_verification
 from nanovllm.core.parallel.checks import check_tensor_parallel
 from nanovllm.core.parallel.worker_group import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
@@ -34,11 +35,8 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.plugins = plugins or load_plugins()
-        self.resolved = resolve(config, self.plugins)
-        self.backend, self.kernel_plan = self.resolved.backend, self.resolved.plan
-        if config.verify_kernels:
-            install_shadow_verification(self.kernel_plan, self.plugins, self.resolved.backend.name,
-                                        config.verify_kernels)
+        self.resolved = with_verification(resolve(config, self.plugins), self.plugins, config.verify_kernels)
+        self.backend = self.resolved.backend
         # the one value start-up changes in the config: the model's limit caps max_model_len (logged by resolve)
         config.max_model_len = self.resolved.max_model_len
         tp = config.tensor_parallel_size
@@ -56,6 +54,11 @@ class Engine:
             raise
         self.scheduler = Scheduler(config, num_blocks, self.resolved.block_size, eos_token_ids(config.hf_config))
         self.stats = StepStats()
+
+    @property
+    def kernel_plan(self) -> KernelPlan:
+        """The kernels this engine runs: the resolved plan, with shadow verification's demotions (if any)."""
+        return current_plan(self.resolved.plan)
 
     def _fail(self, error: BaseException) -> None:
         """Shut everything down after `error`; raise RuntimeError instead if a worker's death caused it."""

@@ -13,6 +13,7 @@ check rejects this run's `KernelQuery` (device, dtype, head_dim, heads, block si
 `kernel_query`), with the cpu_ref reference kernel as the last resort. Kernels that hand some calls to
 another kernel say so in their row ("falls back per call to ...").
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,15 @@ def resolve(config: EngineConfig, plugins: Plugins) -> Resolved:
         plan = plan.with_why(f"pinned by kernel plan {config.kernel_plan}")
     logger.info("backend %s, %s, kernels:\n%s", backend.name, dtype, plan.table())
     return Resolved(backend, dtype, block_size, capped_max_model_len(config), plan)
+
+
+def with_verification(resolved: Resolved, plugins: Plugins, every: int | None) -> Resolved:
+    """`resolved` whose plan shadow-verifies one call in `every` per op and shape (`core/shadow.py`); unchanged
+    when `every` is None."""
+    if not every:
+        return resolved
+    from nanovllm.core.shadow import install_shadow_verification
+    return dataclasses.replace(resolved, plan=install_shadow_verification(resolved.plan, plugins, every))
 
 
 def capped_max_model_len(config: EngineConfig) -> int:

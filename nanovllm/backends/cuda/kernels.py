@@ -133,10 +133,11 @@ def register_cuda_kernels(registry) -> None:
     registry.register("attention.prefill", BACKEND, "flash_attn", flash_attn_prefill, priority=30,
                       check=check_flash_attn)
     registry.register("attention.prefill", BACKEND, "torch_flash", torch_flash_prefill, priority=20,
-                      check=check_torch_flash)
+                      check=check_torch_flash, fallback="cuda/triton_paged for batches with a cached prefix")
     registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
                       check=check_triton)
-    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler)
+    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler,
+                      fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
                       check=check_flash_attn, graph_safe=True)
     registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,

@@ -23,13 +23,10 @@ def worker_main(config: EngineConfig, spec: PinnedPlan, rank: int, world_size: i
         from nanovllm.core.model_runner import ModelRunner
         from nanovllm.core.parallel.step_transport import step_to_device, unpack_step
         from nanovllm.core.plugins import load_plugins
-        from nanovllm.core.shadow import install_shadow_verification
-        from nanovllm.core.startup import from_pinned
+        from nanovllm.core.startup import from_pinned, with_verification
 
         plugins = load_plugins()
-        resolved = from_pinned(spec, plugins)
-        if config.verify_kernels:
-            install_shadow_verification(resolved.plan, plugins, spec.backend, config.verify_kernels)
+        resolved = with_verification(from_pinned(spec, plugins), plugins, config.verify_kernels)
         comm = resolved.backend.communicator(rank, world_size, init_method)
         runner = ModelRunner(config, resolved, comm)
         runner.initialize()
