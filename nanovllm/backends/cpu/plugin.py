@@ -13,7 +13,7 @@ import nanovllm
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.registry import KernelQuery
 
 NANOVLLM_PLUGIN_API = (1, 0)
@@ -60,15 +60,10 @@ class CpuBackend(Backend):
         cache = torch.zeros(shape, dtype=dtype, device=device)
         return [(cache[0, i], cache[1, i]) for i in range(num_layers)]
 
-    def memory_info(self, device):
-        from nanovllm.backends.cpu.memory import meminfo
-        free, total = meminfo("MemAvailable"), meminfo("MemTotal")
-        return None if free is None or total is None else (free, total)
-
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         if world_size == 1:
             return Communicator(rank, world_size)
-        from nanovllm.core.distributed import TorchDistCommunicator
+        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
 
 
