@@ -1,6 +1,6 @@
 """LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`, `stream`)."""
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from transformers import AutoTokenizer
 
@@ -99,11 +99,13 @@ class LLM:
         return ids, params
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[dict]:
+                 use_tqdm: bool | Callable = True) -> list[dict]:
         """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
 
         Each dict has `text`, `token_ids` (the output), `prompt_token_ids`, `finish_reason` ("stop" for EOS, a stop
         token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
+        `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
+        class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
         ids, params = self._requests(prompts, sampling_params)
         seqs = [self.engine.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
@@ -111,7 +113,8 @@ class LLM:
         return [request_output(seq, self.tokenizer) for seq in seqs]
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[dict]:
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool | Callable = True) -> list[dict]:
         """`generate` for one conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's
         chat template (with the assistant's generation prompt)."""
         return self.generate(self.apply_chat_template(messages), sampling_params, use_tqdm)

@@ -1,4 +1,5 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -165,17 +166,17 @@ class Engine:
         """The most output tokens `seq` can produce: max_tokens, or the room max_model_len leaves."""
         return min(seq.params.max_tokens, self.config.max_model_len - seq.num_prompt_tokens)
 
-    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True, progress_delay: float = 0.0) -> None:
+    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool | Callable = True) -> None:
         """Step until every queued sequence has finished. If anything raises (a kernel, Ctrl-C), every
         unfinished request is aborted before the exception propagates, leaving the engine idle and usable.
 
         Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens
         are committed, so host work overlaps device work (`async_scheduling=False` turns this off).
-        `use_tqdm` shows a bar over the output tokens (`core/progress.py`), after `progress_delay` seconds.
+        `use_tqdm` shows a bar over the output tokens (True, or a tqdm-like class to build it: `core/progress.py`).
         """
         self.check_open()
         progress = GenerationProgress(sum(map(self.planned_output_tokens, seqs)), len(seqs),
-                                      sum(s.num_prompt_tokens for s in seqs), enabled=use_tqdm, delay=progress_delay)
+                                      sum(s.num_prompt_tokens for s in seqs), use_tqdm)
         counted = [0, 0]  # output tokens committed, prompt tokens computed (prefix-cache hits included)
         ours = {s.seq_id for s in seqs}
 

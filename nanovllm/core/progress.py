@@ -6,10 +6,12 @@ total, so the bar ends with count == total == the output tokens produced. The ra
 output tokens per second, and the postfix says how many requests are done and how many prompt tokens
 are prefilled, so a long prefill never reads as a stalled bar or "0 tok/s".
 
-Shown on stderr when asked for (`use_tqdm`) and the project logger shows INFO (NANOVLLM_LOG_LEVEL=WARNING
-keeps it quiet); `delay` hides it for runs shorter than that many seconds.
+Shown on stderr when asked for (`use_tqdm`: True, or as in vLLM a tqdm-like class to build the bar with,
+e.g. `functools.partial(tqdm, delay=2)` to show it only for runs longer than 2 s) and while the project
+logger shows INFO (NANOVLLM_LOG_LEVEL=WARNING keeps it quiet).
 """
 import logging
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
@@ -19,13 +21,14 @@ logger = get_logger(__name__)
 
 
 class GenerationProgress:
-    def __init__(self, planned_output_tokens: int, num_requests: int, num_prompt_tokens: int, enabled: bool = True,
-                 delay: float = 0.0, desc: str = "Generating"):
+    def __init__(self, planned_output_tokens: int, num_requests: int, num_prompt_tokens: int,
+                 use_tqdm: bool | Callable = True, desc: str = "Generating"):
         self.num_requests, self.num_prompt_tokens = num_requests, num_prompt_tokens
         self.total, self.count = planned_output_tokens, 0  # output tokens: planned (shrinking), produced
         self.num_finished = self.num_prefilled = 0
-        self.bar = tqdm(total=planned_output_tokens, desc=desc, unit="tok", dynamic_ncols=True, delay=delay,
-                        disable=not (enabled and logger.isEnabledFor(logging.INFO)))
+        make_bar = use_tqdm if callable(use_tqdm) else tqdm
+        self.bar = make_bar(total=planned_output_tokens, desc=desc, unit="tok", dynamic_ncols=True,
+                            disable=not (use_tqdm and logger.isEnabledFor(logging.INFO)))
         self._show_postfix()
 
     def advance(self, output_tokens: int = 0, prompt_tokens: int = 0, finished_unused: list[int] = ()) -> None:

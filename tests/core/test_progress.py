@@ -9,7 +9,7 @@ from tests.conftest import random_prompts
 
 
 def test_advance_counts_output_tokens_and_shrinks_the_total():
-    progress = GenerationProgress(planned_output_tokens=30, num_requests=3, num_prompt_tokens=12, enabled=False)
+    progress = GenerationProgress(planned_output_tokens=30, num_requests=3, num_prompt_tokens=12, use_tqdm=False)
     progress.advance(prompt_tokens=12)
     progress.advance(output_tokens=3)
     progress.advance(output_tokens=3, finished_unused=[8])  # one request stopped after 2 of its 10 tokens
