@@ -108,7 +108,7 @@ class LLM:
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
         ids, params = self._requests(prompts, sampling_params)
-        seqs = [self.engine.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        seqs = [self.engine.add_request(p, sp) for p, sp in zip(ids, params)]
         self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
         return [request_output(seq, self.tokenizer) for seq in seqs]
 
@@ -138,7 +138,7 @@ class LLM:
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
-        seqs = [self.engine.add_request(p, sp, i, detokenize=True) for i, (p, sp) in enumerate(zip(ids, params))]
+        seqs = [self.engine.add_request(p, sp, detokenize=True) for p, sp in zip(ids, params)]
         num_sent = [0] * len(seqs)
         unreported = dict(enumerate(seqs))  # requests whose last piece is not out yet
         try:
