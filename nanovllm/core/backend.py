@@ -49,6 +49,10 @@ class Backend:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
 
+    def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """Called once per engine after the weights are loaded: a backend may adapt layers to its device here,
+        e.g. give linear layers a `linear_op` that reads weights it pre-packed. The base does nothing."""
+
     def check_block_size(self, block_size: int) -> list[str]:
         """Reasons the KV block size cannot be used (empty: usable)."""
         return []

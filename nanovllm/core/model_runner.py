@@ -71,6 +71,7 @@ class ModelRunner:
         else:
             load_model(self.model, config.model)
         self.attention_layers = self.model.attention_layers()
+        backend.prepare_model(self.model, self.dtype)
         if config.compile if config.compile is not None else backend.compile_small_ops:
             fuse_small_ops(self.model)
         self.num_blocks = 0

@@ -54,3 +54,26 @@ def test_seeded_rows_depend_on_their_generator_only():
     gens = lambda: [torch.Generator().manual_seed(1), None, torch.Generator().manual_seed(2)]  # noqa: E731
     first, second = draw(gens()), draw(gens())
     assert first[0] == second[0] and first[2] == second[2]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [0, 1, 17])
+def test_packed_linear_matches_f_linear(dtype, tol, rows):
+    from nanovllm.backends.cpu.linear import PackedLinear
+    gen = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(96, 40, generator=gen) * 0.1).to(dtype)
+    bias = torch.randn(96, generator=gen).to(dtype)
+    x = torch.randn(rows, 40, generator=gen).to(dtype)
+    out = PackedLinear(weight)(x, weight, bias)
+    assert out.shape == (rows, 96) and out.dtype == dtype
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), atol=tol, rtol=tol)
+
+
+def test_prepare_model_packs_every_linear_and_the_lm_head(tiny_qwen3):
+    from nanovllm import LLM
+    from nanovllm.backends.cpu.linear import PackedLinear, can_pack
+    llm = LLM(tiny_qwen3, backend="cpu", dtype="float32", max_model_len=128)
+    ops = [m.linear_op for m in llm.engine.runner.model.modules() if hasattr(m, "linear_op")]
+    assert len(ops) == 4 * 2 + 1  # qkv, o, gate_up, down per layer (2 layers) and the LM head
+    assert all(isinstance(op, PackedLinear) for op in ops) == can_pack(torch.float32)

@@ -1,7 +1,8 @@
 """The cpu backend: the fast path on CPUs, chosen before the cpu_ref oracle when no GPU is there.
 
-Vectorised paged attention through torch's fused SDPA (`attention.py`), an index_copy_ KV store, a
-sampler without a vocabulary sort for top-k, a thread count from the cores other work leaves free
+Vectorised paged attention through torch's fused SDPA (`attention.py`), linear layers through oneDNN
+with weights packed once (`linear.py`), an index_copy_ KV store, a sampler without a vocabulary sort
+(`sampler.py`), a thread count from the cores other work leaves free
 (`threads.py`) and a KV budget sized to max_num_seqs x max_model_len (`memory.py`). bfloat16 where
 the CPU computes it natively (AVX-512 BF16 or AMX), else float32: measured with SmolLM2-135M on an
 AVX-512 BF16 CPU, bfloat16 decodes 1.5-2x faster; without those instructions torch emulates it and it
@@ -48,6 +49,10 @@ class CpuBackend(Backend):
         torch.set_num_threads(threads)
         logger.info("cpu backend: %d thread%s (%s); set threads= / --threads to change", threads,
                     "" if threads == 1 else "s", why)
+
+    def prepare_model(self, model, dtype: torch.dtype) -> None:
+        from nanovllm.backends.cpu.linear import pack_linear_weights
+        pack_linear_weights(model, dtype)
 
     def kv_cache_budget(self, config: EngineConfig, device: torch.device, bytes_per_block: int) -> int:
         from nanovllm.backends.cpu import memory
