@@ -24,6 +24,7 @@ from nanovllm.core.kernel_plan_io import load_plan
 from nanovllm.core.logging import get_logger
 from nanovllm.core.plugins import Plugins
 from nanovllm.core.registry import KernelPlan, KernelQuery, OpChoice
+from nanovllm.models.decoder import head_dim_of
 
 logger = get_logger(__name__)
 
@@ -47,11 +48,6 @@ class PinnedPlan:
     max_model_len: int
     query: KernelQuery
     kernels: tuple[tuple[str, str, str], ...]  # (op, "backend/name", why)
-
-
-def head_dim_of(hf_config) -> int:
-    """The attention head dim: config.json's `head_dim`, else hidden_size / num_attention_heads."""
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
 def kernel_query(hf_config, device_type: str, dtype: torch.dtype, block_size: int, tp_size: int = 1) -> KernelQuery:
@@ -92,6 +88,7 @@ def resolve(config: EngineConfig, plugins: Plugins) -> Resolved:
             raise ValueError(f"kernel plan {config.kernel_plan!r} was saved for backend {replay[0]!r}, but backend="
                              f"{backend_name!r} was asked for: drop one, or save a plan for {backend_name!r}")
         backend_name = replay[0]
+    check_backend_options(config, plugins)
     backend = plugins.select(backend_name, config.device)
     device_type = torch.device(config.device).type if config.device else backend.device_type
     dtype = config.dtype or backend.default_dtype_for(torch.device(device_type))
@@ -119,6 +116,18 @@ def with_verification(resolved: Resolved, plugins: Plugins, every: int | None) -
         return resolved
     from nanovllm.core.shadow import install_shadow_verification
     return dataclasses.replace(resolved, plan=install_shadow_verification(resolved.plan, plugins, every))
+
+
+def check_backend_options(config: EngineConfig, plugins: Plugins) -> None:
+    """ValueError for an option no engine field and no backend declares, or a value its backend refuses. A
+    backend's option passed while another backend runs is checked and then unused (scripts stay portable)."""
+    declared = {name: option for b in plugins.backends.values() for name, option in b.options.items()}
+    unknown = sorted(set(config.backend_options) - set(declared))
+    if unknown:
+        known = EngineConfig.option_names() + sorted(declared)
+        raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for name, value in config.backend_options.items():
+        declared[name].check(name, value)
 
 
 def capped_max_model_len(config: EngineConfig) -> int:
