@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -41,18 +42,20 @@ class EngineRequest:
     token_ids: list[int]
     params: SamplingParams
     index: int = 0
-    stream: bool = False  # put a delta every step it gains tokens (with its text); else only its last one
+    stream: bool = False  # put a delta every step it gains tokens; else only its last one
+    detokenize: bool | None = None  # keep the text up to date token by token (None: as `stream`)
     prompt_logprobs: int | None = None  # N: compute the prompt's logprobs (top N per position)
 
 
 class _Live:
     """The loop's record of a request in the engine."""
-    __slots__ = ("request", "seq", "channel", "num_sent", "prompt_logprobs")
+    __slots__ = ("request", "seq", "channel", "num_sent", "prompt_logprobs", "first_token_time")
 
     def __init__(self, request: EngineRequest, seq: Sequence, channel: OutputChannel, prompt_logprobs):
         self.request, self.seq, self.channel = request, seq, channel
         self.num_sent = 0
         self.prompt_logprobs = prompt_logprobs
+        self.first_token_time: float | None = None  # time.monotonic() when its first token was committed
 
 
 class EngineLoop:
@@ -160,7 +163,7 @@ class EngineLoop:
                 prompt_logprobs = None
                 if r.prompt_logprobs is not None:
                     prompt_logprobs = compute_prompt_logprobs(self.engine.runner, r.token_ids, r.prompt_logprobs)
-                seq = self.engine.add_request(r.token_ids, r.params, r.index, detokenize=r.stream)
+                seq = self.engine.add_request(r.token_ids, r.params, r.index, detokenize=r.stream if r.detokenize is None else r.detokenize)
                 live = _Live(r, seq, channel, prompt_logprobs)
                 self._live[seq.seq_id] = self._by_id[r.request_id] = live
                 added.append(live)
@@ -171,11 +174,23 @@ class EngineLoop:
             channel.fail(e)
 
     def _abort(self, request_ids: list[str]) -> None:
+        """Abort each request still in the engine; its channel gets a last delta with finish_reason "abort"."""
+        out: dict[int, tuple[OutputChannel, list[RequestDelta]]] = {}
         for request_id in request_ids:
             live = self._by_id.get(request_id)
-            if live is not None:
-                self._forget(live)
-                self.engine.scheduler.abort(live.seq)
+            if live is None:
+                continue
+            self._forget(live)
+            seq = live.seq
+            self.engine.scheduler.abort(seq)
+            if seq.num_pending:  # placeholders of a step in flight: that step's commit skips a finished sequence
+                del seq.token_ids[len(seq) - seq.num_pending:]
+                seq.num_pending = 0
+            delta = RequestDelta(request_id, live.request.index, [], "", None, True, "abort", seq, live.prompt_logprobs,
+                                 seq.num_prompt_tokens)
+            out.setdefault(id(live.channel), (live.channel, []))[1].append(delta)
+        for channel, deltas in out.values():
+            channel.put(deltas)
 
     def _forget(self, live: _Live) -> None:
         self._live.pop(live.seq.seq_id, None)
@@ -213,11 +228,13 @@ class EngineLoop:
     def _delta(self, live: _Live) -> RequestDelta | None:
         seq, request = live.seq, live.request
         finished = seq.is_finished
+        end = len(seq) - seq.num_pending  # committed tokens; placeholders of a step in flight follow them
+        if live.first_token_time is None and end > seq.num_prompt_tokens:
+            live.first_token_time = time.monotonic()
         if finished:
             self._forget(live)
         elif not request.stream:
             return None
-        end = len(seq) - seq.num_pending  # committed tokens; placeholders of a step in flight follow them
         start = seq.num_prompt_tokens + live.num_sent
         if end <= start and not finished:
             return None
@@ -232,5 +249,5 @@ class EngineLoop:
         prompt_logprobs, live.prompt_logprobs = live.prompt_logprobs, None
         return RequestDelta(request.request_id, request.index, token_ids, text, logprobs, finished,
                             seq.finish_reason if finished else None, seq if finished else None, prompt_logprobs,
-                            seq.num_prompt_tokens)
+                            seq.num_prompt_tokens, live.first_token_time)
 

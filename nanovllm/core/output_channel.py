@@ -32,6 +32,7 @@ class RequestDelta:
     seq: Sequence | None = None  # set on the last delta: read-only for the caller from then on
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_prompt_tokens: int = 0
+    first_token_time: float | None = None  # time.monotonic() at its first committed token (for metrics)
 
 
 class OutputChannel:
