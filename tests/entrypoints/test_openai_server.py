@@ -251,6 +251,31 @@ def test_models_tokenize_detokenize_and_metrics(server, client, llm):
     assert m["nanovllm:generation_tokens_total"] > 0 and m["nanovllm:time_to_first_token_seconds_count"] > 0
 
 
+LOGLIKELIHOOD_TASK = [  # (context, continuation): a small log-likelihood task of our own
+    ("paris is the capital of", " france"), ("the quick brown fox jumps over the", " lazy dog"),
+    ("hello", " world!"), ("numbers 0 1 2 3", " 4 5 6"), ("a small engine runs large models fast on a", " gpu"),
+    ("unicode: café", " naïve 東京"), ("the", " capital of paris is the quick brown fox"), ("1", " 2"),
+]
+
+
+def test_lm_eval_local_completions_matches_hf(server, tiny_qwen3, monkeypatch):
+    """lm-eval's `local-completions` model (echo + logprobs through /v1/completions) gives the per-example
+    log-likelihoods and greedy flags that lm-eval's `hf` model computes with transformers on the same checkpoint."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(LOGLIKELIHOOD_TASK)]
+    hf = HFLM(pretrained=tiny_qwen3, device="cpu", dtype="float32", batch_size=4).loglikelihood(requests)
+    api = LocalCompletionsAPI(model="tiny", base_url=f"{server.url}/v1/completions", tokenizer=tiny_qwen3,
+                              tokenizer_backend="huggingface", batch_size=3, max_retries=1, timeout=60)
+    served = api.loglikelihood(requests)
+    assert len(served) == len(hf) == len(LOGLIKELIHOOD_TASK)
+    for (got, got_greedy), (want, want_greedy) in zip(served, hf):
+        assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4), (got, want)
+        assert got_greedy == want_greedy
+
+
 def test_sigterm_mid_stream_exits_0(server):
     """Last in this module (it stops the shared server): in-flight streams end, the process exits 0."""
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 240, "stream": True, "ignore_eos": True}
