@@ -14,7 +14,7 @@ from nanovllm.core.output_channel import OutputChannel
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
-from nanovllm.model_folder import check_model_folder, check_tokenizer_folder, read_hf_config
+from nanovllm.checkpoint.folder import check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
 from nanovllm.requests import params_per_prompt, prompts_to_ids
@@ -56,7 +56,7 @@ class LLM:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(EngineConfig.option_names())}")
         if model is None:
-            from nanovllm.default_model import default_model_path
+            from nanovllm.checkpoint.default_model import default_model_path
             model = default_model_path()
         model = os.path.expanduser(str(model))
         check_model_folder(model)

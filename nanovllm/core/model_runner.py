@@ -10,25 +10,24 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
-from nanovllm.core.fusion import fuse_small_ops
+from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
-from nanovllm.core.parallel import Communicator
-from nanovllm.core.registry import KernelPlan
+from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
+from nanovllm.core.startup import Resolved
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
-from nanovllm.core.step_transport import pack_step, step_to_device
+from nanovllm.core.parallel.step_transport import pack_step, step_to_device
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
 from nanovllm.models.registry import model_class
 
 if TYPE_CHECKING:
-    from nanovllm.core.worker_group import WorkerGroup
+    from nanovllm.core.parallel.worker_group import WorkerGroup
 
 logger = get_logger(__name__)
 
@@ -47,20 +46,21 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, backend: Backend, plan: KernelPlan, comm: Communicator,
-                 dtype: torch.dtype, block_size: int, workers: "WorkerGroup | None" = None):
+    def __init__(self, config: EngineConfig, resolved: Resolved, comm: Communicator,
+                 workers: "WorkerGroup | None" = None):
         """`workers` is rank 0's handle on the other ranks under tensor parallelism (None otherwise)."""
+        backend, plan, block_size = resolved.backend, resolved.plan, resolved.block_size
         self.config, self.backend, self.plan, self.comm = config, backend, plan, comm
         self.workers = workers
         self.hf_config = config.hf_config
-        self.dtype, self.block_size = dtype, block_size
+        self.dtype, self.block_size = resolved.dtype, block_size
         self.device = backend.device(config, comm.rank)
         self.sampler = plan.fn("sampler")
         self.max_num_blocks_per_seq = -(-config.max_model_len // block_size)
         backend.seed(config.seed)
         default_dtype = torch.get_default_dtype()
         try:
-            torch.set_default_dtype(dtype)
+            torch.set_default_dtype(self.dtype)
             with torch.device(self.device):
                 self.model = model_class(self.hf_config)(self.hf_config, LayerContext(comm, plan))
         finally:

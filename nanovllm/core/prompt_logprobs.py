@@ -10,7 +10,7 @@ import torch
 
 from nanovllm.core.logprobs import StepLogprobs
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
-from nanovllm.core.step_transport import pack_step, step_to_device
+from nanovllm.core.parallel.step_transport import pack_step, step_to_device
 
 ROWS_PER_CHUNK = 512  # log_softmax over the vocabulary this many positions at a time, to bound float32 copies
 

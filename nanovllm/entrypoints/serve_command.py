@@ -4,7 +4,7 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from nanovllm.cli import add_engine_arguments
+    from nanovllm.commands.arguments import add_engine_arguments
     p.add_argument("model", nargs="?", help="a Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-"
                                             "Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -32,10 +32,10 @@ def check_serve_extra() -> None:
 def main(args: argparse.Namespace) -> int:
     check_serve_extra()
     from nanovllm.async_llm import AsyncLLM
-    from nanovllm.cli import _engine_options
+    from nanovllm.commands.arguments import engine_options
     from nanovllm.core.logging import get_logger
     from nanovllm.entrypoints.openai.api_server import run_server
-    llm = AsyncLLM(args.model, args.backend, **_engine_options(args))
+    llm = AsyncLLM(args.model, args.backend, **engine_options(args))
     name = args.served_model_name or (args.model or os.path.basename(llm.config.model))
     get_logger(__name__).info("serving %s as %r on http://%s:%d", llm.config.model, name, args.host, args.port)
     try:

@@ -2,7 +2,7 @@
 offline run does, and the figures are reported."""
 import json
 
-from nanovllm import bench
+from nanovllm.commands import bench
 from nanovllm.cli import main
 
 

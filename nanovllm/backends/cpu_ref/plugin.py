@@ -8,7 +8,7 @@ import torch
 
 import nanovllm
 from nanovllm.core.backend import Backend
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 
 NANOVLLM_PLUGIN_API = (1, 0)
 
@@ -44,7 +44,7 @@ class CpuRefBackend(Backend):
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         if world_size == 1:
             return Communicator(rank, world_size)
-        from nanovllm.core.distributed import TorchDistCommunicator
+        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
 
     def seed(self, seed: int) -> None:

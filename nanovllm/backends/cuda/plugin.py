@@ -10,7 +10,7 @@ import torch
 
 import nanovllm
 from nanovllm.core.backend import Backend
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 
 NANOVLLM_PLUGIN_API = (1, 0)
 
@@ -78,7 +78,7 @@ class CudaBackend(Backend):
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         if world_size == 1:
             return Communicator(rank, world_size)
-        from nanovllm.core.distributed import TorchDistCommunicator
+        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, init_method, "nccl", torch.device("cuda", rank))
 
     def synchronize(self, device) -> None:

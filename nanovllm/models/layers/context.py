@@ -1,7 +1,7 @@
 """LayerContext: what layers need from the engine (their rank's communicator and the resolved kernels)."""
 from dataclasses import dataclass
 
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.registry import KernelPlan
 
 

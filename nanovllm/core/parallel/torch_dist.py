@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 
 # How long a collective waits for a peer. A peer that crashes closes its connection and is noticed at
 # once (gloo); the timeout only bounds a peer that hangs or never joins.
