@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
     s = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (completions, chat, tokenize, metrics)")
-    from nanovllm.entrypoints import serve_command
-    serve_command.add_arguments(s)
-    s.set_defaults(fn=serve_command.main)
+    from nanovllm.commands import serve
+    serve.add_arguments(s)
+    s.set_defaults(fn=serve.main)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
