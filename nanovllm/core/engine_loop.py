@@ -163,7 +163,8 @@ class EngineLoop:
                 prompt_logprobs = None
                 if r.prompt_logprobs is not None:
                     prompt_logprobs = compute_prompt_logprobs(self.engine.runner, r.token_ids, r.prompt_logprobs)
-                seq = self.engine.add_request(r.token_ids, r.params, r.index, detokenize=r.stream if r.detokenize is None else r.detokenize)
+                detokenize = r.stream if r.detokenize is None else r.detokenize
+                seq = self.engine.add_request(r.token_ids, r.params, detokenize=detokenize)
                 live = _Live(r, seq, channel, prompt_logprobs)
                 self._live[seq.seq_id] = self._by_id[r.request_id] = live
                 added.append(live)
