@@ -77,7 +77,3 @@ class Backend:
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
-
-    def memory_info(self, device: torch.device) -> tuple[int, int] | None:
-        """(free bytes, total bytes) of the device, or None when it cannot be known."""
-        return None

@@ -25,7 +25,6 @@ logger = get_logger(__name__)
 class StepStats:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
-    seconds: float = 0.0
 
 
 class Engine:
@@ -78,13 +77,12 @@ class Engine:
         if self.comm is not None:
             self.comm.close()
 
-    def add_request(self, token_ids: list[int], params: SamplingParams, request_index: int = 0,
-                    detokenize: bool = False) -> Sequence:
+    def add_request(self, token_ids: list[int], params: SamplingParams, detokenize: bool = False) -> Sequence:
         """Queue a request. `detokenize` keeps its text up to date token by token (for streaming); requests with
         stop strings always are."""
         self.check_open()
         self.check_params(params, detokenize)
-        seq = Sequence(token_ids, params, request_index)
+        seq = Sequence(token_ids, params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)

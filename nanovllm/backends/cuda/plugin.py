@@ -58,9 +58,6 @@ class CudaBackend(Backend):
             return [f"the cuda kernels need blocks of at least 16 tokens, got {block_size}"]
         return []
 
-    def memory_info(self, device):
-        return torch.cuda.mem_get_info(device)
-
     def kv_cache_budget(self, config, device, bytes_per_block: int) -> int:
         """gpu_memory_utilization of the card, minus what is in use and the warm-up's peak activations."""
         if config.num_kvcache_blocks is not None:

@@ -44,9 +44,6 @@ class TorchDistCommunicator(Communicator):
         dist.broadcast(x, src=src, group=self.group)
         return x
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
-
     def close(self) -> None:
         if self.open:
             self.open = False
