@@ -1,10 +1,10 @@
-"""The `nanovllm` command: generate, backends, bench, tune (one module per subcommand in nanovllm/commands/)."""
+"""The `nanovllm` command: generate, backends, bench, tune, serve (one module per subcommand in nanovllm/commands/)."""
 import argparse
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanovllm.commands import backends, bench, generate, tune
+    from nanovllm.commands import backends, bench, generate, serve, tune
     from nanovllm.commands.arguments import add_kernel_arguments
     parser = argparse.ArgumentParser(prog="nanovllm", description="Offline LLM inference with pluggable backends")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "the user's plugins.toml")
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
+    s = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (completions, chat, tokenize, metrics)")
+    serve.add_arguments(s)
+    s.set_defaults(fn=serve.main)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

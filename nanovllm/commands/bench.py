@@ -124,6 +124,11 @@ def run(args) -> dict:
         result["triton"] = triton.__version__
     except ImportError:
         pass
+    if args.via_server:
+        from nanovllm.entrypoints.bench_via_server import run_via_server
+        served = run_via_server(llm, prompts, max_tokens)
+        result.update({"via_server_" + k: v for k, v in served.items()})
+        result["via_server_ratio"] = round(served["tokens_per_s"] / result["tokens_per_s"], 3)
     return result
 
 
@@ -142,6 +147,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="do not fuse elementwise layers with torch.compile")
     p.add_argument("--sync", action="store_true", help="no pipelined decode (async_scheduling=False)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--via-server", action="store_true",
+                   help="also send the workload as concurrent HTTP requests to a local server on the same engine "
+                        "(needs the serve extra) and report its throughput and the ratio to the offline one")
     p.add_argument("--json", help="append the result as a JSON line to this file")
 
 
@@ -153,6 +161,10 @@ def main(args: argparse.Namespace) -> int:
           f"= {result['tokens_per_s']:.0f} tok/s; floor {result['floor_s']:.2f} s "
           f"({result['floor_bytes_TB']} TB at {result['copy_bandwidth_TBps']} TB/s + {result['prefill_TFLOP']} TFLOP "
           f"at {result['matmul_TFLOPps']} TFLOP/s); efficiency {result['efficiency']:.3f}")
+    if args.via_server:
+        print(f"via the HTTP server ({result['via_server_requests']} concurrent requests): "
+              f"{result['via_server_output_tokens']} output tokens in {result['via_server_seconds']:.2f} s = "
+              f"{result['via_server_tokens_per_s']:.0f} tok/s; {result['via_server_ratio']:.3f} of offline")
     line = json.dumps(result)
     print(line)
     if args.json:

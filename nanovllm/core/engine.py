@@ -1,5 +1,4 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
-import time
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +52,7 @@ class Engine:
             raise
         self.scheduler = Scheduler(config, num_blocks, self.resolved.block_size, eos_token_ids(config.hf_config))
         self.stats = StepStats()
+        self._in_flight = None  # the launched step whose tokens are not committed yet (pipelined decode)
 
     @property
     def kernel_plan(self) -> KernelPlan:
@@ -153,6 +153,7 @@ class Engine:
         in-flight placeholders) and forget per-step state, so the engine is idle and consistent again and the
         next call starts clean. Blocks in the prefix cache stay valid: only fully computed, committed blocks
         are ever entered there. The caller re-raises `error`."""
+        self._in_flight = None
         num_aborted = self.scheduler.abort_all()
         self.runner.reset_step_state()
         logger.warning("a step raised %s; aborted %d unfinished request(s)%s", type(error).__name__, num_aborted,
@@ -161,49 +162,52 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
-        """Step until every queued sequence has finished. If anything raises (a kernel, Ctrl-C), every
-        unfinished request is aborted before the exception propagates, leaving the engine idle and usable.
+    def has_work(self) -> bool:
+        """Requests queued or running, or a launched step whose tokens are not committed yet."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
-        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens
-        are committed, so host work overlaps device work (`async_scheduling=False` turns this off).
+    def pipelined_step(self) -> list:
+        """One turn of the pipelined loop; returns the batches committed in it (their tokens are on the host).
+
+        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens are
+        committed, so host work overlaps device work (`async_scheduling=False` turns this off). With nothing
+        left to launch, the step in flight is committed. If anything raises, every unfinished request is aborted
+        first (see `_recover`), leaving the engine idle and usable, and the exception propagates.
         """
         self.check_open()
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        in_flight = None
-        last = time.perf_counter()
-        last_tokens = (0, 0)
+        in_flight = self._in_flight
         try:
-            while self.has_unfinished():
-                batch = self.scheduler.schedule(in_flight=in_flight is not None)
-                if batch is None or (in_flight is not None and not batch.seqs):
-                    bar.update(len(self._commit(in_flight)))
-                    in_flight = None
-                    continue
-                if not batch.seqs:
-                    raise RuntimeError("nothing can be scheduled although requests are waiting; "
-                                       "the KV cache is too small")
-                step = self._launch(batch, in_flight)
-                finished = self._commit(in_flight) if in_flight is not None else []
-                if self.config.async_scheduling and not batch.is_prefill:
-                    in_flight = step
-                else:
-                    finished += self._commit(step)
-                    in_flight = None
-                bar.update(len(finished))
-                now = time.perf_counter()
-                if now - last > 0.5:
-                    prefill = (self.stats.num_prefill_tokens - last_tokens[0]) / (now - last)
-                    decode = (self.stats.num_decode_tokens - last_tokens[1]) / (now - last)
-                    bar.set_postfix_str(f"prefill {prefill:.0f} tok/s, decode {decode:.0f} tok/s", refresh=False)
-                    last, last_tokens = now, (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
-            if in_flight is not None:
-                bar.update(len(self._commit(in_flight)))
+            batch = self.scheduler.schedule(in_flight=in_flight is not None) if self.has_unfinished() else None
+            if batch is None or (in_flight is not None and not batch.seqs):
+                self._in_flight = None
+                return [] if in_flight is None else [self._commit_batch(in_flight)]
+            if not batch.seqs:
+                raise RuntimeError("nothing can be scheduled although requests are waiting; the KV cache is too "
+                                   "small")
+            step = self._launch(batch, in_flight)
+            self._in_flight = None
+            committed = [] if in_flight is None else [self._commit_batch(in_flight)]
+            if self.config.async_scheduling and not batch.is_prefill:
+                self._in_flight = step
+            else:
+                committed.append(self._commit_batch(step))
+            return committed
         except BaseException as e:
+            self._in_flight = None
             self._recover(e)
             raise
-        finally:
-            bar.close()
+
+    def _commit_batch(self, step):
+        self._commit(step)
+        return step.batch
+
+    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
+        """Step (pipelined) until no work is left, with a progress bar over `seqs`. For a caller that owns the
+        engine alone; `LLM` runs the engine through its EngineLoop instead."""
+        with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            while self.has_work():
+                self.pipelined_step()
+                bar.update(sum(s.is_finished for s in seqs) - bar.n)
 
 
 def eos_token_ids(hf_config) -> set[int]:
