@@ -1,4 +1,4 @@
-"""The `nanovllm` command: generate, backends, bench, tune."""
+"""The `nanovllm` command: generate, backends, bench, tune, batch."""
 import argparse
 import logging
 import sys
@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     from nanovllm import tune
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
+    from nanovllm import batch
+    c = sub.add_parser("batch", help="generate for every row of a JSONL file, on Ray with --replicas N > 1")
+    batch.add_arguments(c)
+    c.set_defaults(fn=batch.main)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
