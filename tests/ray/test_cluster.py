@@ -136,7 +136,8 @@ def test_a_killed_replica_is_restarted_and_its_batches_retried(cluster, tiny_qwe
             out += batch.to_pylist()
             seen |= {p.pid for p in replica_processes()}
             if killed is None:
-                killed = replica_processes()[0]
+                replicas = replica_processes()  # a replica in the middle of a batch, if one is
+                killed = next((p for p in replicas if any(".submit" in c for c in _cmdline(p))), replicas[0])
                 killed.send_signal(signal.SIGKILL)  # as an OOM kill would: no cleanup, no goodbye
                 killed.wait(10)
                 done_at_kill = len(out)
