@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     if args.model is None:  # convert the embedded model once here, not in every replica
-        from nanovllm.default_model import default_model_path
+        from nanovllm.checkpoint.default_model import default_model_path
         args.model = default_model_path()
 
     config = ProcessorConfig(

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
+from nanovllm.commands.arguments import add_engine_arguments, engine_options
 from nanovllm.core.logging import get_logger
 from nanovllm.ray.rows import OUTPUT_COLUMNS
 
@@ -21,7 +22,6 @@ logger = get_logger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from nanovllm.cli import add_engine_arguments
     p.add_argument("input", help="JSONL file: one JSON object per line (prompt | messages | prompt_token_ids, "
                                  "plus optional sampling fields such as max_tokens, temperature, seed)")
     p.add_argument("output", help="JSONL file to write: each input object with the output fields added, in order")
@@ -37,12 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from nanovllm.cli import _engine_options
     rows = read_jsonl(args.input)
     defaults = {"temperature": args.temperature, "max_tokens": args.max_tokens}
     if args.replicas < 1:
         raise ValueError(f"--replicas {args.replicas} is invalid: expected an integer >= 1")
-    options = _engine_options(args)
+    options = engine_options(args)
     on_ray = args.replicas > 1 or args.address is not None
     results = (on_ray_rows if on_ray else in_process_rows)(rows, args, options, defaults)
     num_errors = write_jsonl(args.output, rows, results)

@@ -9,7 +9,7 @@ from nanovllm.core.engine import Engine
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
-from nanovllm.model_folder import check_model_folder, check_tokenizer_folder, read_hf_config
+from nanovllm.checkpoint.folder import check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
 from nanovllm.requests import params_per_prompt, prompts_to_ids
@@ -49,7 +49,7 @@ class LLM:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(EngineConfig.option_names())}")
         if model is None:
-            from nanovllm.default_model import default_model_path
+            from nanovllm.checkpoint.default_model import default_model_path
             model = default_model_path()
         model = os.path.expanduser(str(model))
         check_model_folder(model)
@@ -106,7 +106,7 @@ class LLM:
         token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
         """
         ids, params = self._requests(prompts, sampling_params)
-        seqs = [self.engine.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        seqs = [self.engine.add_request(p, sp) for p, sp in zip(ids, params)]
         self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
         return [request_output(seq, self.tokenizer) for seq in seqs]
 
@@ -135,7 +135,7 @@ class LLM:
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
-        seqs = [self.engine.add_request(p, sp, i, detokenize=True) for i, (p, sp) in enumerate(zip(ids, params))]
+        seqs = [self.engine.add_request(p, sp, detokenize=True) for p, sp in zip(ids, params)]
         num_sent = [0] * len(seqs)
         unreported = dict(enumerate(seqs))  # requests whose last piece is not out yet
         try:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 
 if TYPE_CHECKING:
     from nanovllm.core.config import EngineConfig
@@ -22,7 +22,7 @@ class Backend:
     supported_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     default_block_size: int = 16
     supports_graphs: bool = False
-    compile_small_ops: bool = False  # torch.compile the elementwise layers (see core/fusion.py)
+    compile_small_ops: bool = False  # torch.compile the elementwise layers (see models/fusion.py)
     pin_memory: bool = False  # stage host->device copies in pinned memory
     measures_peak_memory: bool = False  # run a warm-up prefill before sizing the KV cache
     dist_backend: str | None = None  # torch.distributed backend for tensor parallelism, None if refused
@@ -77,7 +77,3 @@ class Backend:
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
-
-    def memory_info(self, device: torch.device) -> tuple[int, int] | None:
-        """(free bytes, total bytes) of the device, or None when it cannot be known."""
-        return None

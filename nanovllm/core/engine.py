@@ -1,5 +1,4 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -11,13 +10,13 @@ from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.plugins import Plugins, load_plugins
-from nanovllm.core.kernel_plan_io import load_plan
-from nanovllm.core.registry import KernelPlan, KernelQuery
-from nanovllm.core.shadow import install_shadow_verification
+from nanovllm.core.registry import KernelPlan
+from nanovllm.core.shadow import current_plan
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence
-from nanovllm.core.tensor_parallel import check_tensor_parallel
-from nanovllm.core.worker_group import WorkerGroup
+from nanovllm.core.startup import pinned, resolve, with_verification
+from nanovllm.core.parallel.checks import check_tensor_parallel
+from nanovllm.core.parallel.worker_group import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -27,7 +26,6 @@ logger = get_logger(__name__)
 class StepStats:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
-    seconds: float = 0.0
 
 
 class Engine:
@@ -36,23 +34,30 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.plugins = plugins or load_plugins()
-        self.backend, dtype, block_size, self.kernel_plan = resolve_backend(config, self.plugins)
+        self.resolved = with_verification(resolve(config, self.plugins), self.plugins, config.verify_kernels)
+        self.backend = self.resolved.backend
+        # the one value start-up changes in the config: the model's limit caps max_model_len (logged by resolve)
+        config.max_model_len = self.resolved.max_model_len
         tp = config.tensor_parallel_size
         self.workers, self.comm = None, None
         self.closed_reason: str | None = None  # why the engine refuses work, once it does
         if tp > 1:
             check_tensor_parallel(config, self.backend)
-            self.workers = WorkerGroup(config, self.backend.name, tp)
+            self.workers = WorkerGroup(config, pinned(self.resolved), tp)
         try:
             self.comm = self.backend.communicator(0, tp, self.workers.init_method if self.workers else "")
-            self.runner = ModelRunner(config, self.backend, self.kernel_plan, self.comm, dtype, block_size,
-                                      self.workers)
+            self.runner = ModelRunner(config, self.resolved, self.comm, self.workers)
             num_blocks = self.runner.initialize()
         except BaseException as e:
             self._fail(e)
             raise
-        self.scheduler = Scheduler(config, num_blocks, block_size, eos_token_ids(config.hf_config))
+        self.scheduler = Scheduler(config, num_blocks, self.resolved.block_size, eos_token_ids(config.hf_config))
         self.stats = StepStats()
+
+    @property
+    def kernel_plan(self) -> KernelPlan:
+        """The kernels this engine runs: the resolved plan, with shadow verification's demotions (if any)."""
+        return current_plan(self.resolved.plan)
 
     def _fail(self, error: BaseException) -> None:
         """Shut everything down after `error`; raise RuntimeError instead if a worker's death caused it."""
@@ -72,13 +77,12 @@ class Engine:
         if self.comm is not None:
             self.comm.close()
 
-    def add_request(self, token_ids: list[int], params: SamplingParams, request_index: int = 0,
-                    detokenize: bool = False) -> Sequence:
+    def add_request(self, token_ids: list[int], params: SamplingParams, detokenize: bool = False) -> Sequence:
         """Queue a request. `detokenize` keeps its text up to date token by token (for streaming); requests with
         stop strings always are."""
         self.check_open()
         self.check_params(params, detokenize)
-        seq = Sequence(token_ids, params, request_index)
+        seq = Sequence(token_ids, params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
@@ -200,64 +204,6 @@ class Engine:
             raise
         finally:
             bar.close()
-
-
-def resolve_backend(config: EngineConfig, plugins: Plugins):
-    """(backend, dtype, KV block size, kernel plan) for this config; raises naming any value that cannot serve.
-
-    With `config.kernel_plan` every op is pinned to the saved plan's kernel; with `config.verify_kernels` the
-    plan's functions are wrapped for shadow verification (`core/shadow.py`).
-    """
-    replay = None
-    if config.kernel_plan is not None:
-        replay = load_plan(config.kernel_plan)
-        if config.backend not in (None, replay[0]):
-            raise ValueError(f"kernel plan {config.kernel_plan!r} was saved for backend {replay[0]!r}, but backend="
-                             f"{config.backend!r} was asked for: drop one, or save a plan for {config.backend!r}")
-        config.backend = replay[0]
-    backend = plugins.select(config.backend, config.device)
-    hf = config.hf_config
-    device_type = torch.device(config.device).type if config.device else backend.device_type
-    dtype = config.dtype or backend.default_dtype_for(torch.device(device_type))
-    if dtype not in backend.supported_dtypes:
-        raise ValueError(f"dtype={dtype} is not supported by backend {backend.name!r}; "
-                         f"supported: {', '.join(str(d) for d in backend.supported_dtypes)}")
-    block_size = config.kvcache_block_size or backend.default_block_size
-    reasons = backend.check_block_size(block_size)
-    if reasons:
-        raise ValueError(f"kvcache_block_size={block_size} cannot be used by backend {backend.name!r}: "
-                         + "; ".join(reasons))
-    max_pos = getattr(hf, "max_position_embeddings", config.max_model_len)
-    if config.max_model_len > max_pos:
-        logger.info("max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",
-                    config.max_model_len, max_pos, max_pos)
-        config.max_model_len = max_pos
-    tp = config.tensor_parallel_size
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    query = KernelQuery(device_type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
-                        max(1, hf.num_key_value_heads // tp), block_size)
-    preferences, notes = plugins.kernel_preferences(backend.name), plugins.preference_notes(backend.name)
-    try:
-        plan = plugins.registry.resolve(backend.name, query, preferences, replay[1] if replay else config.kernels,
-                                        notes=notes)
-    except (ValueError, RuntimeError) as e:
-        if replay is None:
-            raise
-        raise ValueError(f"kernel plan {config.kernel_plan!r} cannot be honoured: {e}") from None
-    if replay is not None:
-        plan = replay_as_saved(plan, config.kernel_plan)
-    if config.verify_kernels:
-        install_shadow_verification(plan, plugins.registry, config.verify_kernels, lambda op, excluded: (
-            plugins.registry.resolve(backend.name, query, preferences, ops=[op], notes=notes,
-                                     exclude=excluded).choices[op]))
-    logger.info("backend %s, %s, kernels:\n%s", backend.name, dtype, plan.table())
-    return backend, dtype, block_size, plan
-
-
-def replay_as_saved(plan: KernelPlan, path: str) -> KernelPlan:
-    """The plan with each op's reason saying it was pinned by the saved plan."""
-    choices = {op: dataclasses.replace(c, why=f"pinned by kernel plan {path}") for op, c in plan.choices.items()}
-    return KernelPlan(plan.backend, choices, plan.query)
 
 
 def eos_token_ids(hf_config) -> set[int]:

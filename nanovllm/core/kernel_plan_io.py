@@ -33,7 +33,10 @@ def plan_to_toml(plan: KernelPlan) -> str:
         rejected = ", ".join(toml_string(f"{name}: {'; '.join(reasons)}") for name, reasons in c.rejected)
         lines += [f"[ops.{toml_string(op)}]", f"kernel = {toml_string(c.impl.full_name)}",
                   f"plugin = {toml_string(c.impl.plugin)}", f"version = {toml_string(c.impl.plugin_version)}",
-                  f"why = {toml_string(c.why)}", f"rejected = [{rejected}]", ""]
+                  f"why = {toml_string(c.why)}"]
+        if c.impl.fallback:
+            lines.append(f"fallback = {toml_string(c.impl.fallback)}")
+        lines += [f"rejected = [{rejected}]", ""]
     return "\n".join(lines)
 
 

@@ -225,6 +225,6 @@ class _PluginRegistry:
     def __init__(self, registry: KernelRegistry, plugin: str):
         self._registry, self._plugin = registry, plugin
 
-    def register(self, op, backend, name, fn, priority=0, check=None, graph_safe=False):
+    def register(self, op, backend, name, fn, priority=0, check=None, graph_safe=False, fallback=""):
         return self._registry.register(op, backend, name, fn, priority, check, plugin=self._plugin,
-                                       graph_safe=graph_safe)
+                                       graph_safe=graph_safe, fallback=fallback)

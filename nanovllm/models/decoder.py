@@ -134,3 +134,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        """The paged-attention layers, in order: the runner binds one KV cache to each."""
+        return [layer.self_attn.attn for layer in self.model.layers]

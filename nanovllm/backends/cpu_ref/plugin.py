@@ -8,9 +8,19 @@ import torch
 
 import nanovllm
 from nanovllm.core.backend import Backend
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 
 NANOVLLM_PLUGIN_API = (1, 0)
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class CpuRefBackend(Backend):
@@ -26,25 +36,16 @@ class CpuRefBackend(Backend):
             raise ValueError(f"device={config.device!r}: the cpu_ref backend runs on 'cpu' only")
         return torch.device("cpu")
 
-    def memory_info(self, device):
-        try:
-            with open("/proc/meminfo") as f:
-                info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-            return info["MemAvailable"], info["MemTotal"]
-        except (OSError, KeyError, ValueError):
-            return None
-
     def kv_cache_budget(self, config, device, bytes_per_block: int) -> int:
         if config.num_kvcache_blocks is not None:
             return config.num_kvcache_blocks
-        info = self.memory_info(device)
-        free = info[0] if info else 4 << 30
+        free = available_host_memory() or 4 << 30
         return max(1, int(free * config.cpu_memory_fraction) // bytes_per_block)
 
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         if world_size == 1:
             return Communicator(rank, world_size)
-        from nanovllm.core.distributed import TorchDistCommunicator
+        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
 
     def seed(self, seed: int) -> None:

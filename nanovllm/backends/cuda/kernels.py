@@ -90,8 +90,6 @@ def check_triton(query: KernelQuery) -> list[str]:
         reasons.append(f"dtype {query.dtype} is not float16, bfloat16 or float32")
     if not 1 <= query.head_dim <= 256:  # other than powers of two are padded to one inside the kernels
         reasons.append(f"head_dim {query.head_dim} is not in [1, 256]")
-    if query.block_size < 1:
-        reasons.append(f"block_size {query.block_size} is not positive")
     return reasons
 
 
@@ -135,10 +133,11 @@ def register_cuda_kernels(registry) -> None:
     registry.register("attention.prefill", BACKEND, "flash_attn", flash_attn_prefill, priority=30,
                       check=check_flash_attn)
     registry.register("attention.prefill", BACKEND, "torch_flash", torch_flash_prefill, priority=20,
-                      check=check_torch_flash)
+                      check=check_torch_flash, fallback="cuda/triton_paged for batches with a cached prefix")
     registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
                       check=check_triton)
-    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler)
+    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler,
+                      fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
                       check=check_flash_attn, graph_safe=True)
     registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,

@@ -10,7 +10,7 @@ import torch
 
 import nanovllm
 from nanovllm.core.backend import Backend
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 
 NANOVLLM_PLUGIN_API = (1, 0)
 
@@ -58,9 +58,6 @@ class CudaBackend(Backend):
             return [f"the cuda kernels need blocks of at least 16 tokens, got {block_size}"]
         return []
 
-    def memory_info(self, device):
-        return torch.cuda.mem_get_info(device)
-
     def kv_cache_budget(self, config, device, bytes_per_block: int) -> int:
         """gpu_memory_utilization of the card, minus what is in use and the warm-up's peak activations."""
         if config.num_kvcache_blocks is not None:
@@ -78,7 +75,7 @@ class CudaBackend(Backend):
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         if world_size == 1:
             return Communicator(rank, world_size)
-        from nanovllm.core.distributed import TorchDistCommunicator
+        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(rank, world_size, init_method, "nccl", torch.device("cuda", rank))
 
     def synchronize(self, device) -> None:

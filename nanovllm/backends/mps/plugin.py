@@ -12,7 +12,7 @@ import torch
 import nanovllm
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.registry import KernelQuery
 
 NANOVLLM_PLUGIN_API = (1, 0)

@@ -119,11 +119,11 @@ def format_table(op: str, shapes: list[Shape], timings: dict[str, list[float]], 
 def main(args) -> int:
     from transformers import AutoConfig
 
-    from nanovllm.bench import device_name
+    from nanovllm.commands.bench import device_name
     from nanovllm.core.config import EngineConfig
-    from nanovllm.core.engine import resolve_backend
     from nanovllm.core.plugins import load_plugins, user_toml_path
-    from nanovllm.tune_preferences import write_tuned_preferences
+    from nanovllm.core.startup import resolve
+    from nanovllm.commands.tune_preferences import write_tuned_preferences
 
     source = args.model or args.config
     if source is None:
@@ -138,7 +138,8 @@ def main(args) -> int:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(args.max_num_seqs, 16384),
                           **options)
     plugins = load_plugins()
-    backend, _, _, plan = resolve_backend(config, plugins)
+    resolved = resolve(config, plugins)
+    backend, plan = resolved.backend, resolved.plan
     device = backend.device(config)
     prefill_tokens = [int(n) for n in args.prefill_tokens.split(",") if n.strip()]
     shapes = build_shapes(plan.query, device, config.hf_config.vocab_size, decode_batch_sizes(args.max_num_seqs),
