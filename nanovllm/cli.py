@@ -4,7 +4,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanovllm.commands import backends, bench, generate, tune
+    from nanovllm.commands import backends, batch, bench, generate, tune
     from nanovllm.commands.arguments import add_kernel_arguments
     parser = argparse.ArgumentParser(prog="nanovllm", description="Offline LLM inference with pluggable backends")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,7 +22,6 @@ def main(argv: list[str] | None = None) -> int:
                                     "the user's plugins.toml")
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
-    from nanovllm import batch
     c = sub.add_parser("batch", help="generate for every row of a JSONL file, on Ray with --replicas N > 1")
     batch.add_arguments(c)
     c.set_defaults(fn=batch.main)
