@@ -52,10 +52,9 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, backend: str | None = None, **options):
-        unknown = sorted(set(options) - set(EngineConfig.option_names()))
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(EngineConfig.option_names())}")
+        core_names = EngineConfig.option_names()
+        backend_options = {k: v for k, v in options.items() if k not in core_names}  # checked by the backends
+        options = {k: v for k, v in options.items() if k in core_names}
         if model is None:
             from nanovllm.checkpoint.default_model import default_model_path
             model = default_model_path()
@@ -63,7 +62,8 @@ class LLM:
         check_model_folder(model)
         hf_config = read_hf_config(model)
         model_class(hf_config)  # an unsupported architecture is refused before any backend work
-        self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, **options)
+        self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, backend_options=backend_options,
+                                   **options)
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             tokenizer_path = os.path.expanduser(self.config.tokenizer or model)

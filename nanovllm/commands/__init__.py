@@ -1,1 +1,1 @@
-"""The `nanovllm` subcommands beyond generate and backends: bench (the seed benchmark) and tune."""
+"""The `nanovllm` subcommands, one module each: generate, backends, bench, tune, batch (JSONL in, JSONL out)."""

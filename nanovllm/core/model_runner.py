@@ -78,7 +78,7 @@ class ModelRunner:
         # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
         build_device = self.device if comm.world_size == 1 else torch.device("cpu")
         self.inputs = StepInputBuilder(build_device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
-                                       pin=backend.pin_memory)
+                                       pin=backend.pin_memory, table_multiple=backend.block_table_multiple)
 
     # ---- start-up -------------------------------------------------------------------------------
     def initialize(self) -> int:
@@ -175,12 +175,6 @@ class ModelRunner:
         if self.plan.wrappers:
             logger.info("device graphs are off: shadow verification (verify_kernels=%d) checks kernel calls on the "
                         "host, which a captured graph would skip; decode runs eagerly", self.config.verify_kernels)
-            return
-        unsafe = [f"{op} -> {c.impl.backend}/{c.impl.name}" for op, c in self.plan.choices.items()
-                  if op in ("kv_cache.store", "attention.decode") and not c.impl.graph_safe]
-        if unsafe:
-            logger.warning("CUDA graphs are off: %s cannot be captured (it syncs with the host); decode runs "
-                           "eagerly", ", ".join(unsafe))
             return
         sizes = [s for s in (1, 2, 4, 8) if s < self.config.max_num_seqs]
         sizes += list(range(16, self.config.max_num_seqs + 1, 16)) or [self.config.max_num_seqs]

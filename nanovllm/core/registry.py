@@ -39,6 +39,12 @@ class KernelQuery:
     num_kv_heads: int
     block_size: int
 
+    def head_reasons(self) -> list[str]:
+        """Why the heads cannot be grouped (grouped-query attention needs num_heads a multiple of num_kv_heads)."""
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            return [f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"]
+        return []
+
 
 @dataclass(frozen=True)
 class KernelImpl:

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from nanovllm.backends.cpu_ref import attention as ref_attention
-from nanovllm.backends.cpu_ref import kv_store as ref_kv_store
+from nanovllm.core import kv_store as ref_kv_store
 from nanovllm.core import sampler as ref_sampler
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig

@@ -76,14 +76,8 @@ def _device_reasons(query: KernelQuery, min_capability: tuple[int, int] = (0, 0)
     return []
 
 
-def _head_reasons(query: KernelQuery) -> list[str]:
-    if query.num_kv_heads <= 0 or query.num_heads % query.num_kv_heads:
-        return [f"num_heads {query.num_heads} is not a multiple of num_kv_heads {query.num_kv_heads}"]
-    return []
-
-
 def check_triton(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query) + _head_reasons(query)
+    reasons = _device_reasons(query) + query.head_reasons()
     if not _installed("triton"):
         reasons.append("triton is not installed")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -101,7 +95,7 @@ def check_triton_sampler(query: KernelQuery) -> list[str]:
 
 
 def check_torch_flash(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    reasons = _device_reasons(query, min_capability=(8, 0)) + query.head_reasons()
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         reasons.append(f"torch {torch.__version__} has no aten._flash_attention_forward")
     if query.dtype not in (torch.float16, torch.bfloat16):
@@ -114,7 +108,7 @@ def check_torch_flash(query: KernelQuery) -> list[str]:
 
 
 def check_flash_attn(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    reasons = _device_reasons(query, min_capability=(8, 0)) + query.head_reasons()
     if not _installed("flash_attn"):
         reasons.append("flash_attn is not installed")
     if query.dtype not in (torch.float16, torch.bfloat16):
