@@ -14,6 +14,7 @@ from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
+from nanovllm.core.logits_processing import LogitsProcessor
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.parallel import Communicator
 from nanovllm.core.registry import KernelPlan
@@ -56,6 +57,7 @@ class ModelRunner:
         self.dtype, self.block_size = dtype, block_size
         self.device = backend.device(config, comm.rank)
         self.sampler = plan.fn("sampler")
+        self.logits_processor = LogitsProcessor(self.device)
         self.max_num_blocks_per_seq = -(-config.max_model_len // block_size)
         backend.seed(config.seed)
         default_dtype = torch.get_default_dtype()
@@ -191,6 +193,7 @@ class ModelRunner:
     def reset_step_state(self) -> None:
         """Forget what one step hands the next (after a failed step)."""
         self._sampling_key, self._sampling_tensors = None, None
+        self.logits_processor.reset()
 
     # ---- one step -------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
@@ -270,8 +273,10 @@ class ModelRunner:
         if not sampled_seqs:
             return LaunchedStep(batch, None, None, None, {})
         requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
+        processed = self.logits_processor.apply(logits, sampled_seqs)  # penalties, bias, bad words: rows that ask
         self.suppress_stop_tokens(logits, sampled_seqs)
         tokens = self.sampler(logits, self.sampling_tensors(sampled_seqs))
+        self.logits_processor.record(processed, tokens)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.backend.pin_memory)
         host.copy_(tokens, non_blocking=self.backend.pin_memory)
         return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),

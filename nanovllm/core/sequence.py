@@ -42,6 +42,12 @@ class Sequence:
         self.detokenizer = None  # IncrementalDetokenizer, for streamed requests and requests with stop strings
         self.logprobs: list[dict[int, float]] = []  # one per output token, when params.logprobs is set
         self.num_preemptions = 0
+        self.bad_word_ids: list[list[int]] = []  # params.bad_words as token ids (tokenized at submission)
+        self.prompt_logprobs: list[dict[int, float] | None] = []  # when params.prompt_logprobs is set: one per prompt
+        self.structured = None  # StructuredState of a request with params.structured
+        self.group: list["Sequence"] = [self]  # the n samples of its request (params.n), this one included
+        self.sample_index = 0  # its place in `group`
+        self.waits_for: "Sequence | None" = None  # a sample queued once this one's prompt is computed (see n)
 
     def __len__(self) -> int:
         return len(self.token_ids)
