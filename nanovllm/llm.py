@@ -102,12 +102,15 @@ class LLM:
                  use_tqdm: bool = True) -> list[dict]:
         """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
 
-        Each dict has `text`, `token_ids` (the output), `prompt_token_ids`, `finish_reason` ("stop" for EOS, a stop
-        token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
+        Each dict has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text,
+        token_ids, finish_reason, logprobs, cumulative_logprob}; `prompt_token_ids`; `prompt_logprobs` (None unless
+        asked); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
+        token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
+        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys.
         """
         ids, params = self._requests(prompts, sampling_params)
         seqs = [self.engine.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
-        self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
+        self.engine.run_to_completion([sample for seq in seqs for sample in seq.group], use_tqdm=use_tqdm)
         return [request_output(seq, self.tokenizer) for seq in seqs]
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -128,22 +131,23 @@ class LLM:
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StreamOutput]:
-        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished)
-        as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
+        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished,
+        and the sample index when n > 1) as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
         checked at once; requests are queued when iteration starts and dropped if it stops early."""
         ids, params = self._requests(prompts, sampling_params, stream=True)
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
         seqs = [self.engine.add_request(p, sp, i, detokenize=True) for i, (p, sp) in enumerate(zip(ids, params))]
-        num_sent = [0] * len(seqs)
-        unreported = dict(enumerate(seqs))  # requests whose last piece is not out yet
+        samples = [sample for seq in seqs for sample in seq.group]
+        num_sent = [0] * len(samples)
+        unreported = dict(enumerate(samples))  # samples whose last piece is not out yet
         try:
             while unreported:
                 self.engine.step()
                 for i, seq in list(unreported.items()):
                     if seq.num_output_tokens > num_sent[i] or seq.is_finished:
-                        yield self._stream_piece(i, seq, num_sent[i])
+                        yield self._stream_piece(seq, num_sent[i])
                         num_sent[i] = seq.num_output_tokens
                         if seq.is_finished:
                             del unreported[i]
@@ -151,11 +155,11 @@ class LLM:
             self.engine.abort(seqs)
 
     @staticmethod
-    def _stream_piece(index: int, seq, start: int) -> StreamOutput:
+    def _stream_piece(seq, start: int) -> StreamOutput:
         finished = seq.is_finished
         logprobs = seq.logprobs[start:] if seq.params.logprobs is not None else None
-        return StreamOutput(index, seq.detokenizer.stream_text(finished), seq.output_token_ids[start:], finished,
-                            seq.finish_reason if finished else None, logprobs)
+        return StreamOutput(seq.request_index, seq.detokenizer.stream_text(finished), seq.output_token_ids[start:],
+                            finished, seq.finish_reason if finished else None, logprobs, seq.sample_index)
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the

@@ -17,6 +17,8 @@ from nanovllm.core.logging import get_logger
 from nanovllm.core.logits_processing import LogitsProcessor
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.parallel import Communicator
+from nanovllm.core.prompt_logprobs import PromptLogprobs
+from nanovllm.core.structured import apply_structured_masks
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 from nanovllm.core.scheduler import ScheduledBatch
@@ -269,23 +271,31 @@ class ModelRunner:
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
         logits = self.execute(input_ids, positions, meta)
+        prompt = None
+        if meta.prompt_logprob_rows:  # rows after the sampled ones (core/prompt_logprobs.py)
+            num_sampled = logits.shape[0] - sum(count for _, _, count in meta.prompt_logprob_rows)
+            prompt = PromptLogprobs.select(logits[num_sampled:], meta.prompt_logprob_rows, batch)
+            logits = logits[:num_sampled]
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
         if not sampled_seqs:
-            return LaunchedStep(batch, None, None, None, {})
+            return LaunchedStep(batch, None, None, None, {}, prompt=prompt)
         requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
         processed = self.logits_processor.apply(logits, sampled_seqs)  # penalties, bias, bad words: rows that ask
         self.suppress_stop_tokens(logits, sampled_seqs)
+        apply_structured_masks(logits, sampled_seqs)
         tokens = self.sampler(logits, self.sampling_tensors(sampled_seqs))
         self.logits_processor.record(processed, tokens)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.backend.pin_memory)
         host.copy_(tokens, non_blocking=self.backend.pin_memory)
         return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
-                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested)
+                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested, prompt=prompt)
 
     @staticmethod
     def wait(step: "LaunchedStep") -> tuple[list[int], list[StepLogprobs | None] | None]:
         """The step's sampled tokens on the host, one per sampled sequence (the step's only device->host copy
         unless a request asked for logprobs), and the logprobs of those that asked."""
+        if step.prompt is not None:
+            step.prompt.to_seqs()
         if step.host is None:
             return [], None
         if step.event is not None:
@@ -311,6 +321,7 @@ class LaunchedStep:
     rows: dict[int, int]  # seq_id -> row of `tokens`
     requested: RequestedLogprobs | None = None  # logprobs of the requests that asked, still on the device
     indices: list[int] = field(default_factory=list)  # placeholder positions, filled by the scheduler
+    prompt: PromptLogprobs | None = None  # prompt logprobs of the step's prefill chunks that asked
 
 
 class StepOutput(NamedTuple):

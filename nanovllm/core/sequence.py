@@ -33,7 +33,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of the prompt, served by the prefix cache at the last admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0
-        self.num_pending = 0  # trailing PENDING_TOKEN placeholders  # leading blocks already entered in the prefix cache
+        self.num_pending = 0  # trailing PENDING_TOKEN placeholders
         self.params = params
         self.finish_reason: str | None = None  # "stop" or "length" (or "abort")
         self.stop_reason: int | str | None = None  # the stop token id or stop string that finished it
@@ -47,7 +47,8 @@ class Sequence:
         self.structured = None  # StructuredState of a request with params.structured
         self.group: list["Sequence"] = [self]  # the n samples of its request (params.n), this one included
         self.sample_index = 0  # its place in `group`
-        self.waits_for: "Sequence | None" = None  # a sample queued once this one's prompt is computed (see n)
+        self.deferred_samples: list["Sequence"] = []  # the request's other samples, queued once this one's prompt
+        # is computed and in the prefix cache, so that they share its KV blocks instead of computing them again
 
     def __len__(self) -> int:
         return len(self.token_ids)
