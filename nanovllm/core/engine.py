@@ -38,6 +38,7 @@ class Engine:
         """`tokenizer` detokenizes streamed requests and requests with stop strings (None: neither is accepted)."""
         self.config = config
         self.tokenizer = tokenizer
+        self.model_defaults, generation_eos = read_generation_config(config.model, config.generation_config)
         self.plugins = plugins or load_plugins()
         self.backend, dtype, block_size, self.kernel_plan = resolve_backend(config, self.plugins)
         tp = config.tensor_parallel_size
@@ -54,7 +55,6 @@ class Engine:
         except BaseException as e:
             self._fail(e)
             raise
-        self.model_defaults, generation_eos = read_generation_config(config.model, config.generation_config)
         self.scheduler = Scheduler(config, num_blocks, block_size, eos_token_ids(config.hf_config) | generation_eos)
         self._structured: StructuredCompiler | None = None
         self.stats = StepStats()
