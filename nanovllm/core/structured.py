@@ -12,6 +12,7 @@ JSON is compact (no free whitespace), so a sampled output cannot wander in white
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -50,8 +51,7 @@ class StructuredCompiler:
             try:
                 compiled = self._compile(spec)
             except (RuntimeError, ValueError, TypeError) as e:
-                raise ValueError(f"SamplingParams.structured {spec.kind} cannot be compiled: "
-                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
+                raise ValueError(f"SamplingParams.structured {spec.kind} cannot be compiled: {_reason(e)} "
                                  f"(fix the {spec.kind}, or drop the constraint)") from None
             self._cache[key] = compiled
         return compiled
@@ -73,6 +73,12 @@ class StructuredCompiler:
 
     def new_state(self, spec: StructuredOutputs) -> "StructuredState":
         return StructuredState(_xgrammar().GrammarMatcher(self.compile(spec)))
+
+
+def _reason(error: Exception) -> str:
+    """The first line of xgrammar's message, without its "[time] file.cc:line: " prefix."""
+    lines = str(error).strip().splitlines()
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0]) if lines else type(error).__name__
 
 
 def _check_schema(schema: str) -> None:
