@@ -3,7 +3,9 @@
 The logits at prompt position p predict token p + 1, so a prefill chunk covering positions [start, end) yields
 the log-probabilities of prompt tokens start + 1 .. min(end, num_prompt_tokens - 1): their rows are added to the
 step's logits_indices after the sampled rows, and their log_softmax (raw logits, float32, as for `logprobs`) is
-copied to the host with the step's tokens. Chunked prefill therefore fills the list chunk by chunk.
+copied to the host with the step's tokens. Chunked prefill therefore fills the list chunk by chunk, and the
+float32 copy is bounded by max_num_batched_tokens rows. This is what the OpenAI completions API returns for
+`echo=True` with `logprobs` (the engine loop maps EngineRequest.prompt_logprobs onto the request's params).
 
 A cached prefix has no logits, so a request asking for prompt logprobs takes no prefix-cache hits: its whole
 prompt is recomputed (its blocks still enter the cache for others). Only the first sample of an n > 1 request
@@ -29,6 +31,15 @@ def prompt_positions(seq, start: int, end: int) -> range:
     if not seq.prompt_logprobs:
         seq.prompt_logprobs.append(None)  # the first token has no context
     return range(max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1))
+
+
+def split_prompt_logprobs(logits: torch.Tensor | None, meta, batch) -> tuple[torch.Tensor | None,
+                                                                           "PromptLogprobs | None"]:
+    """(the sampled rows' logits, the prompt logprobs of the rows after them) of one step's logits."""
+    if logits is None or not meta.prompt_logprob_rows:
+        return logits, None
+    num_sampled = logits.shape[0] - sum(count for _, _, count in meta.prompt_logprob_rows)
+    return logits[:num_sampled], PromptLogprobs.select(logits[num_sampled:], meta.prompt_logprob_rows, batch)
 
 
 @dataclass
