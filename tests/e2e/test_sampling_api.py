@@ -154,3 +154,13 @@ def test_logit_bias_and_allowed_ids_steer_the_engine(llm):
     banned = llm.generate([prompt], SamplingParams(0, 8, True, bad_words=[[forced["token_ids"][0]]],
                                                    logit_bias={42: 100, 43: 99}), use_tqdm=False)[0]
     assert banned["token_ids"] == [43] * 8
+
+
+def test_closing_a_stream_of_n_samples_aborts_all_and_frees_their_blocks(llm):
+    pieces = llm.stream([prompt_of(40, seed=6)], SamplingParams(1.0, 50, True, n=3, seed=2))
+    first = next(pieces)
+    assert first.index == 0
+    pieces.close()
+    bm = llm.engine.scheduler.block_manager
+    assert llm.loop.run(lambda engine: not engine.has_work())
+    assert bm.num_free_blocks == bm.num_blocks
