@@ -71,7 +71,7 @@ class ModelRunner:
             load_model(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
         if config.compile if config.compile is not None else backend.compile_small_ops:
-            fuse_small_ops(self.model)
+            fuse_small_ops(self.model, plan)
         self.num_blocks = 0
         self.graphs = None
         self._sampling_key, self._sampling_tensors = None, None
