@@ -1,4 +1,5 @@
-"""LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`, `stream`)."""
+"""LLM: the user-facing API, shaped like vLLM's (`generate`, `chat`, `stream`); thread-safe, every call a client of
+the engine loop (core/engine_loop.py)."""
 import os
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -112,28 +113,32 @@ class LLM:
                  use_tqdm: bool | Callable = True) -> list[dict]:
         """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
 
-        Each dict has `text`, `token_ids` (the output), `prompt_token_ids`, `finish_reason` ("stop" for EOS, a stop
-        token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
+        Each dict has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text,
+        token_ids, finish_reason, logprobs, cumulative_logprob}; `prompt_token_ids`; `prompt_logprobs` (None unless
+        asked); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
+        token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
+        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys.
         `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
         ids, params = self._requests(prompts, sampling_params)
         requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
-        planned = [self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
-        progress = GenerationProgress(sum(planned), len(requests), sum(map(len, ids)), use_tqdm)
+        planned = [sp.n * self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
+        progress = GenerationProgress(sum(planned), sum(sp.n for sp in params), sum(map(len, ids)), use_tqdm)
         outputs: list[dict | None] = [None] * len(requests)
-        received = [0] * len(requests)  # output tokens counted per request
-        # With a bar shown, requests report every step's tokens (not detokenized); else only their end.
+        received: dict[tuple[int, int], int] = {}  # output tokens counted per (request, sample)
+        # With a bar shown, samples report every step's tokens (not detokenized); else only their end.
         with closing(progress), closing(self._run(requests, stream=progress.per_step, detokenize=False)) as deltas:
             for delta in deltas:
-                i = delta.index
-                new_tokens = len(delta.seq.output_token_ids) - received[i] if delta.finished else len(delta.token_ids)
-                prompt_tokens = len(ids[i]) if received[i] == 0 and (new_tokens or delta.finished) else 0
-                received[i] += new_tokens
-                unused = [planned[i] - received[i]] if delta.finished else []
-                progress.advance(new_tokens, prompt_tokens, unused)
-                if delta.finished:
-                    outputs[i] = request_output(delta.seq, self.tokenizer)
+                key = (delta.index, delta.sample_index)
+                before = received.get(key, 0)
+                new_tokens = delta.seq.num_output_tokens - before if delta.finished else len(delta.token_ids)
+                first = key not in received and delta.sample_index == 0 and (new_tokens or delta.finished)
+                received[key] = before + new_tokens
+                unused = [planned[delta.index] // delta.seq.params.n - received[key]] if delta.finished else []
+                progress.advance(new_tokens, len(ids[delta.index]) if first else 0, unused)
+                if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
+                    outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer)
         return outputs
 
     def _run(self, requests: list[EngineRequest], stream: bool, detokenize: bool | None = None):
@@ -148,7 +153,7 @@ class LLM:
             self.loop.submit(channel, requests)
             while remaining:
                 for delta in channel.get():
-                    if delta.finished:
+                    if delta.request_finished:
                         remaining.discard(delta.request_id)
                     yield delta
         finally:
@@ -174,8 +179,8 @@ class LLM:
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StreamOutput]:
-        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished)
-        as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
+        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished,
+        and the sample index when n > 1) as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
         checked at once; requests are queued when iteration starts and dropped if it stops early."""
         ids, params = self._requests(prompts, sampling_params, stream=True)
         return self._stream(ids, params)
@@ -184,7 +189,8 @@ class LLM:
         requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
         with closing(self._run(requests, stream=True)) as deltas:
             for d in deltas:
-                yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs)
+                yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
+                                   prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index)
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the

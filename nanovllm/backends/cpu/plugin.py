@@ -82,8 +82,10 @@ def check_query(query: KernelQuery) -> list[str]:
 
 @nanovllm.hookimpl
 def nanovllm_register_kernels(registry):
-    from nanovllm.backends.cpu import attention, kv_store, sampler
+    from nanovllm.backends.cpu import attention, elementwise, kv_store, sampler
     registry.register("kv_cache.store", "cpu", "index_copy", kv_store.store_kvcache, check=check_query)
     registry.register("attention.prefill", "cpu", "sdpa_padded", attention.prefill_attention, check=check_query)
     registry.register("attention.decode", "cpu", "sdpa_padded", attention.decode_attention, check=check_query)
-    registry.register("sampler", "cpu", "torch_topk", sampler.sample, check=check_query)
+    registry.register("sampler", "cpu", "torch_cdf", sampler.sample, check=check_query)
+    registry.register("rotary.qk", "cpu", "torch_joint", elementwise.rotary_qk, check=check_query)
+    registry.register("act.silu_mul", "cpu", "torch", elementwise.silu_mul, check=check_query)
