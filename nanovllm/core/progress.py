@@ -55,5 +55,4 @@ class GenerationProgress:
         self.bar.set_postfix_str(f"{self.num_finished}/{self.num_requests} requests done{prefill}", refresh=False)
 
     def close(self) -> None:
-        self.bar.refresh()
         self.bar.close()

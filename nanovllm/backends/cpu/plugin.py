@@ -59,12 +59,6 @@ class CpuBackend(Backend):
         block_size = config.kvcache_block_size or self.default_block_size
         return memory.kv_cache_budget(config, block_size, bytes_per_block, self.option(config, "cpu_memory_fraction"))
 
-    def allocate_kv_cache(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
-        # zeros, not empty: untouched pages are then never read as garbage, and the OS maps them lazily
-        shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        cache = torch.zeros(shape, dtype=dtype, device=device)
-        return [(cache[0, i], cache[1, i]) for i in range(num_layers)]
-
 
 @nanovllm.hookimpl
 def nanovllm_register_backends():
