@@ -5,7 +5,8 @@ randint(0, 10000); max_tokens=randint(100, 1024) each; temperature 0.6; ignore_e
 
 Floor = bytes the workload must move / measured copy bandwidth + prefill matrix FLOPs / measured bf16
 matmul rate. Bytes: the weights once per decode step over the longest request's steps, every decoded
-token reading its whole context's K/V, and every token's K/V written once. Efficiency = floor / time.
+token reading its whole context's K/V (1 byte a value with an FP8 KV cache), and every token's K/V written
+once. Efficiency = floor / time.
 """
 import argparse
 import json
@@ -59,7 +60,8 @@ def matmul_rate(device: torch.device, n: int = 8192) -> float:
     return 2 * n ** 3 / _timed(lambda: a @ b, device, 10)
 
 
-def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
+def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> dict:
+    """Bytes and prefill FLOPs of the workload; K/V bytes counted at `kv_dtype_bytes` (1 for an FP8 cache)."""
     layers, kv_heads, heads = hf.num_hidden_layers, hf.num_key_value_heads, hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     hidden, inter, vocab = hf.hidden_size, hf.intermediate_size, hf.vocab_size
@@ -67,7 +69,7 @@ def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
     matmul_params = layers * layer_params
     embed_params = vocab * hidden * (1 if getattr(hf, "tie_word_embeddings", False) else 2)
     weight_bytes = (matmul_params + embed_params) * dtype_bytes
-    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * (kv_dtype_bytes or dtype_bytes)
     context_reads = sum(len(p) * m + m * (m - 1) // 2 + m for p, m in zip(prompts, max_tokens))
     total_tokens = sum(len(p) + m for p, m in zip(prompts, max_tokens))
     bytes_moved = weight_bytes * max(max_tokens) + kv_bytes_per_token * (context_reads + total_tokens)
@@ -88,7 +90,7 @@ def run(args) -> dict:
         options.update(load_format="dummy", skip_tokenizer_init=True)
     if args.num_kvcache_blocks:
         options["num_kvcache_blocks"] = args.num_kvcache_blocks
-    for name in ("kernels", "kernel_plan", "verify_kernels"):
+    for name in ("kernels", "kernel_plan", "verify_kernels", "kv_cache_dtype", "kv_cache_scale"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     llm = LLM(model, backend=args.backend, **options)
@@ -100,8 +102,8 @@ def run(args) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     seconds = time.perf_counter() - start
     num_output = sum(len(o["token_ids"]) for o in outputs)
-    floor = workload_floor(llm.config.hf_config, prompts, max_tokens,
-                           torch.empty(0, dtype=llm.engine.runner.dtype).element_size())
+    runner = llm.engine.runner
+    floor = workload_floor(llm.config.hf_config, prompts, max_tokens, runner.dtype.itemsize, runner.kv_dtype.itemsize)
     bandwidth, flops = copy_bandwidth(device), matmul_rate(device)
     floor_s = floor["bytes"] / bandwidth + floor["prefill_flops"] / flops
     result = {
@@ -112,7 +114,7 @@ def run(args) -> dict:
         "floor_s": round(floor_s, 3), "efficiency": round(floor_s / seconds, 3),
         "torch": torch.__version__, "python": platform.python_version(),
         "kernels": {op: f"{c.impl.backend}/{c.impl.name}" for op, c in llm.engine.kernel_plan.choices.items()},
-        "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
+        "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."), "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
     }
     try:
         import triton

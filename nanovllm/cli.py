@@ -7,7 +7,7 @@ import sys
 def _engine_options(args) -> dict:
     options = {}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kvcache_blocks",
-                 "kvcache_block_size", "tensor_parallel_size", "device", "dtype"):
+                 "kvcache_block_size", "kv_cache_dtype", "kv_cache_scale", "tensor_parallel_size", "device", "dtype"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -27,6 +27,13 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute one call in N of each op with its reference and demote a kernel that differs")
 
 
+def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="auto: the model dtype (default); fp8 (= fp8_e4m3) or fp8_e5m2: half the KV bytes")
+    p.add_argument("--kv-cache-scale", choices=["per_tensor", "per_head", "unit"],
+                   help="FP8 only: how K/V are scaled into FP8 (default per_head, calibrated at start-up)")
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="cuda, mps, cpu_ref or a plugin's backend (default: first available)")
     p.add_argument("--device", help="device for the backend (e.g. cpu to run the mps backend's code on CPU)")
@@ -36,6 +43,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--num-kvcache-blocks", type=int)
     p.add_argument("--kvcache-block-size", type=int)
+    add_kv_cache_arguments(p)
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     add_kernel_arguments(p)
@@ -78,6 +86,11 @@ def print_stream(pieces, prompts: list[str]) -> None:
             print(f"\n--- {prompts[current]!r}" if current < len(prompts) else "", flush=True)
 
 
+def kv_cache_dtype(args):
+    from nanovllm.core.kv_quant import KV_CACHE_DTYPES
+    return KV_CACHE_DTYPES[getattr(args, "kv_cache_dtype", None) or "auto"]
+
+
 def cmd_backends(args) -> int:
     import os
 
@@ -98,9 +111,8 @@ def cmd_backends(args) -> int:
         ok, reason = backend_availability(backend)
         print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
         query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
-                            args.num_kv_heads, backend.default_block_size)
-        print(f"  kernels for {str(query.dtype).removeprefix('torch.')}, head_dim {query.head_dim}, "
-              f"{query.num_heads}/{query.num_kv_heads} heads, block size {query.block_size}:")
+                            args.num_kv_heads, backend.default_block_size, kv_cache_dtype(args))
+        print(f"  kernels for {query.describe()}:")
         registry_logger = logging.getLogger("nanovllm.core.registry")
         level = registry_logger.level
         registry_logger.setLevel(logging.ERROR)  # a listing: the table already shows every fallback and reason
@@ -128,19 +140,19 @@ def print_plan(args, plugins, kernels) -> int:
         from nanovllm.llm import check_model_folder
         check_model_folder(args.model)
         config = EngineConfig(model=args.model, backend=args.backend, hf_config=AutoConfig.from_pretrained(args.model),
-                              kernels=kernels, kernel_plan=args.kernel_plan)
+                              kernels=kernels, kernel_plan=args.kernel_plan,
+                              kv_cache_dtype=args.kv_cache_dtype or "auto")
         plan = resolve_backend(config, plugins)[3]
     else:
         if args.kernel_plan:
             raise ValueError("--kernel-plan with --plan needs --model: a plan is checked against a model's shapes")
         backend = plugins.select(args.backend)
         query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
-                            args.num_kv_heads, backend.default_block_size)
+                            args.num_kv_heads, backend.default_block_size, kv_cache_dtype(args))
         plan = plugins.registry.resolve(backend.name, query, plugins.kernel_preferences(backend.name), kernels,
                                         notes=plugins.preference_notes(backend.name))
     q = plan.query
-    print(f"kernel plan for backend {plan.backend} ({q.device_type}, {str(q.dtype).removeprefix('torch.')}, "
-          f"head_dim {q.head_dim}, {q.num_heads}/{q.num_kv_heads} heads, block size {q.block_size}"
+    print(f"kernel plan for backend {plan.backend} ({q.device_type}, {q.describe()}"
           f"{', model ' + args.model if args.model else ''}):")
     print(plan.table())
     if args.save_plan:
@@ -172,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--num-heads", type=int, default=16)
     b.add_argument("--num-kv-heads", type=int, default=8)
     b.add_argument("--kernels", help="'reference' or op=name,op=name: resolve as a run with this switch would")
+    b.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="resolve the kernels for this KV cache dtype (default auto: the model dtype)")
     b.add_argument("--plan", action="store_true", help="print the kernel plan of one backend (--backend, else the "
                                                        "first available) for --model's shapes")
     b.add_argument("--model", help="with --plan: a checkpoint folder whose shapes the plan is resolved for")
@@ -183,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanovllm import bench
     bench.add_arguments(t)
     add_kernel_arguments(t)
+    add_kv_cache_arguments(t)
     t.set_defaults(fn=bench.main)
     u = sub.add_parser("tune", help="time every usable kernel per op at a model's shapes; write the winners to "
                                     "the user's plugins.toml")

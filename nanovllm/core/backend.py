@@ -26,6 +26,8 @@ class Backend:
     pin_memory: bool = False  # stage host->device copies in pinned memory
     measures_peak_memory: bool = False  # run a warm-up prefill before sizing the KV cache
     dist_backend: str | None = None  # torch.distributed backend for tensor parallelism, None if refused
+    # kv_cache_dtype options this backend's KV cache and kernels can hold ("auto": the model dtype)
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
     # op -> kernel names, best first: the plugin's own preference; plugins.toml [kernels.<name>] overrides per op
     kernel_preferences: dict[str, list[str]] = {}
 

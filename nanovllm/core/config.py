@@ -4,6 +4,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from nanovllm.core.kv_quant import KV_CACHE_DTYPES, KV_CACHE_SCALES
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float": torch.float32, "half": torch.float16}
@@ -20,6 +22,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
     kvcache_block_size: int | None = None
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2"
+    kv_cache_scale: str = "per_head"  # FP8 only: "per_head", "per_tensor" or "unit" (see core/kv_calibration.py)
     num_kvcache_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_memory_fraction: float = 0.3
@@ -64,6 +68,10 @@ class EngineConfig:
             self.dtype = checkpoint_dtype(self.hf_config) if self.dtype == "auto" else DTYPES[self.dtype]
         elif self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"expected one of {', '.join(map(repr, KV_CACHE_DTYPES))}")
+        if self.kv_cache_scale not in KV_CACHE_SCALES:
+            bad("kv_cache_scale", f"expected one of {', '.join(map(repr, KV_CACHE_SCALES))}")
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", "expected 'auto' (safetensors weights) or 'dummy' (random weights)")
         if self.kernels is None and os.environ.get("NANOVLLM_KERNELS"):

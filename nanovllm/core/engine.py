@@ -12,6 +12,7 @@ from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.plugins import Plugins, load_plugins
 from nanovllm.core.kernel_plan_io import load_plan
+from nanovllm.core.kv_quant import KV_CACHE_DTYPES
 from nanovllm.core.registry import KernelPlan, KernelQuery
 from nanovllm.core.shadow import install_shadow_verification
 from nanovllm.core.scheduler import Scheduler
@@ -222,6 +223,7 @@ def resolve_backend(config: EngineConfig, plugins: Plugins):
     if dtype not in backend.supported_dtypes:
         raise ValueError(f"dtype={dtype} is not supported by backend {backend.name!r}; "
                          f"supported: {', '.join(str(d) for d in backend.supported_dtypes)}")
+    kv_cache_dtype = check_kv_cache_dtype(config, backend, plugins)
     block_size = config.kvcache_block_size or backend.default_block_size
     reasons = backend.check_block_size(block_size)
     if reasons:
@@ -235,7 +237,7 @@ def resolve_backend(config: EngineConfig, plugins: Plugins):
     tp = config.tensor_parallel_size
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     query = KernelQuery(device_type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
-                        max(1, hf.num_key_value_heads // tp), block_size)
+                        max(1, hf.num_key_value_heads // tp), block_size, kv_cache_dtype)
     preferences, notes = plugins.kernel_preferences(backend.name), plugins.preference_notes(backend.name)
     try:
         plan = plugins.registry.resolve(backend.name, query, preferences, replay[1] if replay else config.kernels,
@@ -252,6 +254,16 @@ def resolve_backend(config: EngineConfig, plugins: Plugins):
                                      exclude=excluded).choices[op]))
     logger.info("backend %s, %s, kernels:\n%s", backend.name, dtype, plan.table())
     return backend, dtype, block_size, plan
+
+
+def check_kv_cache_dtype(config: EngineConfig, backend, plugins: Plugins) -> torch.dtype | None:
+    """The KV cache's storage dtype (None: the model dtype); ValueError if the backend cannot hold it."""
+    if config.kv_cache_dtype not in backend.kv_cache_dtypes:
+        able = [name for name, b in plugins.backends.items() if config.kv_cache_dtype in b.kv_cache_dtypes]
+        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported by backend {backend.name!r}, "
+                         f"which supports {', '.join(map(repr, backend.kv_cache_dtypes))}: use one of those"
+                         + (f", or a backend that has it ({', '.join(able)})" if able else ""))
+    return KV_CACHE_DTYPES[config.kv_cache_dtype]
 
 
 def replay_as_saved(plan: KernelPlan, path: str) -> KernelPlan:

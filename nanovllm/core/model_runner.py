@@ -13,6 +13,8 @@ import torch
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.fusion import fuse_small_ops
+from nanovllm.core.kv_calibration import calibrate_kv_scales
+from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.logging import get_logger
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.parallel import Communicator
@@ -54,6 +56,8 @@ class ModelRunner:
         self.workers = workers
         self.hf_config = config.hf_config
         self.dtype, self.block_size = dtype, block_size
+        self.kv_dtype = plan.query.kv_dtype if plan.query is not None else dtype  # what the KV cache stores
+        self.kv_scales: torch.Tensor | None = None  # FP8: [num_layers, 2 (K, V), num_kv_heads] float32
         self.device = backend.device(config, comm.rank)
         self.sampler = plan.fn("sampler")
         self.max_num_blocks_per_seq = -(-config.max_model_len // block_size)
@@ -152,7 +156,7 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
         return (2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
-                * torch.empty(0, dtype=self.dtype).element_size())
+                * self.kv_dtype.itemsize)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         needed = self.max_num_blocks_per_seq
@@ -162,12 +166,18 @@ class ModelRunner:
                              f"num_kvcache_blocks (or the memory fraction), or lower max_model_len")
         layer = self.attention_layers[0]
         caches = self.backend.allocate_kv_cache(len(self.attention_layers), num_blocks, self.block_size,
-                                                layer.num_kv_heads, layer.head_dim, self.dtype, self.device)
+                                                layer.num_kv_heads, layer.head_dim, self.kv_dtype, self.device)
         for attn, (k_cache, v_cache) in zip(self.attention_layers, caches):
             attn.k_cache, attn.v_cache = k_cache, v_cache
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    num_blocks * self.bytes_per_block() / 2**30)
+        logger.info("KV cache: %d blocks of %d tokens, %s (%.2f GiB)", num_blocks, self.block_size,
+                    str(self.kv_dtype).removeprefix("torch."), num_blocks * self.bytes_per_block() / 2**30)
+        if is_fp8(self.kv_dtype):
+            self.kv_scales = torch.ones(len(self.attention_layers), 2, layer.num_kv_heads, dtype=torch.float32,
+                                        device=self.device)
+            for attn, scales in zip(self.attention_layers, self.kv_scales):
+                attn.kv_scales = (scales[0], scales[1])
+            calibrate_kv_scales(self, self.kv_scales, self.config.kv_cache_scale)  # fills them in place
 
     def capture_graphs(self) -> None:
         if self.config.enforce_eager or not self.backend.supports_graphs:

@@ -24,6 +24,11 @@ OPS: dict[str, tuple[str, ...]] = {
     "attention.decode": ("q", "k_cache", "v_cache", "meta", "scale"),
     "sampler": ("logits", "params"),
 }
+# ops that touch the KV cache: with an FP8 cache they are also passed (k_scale, v_scale) after the op's
+# arguments, each a float32 [num_kv_heads] tensor (stored = value / scale); a kernel that cannot take them
+# cannot serve an FP8 cache
+KV_CACHE_OPS = ("kv_cache.store", "attention.prefill", "attention.decode")
+KV_SCALE_ARGS = ("k_scale", "v_scale")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,31 @@ class KernelQuery:
     num_heads: int
     num_kv_heads: int
     block_size: int
+    kv_cache_dtype: torch.dtype | None = None  # None: the cache holds the model dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype or self.dtype
+
+    @property
+    def kv_is_fp8(self) -> bool:
+        return self.kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+    def describe(self) -> str:
+        kv = "" if self.kv_cache_dtype in (None, self.dtype) else f", KV cache {str(self.kv_cache_dtype)[6:]}"
+        return (f"{str(self.dtype).removeprefix('torch.')}{kv}, head_dim {self.head_dim}, "
+                f"{self.num_heads}/{self.num_kv_heads} heads, block size {self.block_size}")
+
+
+def takes_kv_scales(fn: Callable, op: str) -> bool:
+    """Whether `fn` accepts (k_scale, v_scale) right after `op`'s own arguments."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    n = len(OPS[op])
+    return tuple(names[n:n + len(KV_SCALE_ARGS)]) == KV_SCALE_ARGS
 
 
 @dataclass(frozen=True)
@@ -54,12 +84,16 @@ class KernelImpl:
         return f"{self.backend}/{self.name}"
 
     def reasons(self, query: KernelQuery) -> list[str]:
+        reasons = []
+        if query.kv_is_fp8 and self.op in KV_CACHE_OPS and not takes_kv_scales(self.fn, self.op):
+            reasons.append(f"KV cache {str(query.kv_dtype)[6:]} needs a kernel that takes "
+                           f"({', '.join(KV_SCALE_ARGS)}); this one serves a model-dtype cache only")
         if self.check is None:
-            return []
+            return reasons
         try:
-            return list(self.check(query))
+            return reasons + [r for r in self.check(query) if r not in reasons]
         except Exception as e:  # a broken check must not take the engine down
-            return [f"its availability check raised {type(e).__name__}: {e}"]
+            return reasons + [f"its availability check raised {type(e).__name__}: {e}"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +129,7 @@ class KernelPlan:
             plugin = c.impl.plugin + (f" {c.impl.plugin_version}" if c.impl.plugin_version else "")
             rows.append((op, c.impl.full_name, plugin or "-", c.why))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = []
+        lines = [f"  for {self.query.describe()}"] if self.query is not None else []
         for row in rows:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
             if row[0] in self.choices:

@@ -18,6 +18,7 @@ class CpuRefBackend(Backend):
     device_type = "cpu"
     default_dtype = torch.float32
     default_block_size = 16
+    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
     supports_graphs = False
     dist_backend = "gloo"
 

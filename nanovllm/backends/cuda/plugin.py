@@ -24,6 +24,7 @@ class CudaBackend(Backend):
     device_type = "cuda"
     default_dtype = torch.bfloat16
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
     supports_graphs = True
     measures_peak_memory = True
     pin_memory = True

@@ -18,15 +18,18 @@ class Attention(nn.Module):
         self.prefill = plan.fn("attention.prefill")
         self.decode = plan.fn("attention.decode")
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the cache exists
+        self.kv_scales: tuple[torch.Tensor, ...] = ()  # FP8 cache: (k_scale, v_scale), each [num_kv_heads]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]"""
+        kv_scales = self.kv_scales
         if self.k_cache.numel():
-            self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping, *kv_scales)
         if meta.decode is None:
-            return self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+            return self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, *kv_scales)
         if meta.prefill is None:
-            return self.decode(q, self.k_cache, self.v_cache, meta.decode, self.scale)
+            return self.decode(q, self.k_cache, self.v_cache, meta.decode, self.scale, *kv_scales)
         p = meta.num_prefill_tokens
-        return torch.cat([self.prefill(q[:p], k[:p], v[:p], self.k_cache, self.v_cache, meta.prefill, self.scale),
-                          self.decode(q[p:], self.k_cache, self.v_cache, meta.decode, self.scale)])
+        return torch.cat([self.prefill(q[:p], k[:p], v[:p], self.k_cache, self.v_cache, meta.prefill, self.scale,
+                                       *kv_scales),
+                          self.decode(q[p:], self.k_cache, self.v_cache, meta.decode, self.scale, *kv_scales)])
