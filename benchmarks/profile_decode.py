@@ -39,7 +39,7 @@ def main():
         logits = runner.execute(ids, pos, meta)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        tokens = runner.sampler(logits, runner.sampling_tensors(batch.seqs))
+        tokens = runner.sampler(logits, runner.sampling.tensors(batch.seqs))
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         host = tokens.tolist()
@@ -60,7 +60,7 @@ def main():
         for _ in range(3):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60))
 
 
 if __name__ == "__main__":

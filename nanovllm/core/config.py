@@ -25,8 +25,6 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2"
     kv_cache_scale: str = "per_head"  # FP8 only: "per_head", "per_tensor" or "unit" (see core/kv_calibration.py)
     num_kvcache_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9
-    cpu_memory_fraction: float = 0.3
     enforce_eager: bool = False
     compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
     async_scheduling: bool = True  # launch decode step N+1 before step N's tokens reach the host
@@ -38,6 +36,9 @@ class EngineConfig:
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
+    generation_config: str = "auto"  # sampling defaults: "auto" (the model folder's), "none", or a folder
+    # the options a backend declares (`Backend.options`, e.g. gpu_memory_utilization), checked at start-up
+    backend_options: dict = field(default_factory=dict)
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -56,10 +57,6 @@ class EngineConfig:
                 positive_int(name)
         if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):
             bad("kvcache_block_size", "expected a power of two (e.g. 16, 32, 256)")
-        for name in ("gpu_memory_utilization", "cpu_memory_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                bad(name, "expected a fraction in (0, 1]")
         if not isinstance(self.enforce_eager, bool):
             bad("enforce_eager", "expected True or False")
         if isinstance(self.dtype, str):
@@ -72,6 +69,9 @@ class EngineConfig:
             bad("kv_cache_dtype", f"expected one of {', '.join(map(repr, KV_CACHE_DTYPES))}")
         if self.kv_cache_scale not in KV_CACHE_SCALES:
             bad("kv_cache_scale", f"expected one of {', '.join(map(repr, KV_CACHE_SCALES))}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            bad("generation_config", "expected 'auto' (the model folder's generation_config.json), 'none', or a "
+                                     "folder holding one")
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", "expected 'auto' (safetensors weights) or 'dummy' (random weights)")
         if self.kernels is None and os.environ.get("NANOVLLM_KERNELS"):
@@ -96,7 +96,7 @@ class EngineConfig:
 
     @classmethod
     def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config")]
+        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config", "backend_options")]
 
 
 def checkpoint_dtype(hf_config) -> torch.dtype | None:

@@ -4,15 +4,11 @@ Replaying pins every op to the kernel the file names; the registry then refuses,
 that is missing or cannot serve this run, before any weight is loaded.
 """
 import json
-import sys
 from pathlib import Path
 
 from nanovllm.core.registry import OPS, KernelPlan
+from nanovllm.core.toml import tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 HEADER = "# nanovllm kernel plan: replay with `--kernel-plan FILE` or LLM(kernel_plan=FILE)\n"
 
@@ -27,13 +23,17 @@ def plan_to_toml(plan: KernelPlan) -> str:
         q = plan.query
         lines += ["[query]", f"device_type = {toml_string(q.device_type)}",
                   f"dtype = {toml_string(str(q.dtype).removeprefix('torch.'))}", f"head_dim = {q.head_dim}",
-                  f"num_heads = {q.num_heads}", f"num_kv_heads = {q.num_kv_heads}", f"block_size = {q.block_size}", ""]
+                  f"num_heads = {q.num_heads}", f"num_kv_heads = {q.num_kv_heads}", f"block_size = {q.block_size}",
+                  f"kv_cache_dtype = {toml_string(str(q.kv_dtype).removeprefix('torch.'))}", ""]
     for op in sorted(plan.choices, key=lambda op: (list(OPS).index(op) if op in OPS else len(OPS), op)):
         c = plan.choices[op]
         rejected = ", ".join(toml_string(f"{name}: {'; '.join(reasons)}") for name, reasons in c.rejected)
         lines += [f"[ops.{toml_string(op)}]", f"kernel = {toml_string(c.impl.full_name)}",
                   f"plugin = {toml_string(c.impl.plugin)}", f"version = {toml_string(c.impl.plugin_version)}",
-                  f"why = {toml_string(c.why)}", f"rejected = [{rejected}]", ""]
+                  f"why = {toml_string(c.why)}"]
+        if c.impl.fallback:
+            lines.append(f"fallback = {toml_string(c.impl.fallback)}")
+        lines += [f"rejected = [{rejected}]", ""]
     return "\n".join(lines)
 
 

@@ -7,7 +7,6 @@ whose hook raises is reported and skipped; the others keep working.
 import dataclasses
 import importlib.metadata
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +16,8 @@ from nanovllm.core import hookspecs
 from nanovllm.core.backend import Backend
 from nanovllm.core.logging import get_logger
 from nanovllm.core.registry import KernelImpl, KernelRegistry, suggest
+from nanovllm.core.toml import tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 logger = get_logger(__name__)
 
@@ -225,6 +221,6 @@ class _PluginRegistry:
     def __init__(self, registry: KernelRegistry, plugin: str):
         self._registry, self._plugin = registry, plugin
 
-    def register(self, op, backend, name, fn, priority=0, check=None, graph_safe=False):
+    def register(self, op, backend, name, fn, priority=0, check=None, graph_safe=False, fallback=""):
         return self._registry.register(op, backend, name, fn, priority, check, plugin=self._plugin,
-                                       graph_safe=graph_safe)
+                                       graph_safe=graph_safe, fallback=fallback)

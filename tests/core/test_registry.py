@@ -90,3 +90,12 @@ def test_plan_table_names_plugin_version_and_skipped():
     r.register("attention.decode", "x", "mid", decode, plugin="vendor", plugin_version="2.1.0")
     table = r.resolve("x", Q, ops=OPS).table()
     assert "x/mid" in table and "vendor 2.1.0" in table and "skipped fast: needs head_dim 128" in table
+
+
+def test_plan_is_read_only_and_names_per_call_fallbacks():
+    r = KernelRegistry()
+    r.register("attention.decode", "x", "fast", decode, fallback="x/slow for batches with long contexts")
+    plan = r.resolve("x", Q, ops=OPS)
+    with pytest.raises(TypeError):
+        plan.choices["attention.decode"] = None
+    assert "falls back per call to x/slow for batches with long contexts" in plan.table()

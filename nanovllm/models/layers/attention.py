@@ -1,6 +1,7 @@
 """The attention front: store this step's K/V in the paged cache, then run the resolved kernels.
 
-The kernels come from the engine's KernelPlan; this layer never knows which backend provided them.
+The kernels come from the engine's KernelPlan (op name -> function, through the LayerContext); this layer
+never knows which backend provided them.
 """
 import torch
 from torch import nn
@@ -13,10 +14,9 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ctx: LayerContext):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        plan = ctx.kernels
-        self.store = plan.fn("kv_cache.store")
-        self.prefill = plan.fn("attention.prefill")
-        self.decode = plan.fn("attention.decode")
+        self.store = ctx.kernels["kv_cache.store"]
+        self.prefill = ctx.kernels["attention.prefill"]
+        self.decode = ctx.kernels["attention.decode"]
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the cache exists
         self.kv_scales: tuple[torch.Tensor, ...] = ()  # FP8 cache: (k_scale, v_scale), each [num_kv_heads]
 

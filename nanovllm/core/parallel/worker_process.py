@@ -11,22 +11,24 @@ import traceback
 from multiprocessing.connection import Connection
 
 from nanovllm.core.config import EngineConfig
+from nanovllm.core.startup import PinnedPlan
 
 
-def worker_main(config: EngineConfig, backend_name: str, rank: int, world_size: int, init_method: str,
+def worker_main(config: EngineConfig, spec: PinnedPlan, rank: int, world_size: int, init_method: str,
                 conn: Connection) -> None:
+    """`spec` is rank 0's resolved start-up: the worker runs the same backend and kernels, never resolving its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
     comm = None
     try:
-        from nanovllm.core.engine import resolve_backend
         from nanovllm.core.model_runner import ModelRunner
+        from nanovllm.core.parallel.step_transport import step_to_device, unpack_step
         from nanovllm.core.plugins import load_plugins
-        from nanovllm.core.step_transport import step_to_device, unpack_step
+        from nanovllm.core.startup import from_pinned, with_verification
 
-        config.backend = backend_name
-        backend, dtype, block_size, plan = resolve_backend(config, load_plugins())
-        comm = backend.communicator(rank, world_size, init_method)
-        runner = ModelRunner(config, backend, plan, comm, dtype, block_size)
+        plugins = load_plugins()
+        resolved = with_verification(from_pinned(spec, plugins), plugins, config.verify_kernels)
+        comm = resolved.backend.communicator(rank, world_size, init_method)
+        runner = ModelRunner(config, resolved, comm)
         runner.initialize()
         while True:
             try:

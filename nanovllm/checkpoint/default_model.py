@@ -58,7 +58,7 @@ def default_model_path(cache: str | None = None) -> str:
         raise RuntimeError(f"{target} exists but has no config.json, so it is not a conversion this package wrote; "
                            f"delete it and run again to convert the default model afresh")
     gguf = default_gguf_path()
-    from nanovllm.models.gguf_convert import convert_gguf
+    from nanovllm.checkpoint.gguf_convert import convert_gguf
     logger.info("first use of the default model: converting %s once into %s", gguf, target)
     start = time.perf_counter()
     write_atomically(target, lambda tmp: convert_gguf(gguf, tmp))

@@ -13,7 +13,8 @@ from multiprocessing.connection import wait
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
-from nanovllm.core.worker import worker_main
+from nanovllm.core.parallel.worker_process import worker_main
+from nanovllm.core.startup import PinnedPlan
 
 logger = get_logger(__name__)
 
@@ -27,7 +28,8 @@ def free_local_port() -> int:
 
 
 class WorkerGroup:
-    def __init__(self, config: EngineConfig, backend_name: str, world_size: int):
+    def __init__(self, config: EngineConfig, spec: PinnedPlan, world_size: int):
+        """`spec`: rank 0's resolved backend and kernels, which every worker runs."""
         self.init_method = f"tcp://127.0.0.1:{free_local_port()}"
         self.failure: str | None = None  # written only by the monitor thread, then `died` is set
         self.died = threading.Event()
@@ -38,7 +40,7 @@ class WorkerGroup:
             for rank in range(1, world_size):
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(target=worker_main, name=f"nanovllm-tp-rank{rank}", daemon=True,
-                                   args=(config, backend_name, rank, world_size, self.init_method, child_end))
+                                   args=(config, spec, rank, world_size, self.init_method, child_end))
                 self.conns.append(parent_end)
                 proc.start()
                 child_end.close()
