@@ -36,10 +36,13 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--dtypes", default="fp8_e4m3,fp8_e5m2")
     p.add_argument("--scales", default="per_tensor,per_head,unit")
+    p.add_argument("--eager", action="store_true", help="no graphs or torch.compile: faster start-up, same math")
     p.add_argument("--json")
     args = p.parse_args()
     options = dict(backend=args.backend, max_model_len=1024, max_num_batched_tokens=2048, max_num_seqs=16,
-                   enforce_eager=False)
+                   enforce_eager=args.eager)
+    if args.eager:
+        options["compile"] = False
     if args.backend == "cpu_ref":
         options["num_kvcache_blocks"] = 256
     model = None

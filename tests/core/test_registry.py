@@ -99,3 +99,21 @@ def test_plan_is_read_only_and_names_per_call_fallbacks():
     with pytest.raises(TypeError):
         plan.choices["attention.decode"] = None
     assert "falls back per call to x/slow for batches with long contexts" in plan.table()
+
+
+def test_fp8_kv_cache_skips_kernels_that_take_no_scales():
+    def decode_fp8(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None):
+        return q
+
+    r = KernelRegistry()
+    r.register("attention.decode", "x", "bf16_only", decode, priority=9)
+    r.register("attention.decode", "x", "fp8_ready", decode_fp8, priority=1)
+    assert r.resolve("x", Q, ops=["attention.decode"]).choices["attention.decode"].impl.name == "bf16_only"
+    fp8 = KernelQuery("cpu", torch.float32, 64, 4, 2, 16, torch.float8_e4m3fn)
+    plan = r.resolve("x", fp8, ops=["attention.decode"])
+    choice = plan.choices["attention.decode"]
+    assert choice.impl.name == "fp8_ready"
+    assert choice.rejected[0][0] == "bf16_only" and "needs a kernel that takes (k_scale, v_scale)" in choice.rejected[0][1][0]
+    assert "KV cache float8_e4m3fn" in plan.table()
+    with pytest.raises(ValueError, match="bf16_only.*cannot serve this run: KV cache float8_e4m3fn needs"):
+        r.resolve("x", fp8, overrides={"attention.decode": "bf16_only"}, ops=["attention.decode"])
