@@ -56,7 +56,7 @@ def resources(kernel) -> dict:
 def compile_all() -> list[tuple[str, dict]]:
     from nanovllm.backends.cuda import elementwise, kv_store, sampler
     from nanovllm.backends.cuda.attention import triton_decode as dec, triton_prefill as pre
-    from nanovllm.backends.cuda.attention.triton_common import dot_precision, padded_head_dim
+    from nanovllm.backends.cuda.attention.triton_common import dot_precision, fp8_dot_dtype, padded_head_dim
     out = []
     for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 48)]:
         pad = padded_head_dim(head_dim)
@@ -72,6 +72,7 @@ def compile_all() -> list[tuple[str, dict]]:
                         3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
                         GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                         BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
+                        DOT_DTYPE=fp8_dot_dtype(dtype),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                     out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
                 cfg = pre.prefill_config(pad, dtype)
@@ -83,6 +84,7 @@ def compile_all() -> list[tuple[str, dict]]:
                         block_size * row, row, head_dim, 64,
                         GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
+                        DOT_DTYPE=fp8_dot_dtype(dtype),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                     out.append((f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged}", resources(k)))
         k = dec._decode_combine_kernel.warmup(

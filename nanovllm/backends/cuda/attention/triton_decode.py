@@ -6,8 +6,10 @@ memory once per KV head. Splits divide each sequence's context so that small bat
 GPU; every program derives its token range from its own context length, so the launch depends only on
 the batch and head counts and one captured CUDA graph serves every replay. With more than one split,
 partial outputs and their log-sum-exp go to scratch and a small second kernel combines them.
-An FP8 cache is read as FP8 and widened in registers; its per-KV-head scales are folded into the score
-scale (K) and the output (V), so dequantising costs two multiplies per program, not one per element.
+An FP8 cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, and one
+native conversion on sm_89+, where widening to bfloat16 goes through float32 and made the kernel
+conversion-bound), with the dots in float16; its per-KV-head scales are folded into the score scale (K)
+and the output (V), so dequantising costs two multiplies per program, not one per element.
 """
 from dataclasses import dataclass
 from functools import cache
@@ -16,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, head_dim_mask, padded_head_dim,
-                                                           paged_row_offsets)
+from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
+                                                           padded_head_dim, paged_row_offsets)
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import DecodeMetadata
 
@@ -40,8 +42,8 @@ def decode_config(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfl
     several times what HBM3 needs at its latency. `benchmarks/kernels_cuda.py --sweep` re-tunes this."""
     if head_dim > 128 or dtype == torch.float32:  # same bytes per tile for wider rows
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3)
-    if kv_dtype is not None and kv_dtype.itemsize == 1:  # FP8 tiles hold half the bytes: one more stage in flight
-        return DecodeConfig(block_n=64, num_warps=4, num_stages=4)
+    if kv_dtype is not None and kv_dtype.itemsize == 1:  # FP8: twice the tokens for a bf16 tile's bytes
+        return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
@@ -72,7 +74,7 @@ def _decode_split_kernel(
     stride_bt_seq, stride_o_seq, stride_o_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the KV heads of a token, adjacent in the cache, are read together
     seq = tl.program_id(1)
@@ -93,6 +95,7 @@ def _decode_split_kernel(
     if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
+        q = q.to(DOT_DTYPE)
     else:
         v_scale = 1.0
 
@@ -199,7 +202,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=block_size, BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
-        KV_FP8=kv_fp8,
+        KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

@@ -5,7 +5,7 @@ the chunk is the last len_q positions of a context of len_k tokens, so row r sit
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
 Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, an FP8
-cache is read as FP8 and widened in registers, its per-KV-head scales folded into the score scale (K) and
+cache is read as FP8 and widened in registers (to float16, see triton_decode), its per-KV-head scales folded into the score scale (K) and
 the output (V).
 """
 from dataclasses import dataclass
@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, head_dim_mask, padded_head_dim,
-                                                           paged_row_offsets)
+from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
+                                                           padded_head_dim, paged_row_offsets)
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import PrefillMetadata
 
@@ -81,7 +81,7 @@ def _prefill_kernel(
     stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head, stride_bt_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -107,6 +107,7 @@ def _prefill_kernel(
     if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
+        q = q.to(DOT_DTYPE)
     else:
         v_scale = 1.0
     k_base = k_ptr + kv_head * stride_k_head
@@ -193,6 +194,7 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         block_tables.stride(0) if paged else 0,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size, PAGED=paged,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8,
+        DOT_DTYPE=fp8_dot_dtype(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
