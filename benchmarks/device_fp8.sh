@@ -10,11 +10,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
 for kv in auto fp8; do
-  timeout 110 python3 -m nanovllm.cli bench --backend cuda --config "$CONFIG" --no-progress --kv-cache-dtype $kv \
+  timeout 100 python3 -m nanovllm.cli bench --backend cuda --config "$CONFIG" --no-progress --kv-cache-dtype $kv \
     --json "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench-$kv.log" | grep -E "efficiency|Error|error"
 done
-timeout 50 python3 benchmarks/fp8_decode.py --sweep --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | cut -c1-200
-timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_cuda_fp8_kernels.py \
+timeout 40 python3 benchmarks/fp8_decode.py --sweep --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | cut -c1-200
+timeout 40 python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_cuda_fp8_kernels.py \
   tests/backends/test_parity_matrix.py 2>&1 | tee "$OUT/tests.log" | tail -4
-timeout 80 python3 benchmarks/kv_accuracy.py --backend cuda --config "$CONFIG" --eager --dtypes fp8_e4m3 \
-  --scales per_head,per_tensor,unit --json "$OUT/accuracy.jsonl" 2>&1 | grep -v "INFO\|Warn" | tee "$OUT/accuracy.log"
+timeout 50 python3 benchmarks/kv_accuracy.py --num-prompts 4 --backend cuda --config "$CONFIG" --eager --dtypes fp8_e4m3 \
+  --scales per_head,unit --json "$OUT/accuracy.jsonl" 2>&1 | grep -v "INFO\|Warn" | tee "$OUT/accuracy.log"

@@ -43,8 +43,7 @@ def main() -> None:
                    enforce_eager=args.eager)
     if args.eager:
         options["compile"] = False
-    if args.backend == "cpu_ref":
-        options["num_kvcache_blocks"] = 256
+    options["num_kvcache_blocks"] = 256  # two engines share the device: no memory-fraction budgets
     model = None
     if args.config:
         model = os.path.dirname(os.path.abspath(args.config))

@@ -86,7 +86,8 @@ def test_fp8_store_matches_reference(device, kv_dtype, num_kv_heads, head_dim, b
         reference_store(key, value, k_ref, v_ref, slots, k_scale, v_scale, device)
         written = slots[slots >= 0]
         assert torch.isfinite(k_ref.float().flatten(0, 1)[written]).all()
-        if device == "cuda":  # some values saturated (the interpreter's cast does not reach the FP8 maximum)
+        if device == "cuda" and kv_dtype == torch.float8_e4m3fn:  # some values saturated (e5m2 reaches 57344;
+            # the interpreter's cast never reaches the FP8 maximum)
             assert k_ref.float().abs().nan_to_num(0).max() == torch.finfo(kv_dtype).max
         for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
             torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0, equal_nan=True)
