@@ -1,4 +1,5 @@
-"""LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`, `stream`)."""
+"""LLM: the user-facing API, shaped like vLLM's (`generate`, `chat`, `stream`); thread-safe, every call a client of
+the engine loop (core/engine_loop.py)."""
 import os
 import time
 from collections.abc import Iterator

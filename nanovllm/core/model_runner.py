@@ -72,7 +72,7 @@ class ModelRunner:
             load_model(self.model, config.model)
         self.attention_layers = self.model.attention_layers()
         if config.compile if config.compile is not None else backend.compile_small_ops:
-            fuse_small_ops(self.model)
+            fuse_small_ops(self.model, plan)
         self.num_blocks = 0
         self.graphs = None
         self.sampling = StepSampler(backend, self.device)
