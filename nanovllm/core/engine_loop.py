@@ -150,13 +150,17 @@ class EngineLoop:
         with self._wake:
             while not self._inbox and not self.engine.has_work():
                 self._wake.wait()
-        while self._inbox:
-            message = self._inbox.popleft()
+            messages = list(self._inbox)
+            self._inbox.clear()
+        prompt_logprobs = self._prompt_logprobs(messages)
+        for i, message in enumerate(messages):
             if message is STOP:
+                with self._wake:
+                    self._inbox.extendleft(reversed(messages[i + 1:]))  # answered by _run's cleanup
                 return False
             kind = message[0]
             if kind == "submit":
-                self._add(message[1], message[2])
+                self._add(message[1], message[2], prompt_logprobs)
             elif kind == "abort":
                 self._abort(message[1])
                 if message[2] is not None:
@@ -170,16 +174,35 @@ class EngineLoop:
                 done.set()
         return True
 
-    def _add(self, channel: OutputChannel, requests: list[EngineRequest]) -> None:
+    def _prompt_logprobs(self, messages: list) -> dict[str, list | BaseException]:
+        """The prompt logprobs of every submitted request that asks, computed together (a few batched prefills);
+        request_id -> its list, or the error that stopped them."""
+        wanted = [r for m in messages if m is not STOP and m[0] == "submit" for r in m[2]
+                  if r.prompt_logprobs is not None]
+        if not wanted:
+            return {}
+        try:
+            results = compute_prompt_logprobs(self.engine.runner, [r.token_ids for r in wanted],
+                                              [r.prompt_logprobs for r in wanted])
+        except BaseException as e:  # the requests that asked fail; one rank's cache is untouched (nothing stored)
+            if self.engine.workers is not None:  # the workers may be stuck in the half-run prefill
+                try:
+                    self.engine._fail(e)
+                except BaseException as death:  # a worker died: say so
+                    e = death
+            results = [e] * len(wanted)
+        return {r.request_id: result for r, result in zip(wanted, results)}
+
+    def _add(self, channel: OutputChannel, requests: list[EngineRequest], prompt_logprobs: dict) -> None:
         added = []
         try:
             for r in requests:
-                prompt_logprobs = None
-                if r.prompt_logprobs is not None:
-                    prompt_logprobs = compute_prompt_logprobs(self.engine.runner, r.token_ids, r.prompt_logprobs)
+                logprobs = prompt_logprobs.get(r.request_id)
+                if isinstance(logprobs, BaseException):
+                    raise logprobs
                 detokenize = r.stream if r.detokenize is None else r.detokenize
                 seq = self.engine.add_request(r.token_ids, r.params, detokenize=detokenize)
-                live = _Live(r, seq, channel, prompt_logprobs)
+                live = _Live(r, seq, channel, logprobs)
                 self._live[seq.seq_id] = self._by_id[r.request_id] = live
                 added.append(live)
         except BaseException as e:  # the call is refused as a whole: nothing of it stays queued
