@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from nanovllm import AsyncLLM, LLM, SamplingParams
-from nanovllm.core.prompt_logprobs import compute_prompt_logprobs
 from tests.conftest import random_prompts
 from tests.e2e.hf_reference import load_hf
 from tests.e2e.test_tensor_parallel import OPTIONS, no_leaks  # noqa: F401 (a fixture)
@@ -46,16 +45,3 @@ def test_prompt_logprobs_equal_hf(tiny_qwen3, tensor_parallel_size, no_leaks):  
         llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)  # the prompts are in the prefix cache
         for prompt in prompts:
             check(prompt_logprobs(llm, prompt), hf_prompt_logprobs(model, prompt), prompt)
-        batched = llm.loop.run(lambda engine: compute_prompt_logprobs(engine.runner, prompts, [TOP] * len(prompts)))
-        for prompt, entries in zip(prompts, batched):
-            check(entries, hf_prompt_logprobs(model, prompt), prompt)
-
-
-def test_prompts_share_prefills_within_the_token_budget(tiny_qwen3):
-    """Six prompts, a 128-token budget: several varlen prefills, each prompt's rows where they belong."""
-    prompts = random_prompts(6, 512, (1, 70), seed=43)
-    model = load_hf(tiny_qwen3)
-    with LLM(tiny_qwen3, num_kvcache_blocks=64, max_num_batched_tokens=128, max_num_seqs=16, **OPTIONS) as llm:
-        batched = llm.loop.run(lambda engine: compute_prompt_logprobs(engine.runner, prompts, [TOP] * len(prompts)))
-    for prompt, entries in zip(prompts, batched):
-        check(entries, hf_prompt_logprobs(model, prompt), prompt)
