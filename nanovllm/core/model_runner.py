@@ -75,10 +75,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs = None
         self._sampling_key, self._sampling_tensors = None, None
-        # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
-        build_device = self.device if comm.world_size == 1 else torch.device("cpu")
-        self.inputs = StepInputBuilder(build_device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
-                                       pin=backend.pin_memory)
+        self.inputs: StepInputBuilder | None = None  # sized once the KV cache is (see allocate_kv_cache)
 
     # ---- start-up -------------------------------------------------------------------------------
     def initialize(self) -> int:
@@ -128,9 +125,10 @@ class ModelRunner:
         from nanovllm.core.scheduler import ScheduledBatch
         from nanovllm.core.sequence import Sequence
         from nanovllm.sampling_params import SamplingParams
-        bs = self.block_size
-        lengths = [min(3 * bs + 5, self.config.max_model_len - 1), min(7, self.config.max_model_len - 1)]
-        if sum(-(-n // bs) for n in lengths) > self.num_blocks:
+        bs, c = self.block_size, self.config
+        lengths = [min(3 * bs + 5, c.max_model_len - 1), min(7, c.max_model_len - 1)][:c.max_num_seqs]
+        lengths = [n for n in lengths if n > 1]
+        if not lengths or sum(-(-n // bs) for n in lengths) > self.num_blocks:
             return
         seqs, next_block = [], 0
         for n in lengths:
@@ -138,9 +136,11 @@ class ModelRunner:
             seq.block_table = list(range(next_block, next_block + -(-n // bs)))
             next_block += len(seq.block_table)
             seqs.append(seq)
-        seqs[0].num_computed_tokens = bs  # a cached prefix: the paged prefill path
-        prefill = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), [True, True])
-        for batch in (prefill, ScheduledBatch(seqs, [1, 1], 0, [True, True])):
+        if len(seqs[0]) > bs:
+            seqs[0].num_computed_tokens = bs  # a cached prefix: the paged prefill path
+        everyone = [True] * len(seqs)
+        prefill = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), everyone)
+        for batch in (prefill, ScheduledBatch(seqs, [1] * len(seqs), 0, everyone)):
             if batch is not prefill:
                 for s in seqs:
                     s.num_computed_tokens = len(s) - 1
@@ -166,6 +166,14 @@ class ModelRunner:
         for attn, (k_cache, v_cache) in zip(self.attention_layers, caches):
             attn.k_cache, attn.v_cache = k_cache, v_cache
         self.num_blocks = num_blocks
+        if self.config.max_num_seqs > num_blocks:  # every running sequence holds a block: no more can run at once
+            logger.info("max_num_seqs=%d exceeds the %d KV blocks; using %d", self.config.max_num_seqs, num_blocks,
+                        num_blocks)
+            self.config.max_num_seqs = num_blocks
+        # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
+        build_device = self.device if self.comm.world_size == 1 else torch.device("cpu")
+        self.inputs = StepInputBuilder(build_device, self.block_size, self.config.max_num_seqs,
+                                       self.max_num_blocks_per_seq, pin=self.backend.pin_memory)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * self.bytes_per_block() / 2**30)
 
