@@ -106,8 +106,8 @@ class LLM:
         token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
         """
         ids, params = self._requests(prompts, sampling_params)
-        seqs = [self.engine.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
-        self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
+        seqs = [self.engine.new_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        self.engine.run_requests(seqs, use_tqdm=use_tqdm)
         return [request_output(seq, self.tokenizer) for seq in seqs]
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -135,10 +135,12 @@ class LLM:
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
-        seqs = [self.engine.add_request(p, sp, i, detokenize=True) for i, (p, sp) in enumerate(zip(ids, params))]
+        seqs = [self.engine.new_sequence(p, sp, i, detokenize=True) for i, (p, sp) in enumerate(zip(ids, params))]
         num_sent = [0] * len(seqs)
         unreported = dict(enumerate(seqs))  # requests whose last piece is not out yet
         try:
+            for seq in seqs:
+                self.engine.scheduler.add(seq)
             while unreported:
                 self.engine.step()
                 for i, seq in list(unreported.items()):

@@ -76,6 +76,14 @@ class Engine:
                     detokenize: bool = False) -> Sequence:
         """Queue a request. `detokenize` keeps its text up to date token by token (for streaming); requests with
         stop strings always are."""
+        seq = self.new_sequence(token_ids, params, request_index, detokenize)
+        self.scheduler.add(seq)
+        return seq
+
+    def new_sequence(self, token_ids: list[int], params: SamplingParams, request_index: int = 0,
+                     detokenize: bool = False) -> Sequence:
+        """A request's Sequence, not queued yet (`scheduler.add` queues it): building it touches no engine state,
+        so a caller can build a whole call's sequences before queueing any."""
         self.check_open()
         self.check_params(params, detokenize)
         seq = Sequence(token_ids, params, request_index)
@@ -84,8 +92,18 @@ class Engine:
             seq.generator.manual_seed(params.seed)
         if detokenize or params.stop_strings:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
-        self.scheduler.add(seq)
         return seq
+
+    def run_requests(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
+        """Queue `seqs` and step until all have finished. If anything raises, even while queueing, none of them
+        stays queued or running."""
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+            self.run_to_completion(seqs, use_tqdm)
+        except BaseException:
+            self.abort(seqs)
+            raise
 
     def check_open(self) -> None:
         """RuntimeError once the engine is shut down (closed, or a tensor-parallel step failed)."""
@@ -149,7 +167,7 @@ class Engine:
         in-flight placeholders) and forget per-step state, so the engine is idle and consistent again and the
         next call starts clean. Blocks in the prefix cache stay valid: only fully computed, committed blocks
         are ever entered there. The caller re-raises `error`."""
-        num_aborted = self.scheduler.abort_all()
+        num_aborted = self.scheduler.abort_all()  # never raises, trusts nothing the failure may have broken
         self.runner.reset_step_state()
         logger.warning("a step raised %s; aborted %d unfinished request(s)%s", type(error).__name__, num_aborted,
                        "" if self.closed_reason else "; the engine is idle and usable")

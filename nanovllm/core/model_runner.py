@@ -13,6 +13,7 @@ import torch
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.fusion import fuse_small_ops
+from nanovllm.core.kernel_output import check_token_ids, check_token_range
 from nanovllm.core.logging import get_logger
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.parallel import Communicator
@@ -145,7 +146,8 @@ class ModelRunner:
                 for s in seqs:
                     s.num_computed_tokens = len(s) - 1
             logits = self.execute(*self.prepare(batch))
-            self.sampler(logits, self.sampling_tensors(seqs))
+            tokens = check_token_ids(self.plan, self.sampler(logits, self.sampling_tensors(seqs)), len(seqs))
+            check_token_range(self.plan, tokens.tolist(), self.hf_config.vocab_size)
         self._sampling_key = None
         self.backend.synchronize(self.device)
 
@@ -279,22 +281,23 @@ class ModelRunner:
             return LaunchedStep(batch, None, None, None, {})
         requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
         self.suppress_stop_tokens(logits, sampled_seqs)
-        tokens = self.sampler(logits, self.sampling_tensors(sampled_seqs))
+        tokens = check_token_ids(self.plan, self.sampler(logits, self.sampling_tensors(sampled_seqs)),
+                                 len(sampled_seqs))
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.backend.pin_memory)
         host.copy_(tokens, non_blocking=self.backend.pin_memory)
         return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
                             {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested)
 
-    @staticmethod
-    def wait(step: "LaunchedStep") -> tuple[list[int], list[StepLogprobs | None] | None]:
+    def wait(self, step: "LaunchedStep") -> tuple[list[int], list[StepLogprobs | None] | None]:
         """The step's sampled tokens on the host, one per sampled sequence (the step's only device->host copy
         unless a request asked for logprobs), and the logprobs of those that asked."""
         if step.host is None:
             return [], None
         if step.event is not None:
             step.event.synchronize()
+        token_ids = check_token_range(self.plan, step.host.tolist(), self.hf_config.vocab_size)
         logprobs = None if step.requested is None else step.requested.to_host(step.tokens)
-        return step.host.tolist(), logprobs
+        return token_ids, logprobs
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> "StepOutput":

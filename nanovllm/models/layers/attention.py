@@ -5,6 +5,7 @@ The kernels come from the engine's KernelPlan; this layer never knows which back
 import torch
 from torch import nn
 
+from nanovllm.core.kernel_output import check_like
 from nanovllm.core.step_metadata import StepMetadata
 from nanovllm.models.layers.context import LayerContext
 
@@ -13,7 +14,7 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ctx: LayerContext):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        plan = ctx.kernels
+        plan = self.plan = ctx.kernels
         self.store = plan.fn("kv_cache.store")
         self.prefill = plan.fn("attention.prefill")
         self.decode = plan.fn("attention.decode")
@@ -24,9 +25,16 @@ class Attention(nn.Module):
         if self.k_cache.numel():
             self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.decode is None:
-            return self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+            return self._prefill(q, k, v, meta)
         if meta.prefill is None:
-            return self.decode(q, self.k_cache, self.v_cache, meta.decode, self.scale)
+            return self._decode(q, meta)
         p = meta.num_prefill_tokens
-        return torch.cat([self.prefill(q[:p], k[:p], v[:p], self.k_cache, self.v_cache, meta.prefill, self.scale),
-                          self.decode(q[p:], self.k_cache, self.v_cache, meta.decode, self.scale)])
+        return torch.cat([self._prefill(q[:p], k[:p], v[:p], meta), self._decode(q[p:], meta)])
+
+    def _prefill(self, q, k, v, meta: StepMetadata) -> torch.Tensor:
+        out = self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+        return check_like(self.plan, "attention.prefill", out, q)
+
+    def _decode(self, q, meta: StepMetadata) -> torch.Tensor:
+        return check_like(self.plan, "attention.decode", self.decode(q, self.k_cache, self.v_cache, meta.decode,
+                                                                     self.scale), q)
