@@ -144,6 +144,9 @@ class Scheduler:
             if reason is not None:
                 del seq.token_ids[index + 1:]
                 seq.num_pending = 0
+                # its full blocks stay in the prefix cache after it is freed, even when it ends at its prefill
+                # step (max_tokens=1: log-likelihood requests sharing a context)
+                self.block_manager.cache_computed_blocks(seq)
                 self.finish(seq, reason)
                 finished.append(seq)
         for seq in batch.seqs:
