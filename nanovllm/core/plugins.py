@@ -16,7 +16,7 @@ import pluggy
 from nanovllm.core import hookspecs
 from nanovllm.core.backend import Backend
 from nanovllm.core.logging import get_logger
-from nanovllm.core.registry import KernelImpl, KernelRegistry, suggest
+from nanovllm.core.registry import REFERENCE_BACKEND, KernelImpl, KernelRegistry, suggest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,6 +28,7 @@ logger = get_logger(__name__)
 ENTRY_POINT_GROUP = "nanovllm.backends"
 PLUGIN_API = (1, 0)
 DEFAULT_TOML = Path(__file__).resolve().parent.parent / "plugins.toml"
+REFERENCE_MODULE = "nanovllm.backends.cpu_ref.plugin"  # the only module that may be the plugin named cpu_ref
 
 
 def user_toml_path() -> Path:
@@ -152,6 +153,10 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
         for ep in _entry_points():
             if ep.name in disabled or ep.name in found:
                 continue
+            if ep.name == REFERENCE_BACKEND and ep.value != REFERENCE_MODULE:
+                plugins.failures[f"{ep.name} ({ep.value})"] = reserved_name_reason(ep.value)
+                logger.warning("plugin %r (%s) is refused: %s", ep.name, ep.value, reserved_name_reason(ep.value))
+                continue
             try:
                 found[ep.name] = ep.load()
                 if getattr(ep, "dist", None) is not None:
@@ -162,6 +167,8 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
                                type(e).__name__, e)
     for name, module in found.items():
         why = check_api_version(getattr(module, "NANOVLLM_PLUGIN_API", None))
+        if name == REFERENCE_BACKEND and getattr(module, "__name__", None) != REFERENCE_MODULE:
+            why = reserved_name_reason(getattr(module, "__name__", repr(module)))
         if why is None:
             try:
                 pm.register(module, name=name)
@@ -206,6 +213,12 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
             impls = [dataclasses.replace(i, plugin_version=version) for i in impls]
             plugins.registry.impls[op].extend(disable_listed(impls, disabled_kernels))
     return plugins
+
+
+def reserved_name_reason(module: str) -> str:
+    return (f"the plugin name {REFERENCE_BACKEND!r} is reserved for nanovllm's reference backend ({REFERENCE_MODULE}), "
+            f"but it names {module}: give the entry point another name (a plugin may still add kernels to the "
+            f"cpu_ref backend)")
 
 
 def disable_listed(impls: list[KernelImpl], disabled: set[str]) -> list[KernelImpl]:
