@@ -88,6 +88,10 @@ class ModelRunner:
         if self.backend.measures_peak_memory:
             self.warmup()
         num_blocks = self.backend.kv_cache_budget(self.config, self.device, self.bytes_per_block())
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise RuntimeError(f"backend {self.backend.name!r}: kv_cache_budget() returned {num_blocks!r}, not a "
+                               f"number of KV blocks (an int >= 1); set num_kvcache_blocks=N to bypass it, and "
+                               f"report it to the backend's authors")
         num_blocks = self.agree_on_num_blocks(num_blocks)
         self.allocate_kv_cache(num_blocks)
         if self.comm.world_size == 1:

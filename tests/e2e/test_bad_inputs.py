@@ -157,6 +157,20 @@ BAD_OPTIONS = [
      "budget of 3 blocks of 16 tokens cannot hold one sequence of max_model_len=64 .4 blocks needed.: raise"),
     ("max_model_len of a wrong type", dict(max_model_len="64"), ValueError, "max_model_len='64' is invalid"),
     ("unknown dtype", dict(dtype="float8"), ValueError, "dtype='float8' is invalid"),
+    ("seed a string", dict(seed="x"), ValueError, r"seed='x' is invalid: expected an integer in \[0, 2\*\*64\)"),
+    ("seed past 64 bits", dict(seed=2**70), ValueError, r"seed=1180591620717411303424 is invalid"),
+    ("seed a float", dict(seed=1.5), ValueError, r"seed=1.5 is invalid"),
+    ("skip_tokenizer_init a string", dict(skip_tokenizer_init="false"), ValueError,
+     "skip_tokenizer_init='false' is invalid: expected True or False"),
+    ("async_scheduling a number", dict(async_scheduling=0), ValueError, "async_scheduling=0 is invalid"),
+    ("compile a string", dict(compile="yes"), ValueError, "compile='yes' is invalid"),
+    ("tokenizer a number", dict(tokenizer=5), ValueError, "tokenizer=5 is invalid: expected a string"),
+    ("device a number", dict(device=5), ValueError, "device=5 is invalid: expected a string"),
+    ("device unknown", dict(device="gpu"), ValueError, "device='gpu' is invalid: expected a torch device name"),
+    ("kernel name a number", dict(kernels={"attention.decode": 5}), ValueError,
+     r"kernels\['attention.decode'\]=5 is invalid: expected a dict of op name -> kernel name"),
+    ("kernels a number", dict(kernels=5), ValueError, "kernels=5 is invalid"),
+    ("kernel_plan a number", dict(kernel_plan=5), ValueError, "kernel_plan=5 is invalid: expected the path"),
 ]
 
 
@@ -164,3 +178,21 @@ BAD_OPTIONS = [
 def test_bad_engine_option(tiny_qwen3, options, error, message):
     with pytest.raises(error, match=message):
         LLM(tiny_qwen3, **{**SMALL, **options})
+
+
+def test_kernel_plan_that_is_a_folder_or_binary(tiny_qwen3, tmp_path):
+    with pytest.raises(ValueError, match=r"kernel plan '.*' is a folder; pass the plan's TOML file"):
+        LLM(tiny_qwen3, kernel_plan=str(tmp_path), **SMALL)
+    binary = tmp_path / "plan.toml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"kernel plan '.*plan.toml' is not valid TOML"):
+        LLM(tiny_qwen3, kernel_plan=str(binary), **SMALL)
+
+
+@pytest.mark.parametrize("budget", [12.5, 0, None, "32"])
+def test_backend_kv_budget_that_is_not_a_block_count(tiny_qwen3, monkeypatch, budget):
+    from nanovllm.backends.cpu_ref.plugin import CpuRefBackend
+    monkeypatch.setattr(CpuRefBackend, "kv_cache_budget", lambda self, config, device, bytes_per_block: budget)
+    with pytest.raises(RuntimeError, match=rf"backend 'cpu_ref': kv_cache_budget\(\) returned {budget!r}, not a "
+                                           rf"number of KV blocks .*set num_kvcache_blocks=N"):
+        LLM(tiny_qwen3, backend="cpu_ref", max_model_len=MAX_MODEL_LEN)
