@@ -9,7 +9,7 @@ from nanovllm.core.engine import Engine
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
-from nanovllm.model_folder import check_model_folder, check_tokenizer_folder, read_hf_config
+from nanovllm.model_folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
 from nanovllm.requests import params_per_prompt, prompts_to_ids
@@ -56,6 +56,7 @@ class LLM:
         hf_config = read_hf_config(model)
         model_class(hf_config)  # an unsupported architecture is refused before any backend work
         self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, **options)
+        check_hf_config(model, hf_config, weights=self.config.load_format != "dummy")
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             tokenizer_path = os.path.expanduser(self.config.tokenizer or model)

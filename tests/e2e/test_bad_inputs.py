@@ -100,6 +100,8 @@ def rewrite_config(**changes):
     def edit(path):
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
+        if "num_hidden_layers" in changes:
+            config.pop("layer_types", None)  # transformers checks one against the other
         config.update(changes)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f)
@@ -126,6 +128,20 @@ BAD_FOLDERS = [
     ("no tokenizer", remove("tokenizer.json", "tokenizer_config.json"), FileNotFoundError,
      "has no tokenizer .*skip_tokenizer_init=True"),
     ("no weights", remove("model.safetensors"), FileNotFoundError, r"no \*.safetensors weights"),
+    ("hidden_size zero", rewrite_config(hidden_size=0), ValueError, r"config.json: hidden_size=0 is invalid"),
+    ("heads negative", rewrite_config(num_attention_heads=-4), ValueError,
+     r"config.json: num_attention_heads=-4 is invalid: expected an integer >= 1"),
+    ("KV heads zero", rewrite_config(num_key_value_heads=0), ValueError, r"config.json: num_key_value_heads=0"),
+    ("KV heads not dividing the heads", rewrite_config(num_key_value_heads=3), ValueError,
+     r"num_key_value_heads=3 is invalid: expected a divisor of num_attention_heads=4"),
+    ("max_position_embeddings zero", rewrite_config(max_position_embeddings=0), ValueError,
+     r"config.json: max_position_embeddings=0 is invalid"),
+    ("vocab_size below the embedding", rewrite_config(vocab_size=256), ValueError,
+     r"config.json: vocab_size=256 is invalid: model.embed_tokens.weight has 512 rows"),
+    ("a million layers", rewrite_config(num_hidden_layers=10**6), ValueError,
+     r"config.json: num_hidden_layers=1000000 is invalid: the weights hold 2 layers"),
+    ("rms_norm_eps negative", rewrite_config(rms_norm_eps=-1e-6), ValueError,
+     r"config.json: rms_norm_eps=-1e-06 is invalid: expected a finite number >= 0"),
 ]
 
 
