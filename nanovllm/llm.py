@@ -12,7 +12,7 @@ from nanovllm.core.logging import get_logger
 from nanovllm.model_folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
-from nanovllm.requests import params_per_prompt, prompts_to_ids
+from nanovllm.requests import check_text, params_per_prompt, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -34,6 +34,10 @@ def as_conversations(messages) -> list[list[dict]]:
             isinstance(c, list) and c and all(map(is_message, c)) for c in messages):
         raise ValueError("messages must be a conversation (a non-empty list of {'role': str, 'content': str} dicts) "
                          "or a list of conversations")
+    for i, conversation in enumerate(messages):
+        for j, m in enumerate(conversation):
+            check_text(f"conversation {i}, message {j} (role)", m["role"])
+            check_text(f"conversation {i}, message {j}", m["content"])
     return messages
 
 

@@ -35,6 +35,8 @@ BAD_REQUESTS = [
     ("lists of different lengths", [[5], [6]], [GREEDY] * 3, "got 2 prompts but 3 sampling params"),
     ("logprobs past the vocabulary", [[5]], SamplingParams(logprobs=100000), "logprobs=100000 is invalid"),
     ("stop token past the vocabulary", [[5]], SamplingParams(stop_token_ids=[9999]), "stop_token_ids has 9999"),
+    ("unpaired surrogate", ["fine", "bad \ud800 text"], GREEDY,
+     r"prompts\[1\] is not valid Unicode text: '\\ud800' at character 4 is an unpaired surrogate"),
 ]
 
 
@@ -212,3 +214,9 @@ def test_backend_kv_budget_that_is_not_a_block_count(tiny_qwen3, monkeypatch, bu
     with pytest.raises(RuntimeError, match=rf"backend 'cpu_ref': kv_cache_budget\(\) returned {budget!r}, not a "
                                            rf"number of KV blocks .*set num_kvcache_blocks=N"):
         LLM(tiny_qwen3, backend="cpu_ref", max_model_len=MAX_MODEL_LEN)
+
+
+def test_chat_message_with_an_unpaired_surrogate(llm):
+    with pytest.raises(ValueError, match=r"conversation 0, message 1 is not valid Unicode text"):
+        llm.chat([{"role": "system", "content": "ok"}, {"role": "user", "content": "\udcff"}], GREEDY, use_tqdm=False)
+    assert_idle(llm)
