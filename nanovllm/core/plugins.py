@@ -7,7 +7,6 @@ whose hook raises is reported and skipped; the others keep working.
 import dataclasses
 import importlib.metadata
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +15,8 @@ import pluggy
 from nanovllm.core import hookspecs
 from nanovllm.core.backend import Backend
 from nanovllm.core.logging import get_logger
+from nanovllm.core.plugins_toml import check_schema, read_toml, warn_unknown_names
 from nanovllm.core.registry import REFERENCE_BACKEND, KernelImpl, KernelRegistry, suggest
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 logger = get_logger(__name__)
 
@@ -33,26 +28,26 @@ REFERENCE_MODULE = "nanovllm.backends.cpu_ref.plugin"  # the only module that ma
 
 def user_toml_path() -> Path:
     if "NANOVLLM_PLUGINS_TOML" in os.environ:
-        return Path(os.environ["NANOVLLM_PLUGINS_TOML"])
+        return Path(os.environ["NANOVLLM_PLUGINS_TOML"]).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "nanovllm" / "plugins.toml"
 
 
 def load_settings() -> dict:
-    """The packaged plugins.toml, with the user's file (NANOVLLM_PLUGINS_TOML or ~/.config) laid over it."""
-    with open(DEFAULT_TOML, "rb") as f:
-        settings = tomllib.load(f)
+    """The packaged plugins.toml, with the user's file (NANOVLLM_PLUGINS_TOML or ~/.config) laid over it; each
+    checked against the schema (see plugins_toml.py). A NANOVLLM_PLUGINS_TOML naming no file is an error."""
+    settings = check_schema(read_toml(DEFAULT_TOML), DEFAULT_TOML)
     user = user_toml_path()
-    if user.is_file():
-        try:
-            with open(user, "rb") as f:
-                override = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{user}: not valid TOML ({e}); fix or delete it") from e
+    if "NANOVLLM_PLUGINS_TOML" in os.environ and not user.exists():
+        raise ValueError(f"NANOVLLM_PLUGINS_TOML={os.environ['NANOVLLM_PLUGINS_TOML']!r}: no such file; point it "
+                         f"at a plugins.toml, or unset it")
+    if user.exists():
+        override = check_schema(read_toml(user), user)
         settings.setdefault("backends", {}).update(override.get("backends", {}))
         for backend, prefs in override.get("kernels", {}).items():
             settings.setdefault("kernels", {}).setdefault(backend, {}).update(prefs)
         settings["tune"] = override.get("tune", {})  # what `nanovllm tune` wrote, and when: only the user file
+        settings["_source"] = f"{DEFAULT_TOML} + {user}"
     return settings
 
 
@@ -212,6 +207,8 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
         for op, impls in staging.impls.items():
             impls = [dataclasses.replace(i, plugin_version=version) for i in impls]
             plugins.registry.impls[op].extend(disable_listed(impls, disabled_kernels))
+    if modules is None:  # tests that hand in modules also hand in settings naming what they like
+        warn_unknown_names(settings, set(plugins.backends), {ep.name for ep in _entry_points()}, plugins.registry)
     return plugins
 
 
