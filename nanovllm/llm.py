@@ -53,9 +53,19 @@ class LLM:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(EngineConfig.option_names())}")
         if model is None:
-            from nanovllm.default_model import default_model_path
+            from nanovllm.default_model import damaged_cache_note, default_model_path
             model = default_model_path()
-        model = os.path.expanduser(str(model))
+            try:
+                self._build(model, backend, options)
+            except (ValueError, RuntimeError, OSError) as e:
+                if model not in str(e):  # not about the cached folder (an option, the backend): as it is
+                    raise
+                raise (ValueError if isinstance(e, ValueError) else RuntimeError)(
+                    f"{e}\n{damaged_cache_note(model)}") from e
+            return
+        self._build(os.path.expanduser(str(model)), backend, options)
+
+    def _build(self, model: str, backend: str | None, options: dict) -> None:
         check_model_folder(model)
         hf_config = read_hf_config(model)
         model_class(hf_config)  # an unsupported architecture is refused before any backend work
