@@ -44,15 +44,23 @@ class Engine:
             check_tensor_parallel(config, self.backend)
             self.workers = WorkerGroup(config, self.backend.name, tp)
         try:
-            self.comm = self.backend.communicator(0, tp, self.workers.init_method if self.workers else "")
-            self.runner = ModelRunner(config, self.backend, self.kernel_plan, self.comm, dtype, block_size,
-                                      self.workers)
-            num_blocks = self.runner.initialize()
+            if self.workers is not None:
+                self.workers.wait_until_ready()
+            self.comm = self._watched(self.backend.communicator, 0, tp,
+                                      self.workers.init_method if self.workers else "")
+            self.runner = self._watched(ModelRunner, config, self.backend, self.kernel_plan, self.comm, dtype,
+                                        block_size, self.workers)
+            num_blocks = self._watched(self.runner.initialize)
         except BaseException as e:
             self._fail(e)
             raise
         self.scheduler = Scheduler(config, num_blocks, block_size, eos_token_ids(config.hf_config))
         self.stats = StepStats()
+
+    def _watched(self, fn, *args):
+        """fn(*args); under tensor parallelism on rank 0's step thread, waited for while the workers are watched
+        (a worker that dies or stops fails the wait within seconds, and Ctrl-C interrupts it)."""
+        return fn(*args) if self.workers is None else self.workers.watch(fn, *args)
 
     def _fail(self, error: BaseException) -> None:
         """Shut everything down after `error`; raise RuntimeError instead if a worker's death caused it."""
@@ -131,7 +139,7 @@ class Engine:
 
     def _launch(self, batch, prev=None):
         try:
-            step = self.runner.launch(batch, prev)
+            step = self._watched(self.runner.launch, batch, prev)
         except BaseException as e:
             if self.workers is not None:  # a half-run step leaves the workers inside a collective
                 self._fail(e)
@@ -144,7 +152,12 @@ class Engine:
         return step
 
     def _commit(self, step) -> list[Sequence]:
-        token_ids, logprobs = self.runner.wait(step)
+        try:
+            token_ids, logprobs = self._watched(self.runner.wait, step)
+        except BaseException as e:
+            if self.workers is not None:
+                self._fail(e)
+            raise
         return self.scheduler.commit(step.batch, step.indices, token_ids, logprobs)
 
     def step(self) -> list[Sequence]:

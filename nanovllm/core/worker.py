@@ -4,9 +4,11 @@ A worker builds the same runner as rank 0 (its own shard of the weights and KV c
 step receives the packed inputs over its pipe, receives the final input_ids by broadcast (rank 0 may
 have filled in tokens sampled by the step still in flight) and runs the forward pass; the LM head
 gathers the logits on rank 0. An empty message, or rank 0's end of the pipe closing, ends the loop.
+Meanwhile it reports to rank 0 over the same pipe (see Reporter): started, heartbeats, its traceback.
 """
 import pickle
 import signal
+import threading
 import traceback
 from multiprocessing.connection import Connection
 
@@ -16,6 +18,7 @@ from nanovllm.core.config import EngineConfig
 def worker_main(config: EngineConfig, backend_name: str, rank: int, world_size: int, init_method: str,
                 conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
+    report = Reporter(conn)
     comm = None
     try:
         from nanovllm.core.engine import resolve_backend
@@ -25,6 +28,7 @@ def worker_main(config: EngineConfig, backend_name: str, rank: int, world_size: 
 
         config.backend = backend_name
         backend, dtype, block_size, plan = resolve_backend(config, load_plugins())
+        report.ready()
         comm = backend.communicator(rank, world_size, init_method)
         runner = ModelRunner(config, backend, plan, comm, dtype, block_size)
         runner.initialize()
@@ -39,11 +43,41 @@ def worker_main(config: EngineConfig, backend_name: str, rank: int, world_size: 
             comm.broadcast(input_ids)
             runner.execute(input_ids, positions, meta)
     except BaseException:
-        try:
-            conn.send_bytes(pickle.dumps(traceback.format_exc()))
-        except OSError:
-            pass
+        report.send(pickle.dumps(traceback.format_exc()))
         raise SystemExit(1)
     finally:
+        report.stop()
         if comm is not None:
             comm.close()
+
+
+class Reporter:
+    """The worker's messages to rank 0 over its pipe: "started" at once, then a heartbeat every HEARTBEAT_SECONDS
+    from a daemon thread (it stops when this process is stopped or hung, which rank 0 notices), and the
+    traceback if the worker fails. Sends are serialised: two threads share the pipe."""
+
+    def __init__(self, conn: Connection):
+        from nanovllm.core.worker_group import HEARTBEAT_SECONDS, MESSAGE_HEARTBEAT, MESSAGE_STARTED
+        self.conn, self.lock, self.done = conn, threading.Lock(), threading.Event()
+        self.send(MESSAGE_STARTED)
+
+        def beat():
+            while not self.done.wait(HEARTBEAT_SECONDS):
+                self.send(MESSAGE_HEARTBEAT)
+
+        threading.Thread(target=beat, name="nanovllm-tp-heartbeat", daemon=True).start()
+
+    def send(self, message: bytes) -> None:
+        with self.lock:
+            try:
+                self.conn.send_bytes(message)
+            except OSError:
+                pass
+
+    def ready(self) -> None:
+        """About to join the rendezvous (rank 0 joins once every worker has said so)."""
+        from nanovllm.core.worker_group import MESSAGE_READY
+        self.send(MESSAGE_READY)
+
+    def stop(self) -> None:
+        self.done.set()
