@@ -39,7 +39,7 @@ def main():
         logits = runner.execute(ids, pos, meta)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        tokens = runner.sampler(logits, runner.sampling_tensors(batch.seqs))
+        tokens = runner.sampler(logits, runner.sampling.tensors(batch.seqs))
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         host = tokens.tolist()

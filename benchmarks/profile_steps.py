@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.bench import seed_workload
+from nanovllm.commands.bench import seed_workload
 
 
 def main():

@@ -15,6 +15,9 @@ class StreamOutput:
     finished: bool
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    request_id: str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on a request's first piece, when asked for
+    first_token_time: float | None = None  # AsyncLLM: time.monotonic() at the first token (on the last piece)
 
 
 def output_text(seq: Sequence, tokenizer) -> str:

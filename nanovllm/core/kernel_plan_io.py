@@ -4,15 +4,11 @@ Replaying pins every op to the kernel the file names; the registry then refuses,
 that is missing or cannot serve this run, before any weight is loaded.
 """
 import json
-import sys
 from pathlib import Path
 
 from nanovllm.core.registry import OPS, KernelPlan
+from nanovllm.core.toml import tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 HEADER = "# nanovllm kernel plan: replay with `--kernel-plan FILE` or LLM(kernel_plan=FILE)\n"
 
@@ -33,7 +29,10 @@ def plan_to_toml(plan: KernelPlan) -> str:
         rejected = ", ".join(toml_string(f"{name}: {'; '.join(reasons)}") for name, reasons in c.rejected)
         lines += [f"[ops.{toml_string(op)}]", f"kernel = {toml_string(c.impl.full_name)}",
                   f"plugin = {toml_string(c.impl.plugin)}", f"version = {toml_string(c.impl.plugin_version)}",
-                  f"why = {toml_string(c.why)}", f"rejected = [{rejected}]", ""]
+                  f"why = {toml_string(c.why)}"]
+        if c.impl.fallback:
+            lines.append(f"fallback = {toml_string(c.impl.fallback)}")
+        lines += [f"rejected = [{rejected}]", ""]
     return "\n".join(lines)
 
 

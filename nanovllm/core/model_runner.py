@@ -1,35 +1,33 @@
-"""ModelRunner: loads the model on the backend's device, sizes and binds the KV cache, and runs steps.
+"""ModelRunner: loads the model on the backend's device, sizes and binds the KV cache, and launches steps.
 
 It builds each step's StepMetadata once, runs the model (eagerly or through the backend's captured
-graphs) and samples. It knows the backend only through the Backend interface and the KernelPlan.
+graphs) and hands the logits to its StepSampler (`core/step_sampler.py`). It knows the backend only
+through the Backend interface and the KernelPlan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
-from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
-from nanovllm.core.fusion import fuse_small_ops
-from nanovllm.core.kernel_output import check_token_ids, check_token_range
+from nanovllm.core.kernel_output import check_token_ids, check_token_range, kernel_label
+from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
-from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
-from nanovllm.core.parallel import Communicator
-from nanovllm.core.registry import KernelPlan
-from nanovllm.core.sampler import SamplingTensors, suppress_tokens
+from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
+from nanovllm.core.startup import Resolved
 from nanovllm.core.step_inputs import StepInputBuilder
+from nanovllm.core.step_sampler import LaunchedStep, StepSampler, to_device
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
-from nanovllm.core.step_transport import pack_step, step_to_device
+from nanovllm.core.parallel.step_transport import pack_step, step_to_device
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
 from nanovllm.models.registry import model_class
 
 if TYPE_CHECKING:
-    from nanovllm.core.worker_group import WorkerGroup
+    from nanovllm.core.parallel.worker_group import WorkerGroup
 
 logger = get_logger(__name__)
 
@@ -48,34 +46,37 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, backend: Backend, plan: KernelPlan, comm: Communicator,
-                 dtype: torch.dtype, block_size: int, workers: "WorkerGroup | None" = None):
+    def __init__(self, config: EngineConfig, resolved: Resolved, comm: Communicator,
+                 workers: "WorkerGroup | None" = None):
         """`workers` is rank 0's handle on the other ranks under tensor parallelism (None otherwise)."""
+        backend, plan, block_size = resolved.backend, resolved.plan, resolved.block_size
         self.config, self.backend, self.plan, self.comm = config, backend, plan, comm
         self.workers = workers
         self.hf_config = config.hf_config
-        self.dtype, self.block_size = dtype, block_size
+        self.dtype, self.block_size = resolved.dtype, block_size
         self.device = backend.device(config, comm.rank)
         self.sampler = plan.fn("sampler")
         self.max_num_blocks_per_seq = -(-config.max_model_len // block_size)
         backend.seed(config.seed)
         default_dtype = torch.get_default_dtype()
         try:
-            torch.set_default_dtype(dtype)
+            torch.set_default_dtype(self.dtype)
             with torch.device(self.device):
-                self.model = model_class(self.hf_config)(self.hf_config, LayerContext(comm, plan))
+                kernels = {op: plan.fn(op) for op in plan.choices}
+                self.model = model_class(self.hf_config)(self.hf_config, LayerContext(comm, kernels,
+                                                                                            self.kernel_label))
         finally:
             torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_model(self.model, config.model)
-        self.attention_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
+        self.attention_layers = self.model.attention_layers()
         if config.compile if config.compile is not None else backend.compile_small_ops:
             fuse_small_ops(self.model)
         self.num_blocks = 0
         self.graphs = None
-        self._sampling_key, self._sampling_tensors = None, None
+        self.sampling = StepSampler(backend, self.device, self.kernel_label, self.hf_config.vocab_size)
         self.inputs: StepInputBuilder | None = None  # sized once the KV cache is (see allocate_kv_cache)
 
     # ---- start-up -------------------------------------------------------------------------------
@@ -150,9 +151,9 @@ class ModelRunner:
                 for s in seqs:
                     s.num_computed_tokens = len(s) - 1
             logits = self.execute(*self.prepare(batch))
-            tokens = check_token_ids(self.plan, self.sampler(logits, self.sampling_tensors(seqs)), len(seqs))
-            check_token_range(self.plan, tokens.tolist(), self.hf_config.vocab_size)
-        self._sampling_key = None
+            tokens = check_token_ids(self.kernel_label, self.sampler(logits, self.sampling.tensors(seqs)), len(seqs))
+            check_token_range(self.kernel_label, tokens.tolist(), self.hf_config.vocab_size)
+        self.sampling.reset()
         self.backend.synchronize(self.device)
 
     def bytes_per_block(self) -> int:
@@ -179,7 +180,8 @@ class ModelRunner:
         # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
         build_device = self.device if self.comm.world_size == 1 else torch.device("cpu")
         self.inputs = StepInputBuilder(build_device, self.block_size, self.config.max_num_seqs,
-                                       self.max_num_blocks_per_seq, pin=self.backend.pin_memory)
+                                       self.max_num_blocks_per_seq, pin=self.backend.pin_memory,
+                                       table_multiple=self.backend.block_table_multiple)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * self.bytes_per_block() / 2**30)
 
@@ -190,12 +192,6 @@ class ModelRunner:
             logger.info("device graphs are off: shadow verification (verify_kernels=%d) checks kernel calls on the "
                         "host, which a captured graph would skip; decode runs eagerly", self.config.verify_kernels)
             return
-        unsafe = [f"{op} -> {c.impl.backend}/{c.impl.name}" for op, c in self.plan.choices.items()
-                  if op in ("kv_cache.store", "attention.decode") and not c.impl.graph_safe]
-        if unsafe:
-            logger.warning("CUDA graphs are off: %s cannot be captured (it syncs with the host); decode runs "
-                           "eagerly", ", ".join(unsafe))
-            return
         sizes = [s for s in (1, 2, 4, 8) if s < self.config.max_num_seqs]
         sizes += list(range(16, self.config.max_num_seqs + 1, 16)) or [self.config.max_num_seqs]
         if sizes[-1] != self.config.max_num_seqs:
@@ -204,7 +200,7 @@ class ModelRunner:
 
     def reset_step_state(self) -> None:
         """Forget what one step hands the next (after a failed step)."""
-        self._sampling_key, self._sampling_tensors = None, None
+        self.sampling.reset()
 
     # ---- one step -------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
@@ -226,42 +222,8 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[meta.logits_indices])
 
-    def to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
-        """A small host list on the device without a host sync (staged in pinned memory where the backend pins)."""
-        return torch.tensor(values, dtype=dtype, pin_memory=self.backend.pin_memory).to(self.device, non_blocking=True)
-
-    def sampling_tensors(self, seqs) -> SamplingTensors:
-        """The step's per-row sampling settings; reused while the batch's sequences stay the same."""
-        key = tuple(s.seq_id for s in seqs)
-        if key == self._sampling_key:
-            return self._sampling_tensors
-        params = [s.params for s in seqs]
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
-        gens = [s.generator for s in seqs]
-        self._sampling_key = key
-        self._sampling_tensors = SamplingTensors(
-            temperatures=self.to_device([p.temperature for p in params], torch.float32),
-            top_k=self.to_device(top_k, torch.int64) if any(top_k) else None,
-            top_p=self.to_device(top_p, torch.float32) if any(x < 1 for x in top_p) else None,
-            min_p=self.to_device(min_p, torch.float32) if any(min_p) else None,
-            generators=gens if any(g is not None for g in gens) else None,
-            all_greedy=all(p.greedy for p in params))
-        return self._sampling_tensors
-
-    @staticmethod
-    def suppress_stop_tokens(logits: torch.Tensor, seqs) -> None:
-        """min_tokens: EOS and stop tokens cannot be sampled before a sequence has min_tokens output tokens
-        (tokens still in flight count: they will exist)."""
-        pairs = [(row, t) for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
-                 for t in s.stop_token_ids]
-        if pairs:
-            rows, token_ids = zip(*pairs)
-            suppress_tokens(logits, list(rows), list(token_ids))
-
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
+    def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Start one step on the device and return without waiting for its sampled tokens.
 
         Sequences whose input token was sampled by `prev` (still in flight) read it from prev's device
@@ -275,62 +237,16 @@ class ModelRunner:
                 if row is not None and seq.token_ids[seq.num_computed_tokens] == PENDING_TOKEN:
                     dst.append(i), src.append(row)
             if dst:
-                index = self.to_device([dst, src], torch.int64)
+                index = to_device([dst, src], torch.int64, self.device, self.backend.pin_memory)
                 input_ids[index[0]] = prev.tokens[index[1]]
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
         logits = self.execute(input_ids, positions, meta)
-        sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
-        if not sampled_seqs:
-            return LaunchedStep(batch, None, None, None, {})
-        requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
-        self.suppress_stop_tokens(logits, sampled_seqs)
-        tokens = check_token_ids(self.plan, self.sampler(logits, self.sampling_tensors(sampled_seqs)),
-                                 len(sampled_seqs))
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.backend.pin_memory)
-        host.copy_(tokens, non_blocking=self.backend.pin_memory)
-        return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
-                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested)
+        return self.sampling.launch(batch, logits, self.sampler)
 
-    def wait(self, step: "LaunchedStep") -> tuple[list[int], list[StepLogprobs | None] | None]:
-        """The step's sampled tokens on the host, one per sampled sequence (the step's only device->host copy
-        unless a request asked for logprobs), and the logprobs of those that asked."""
-        if step.host is None:
-            return [], None
-        if step.event is not None:
-            step.event.synchronize()
-        token_ids = check_token_range(self.plan, step.host.tolist(), self.hf_config.vocab_size)
-        logprobs = None if step.requested is None else step.requested.to_host(step.tokens)
-        return token_ids, logprobs
+    def wait(self, step: LaunchedStep):
+        return self.sampling.wait(step)
 
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> "StepOutput":
-        """Launch and wait: one synchronous step, results in batch order (None where nothing was sampled)."""
-        step = self.launch(batch)
-        token_ids, logprobs = self.wait(step)
-        return StepOutput(in_batch_order(batch.sample, token_ids),
-                          None if logprobs is None else in_batch_order(batch.sample, logprobs))
-
-
-@dataclass
-class LaunchedStep:
-    batch: ScheduledBatch
-    tokens: torch.Tensor | None  # [num_sampled] on the device
-    host: torch.Tensor | None  # its host copy, valid once `event` completes
-    event: object | None
-    rows: dict[int, int]  # seq_id -> row of `tokens`
-    requested: RequestedLogprobs | None = None  # logprobs of the requests that asked, still on the device
-    indices: list[int] = field(default_factory=list)  # placeholder positions, filled by the scheduler
-
-
-class StepOutput(NamedTuple):
-    """Per sequence of the batch: the sampled token (None while its prompt is not done) and, for requests that
-    asked, the step's log-probabilities (`logprobs` is None when no request in the step asked)."""
-    token_ids: list[int | None]
-    logprobs: list[StepLogprobs | None] | None = None
-
-
-def in_batch_order(sample: list[bool], values: list) -> list:
-    """Spread one value per sampled sequence over the batch, None for sequences not sampled this step."""
-    values = iter(values)
-    return [next(values) if want else None for want in sample]
+    def kernel_label(self, op: str) -> str:
+        """Words naming the kernel that runs `op` now and its plugin (for errors about its output)."""
+        return kernel_label(self.plan, op)

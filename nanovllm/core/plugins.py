@@ -33,12 +33,13 @@ def user_toml_path() -> Path:
     return Path(base) / "nanovllm" / "plugins.toml"
 
 
-def load_settings() -> dict:
+def load_settings(user_file_may_be_missing: bool = False) -> dict:
     """The packaged plugins.toml, with the user's file (NANOVLLM_PLUGINS_TOML or ~/.config) laid over it; each
-    checked against the schema (see plugins_toml.py). A NANOVLLM_PLUGINS_TOML naming no file is an error."""
+    checked against the schema (see plugins_toml.py). A NANOVLLM_PLUGINS_TOML naming no file is an error, unless
+    `user_file_may_be_missing` (`nanovllm tune`, which creates it)."""
     settings = check_schema(read_toml(DEFAULT_TOML), DEFAULT_TOML)
     user = user_toml_path()
-    if "NANOVLLM_PLUGINS_TOML" in os.environ and not user.exists():
+    if "NANOVLLM_PLUGINS_TOML" in os.environ and not user.exists() and not user_file_may_be_missing:
         raise ValueError(f"NANOVLLM_PLUGINS_TOML={os.environ['NANOVLLM_PLUGINS_TOML']!r}: no such file; point it "
                          f"at a plugins.toml, or unset it")
     if user.exists():
@@ -235,6 +236,6 @@ class _PluginRegistry:
     def __init__(self, registry: KernelRegistry, plugin: str):
         self._registry, self._plugin = registry, plugin
 
-    def register(self, op, backend, name, fn, priority=0, check=None, graph_safe=False):
+    def register(self, op, backend, name, fn, priority=0, check=None, graph_safe=False, fallback=""):
         return self._registry.register(op, backend, name, fn, priority, check, plugin=self._plugin,
-                                       graph_safe=graph_safe)
+                                       graph_safe=graph_safe, fallback=fallback)

@@ -3,15 +3,10 @@
 Every wrong type is a ValueError naming the file, the key and the type expected; a name the file uses that no
 plugin offers (a backend, an op, a kernel) is a warning, since the plugin may simply not be installed here.
 """
-import sys
 from pathlib import Path
 
 from nanovllm.core.logging import get_logger
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from nanovllm.core.toml import tomllib
 
 logger = get_logger(__name__)
 

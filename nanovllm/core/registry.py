@@ -4,9 +4,12 @@ Resolution for a backend: the plugins.toml preference list first, then priority,
 implementations whose `check(query)` returns reasons. The reasons are kept so the choice can be
 explained. An implementation the user named that cannot serve is an error, never a substitution.
 """
+import dataclasses
 import difflib
 import inspect
 from dataclasses import dataclass, field
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Callable
 
 import torch
@@ -36,6 +39,12 @@ class KernelQuery:
     num_kv_heads: int
     block_size: int
 
+    def head_reasons(self) -> list[str]:
+        """Why the heads cannot be grouped (grouped-query attention needs num_heads a multiple of num_kv_heads)."""
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            return [f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"]
+        return []
+
 
 @dataclass(frozen=True)
 class KernelImpl:
@@ -48,6 +57,7 @@ class KernelImpl:
     plugin: str = ""
     graph_safe: bool = False  # no host syncs or data-dependent launches: may be captured in a device graph
     plugin_version: str = ""  # the plugin package's version, where its distribution is known
+    fallback: str = ""  # the kernel it hands some calls to, and when (e.g. "cpu_ref/torch for top-k ..."), if any
 
     @property
     def full_name(self) -> str:
@@ -82,24 +92,29 @@ class OpChoice:
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """One implementation per op for one engine. `choices` changes only when shadow verification demotes a
-    kernel; `wrappers` (op -> callable) replace the chosen functions while verification is on."""
+    """One implementation per op for one engine, never changed once built (its mappings are read-only).
+
+    `wrappers` (op -> callable) stand in for the chosen functions while shadow verification is on; the
+    verifier keeps its demotions in its own state (`core/shadow.py`)."""
     backend: str
-    choices: dict[str, OpChoice] = field(default_factory=dict)
+    choices: Mapping[str, OpChoice] = field(default_factory=dict)
     query: KernelQuery | None = None
-    wrappers: dict[str, Callable] = field(default_factory=dict)
+    wrappers: Mapping[str, Callable] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "choices", MappingProxyType(dict(self.choices)))
+        object.__setattr__(self, "wrappers", MappingProxyType(dict(self.wrappers)))
 
     def fn(self, op: str) -> Callable:
         return self.wrappers.get(op) or self.choices[op].impl.fn
 
-    def demote(self, op: str, replacement: OpChoice, reason: str) -> None:
-        """Record that `op`'s kernel failed verification and `replacement` runs instead."""
-        old = self.choices[op].impl
-        self.choices[op] = OpChoice(op, replacement.impl, f"demoted {old.full_name} (see skipped)",
-                                    ((old.name, (reason,)), *replacement.rejected))
+    def with_why(self, why: str) -> "KernelPlan":
+        """The same kernels, each op's reason replaced by `why` (a replayed plan says it was pinned)."""
+        return dataclasses.replace(self, choices={op: dataclasses.replace(c, why=why) for op, c in self.choices.items()})
 
     def table(self) -> str:
-        """The plan as one aligned table: op, kernel, plugin and version, why; skipped kernels below their op."""
+        """The plan as one aligned table: op, kernel, plugin and version, why; below each op the kernel it falls back
+        to per call (if it does) and the kernels skipped, with their reasons."""
         rows = [("op", "kernel", "plugin", "why")]
         for op, c in self.choices.items():
             plugin = c.impl.plugin + (f" {c.impl.plugin_version}" if c.impl.plugin_version else "")
@@ -110,9 +125,13 @@ class KernelPlan:
         lines = []
         for row in rows:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
-            if row[0] in self.choices:
-                for name, reasons in self.choices[row[0]].rejected:
-                    lines.append(f"  {'':<{widths[0]}}  skipped {name}: {'; '.join(reasons)}")
+            choice = self.choices.get(row[0])
+            if choice is None:
+                continue
+            if choice.impl.fallback:
+                lines.append(f"  {'':<{widths[0]}}  falls back per call to {choice.impl.fallback}")
+            for name, reasons in choice.rejected:
+                lines.append(f"  {'':<{widths[0]}}  skipped {name}: {'; '.join(reasons)}")
         return "\n".join(lines)
 
 
@@ -151,8 +170,10 @@ class KernelRegistry:
 
     def register(self, op: str, backend: str, name: str, fn: Callable, priority: int = 0,
                  check: Callable[[KernelQuery], list[str]] | None = None, plugin: str = "",
-                 graph_safe: bool = False, plugin_version: str = "") -> KernelImpl:
-        """Add an implementation of `op` for `backend`. Raises ValueError for an unknown op or a bad signature."""
+                 graph_safe: bool = False, plugin_version: str = "", fallback: str = "") -> KernelImpl:
+        """Add an implementation of `op` for `backend`. Raises ValueError for an unknown op or a bad signature.
+
+        `fallback` names the kernel this one hands some calls to, and when; the plan shows it in the op's row."""
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}{suggest(op, OPS)}; known ops: {', '.join(OPS)}")
         if not callable(fn):
@@ -163,7 +184,7 @@ class KernelRegistry:
                              f"positionally: fix the kernel's parameters")
         if any(i.backend == backend and i.name == name for i in self.impls[op]):
             raise ValueError(f"kernel {backend}/{name} is already registered for {op}")
-        impl = KernelImpl(op, backend, name, fn, priority, check, plugin, graph_safe, plugin_version)
+        impl = KernelImpl(op, backend, name, fn, priority, check, plugin, graph_safe, plugin_version, fallback)
         self.impls[op].append(impl)
         return impl
 

@@ -167,17 +167,17 @@ class Scheduler:
         """Why `seq` ends after `token_id`, its `length`-th token: "stop" (EOS, a stop token or a stop string),
         "length" (max_tokens or max_model_len), or None.
 
-        Stop conditions count only once min_tokens tokens precede the token. A stop token's text is left out of
-        the detokenized text; stop strings are looked for only in requests that have them.
+        A stop token cannot arrive before min_tokens output tokens (the StepSampler masks it, `core/step_sampler.py`);
+        a stop string counts only once min_tokens tokens precede it. A stop token's text is left out of the
+        detokenized text; stop strings are looked for only in requests that have them.
         """
         num_output = length - seq.num_prompt_tokens
-        can_stop = num_output > seq.params.min_tokens
-        if can_stop and token_id in seq.stop_token_ids:
+        if token_id in seq.stop_token_ids:
             seq.stop_reason = token_id
             return "stop"
         if seq.detokenizer is not None:
             new_text = seq.detokenizer.add_token(token_id)
-            if can_stop and seq.params.stop_strings:
+            if num_output > seq.params.min_tokens and seq.params.stop_strings:
                 seq.stop_reason = seq.detokenizer.find_stop_string(len(new_text))
                 if seq.stop_reason is not None:
                     return "stop"

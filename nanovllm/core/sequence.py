@@ -23,9 +23,8 @@ class Sequence:
     """
     _ids = count()
 
-    def __init__(self, token_ids: list[int], params: SamplingParams, request_index: int = 0):
+    def __init__(self, token_ids: list[int], params: SamplingParams):
         self.seq_id = next(Sequence._ids)
-        self.request_index = request_index
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)

@@ -1,11 +1,13 @@
 """Shadow verification: recompute one call in N of each op (per shape bucket) with its reference twin.
 
-Installed only when `verify_kernels=N` is set: each op's function in the KernelPlan is replaced by a
-`VerifiedKernel` that the model binds once; it holds its current target, so demoting a kernel takes effect
-in every layer at once. On a mismatch beyond the per-dtype tolerance it logs an error naming the op, the
-kernel, the shapes and the error, returns the reference's result for that call, and switches to the next
-usable kernel for the rest of the run (the plan records the demotion).
+Installed only when `verify_kernels=N` is set: the engine runs a copy of its KernelPlan whose `wrappers` put
+a `VerifiedKernel` in front of each op's function; the model binds it once. It holds its current target, so
+demoting a kernel takes effect in every layer at once. On a mismatch beyond the per-dtype tolerance it logs
+an error naming the op, the kernel, the shapes and the error, returns the reference's result for that call,
+and switches to the next usable kernel for the rest of the run. The demotion lives here, in the
+VerifiedKernel; the plan never changes, and `current_plan(plan)` shows the plan with the demotions applied.
 """
+import dataclasses
 from collections import defaultdict
 from typing import Callable
 
@@ -34,11 +36,12 @@ def shapes_of(args) -> str:
 class VerifiedKernel:
     """Callable standing in for one op's kernel; `resolve_again(excluded)` gives the next usable choice."""
 
-    def __init__(self, op: str, plan: KernelPlan, reference: KernelImpl, every: int,
+    def __init__(self, op: str, choice: OpChoice, reference: KernelImpl, every: int,
                  resolve_again: Callable[[frozenset[str]], OpChoice]):
-        self.op, self.plan, self.reference, self.every = op, plan, reference, every
+        self.op, self.reference, self.every = op, reference, every
         self.resolve_again = resolve_again
-        self.target: KernelImpl = plan.choices[op].impl
+        self.choice = choice  # what runs now, with the reason: the resolved choice until a demotion
+        self.target: KernelImpl = choice.impl
         self.excluded: frozenset[str] = frozenset()
         self.calls: dict[tuple, int] = defaultdict(int)
 
@@ -109,17 +112,32 @@ class VerifiedKernel:
         logger.error("kernel %s for %s differs from its reference %s at shapes %s: %s; demoted to %s for the rest "
                      "of the run", target.full_name, self.op, self.reference.full_name, shapes_of(args), error,
                      replacement.impl.full_name)
-        self.plan.demote(self.op, replacement, reason)
+        self.choice = OpChoice(self.op, replacement.impl, f"demoted {target.full_name} (see skipped)",
+                               ((target.name, (reason,)), *replacement.rejected))
         self.target = replacement.impl
 
 
-def install_shadow_verification(plan: KernelPlan, registry, every: int,
-                                resolve_again: Callable[[str, frozenset[str]], OpChoice]) -> None:
-    """Wrap every op of `plan` whose reference twin is registered; `resolve_again(op, excluded)` re-resolves."""
-    for op in plan.choices:
-        reference = registry.reference(op)
+def install_shadow_verification(plan: KernelPlan, plugins, every: int) -> KernelPlan:
+    """`plan` with a VerifiedKernel in front of every op whose reference twin is registered; a demoted op is
+    re-resolved without the kernels that failed."""
+    from nanovllm.core.startup import resolve_kernels
+
+    def resolve_again(op: str, excluded: frozenset[str]) -> OpChoice:
+        return resolve_kernels(plugins, plan.backend, plan.query, ops=[op], exclude=excluded).choices[op]
+
+    wrappers = {}
+    for op, choice in plan.choices.items():
+        reference = plugins.registry.reference(op)
         if reference is not None:
-            plan.wrappers[op] = VerifiedKernel(op, plan, reference, every,
-                                               lambda excluded, op=op: resolve_again(op, excluded))
+            wrappers[op] = VerifiedKernel(op, choice, reference, every,
+                                          lambda excluded, op=op: resolve_again(op, excluded))
     logger.info("shadow verification is on: one call in %d of each op and shape is recomputed with its reference "
                 "kernel", every)
+    return dataclasses.replace(plan, wrappers=wrappers)
+
+
+def current_plan(plan: KernelPlan) -> KernelPlan:
+    """`plan` as it runs now: each op shadow verification demoted shows its replacement and why."""
+    demoted = {op: w.choice for op, w in plan.wrappers.items()
+               if isinstance(w, VerifiedKernel) and w.choice is not plan.choices[op]}
+    return dataclasses.replace(plan, choices={**plan.choices, **demoted}) if demoted else plan

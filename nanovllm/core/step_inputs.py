@@ -23,9 +23,12 @@ class _HostBuffers:
 
 
 class StepInputBuilder:
-    def __init__(self, device: torch.device, block_size: int, max_num_seqs: int, max_blocks_per_seq: int, pin: bool):
+    def __init__(self, device: torch.device, block_size: int, max_num_seqs: int, max_blocks_per_seq: int, pin: bool,
+                 table_multiple: int = 1):
+        """`table_multiple`: block tables are padded to a width that is a multiple of it (the backend's
+        `block_table_multiple`)."""
         self.device, self.block_size = device, block_size
-        self.pin = pin
+        self.pin, self.table_multiple = pin, table_multiple
         self.buffers = [_HostBuffers(max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)]
         self.turn = 0
 
@@ -92,9 +95,7 @@ class StepInputBuilder:
             return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
 
         def block_table_tensor(rows):
-            # a width rounded up to 16: JIT kernels specialise on a stride's divisibility by 16, so a varying
-            # width would compile a second variant in the middle of a run
-            width = -(-max(len(r) for r in rows) // 16) * 16
+            width = -(-max(len(r) for r in rows) // self.table_multiple) * self.table_multiple
             return tensor([r + [0] * (width - len(r)) for r in rows], torch.int32)
 
         prefill = decode = None

@@ -17,6 +17,11 @@ from nanovllm.models.layers.norm import RMSNorm
 from nanovllm.models.layers.rotary import RotaryEmbedding, rope_config
 
 
+def head_dim_of(config) -> int:
+    """The attention head dim: config.json's `head_dim`, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class DecoderOptions:
     """Which optional parts a model has: biases per projection group, and per-head q/k RMSNorm."""
@@ -30,7 +35,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config, ctx: LayerContext, opts: DecoderOptions):
         super().__init__()
         hidden = config.hidden_size
-        self.head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, opts.qkv_bias, ctx)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -134,3 +139,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        """The paged-attention layers, in order: the runner binds one KV cache to each."""
+        return [layer.self_attn.attn for layer in self.model.layers]

@@ -22,12 +22,13 @@ from typing import Iterator
 import torch
 
 from nanovllm.backends.cpu_ref import attention as ref_attention
-from nanovllm.backends.cpu_ref import kv_store as ref_kv_store
+from nanovllm.core import kv_store as ref_kv_store
 from nanovllm.core import sampler as ref_sampler
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.plugins import backend_availability
 from nanovllm.core.registry import OPS, KernelImpl, KernelQuery
+from nanovllm.core.startup import backend_reasons
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
 from nanovllm.testing.layouts import DEFAULT_CASES, TOLERANCES, ParityCase, PagedLayout, nan_like, random_layout
 
@@ -59,13 +60,9 @@ def backend_device(backend: Backend) -> torch.device:
 
 def case_reasons(backend: Backend, impl: KernelImpl, case: ParityCase) -> list[str]:
     """Why `impl` cannot serve `case` on `backend` (empty: it can)."""
-    reasons = []
-    if case.dtype not in backend.supported_dtypes:
-        reasons.append(f"backend {backend.name!r} does not support {case.dtype}")
-    reasons += backend.check_block_size(case.block_size)
     query = KernelQuery(backend.device_type, case.dtype, case.head_dim, case.num_heads, case.num_kv_heads,
                         case.block_size)
-    return reasons + impl.reasons(query)
+    return backend_reasons(backend, case.dtype, case.block_size) + impl.reasons(query)
 
 
 def parity_cases(plugins, backends: list[str] | None = None,

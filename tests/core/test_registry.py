@@ -115,3 +115,12 @@ def test_only_a_foreign_cpu_ref_kernel_is_no_reference():
     assert r.reference("attention.decode") is None
     with pytest.raises(RuntimeError, match=r"no reference \(cpu_ref\) kernel is registered for attention.decode"):
         r.resolve("x", Q, ops=OPS, overrides="reference")
+
+
+def test_plan_is_read_only_and_names_per_call_fallbacks():
+    r = KernelRegistry()
+    r.register("attention.decode", "x", "fast", decode, fallback="x/slow for batches with long contexts")
+    plan = r.resolve("x", Q, ops=OPS)
+    with pytest.raises(TypeError):
+        plan.choices["attention.decode"] = None
+    assert "falls back per call to x/slow for batches with long contexts" in plan.table()

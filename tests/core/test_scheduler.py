@@ -1,6 +1,9 @@
+import torch
+
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence, SequenceStatus
+from nanovllm.core.step_sampler import suppress_stop_tokens
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -60,10 +63,17 @@ def test_finish_on_eos_max_tokens_and_stop_token():
 
 
 def test_ignore_eos_and_min_tokens():
+    """min_tokens is enforced once, by the StepSampler masking EOS and stop tokens before they can be sampled."""
     s = make()
     a, b = add(s, 3, max_tokens=3, ignore_eos=True), add(s, 3, max_tokens=3, min_tokens=1)
-    s.postprocess(s.schedule(), [0, 0])  # b's EOS counts only once min_tokens=1 tokens precede it
+    logits = torch.zeros(2, 4)
+    suppress_stop_tokens(logits, [a, b])  # b has no output token yet: its EOS (token 0) cannot be sampled
+    assert logits[0, 0] == 0 and logits[1, 0] == float("-inf") and logits[1, 1:].eq(0).all()
+    s.postprocess(s.schedule(), [0, 1])
     assert not a.is_finished and not b.is_finished
+    logits = torch.zeros(2, 4)
+    suppress_stop_tokens(logits, [a, b])  # min_tokens=1 reached: nothing is masked any more
+    assert logits.eq(0).all()
     s.postprocess(s.schedule(), [0, 0])
     assert b.finish_reason == "stop" and not a.is_finished
 

@@ -8,8 +8,8 @@ from transformers import Qwen3Config
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata
-from nanovllm.core.step_transport import pack_step, step_to_device, unpack_step
-from nanovllm.core.tensor_parallel import check_tensor_parallel
+from nanovllm.core.parallel.step_transport import pack_step, step_to_device, unpack_step
+from nanovllm.core.parallel.checks import check_tensor_parallel
 
 
 class GlooBackend(Backend):

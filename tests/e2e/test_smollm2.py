@@ -34,8 +34,8 @@ def test_greedy_tokens_equal_hf(smollm2):
 
 
 def test_cli_chat_on_the_default_model(smollm2, monkeypatch, capsys):
-    import nanovllm.models.gguf_convert
+    import nanovllm.checkpoint.gguf_convert
     monkeypatch.setenv("NANOVLLM_CACHE", os.path.dirname(smollm2))
-    monkeypatch.setattr(nanovllm.models.gguf_convert, "convert_gguf", pytest.fail)  # the cache must be used
+    monkeypatch.setattr(nanovllm.checkpoint.gguf_convert, "convert_gguf", pytest.fail)  # the cache must be used
     assert main(["generate", "--chat", "What is the capital of France?", "--max-tokens", "20"]) == 0
     assert "Paris" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.core import worker_group
+from nanovllm.core.parallel import worker_group
 from tests.conftest import random_prompts
 from tests.e2e import tp_faults
 from tests.e2e.test_tensor_parallel import no_leaks  # noqa: F401  (fixture)
@@ -26,7 +26,7 @@ def test_worker_failing_during_the_rendezvous_fails_rank_0_with_its_error(tiny_q
     monkeypatch.setattr(worker_group, "worker_main", tp_faults.fails_before_the_rendezvous)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)worker rank 1 .* died with exit code 1:.*"
-                                           r"unknown backend 'backend_of_rank_1_that_does_not_exist'"):
+                                           r"this worker process has no backend 'backend_of_rank_1_that_does_not_exist'"):
         LLM(tiny_qwen3, **OPTIONS)
     assert time.monotonic() - start < 30  # was the gloo rendezvous timeout: 300 s
 

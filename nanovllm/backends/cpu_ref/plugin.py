@@ -7,48 +7,37 @@ them on any backend (`kernels="reference"`).
 import torch
 
 import nanovllm
-from nanovllm.core.backend import Backend
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.backend import Backend, Fraction
 
 NANOVLLM_PLUGIN_API = (1, 0)
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class CpuRefBackend(Backend):
     name = "cpu_ref"
     device_type = "cpu"
-    default_dtype = torch.float32
-    default_block_size = 16
-    supports_graphs = False
     dist_backend = "gloo"
+    options = {"cpu_memory_fraction": Fraction(0.3, "the share of free RAM the KV cache may take")}
 
     def device(self, config, rank: int = 0) -> torch.device:
         if config.device not in (None, "cpu"):
             raise ValueError(f"device={config.device!r}: the cpu_ref backend runs on 'cpu' only")
         return torch.device("cpu")
 
-    def memory_info(self, device):
-        try:
-            with open("/proc/meminfo") as f:
-                info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-            return info["MemAvailable"], info["MemTotal"]
-        except (OSError, KeyError, ValueError):
-            return None
-
     def kv_cache_budget(self, config, device, bytes_per_block: int) -> int:
         if config.num_kvcache_blocks is not None:
             return config.num_kvcache_blocks
-        info = self.memory_info(device)
-        free = info[0] if info else 4 << 30
-        return max(1, int(free * config.cpu_memory_fraction) // bytes_per_block)
-
-    def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        if world_size == 1:
-            return Communicator(rank, world_size)
-        from nanovllm.core.distributed import TorchDistCommunicator
-        return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
-
-    def seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
+        free = available_host_memory() or 4 << 30
+        return max(1, int(free * self.option(config, "cpu_memory_fraction")) // bytes_per_block)
 
 
 @nanovllm.hookimpl
@@ -58,8 +47,8 @@ def nanovllm_register_backends():
 
 @nanovllm.hookimpl
 def nanovllm_register_kernels(registry):
-    from nanovllm.backends.cpu_ref import attention, kv_store
-    from nanovllm.core import sampler
+    from nanovllm.backends.cpu_ref import attention
+    from nanovllm.core import kv_store, sampler
     registry.register("kv_cache.store", "cpu_ref", "torch_index", kv_store.store_kvcache)
     registry.register("attention.prefill", "cpu_ref", "torch_loop", attention.prefill_attention)
     registry.register("attention.decode", "cpu_ref", "torch_loop", attention.decode_attention)

@@ -76,22 +76,14 @@ def _device_reasons(query: KernelQuery, min_capability: tuple[int, int] = (0, 0)
     return []
 
 
-def _head_reasons(query: KernelQuery) -> list[str]:
-    if query.num_kv_heads <= 0 or query.num_heads % query.num_kv_heads:
-        return [f"num_heads {query.num_heads} is not a multiple of num_kv_heads {query.num_kv_heads}"]
-    return []
-
-
 def check_triton(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query) + _head_reasons(query)
+    reasons = _device_reasons(query) + query.head_reasons()
     if not _installed("triton"):
         reasons.append("triton is not installed")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {query.dtype} is not float16, bfloat16 or float32")
     if not 1 <= query.head_dim <= 256:  # other than powers of two are padded to one inside the kernels
         reasons.append(f"head_dim {query.head_dim} is not in [1, 256]")
-    if query.block_size < 1:
-        reasons.append(f"block_size {query.block_size} is not positive")
     return reasons
 
 
@@ -103,7 +95,7 @@ def check_triton_sampler(query: KernelQuery) -> list[str]:
 
 
 def check_torch_flash(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    reasons = _device_reasons(query, min_capability=(8, 0)) + query.head_reasons()
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         reasons.append(f"torch {torch.__version__} has no aten._flash_attention_forward")
     if query.dtype not in (torch.float16, torch.bfloat16):
@@ -116,7 +108,7 @@ def check_torch_flash(query: KernelQuery) -> list[str]:
 
 
 def check_flash_attn(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    reasons = _device_reasons(query, min_capability=(8, 0)) + query.head_reasons()
     if not _installed("flash_attn"):
         reasons.append("flash_attn is not installed")
     if query.dtype not in (torch.float16, torch.bfloat16):
@@ -135,10 +127,11 @@ def register_cuda_kernels(registry) -> None:
     registry.register("attention.prefill", BACKEND, "flash_attn", flash_attn_prefill, priority=30,
                       check=check_flash_attn)
     registry.register("attention.prefill", BACKEND, "torch_flash", torch_flash_prefill, priority=20,
-                      check=check_torch_flash)
+                      check=check_torch_flash, fallback="cuda/triton_paged for batches with a cached prefix")
     registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
                       check=check_triton)
-    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler)
+    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler,
+                      fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
                       check=check_flash_attn, graph_safe=True)
     registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,

@@ -9,8 +9,10 @@ import importlib.util
 import torch
 
 import nanovllm
-from nanovllm.core.backend import Backend
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.backend import Backend, Fraction
+from nanovllm.core.logging import get_logger
+
+logger = get_logger(__name__)
 
 NANOVLLM_PLUGIN_API = (1, 0)
 
@@ -29,6 +31,8 @@ class CudaBackend(Backend):
     pin_memory = True
     compile_small_ops = True
     dist_backend = "nccl"
+    block_table_multiple = 16  # Triton specialises on a stride's divisibility by 16: a fixed multiple, one variant
+    options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use")}
 
     def __init__(self):
         # flash-attn's paged kernels need blocks of a multiple of 256 tokens; ours serve any power of two,
@@ -58,9 +62,6 @@ class CudaBackend(Backend):
             return [f"the cuda kernels need blocks of at least 16 tokens, got {block_size}"]
         return []
 
-    def memory_info(self, device):
-        return torch.cuda.mem_get_info(device)
-
     def kv_cache_budget(self, config, device, bytes_per_block: int) -> int:
         """gpu_memory_utilization of the card, minus what is in use and the warm-up's peak activations."""
         if config.num_kvcache_blocks is not None:
@@ -68,18 +69,21 @@ class CudaBackend(Backend):
         free, total = torch.cuda.mem_get_info(device)
         stats = torch.cuda.memory_stats(device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
-        available = total * config.gpu_memory_utilization - (total - free) - (peak - current)
+        available = total * self.option(config, "gpu_memory_utilization") - (total - free) - (peak - current)
         return max(0, int(available) // bytes_per_block)
 
     def capture_graphs(self, runner, batch_sizes: list[int]):
+        unsafe = [f"{op} -> {c.impl.full_name}" for op, c in runner.plan.choices.items()
+                  if op in ("kv_cache.store", "attention.decode") and not c.impl.graph_safe]
+        if unsafe:
+            logger.warning("CUDA graphs are off: %s cannot be captured (it syncs with the host); decode runs "
+                           "eagerly", ", ".join(unsafe))
+            return None
         from nanovllm.backends.cuda.graphs import CudaGraphRunner
         return CudaGraphRunner(runner, batch_sizes)
 
-    def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        if world_size == 1:
-            return Communicator(rank, world_size)
-        from nanovllm.core.distributed import TorchDistCommunicator
-        return TorchDistCommunicator(rank, world_size, init_method, "nccl", torch.device("cuda", rank))
+    def device_name(self, device: torch.device) -> str:
+        return torch.cuda.get_device_name(device)
 
     def synchronize(self, device) -> None:
         torch.cuda.synchronize(device)

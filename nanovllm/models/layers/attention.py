@@ -1,6 +1,7 @@
 """The attention front: store this step's K/V in the paged cache, then run the resolved kernels.
 
-The kernels come from the engine's KernelPlan; this layer never knows which backend provided them.
+The kernels come from the engine's KernelPlan (op name -> function, through the LayerContext); this layer
+never knows which backend provided them.
 """
 import torch
 from torch import nn
@@ -14,10 +15,10 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ctx: LayerContext):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        plan = self.plan = ctx.kernels
-        self.store = plan.fn("kv_cache.store")
-        self.prefill = plan.fn("attention.prefill")
-        self.decode = plan.fn("attention.decode")
+        self.store = ctx.kernels["kv_cache.store"]
+        self.prefill = ctx.kernels["attention.prefill"]
+        self.decode = ctx.kernels["attention.decode"]
+        self.kernel_label = ctx.kernel_label
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the cache exists
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
@@ -33,8 +34,8 @@ class Attention(nn.Module):
 
     def _prefill(self, q, k, v, meta: StepMetadata) -> torch.Tensor:
         out = self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
-        return check_like(self.plan, "attention.prefill", out, q)
+        return check_like(self.kernel_label, "attention.prefill", out, q)
 
     def _decode(self, q, meta: StepMetadata) -> torch.Tensor:
-        return check_like(self.plan, "attention.decode", self.decode(q, self.k_cache, self.v_cache, meta.decode,
+        return check_like(self.kernel_label, "attention.decode", self.decode(q, self.k_cache, self.v_cache, meta.decode,
                                                                      self.scale), q)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from nanovllm import default_model
-from nanovllm.default_model import MODEL_DIR, default_model_path, write_atomically
+from nanovllm.checkpoint import default_model
+from nanovllm.checkpoint.default_model import MODEL_DIR, default_model_path, write_atomically
 
 
 def test_interrupted_write_leaves_no_folder(tmp_path):

@@ -14,17 +14,17 @@ logger = get_logger(__name__)
 
 def fuse_small_ops(model: nn.Module) -> int:
     """Compile the elementwise sub-layers of `model` in place; returns how many were compiled."""
+    from nanovllm.models.decoder import SelfAttention
     from nanovllm.models.layers.activation import SiluAndMul
     from nanovllm.models.layers.norm import RMSNorm
     count = 0
-    for module in model.modules():
-        if hasattr(module, "qk_transform"):
+    inside_qk_transform = set()  # the q/k norms, compiled as part of their attention's qk_transform
+    for module in model.modules():  # a parent comes before its children
+        if isinstance(module, SelfAttention):
             module.qk_transform = torch.compile(module.qk_transform, dynamic=True)
+            inside_qk_transform.update(id(m) for m in (module.q_norm, module.k_norm) if m is not None)
             count += 1
-            for child in (getattr(module, "q_norm", None), getattr(module, "k_norm", None)):
-                if child is not None:
-                    child._fused_by_parent = True
-        elif isinstance(module, (RMSNorm, SiluAndMul)) and not getattr(module, "_fused_by_parent", False):
+        elif isinstance(module, (RMSNorm, SiluAndMul)) and id(module) not in inside_qk_transform:
             module.forward = torch.compile(module.forward, dynamic=True)
             count += 1
     logger.info("fused %d elementwise layers with torch.compile", count)

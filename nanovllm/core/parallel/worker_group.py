@@ -22,7 +22,8 @@ from multiprocessing.connection import wait
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
-from nanovllm.core.worker import worker_main
+from nanovllm.core.parallel.worker_process import worker_main
+from nanovllm.core.startup import PinnedPlan
 
 logger = get_logger(__name__)
 
@@ -79,7 +80,8 @@ def free_local_port() -> int:
 
 
 class WorkerGroup:
-    def __init__(self, config: EngineConfig, backend_name: str, world_size: int):
+    def __init__(self, config: EngineConfig, spec: PinnedPlan, world_size: int):
+        """`spec`: rank 0's resolved backend and kernels, which every worker runs."""
         check_main_guard(world_size)
         self.init_method = f"tcp://127.0.0.1:{free_local_port()}"
         self.failure: str | None = None  # written only by the monitor thread, then `died` is set
@@ -91,13 +93,14 @@ class WorkerGroup:
         self.last_seen = {rank: time.monotonic() for rank in range(1, world_size)}
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanovllm-tp-rank0")
         self.inflight: concurrent.futures.Future | None = None
+        self.interrupted = threading.Event()  # a caller's Ctrl-C, for the wait in progress (see interrupt)
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
         try:
             for rank in range(1, world_size):
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(target=worker_main, name=f"nanovllm-tp-rank{rank}", daemon=True,
-                                   args=(config, backend_name, rank, world_size, self.init_method, child_end))
+                                   args=(config, spec, rank, world_size, self.init_method, child_end))
                 self.conns.append(parent_end)
                 proc.start()
                 child_end.close()
@@ -165,6 +168,12 @@ class WorkerGroup:
         return (f"tensor-parallel worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}{why}\n"
                 f"the engine cannot continue; create a new LLM (and check the machine's memory and logs)")
 
+    def interrupt(self) -> None:
+        """Make the wait in progress (if any) raise KeyboardInterrupt: a caller pressed Ctrl-C while the engine, on
+        its own thread, waits on the workers (which shuts them down). Safe from any thread."""
+        if self.inflight is not None and not self.inflight.done():
+            self.interrupted.set()
+
     def stalled(self, timeout: float) -> str | None:
         """Why a worker counts as stopped or hung (no heartbeat for `timeout` seconds), or None."""
         now = time.monotonic()
@@ -196,11 +205,14 @@ class WorkerGroup:
         either, the caller shuts the group down (close()), which releases the step thread from its collective."""
         self.check()
         timeout = heartbeat_timeout()
+        self.interrupted.clear()
         future = self.inflight = self.executor.submit(fn, *args)
         while True:
             done, _ = concurrent.futures.wait([future], timeout=0.1)
             if done:
                 return future.result()
+            if self.interrupted.is_set():
+                raise KeyboardInterrupt("a caller was interrupted while the engine waited on its workers")
             if self.failure is not None:
                 raise WorkerFailure(self.failure)
             stalled = self.stalled(timeout)

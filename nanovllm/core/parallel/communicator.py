@@ -19,8 +19,5 @@ class Communicator:
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         return x
 
-    def barrier(self) -> None:
-        pass
-
     def close(self) -> None:
         pass

@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from nanovllm.core.parallel import Communicator
+from nanovllm.core.parallel.communicator import Communicator
 
 # How long a collective waits for a peer. A peer that crashes closes its connection and is noticed at
 # once (gloo); the timeout only bounds a peer that hangs or never joins.
@@ -43,9 +43,6 @@ class TorchDistCommunicator(Communicator):
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(x, src=src, group=self.group)
         return x
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
 
     def close(self) -> None:
         if self.open:

@@ -7,7 +7,6 @@ winners go to the user's plugins.toml (NANOVLLM_PLUGINS_TOML or ~/.config/nanovl
 """
 import argparse
 import datetime
-import os
 import time
 from typing import Callable
 
@@ -119,33 +118,29 @@ def format_table(op: str, shapes: list[Shape], timings: dict[str, list[float]], 
 def main(args) -> int:
     from transformers import AutoConfig
 
-    from nanovllm.bench import device_name
+    from nanovllm.checkpoint.folder import config_folder
     from nanovllm.core.config import EngineConfig
-    from nanovllm.core.engine import resolve_backend
-    from nanovllm.core.plugins import load_plugins, user_toml_path
-    from nanovllm.tune_preferences import write_tuned_preferences
+    from nanovllm.core.plugins import load_plugins, load_settings, user_toml_path
+    from nanovllm.core.startup import resolve
+    from nanovllm.commands.tune_preferences import write_tuned_preferences
 
-    source = args.model or args.config
-    if source is None:
-        raise ValueError("nanovllm tune needs the model's shapes: pass --model FOLDER or --config config.json")
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{source!r} has no config.json; pass a checkpoint folder or its config.json")
+    folder = config_folder(args.model, args.config)
     options = {"dtype": args.dtype} if args.dtype else {}
     if args.kvcache_block_size:
         options["kvcache_block_size"] = args.kvcache_block_size
     config = EngineConfig(model=folder, backend=args.backend, hf_config=AutoConfig.from_pretrained(folder),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(args.max_num_seqs, 16384),
                           **options)
-    plugins = load_plugins()
-    backend, _, _, plan = resolve_backend(config, plugins)
+    plugins = load_plugins(load_settings(user_file_may_be_missing=True))  # tune writes the user's file
+    resolved = resolve(config, plugins)
+    backend, plan = resolved.backend, resolved.plan
     device = backend.device(config)
     prefill_tokens = [int(n) for n in args.prefill_tokens.split(",") if n.strip()]
     shapes = build_shapes(plan.query, device, config.hf_config.vocab_size, decode_batch_sizes(args.max_num_seqs),
                           args.context_len, prefill_tokens)
     winners = {}
     q = plan.query
-    print(f"tuning backend {backend.name} on {device_name(device)}: {str(q.dtype).removeprefix('torch.')}, head_dim "
+    print(f"tuning backend {backend.name} on {backend.device_name(device)}: {str(q.dtype).removeprefix('torch.')}, head_dim "
           f"{q.head_dim}, {q.num_heads}/{q.num_kv_heads} heads, block size {q.block_size}; median of {args.repeats}")
     for op, op_shapes in shapes.items():
         impls = usable_impls(plugins.registry, op, backend.name, plan.query)
@@ -157,6 +152,6 @@ def main(args) -> int:
         return 0
     path = user_toml_path()
     block = write_tuned_preferences(path, backend.name, winners, datetime.date.today().isoformat(),
-                                    device_name(device), args.force)
+                                    backend.device_name(device), args.force)
     print(f"wrote to {path}:\n{block}", end="")
     return 0

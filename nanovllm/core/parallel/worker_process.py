@@ -13,24 +13,26 @@ import traceback
 from multiprocessing.connection import Connection
 
 from nanovllm.core.config import EngineConfig
+from nanovllm.core.startup import PinnedPlan
 
 
-def worker_main(config: EngineConfig, backend_name: str, rank: int, world_size: int, init_method: str,
+def worker_main(config: EngineConfig, spec: PinnedPlan, rank: int, world_size: int, init_method: str,
                 conn: Connection) -> None:
+    """`spec` is rank 0's resolved start-up: the worker runs the same backend and kernels, never resolving its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
     report = Reporter(conn)
     comm = None
     try:
-        from nanovllm.core.engine import resolve_backend
         from nanovllm.core.model_runner import ModelRunner
+        from nanovllm.core.parallel.step_transport import step_to_device, unpack_step
         from nanovllm.core.plugins import load_plugins
-        from nanovllm.core.step_transport import step_to_device, unpack_step
+        from nanovllm.core.startup import from_pinned, with_verification
 
-        config.backend = backend_name
-        backend, dtype, block_size, plan = resolve_backend(config, load_plugins())
+        plugins = load_plugins()
+        resolved = with_verification(from_pinned(spec, plugins), plugins, config.verify_kernels)
         report.ready()
-        comm = backend.communicator(rank, world_size, init_method)
-        runner = ModelRunner(config, backend, plan, comm, dtype, block_size)
+        comm = resolved.backend.communicator(rank, world_size, init_method)
+        runner = ModelRunner(config, resolved, comm)
         runner.initialize()
         while True:
             try:
@@ -57,7 +59,7 @@ class Reporter:
     traceback if the worker fails. Sends are serialised: two threads share the pipe."""
 
     def __init__(self, conn: Connection):
-        from nanovllm.core.worker_group import HEARTBEAT_SECONDS, MESSAGE_HEARTBEAT, MESSAGE_STARTED
+        from nanovllm.core.parallel.worker_group import HEARTBEAT_SECONDS, MESSAGE_HEARTBEAT, MESSAGE_STARTED
         self.conn, self.lock, self.done = conn, threading.Lock(), threading.Event()
         self.send(MESSAGE_STARTED)
 
@@ -76,7 +78,7 @@ class Reporter:
 
     def ready(self) -> None:
         """About to join the rendezvous (rank 0 joins once every worker has said so)."""
-        from nanovllm.core.worker_group import MESSAGE_READY
+        from nanovllm.core.parallel.worker_group import MESSAGE_READY
         self.send(MESSAGE_READY)
 
     def stop(self) -> None:

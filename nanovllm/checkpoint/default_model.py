@@ -60,7 +60,7 @@ def default_model_path(cache: str | None = None) -> str:
         raise RuntimeError(f"{target} exists but has no config.json, so it is not a conversion this package wrote; "
                            f"delete it and run again to convert the default model afresh")
     gguf = default_gguf_path()
-    from nanovllm.models.gguf_convert import convert_gguf
+    from nanovllm.checkpoint.gguf_convert import convert_gguf
 
     def convert(tmp: str) -> None:
         logger.info("first use of the default model: converting %s once into %s", gguf, target)

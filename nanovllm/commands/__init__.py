@@ -1,0 +1,1 @@
+"""The `nanovllm` subcommands, one module each: generate, backends, bench, tune, batch (JSONL in, JSONL out)."""

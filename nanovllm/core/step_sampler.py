@@ -1,0 +1,112 @@
+"""StepSampler: one step's logits -> sampled token ids, on their way to the host.
+
+For the sequences that sample this step, in this order: the log-probabilities of the requests that ask
+(from the raw logits, `core/logprobs.py`), min_tokens suppression (EOS and stop tokens cannot be sampled
+before a request has min_tokens output tokens: the one place min_tokens is enforced), the plan's `sampler`
+kernel over per-row SamplingTensors (reused while the batch's sequences stay the same), and a host copy of
+the tokens started without waiting. `wait` collects it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from nanovllm.core.kernel_output import Label, check_token_ids, check_token_range
+from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
+from nanovllm.core.sampler import SamplingTensors, suppress_tokens
+
+if TYPE_CHECKING:
+    from nanovllm.core.backend import Backend
+    from nanovllm.core.scheduler import ScheduledBatch
+
+
+@dataclass
+class LaunchedStep:
+    batch: ScheduledBatch
+    tokens: torch.Tensor | None  # [num_sampled] on the device
+    host: torch.Tensor | None  # its host copy, valid once `event` completes
+    event: object | None
+    rows: dict[int, int]  # seq_id -> row of `tokens`
+    requested: RequestedLogprobs | None = None  # logprobs of the requests that asked, still on the device
+    indices: list[int] = field(default_factory=list)  # placeholder positions, filled by the scheduler
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device, pin: bool) -> torch.Tensor:
+    """A small host list on the device without a host sync (staged in pinned memory when `pin`)."""
+    return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+
+
+def suppress_stop_tokens(logits: torch.Tensor, seqs) -> None:
+    """min_tokens: EOS and stop tokens cannot be sampled before a sequence has min_tokens output tokens
+    (tokens still in flight count: they will exist)."""
+    pairs = [(row, t) for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+             for t in s.stop_token_ids]
+    if pairs:
+        rows, token_ids = zip(*pairs)
+        suppress_tokens(logits, list(rows), list(token_ids))
+
+
+class StepSampler:
+    def __init__(self, backend: Backend, device: torch.device, label: Label = str, vocab_size: int | None = None):
+        """`label` names the sampler kernel in errors about its output; `vocab_size` bounds the token ids."""
+        self.backend, self.device = backend, device
+        self.label, self.vocab_size = label, vocab_size
+        self._key, self._tensors = None, None
+
+    def tensors(self, seqs) -> SamplingTensors:
+        """The step's per-row sampling settings; reused while the batch's sequences stay the same."""
+        key = tuple(s.seq_id for s in seqs)
+        if key == self._key:
+            return self._tensors
+        params = [s.params for s in seqs]
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        gens = [s.generator for s in seqs]
+
+        def dev(values, dtype):
+            return to_device(values, dtype, self.device, self.backend.pin_memory)
+        self._key = key
+        self._tensors = SamplingTensors(
+            temperatures=dev([p.temperature for p in params], torch.float32),
+            top_k=dev(top_k, torch.int64) if any(top_k) else None,
+            top_p=dev(top_p, torch.float32) if any(x < 1 for x in top_p) else None,
+            min_p=dev(min_p, torch.float32) if any(min_p) else None,
+            generators=gens if any(g is not None for g in gens) else None,
+            all_greedy=all(p.greedy for p in params))
+        return self._tensors
+
+    def reset(self) -> None:
+        """Forget the cached tensors (after a failed step, or a warm-up's made-up sequences)."""
+        self._key, self._tensors = None, None
+
+    def launch(self, batch: ScheduledBatch, logits: torch.Tensor | None, sampler: Callable) -> LaunchedStep:
+        """Sample the batch's sampling sequences with the `sampler` kernel; return before the tokens reach the host."""
+        sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
+        if not sampled_seqs:
+            return LaunchedStep(batch, None, None, None, {})
+        requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
+        suppress_stop_tokens(logits, sampled_seqs)
+        tokens = check_token_ids(self.label, sampler(logits, self.tensors(sampled_seqs)), len(sampled_seqs))
+        pin = self.backend.pin_memory
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
+        host.copy_(tokens, non_blocking=pin)
+        return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
+                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested)
+
+    def wait(self, step: LaunchedStep) -> tuple[list[int], list[StepLogprobs | None] | None]:
+        """The step's sampled tokens on the host, one per sampled sequence (the step's only device->host copy
+        unless a request asked for logprobs), and the logprobs of those that asked. Token ids outside the
+        vocabulary are an error naming the sampler kernel."""
+        if step.host is None:
+            return [], None
+        if step.event is not None:
+            step.event.synchronize()
+        token_ids = step.host.tolist()
+        if self.vocab_size is not None:
+            check_token_range(self.label, token_ids, self.vocab_size)
+        logprobs = None if step.requested is None else step.requested.to_host(step.tokens)
+        return token_ids, logprobs
