@@ -15,6 +15,7 @@ from nanovllm.core.kernel_output import check_token_ids, check_token_range, kern
 from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
 from nanovllm.core.parallel.communicator import Communicator
+from nanovllm.core.prompt_logprobs import split_prompt_logprobs
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.startup import Resolved
@@ -73,7 +74,7 @@ class ModelRunner:
             load_model(self.model, config.model)
         self.attention_layers = self.model.attention_layers()
         if config.compile if config.compile is not None else backend.compile_small_ops:
-            fuse_small_ops(self.model)
+            fuse_small_ops(self.model, plan)
         self.num_blocks = 0
         self.graphs = None
         self.sampling = StepSampler(backend, self.device, self.kernel_label, self.hf_config.vocab_size)
@@ -242,7 +243,8 @@ class ModelRunner:
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
         logits = self.execute(input_ids, positions, meta)
-        return self.sampling.launch(batch, logits, self.sampler)
+        logits, prompt = split_prompt_logprobs(logits, meta, batch)
+        return self.sampling.launch(batch, logits, self.sampler, prompt)
 
     def wait(self, step: LaunchedStep):
         return self.sampling.wait(step)

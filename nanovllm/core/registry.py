@@ -26,6 +26,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "attention.prefill": ("q", "k", "v", "k_cache", "v_cache", "meta", "scale"),
     "attention.decode": ("q", "k_cache", "v_cache", "meta", "scale"),
     "sampler": ("logits", "params"),
+    # the elementwise work between a layer's matrix products (one kernel each where a backend fuses it)
+    "rotary.qk": ("positions", "q", "k", "cos_sin_cache", "q_weight", "k_weight", "eps"),
+    "act.silu_mul": ("x",),
 }
 
 

@@ -127,3 +127,20 @@ def test_ctrl_c_in_the_third_free_block_pop_leaks_nothing(tiny_qwen3, prompts, r
         llm.generate([[5] * 60], GREEDY, use_tqdm=False)  # 60 tokens: 4 blocks, the third pop fails
     assert_idle_and_consistent(llm)
     assert llm.generate(prompts, GREEDY, use_tqdm=False) == reference
+
+
+@pytest.mark.parametrize("point", ["admission", "commit", "prefix caching"])
+def test_failure_with_samples_not_yet_queued(tiny_qwen3, prompts, point):
+    """SamplingParams(n=3): the other samples wait until the first has computed the prompt; a failure then
+    leaves none of them queued or holding blocks."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, n=3)
+    expected = LLM(tiny_qwen3, **OPTIONS).generate(prompts[:3], params, use_tqdm=False)
+    llm = LLM(tiny_qwen3, **OPTIONS)
+    undo = inject(llm, point, 2, Fault("injected"))
+    try:
+        with pytest.raises(Fault):
+            llm.generate(prompts[:3], params, use_tqdm=False)
+    finally:
+        undo()
+    assert_idle_and_consistent(llm)
+    assert llm.generate(prompts[:3], params, use_tqdm=False) == expected

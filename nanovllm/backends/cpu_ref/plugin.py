@@ -47,9 +47,11 @@ def nanovllm_register_backends():
 
 @nanovllm.hookimpl
 def nanovllm_register_kernels(registry):
-    from nanovllm.backends.cpu_ref import attention
+    from nanovllm.backends.cpu_ref import attention, elementwise
     from nanovllm.core import kv_store, sampler
     registry.register("kv_cache.store", "cpu_ref", "torch_index", kv_store.store_kvcache)
     registry.register("attention.prefill", "cpu_ref", "torch_loop", attention.prefill_attention)
     registry.register("attention.decode", "cpu_ref", "torch_loop", attention.decode_attention)
     registry.register("sampler", "cpu_ref", "torch", sampler.sample)
+    registry.register("rotary.qk", "cpu_ref", "torch", elementwise.rotary_qk, graph_safe=True)
+    registry.register("act.silu_mul", "cpu_ref", "torch", elementwise.silu_mul, graph_safe=True)

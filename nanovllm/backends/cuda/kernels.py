@@ -47,6 +47,15 @@ def triton_sampler(logits: torch.Tensor, params) -> torch.Tensor:
     return _module("sampler").sample(logits, params)
 
 
+def triton_rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float):
+    return _module("elementwise").rotary_qk(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
+
+
+def triton_silu_mul(x: torch.Tensor) -> torch.Tensor:
+    return _module("elementwise").silu_mul(x)
+
+
 def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
                         scale: float) -> torch.Tensor:
     return _module("attention.triton_decode").decode_attention(q, k_cache, v_cache, meta, scale)
@@ -132,6 +141,10 @@ def register_cuda_kernels(registry) -> None:
                       check=check_triton)
     registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler,
                       fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
+    registry.register("rotary.qk", BACKEND, "triton", triton_rotary_qk, priority=10, check=check_triton,
+                      graph_safe=True)
+    registry.register("act.silu_mul", BACKEND, "triton", triton_silu_mul, priority=10,
+                      check=check_triton, graph_safe=True)
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
                       check=check_flash_attn, graph_safe=True)
     registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,
