@@ -16,12 +16,9 @@ engine refuses (empty, too long, a bad sampling value) is not a failure: its `er
 import warnings
 from collections.abc import Callable
 
-from nanovllm.core.logging import get_logger
 from nanovllm.ray.config import ProcessorConfig
 from nanovllm.ray.deps import require_ray
 from nanovllm.ray.replica import LLMReplica
-
-logger = get_logger(__name__)
 
 
 class Processor:
