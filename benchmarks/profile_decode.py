@@ -60,7 +60,7 @@ def main():
         for _ in range(3):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60))
 
 
 if __name__ == "__main__":

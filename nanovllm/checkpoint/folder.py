@@ -18,6 +18,18 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face checkpoint folder")
 
 
+def config_folder(model: str | None, config: str | None) -> str:
+    """The folder whose config.json gives a command's shapes: `--model`, else `--config` (a config.json or its
+    folder). FileNotFoundError when it has no config.json; ValueError when neither is given."""
+    source = model or config
+    if source is None:
+        raise ValueError("give --model (a checkpoint folder) or --config (a config.json, or its folder)")
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{source!r} has no config.json; pass a checkpoint folder or its config.json")
+    return folder
+
+
 def read_hf_config(path: str):
     """The folder's config.json through transformers; ValueError naming the file when it cannot be read."""
     try:

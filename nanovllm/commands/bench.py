@@ -9,14 +9,16 @@ token reading its whole context's K/V, and every token's K/V written once. Effic
 """
 import argparse
 import json
-import os
 import platform
 import random
 import time
+from collections.abc import Callable
 
 import torch
 
+from nanovllm.checkpoint.folder import config_folder
 from nanovllm.core.logging import get_logger
+from nanovllm.models.decoder import head_dim_of
 
 logger = get_logger(__name__)
 
@@ -28,9 +30,8 @@ def seed_workload(num_seqs=256, max_input_len=1024, max_output_len=1024, seed=0)
     return prompts, max_tokens
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() on the device, after a warm-up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+def _timed(fn, sync: Callable[[], None], repeats: int) -> float:
+    """Median seconds of fn() on the device (`sync` waits for it), after a warm-up."""
     fn()
     sync()
     times = []
@@ -42,26 +43,27 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+def copy_bandwidth(device: torch.device, sync: Callable[[], None], nbytes: int = 2 << 30) -> float:
     """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = _timed(lambda: dst.copy_(src), device, 10)
+    seconds = _timed(lambda: dst.copy_(src), sync, 10)
     return 2 * nbytes / seconds
 
 
-def matmul_rate(device: torch.device, n: int = 8192) -> float:
+def matmul_rate(device: torch.device, sync: Callable[[], None], n: int = 8192) -> float:
     """FLOP/s of a large bf16 matrix product (float32 on CPU, where bf16 is emulated)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = n if device.type == "cuda" else 1024
+    on_cpu = device.type == "cpu"
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    n = 1024 if on_cpu else n
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    return 2 * n ** 3 / _timed(lambda: a @ b, device, 10)
+    return 2 * n ** 3 / _timed(lambda: a @ b, sync, 10)
 
 
 def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
     layers, kv_heads, heads = hf.num_hidden_layers, hf.num_key_value_heads, hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    head_dim = head_dim_of(hf)
     hidden, inter, vocab = hf.hidden_size, hf.intermediate_size, hf.vocab_size
     layer_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
     matmul_params = layers * layer_params
@@ -78,7 +80,7 @@ def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
 
 def run(args) -> dict:
     from nanovllm import LLM, SamplingParams
-    model = args.model or os.path.dirname(os.path.abspath(args.config))
+    model = args.model or config_folder(None, args.config)
     options = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                    max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                    async_scheduling=not args.sync)
@@ -95,17 +97,20 @@ def run(args) -> dict:
     prompts, max_tokens = seed_workload(args.num_seqs, args.max_input_len, args.max_output_len)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-    device = llm.engine.runner.device
+    backend, device = llm.engine.backend, llm.engine.runner.device
+
+    def sync():
+        backend.synchronize(device)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     seconds = time.perf_counter() - start
     num_output = sum(len(o["token_ids"]) for o in outputs)
     floor = workload_floor(llm.config.hf_config, prompts, max_tokens,
                            torch.empty(0, dtype=llm.engine.runner.dtype).element_size())
-    bandwidth, flops = copy_bandwidth(device), matmul_rate(device)
+    bandwidth, flops = copy_bandwidth(device, sync), matmul_rate(device, sync)
     floor_s = floor["bytes"] / bandwidth + floor["prefill_flops"] / flops
     result = {
-        "backend": llm.engine.backend.name, "device": device_name(device), "model": model,
+        "backend": backend.name, "device": backend.device_name(device), "model": model,
         "output_tokens": num_output, "seconds": round(seconds, 3), "tokens_per_s": round(num_output / seconds, 1),
         "floor_bytes_TB": round(floor["bytes"] / 1e12, 2), "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "prefill_TFLOP": round(floor["prefill_flops"] / 1e12, 1), "matmul_TFLOPps": round(flops / 1e12, 1),
@@ -119,13 +124,12 @@ def run(args) -> dict:
         result["triton"] = triton.__version__
     except ImportError:
         pass
+    if args.via_server:
+        from nanovllm.entrypoints.bench_via_server import run_via_server
+        served = run_via_server(llm, prompts, max_tokens)
+        result.update({"via_server_" + k: v for k, v in served.items()})
+        result["via_server_ratio"] = round(served["tokens_per_s"] / result["tokens_per_s"], 3)
     return result
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,17 +147,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="do not fuse elementwise layers with torch.compile")
     p.add_argument("--sync", action="store_true", help="no pipelined decode (async_scheduling=False)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--via-server", action="store_true",
+                   help="also send the workload as concurrent HTTP requests to a local server on the same engine "
+                        "(needs the serve extra) and report its throughput and the ratio to the offline one")
     p.add_argument("--json", help="append the result as a JSON line to this file")
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.model and not args.config:
+    if not args.model and not args.config:  # before any work: the message names both ways
         raise ValueError("give --model (a checkpoint folder) or --config (a config.json for random weights)")
     result = run(args)
     print(f"{result['device']} / {result['backend']}: {result['output_tokens']} output tokens in {result['seconds']:.2f} s "
           f"= {result['tokens_per_s']:.0f} tok/s; floor {result['floor_s']:.2f} s "
           f"({result['floor_bytes_TB']} TB at {result['copy_bandwidth_TBps']} TB/s + {result['prefill_TFLOP']} TFLOP "
           f"at {result['matmul_TFLOPps']} TFLOP/s); efficiency {result['efficiency']:.3f}")
+    if args.via_server:
+        print(f"via the HTTP server ({result['via_server_requests']} concurrent requests): "
+              f"{result['via_server_output_tokens']} output tokens in {result['via_server_seconds']:.2f} s = "
+              f"{result['via_server_tokens_per_s']:.0f} tok/s; {result['via_server_ratio']:.3f} of offline")
     line = json.dumps(result)
     print(line)
     if args.json:

@@ -7,7 +7,6 @@ winners go to the user's plugins.toml (NANOVLLM_PLUGINS_TOML or ~/.config/nanovl
 """
 import argparse
 import datetime
-import os
 import time
 from typing import Callable
 
@@ -119,18 +118,13 @@ def format_table(op: str, shapes: list[Shape], timings: dict[str, list[float]], 
 def main(args) -> int:
     from transformers import AutoConfig
 
-    from nanovllm.commands.bench import device_name
+    from nanovllm.checkpoint.folder import config_folder
     from nanovllm.core.config import EngineConfig
     from nanovllm.core.plugins import load_plugins, user_toml_path
     from nanovllm.core.startup import resolve
     from nanovllm.commands.tune_preferences import write_tuned_preferences
 
-    source = args.model or args.config
-    if source is None:
-        raise ValueError("nanovllm tune needs the model's shapes: pass --model FOLDER or --config config.json")
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{source!r} has no config.json; pass a checkpoint folder or its config.json")
+    folder = config_folder(args.model, args.config)
     options = {"dtype": args.dtype} if args.dtype else {}
     if args.kvcache_block_size:
         options["kvcache_block_size"] = args.kvcache_block_size
@@ -146,7 +140,7 @@ def main(args) -> int:
                           args.context_len, prefill_tokens)
     winners = {}
     q = plan.query
-    print(f"tuning backend {backend.name} on {device_name(device)}: {str(q.dtype).removeprefix('torch.')}, head_dim "
+    print(f"tuning backend {backend.name} on {backend.device_name(device)}: {str(q.dtype).removeprefix('torch.')}, head_dim "
           f"{q.head_dim}, {q.num_heads}/{q.num_kv_heads} heads, block size {q.block_size}; median of {args.repeats}")
     for op, op_shapes in shapes.items():
         impls = usable_impls(plugins.registry, op, backend.name, plan.query)
@@ -158,6 +152,6 @@ def main(args) -> int:
         return 0
     path = user_toml_path()
     block = write_tuned_preferences(path, backend.name, winners, datetime.date.today().isoformat(),
-                                    device_name(device), args.force)
+                                    backend.device_name(device), args.force)
     print(f"wrote to {path}:\n{block}", end="")
     return 0

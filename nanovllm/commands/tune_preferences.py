@@ -6,13 +6,10 @@ A choice the user wrote is never replaced silently: without `force` the write is
 """
 import json
 import re
-import sys
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from nanovllm.core.toml import tomllib
+
 
 HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 

@@ -5,6 +5,9 @@ Static facts are class attributes; methods are only for runtime work. A backend 
 """
 from __future__ import annotations
 
+import os
+import platform
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +16,17 @@ from nanovllm.core.parallel.communicator import Communicator
 
 if TYPE_CHECKING:
     from nanovllm.core.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class Fraction:
+    """A backend option that is a fraction in (0, 1], e.g. how much of the device's memory the KV cache may take."""
+    default: float
+    help: str = ""
+
+    def check(self, name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{name}={value!r} is invalid: expected a fraction in (0, 1]")
 
 
 class Backend:
@@ -26,6 +40,9 @@ class Backend:
     pin_memory: bool = False  # stage host->device copies in pinned memory
     measures_peak_memory: bool = False  # run a warm-up prefill before sizing the KV cache
     dist_backend: str | None = None  # torch.distributed backend for tensor parallelism, None if refused
+    block_table_multiple: int = 1  # pad block-table widths to a multiple of this (JIT kernels specialise on strides)
+    # the engine options only this backend reads (e.g. {"gpu_memory_utilization": Fraction(0.9)}): LLM(..., name=x)
+    options: dict[str, Fraction] = {}
     # op -> kernel names, best first: the plugin's own preference; plugins.toml [kernels.<name>] overrides per op
     kernel_preferences: dict[str, list[str]] = {}
 
@@ -62,11 +79,25 @@ class Backend:
         """Capture decode graphs for these batch sizes and return a replayer, or None to decline."""
         return None
 
+    def option(self, config: EngineConfig, name: str):
+        """The value of this backend's option `name`: the user's (`LLM(..., name=value)`), else its default."""
+        return config.backend_options.get(name, self.options[name].default)
+
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        """The collectives tensor parallelism uses; raises RuntimeError with the reason if TP is refused."""
+        """The collectives tensor parallelism uses: torch.distributed over `dist_backend`, one device per rank.
+        Raises RuntimeError with the reason if TP is refused (`dist_backend` None)."""
         if world_size == 1:
             return Communicator(rank, world_size)
-        raise RuntimeError(f"backend {self.name!r} does not support tensor parallelism; use tensor_parallel_size=1")
+        if self.dist_backend is None:
+            raise RuntimeError(f"backend {self.name!r} does not support tensor parallelism; use "
+                               f"tensor_parallel_size=1")
+        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
+        device = torch.device("cpu") if self.device_type == "cpu" else torch.device(self.device_type, rank)
+        return TorchDistCommunicator(rank, world_size, init_method, self.dist_backend, device)
+
+    def device_name(self, device: torch.device) -> str:
+        """How benchmarks and tune name the device in their reports."""
+        return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
     def synchronize(self, device: torch.device) -> None:
         pass

@@ -21,8 +21,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 16384
     kvcache_block_size: int | None = None
     num_kvcache_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9
-    cpu_memory_fraction: float = 0.3
     enforce_eager: bool = False
     compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
     async_scheduling: bool = True  # launch decode step N+1 before step N's tokens reach the host
@@ -34,6 +32,9 @@ class EngineConfig:
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
+    generation_config: str = "auto"  # sampling defaults: "auto" (the model folder's), "none", or a folder
+    # the options a backend declares (`Backend.options`, e.g. gpu_memory_utilization), checked at start-up
+    backend_options: dict = field(default_factory=dict)
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -52,10 +53,6 @@ class EngineConfig:
                 positive_int(name)
         if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):
             bad("kvcache_block_size", "expected a power of two (e.g. 16, 32, 256)")
-        for name in ("gpu_memory_utilization", "cpu_memory_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                bad(name, "expected a fraction in (0, 1]")
         if not isinstance(self.enforce_eager, bool):
             bad("enforce_eager", "expected True or False")
         if isinstance(self.dtype, str):
@@ -64,6 +61,9 @@ class EngineConfig:
             self.dtype = checkpoint_dtype(self.hf_config) if self.dtype == "auto" else DTYPES[self.dtype]
         elif self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            bad("generation_config", "expected 'auto' (the model folder's generation_config.json), 'none', or a "
+                                     "folder holding one")
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", "expected 'auto' (safetensors weights) or 'dummy' (random weights)")
         if self.kernels is None and os.environ.get("NANOVLLM_KERNELS"):
@@ -88,7 +88,7 @@ class EngineConfig:
 
     @classmethod
     def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config")]
+        return [f.name for f in fields(cls) if f.name not in ("model", "hf_config", "backend_options")]
 
 
 def checkpoint_dtype(hf_config) -> torch.dtype | None:

@@ -4,15 +4,11 @@ Replaying pins every op to the kernel the file names; the registry then refuses,
 that is missing or cannot serve this run, before any weight is loaded.
 """
 import json
-import sys
 from pathlib import Path
 
 from nanovllm.core.registry import OPS, KernelPlan
+from nanovllm.core.toml import tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 HEADER = "# nanovllm kernel plan: replay with `--kernel-plan FILE` or LLM(kernel_plan=FILE)\n"
 

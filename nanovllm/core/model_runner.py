@@ -14,6 +14,7 @@ from nanovllm.core.config import EngineConfig
 from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
 from nanovllm.core.parallel.communicator import Communicator
+from nanovllm.core.prompt_logprobs import split_prompt_logprobs
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.startup import Resolved
@@ -71,14 +72,14 @@ class ModelRunner:
             load_model(self.model, config.model)
         self.attention_layers = self.model.attention_layers()
         if config.compile if config.compile is not None else backend.compile_small_ops:
-            fuse_small_ops(self.model)
+            fuse_small_ops(self.model, plan)
         self.num_blocks = 0
         self.graphs = None
         self.sampling = StepSampler(backend, self.device)
         # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
         build_device = self.device if comm.world_size == 1 else torch.device("cpu")
         self.inputs = StepInputBuilder(build_device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
-                                       pin=backend.pin_memory)
+                                       pin=backend.pin_memory, table_multiple=backend.block_table_multiple)
 
     # ---- start-up -------------------------------------------------------------------------------
     def initialize(self) -> int:
@@ -176,12 +177,6 @@ class ModelRunner:
             logger.info("device graphs are off: shadow verification (verify_kernels=%d) checks kernel calls on the "
                         "host, which a captured graph would skip; decode runs eagerly", self.config.verify_kernels)
             return
-        unsafe = [f"{op} -> {c.impl.backend}/{c.impl.name}" for op, c in self.plan.choices.items()
-                  if op in ("kv_cache.store", "attention.decode") and not c.impl.graph_safe]
-        if unsafe:
-            logger.warning("CUDA graphs are off: %s cannot be captured (it syncs with the host); decode runs "
-                           "eagerly", ", ".join(unsafe))
-            return
         sizes = [s for s in (1, 2, 4, 8) if s < self.config.max_num_seqs]
         sizes += list(range(16, self.config.max_num_seqs + 1, 16)) or [self.config.max_num_seqs]
         if sizes[-1] != self.config.max_num_seqs:
@@ -232,6 +227,7 @@ class ModelRunner:
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
         logits = self.execute(input_ids, positions, meta)
-        return self.sampling.launch(batch, logits, self.sampler)
+        logits, prompt = split_prompt_logprobs(logits, meta, batch)
+        return self.sampling.launch(batch, logits, self.sampler, prompt)
 
     wait = staticmethod(StepSampler.wait)

@@ -7,7 +7,6 @@ whose hook raises is reported and skipped; the others keep working.
 import dataclasses
 import importlib.metadata
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +16,8 @@ from nanovllm.core import hookspecs
 from nanovllm.core.backend import Backend
 from nanovllm.core.logging import get_logger
 from nanovllm.core.registry import KernelImpl, KernelRegistry, suggest
+from nanovllm.core.toml import tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 logger = get_logger(__name__)
 

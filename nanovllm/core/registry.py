@@ -26,6 +26,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "attention.prefill": ("q", "k", "v", "k_cache", "v_cache", "meta", "scale"),
     "attention.decode": ("q", "k_cache", "v_cache", "meta", "scale"),
     "sampler": ("logits", "params"),
+    # the elementwise work between a layer's matrix products (one kernel each where a backend fuses it)
+    "rotary.qk": ("positions", "q", "k", "cos_sin_cache", "q_weight", "k_weight", "eps"),
+    "act.silu_mul": ("x",),
 }
 
 
@@ -38,6 +41,12 @@ class KernelQuery:
     num_heads: int
     num_kv_heads: int
     block_size: int
+
+    def head_reasons(self) -> list[str]:
+        """Why the heads cannot be grouped (grouped-query attention needs num_heads a multiple of num_kv_heads)."""
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            return [f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"]
+        return []
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,27 @@
 """Start-up in one place: which backend, dtype, KV block size and kernels one engine runs, and why.
 
-`resolve(config, plugins)` is the only function that decides them. The engine calls it on rank 0, and so
-do `nanovllm backends --plan --model`, `nanovllm tune`; its result is one frozen `Resolved`. It reads the
-config and never writes into it. Tensor-parallel workers never resolve: rank 0 sends them `pinned(resolved)`
-and each rebuilds the same plan with `from_pinned` (same kernels, looked up by name in its own registry).
+`resolve(config, plugins)` is the only function that decides them; its result is one frozen `Resolved`.
+It reads the config and never writes into it. The engine calls it on rank 0, and so do `nanovllm backends
+--plan --model` and `nanovllm tune`. Tensor-parallel workers never resolve: rank 0 sends them
+`pinned(resolved)` and each rebuilds the same plan with `from_pinned` (same kernels, found by name).
 
-Which kernel runs for an op and why: `resolved.plan.table()` (also `LLM.kernel_plan().table()` and
-`nanovllm backends --plan`). The candidates and their order come from `KernelRegistry.resolve` in
-`core/registry.py`: a named kernel (`kernels=`, a replayed `kernel_plan=`) first, then plugins.toml's
-`[kernels.<backend>]` preference list (tune writes it), then each kernel's priority, skipping those whose
-check rejects this run's `KernelQuery` (device, dtype, head_dim, heads, block size: built here, in
-`kernel_query`), with the cpu_ref reference kernel as the last resort. Kernels that hand some calls to
-another kernel say so in their row ("falls back per call to ...").
+Which kernel runs for decode (or any op), and why:
+1. The backend: `backend=` / `--backend`, the backend a replayed `kernel_plan=` was saved for, else the first
+   available in plugins.toml's `[backends] order` (`Plugins.select`).
+2. The query: `kernel_query` below: device type, dtype, head_dim and this rank's heads and KV heads, and the
+   KV block size (`config.kvcache_block_size` or the backend's `default_block_size`), both checked against
+   the backend once (`backend_reasons`).
+3. The kernel, per op (`KernelRegistry.resolve` in `core/registry.py`): a kernel named by `kernels=` or the
+   replayed plan, if its check accepts the query (else an error, never a substitute); otherwise the first
+   kernel of the backend's preference list (`Backend.kernel_preferences`, replaced per op by plugins.toml's
+   `[kernels.<backend>]`, which `nanovllm tune` writes) whose check accepts the query, then the others by
+   priority; the cpu_ref reference kernel when none can serve. `kernels="reference"` forces the reference.
+4. Per call: a kernel registered with a `fallback` hands some calls to another kernel (the plan row says
+   "falls back per call to ..."); with `verify_kernels=N`, shadow verification may demote a kernel that
+   differs from its reference (`core/shadow.py`; `LLM.kernel_plan()` shows the demotion).
+
+The answer for a run is `resolved.plan.table()`: logged at start, `LLM.kernel_plan().table()`, and
+`nanovllm backends --plan [--model PATH]`, each op with its kernel, plugin, reason and skipped candidates.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -24,6 +34,7 @@ from nanovllm.core.kernel_plan_io import load_plan
 from nanovllm.core.logging import get_logger
 from nanovllm.core.plugins import Plugins
 from nanovllm.core.registry import KernelPlan, KernelQuery, OpChoice
+from nanovllm.models.decoder import head_dim_of
 
 logger = get_logger(__name__)
 
@@ -47,11 +58,6 @@ class PinnedPlan:
     max_model_len: int
     query: KernelQuery
     kernels: tuple[tuple[str, str, str], ...]  # (op, "backend/name", why)
-
-
-def head_dim_of(hf_config) -> int:
-    """The attention head dim: config.json's `head_dim`, else hidden_size / num_attention_heads."""
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
 def kernel_query(hf_config, device_type: str, dtype: torch.dtype, block_size: int, tp_size: int = 1) -> KernelQuery:
@@ -92,6 +98,7 @@ def resolve(config: EngineConfig, plugins: Plugins) -> Resolved:
             raise ValueError(f"kernel plan {config.kernel_plan!r} was saved for backend {replay[0]!r}, but backend="
                              f"{backend_name!r} was asked for: drop one, or save a plan for {backend_name!r}")
         backend_name = replay[0]
+    check_backend_options(config, plugins)
     backend = plugins.select(backend_name, config.device)
     device_type = torch.device(config.device).type if config.device else backend.device_type
     dtype = config.dtype or backend.default_dtype_for(torch.device(device_type))
@@ -119,6 +126,18 @@ def with_verification(resolved: Resolved, plugins: Plugins, every: int | None) -
         return resolved
     from nanovllm.core.shadow import install_shadow_verification
     return dataclasses.replace(resolved, plan=install_shadow_verification(resolved.plan, plugins, every))
+
+
+def check_backend_options(config: EngineConfig, plugins: Plugins) -> None:
+    """ValueError for an option no engine field and no backend declares, or a value its backend refuses. A
+    backend's option passed while another backend runs is checked and then unused (scripts stay portable)."""
+    declared = {name: option for b in plugins.backends.values() for name, option in b.options.items()}
+    unknown = sorted(set(config.backend_options) - set(declared))
+    if unknown:
+        known = EngineConfig.option_names() + sorted(declared)
+        raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for name, value in config.backend_options.items():
+        declared[name].check(name, value)
 
 
 def capped_max_model_len(config: EngineConfig) -> int:

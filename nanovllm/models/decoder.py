@@ -17,6 +17,16 @@ from nanovllm.models.layers.norm import RMSNorm
 from nanovllm.models.layers.rotary import RotaryEmbedding, rope_config
 
 
+def head_dim_of(config) -> int:
+    """The attention head dim: config.json's `head_dim`, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def plan_kernel(ctx: LayerContext, op: str):
+    """The engine's kernel for an elementwise op, or None (not in the plan: the layers' own torch code runs)."""
+    return ctx.kernels.get(op)
+
+
 @dataclass(frozen=True)
 class DecoderOptions:
     """Which optional parts a model has: biases per projection group, and per-head q/k RMSNorm."""
@@ -30,7 +40,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config, ctx: LayerContext, opts: DecoderOptions):
         super().__init__()
         hidden = config.hidden_size
-        self.head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, opts.qkv_bias, ctx)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -39,6 +49,7 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ctx)
+        self.rotary_qk = plan_kernel(ctx, "rotary.qk")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -50,7 +61,12 @@ class SelfAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta).flatten(1))
 
     def qk_transform(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Per-head q/k RMSNorm (Qwen3) then rotary: elementwise work the runner may fuse with torch.compile."""
+        """Per-head q/k RMSNorm (Qwen3) then rotary: the plan's `rotary.qk` kernel (one launch where the backend
+        fuses it), or elementwise work the runner may fuse with torch.compile."""
+        if self.rotary_qk is not None:
+            norm = self.q_norm is not None
+            return self.rotary_qk(positions, q, k, self.rotary_emb.cos_sin_cache, self.q_norm.weight if norm else None,
+                                  self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return self.rotary_emb(positions, q, k)
@@ -62,7 +78,7 @@ class MLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], opts.mlp_bias, ctx)
         self.down_proj = RowParallelLinear(size, config.hidden_size, opts.mlp_bias, ctx)
-        self.act_fn = SiluAndMul()
+        self.act_fn = SiluAndMul(plan_kernel(ctx, "act.silu_mul"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

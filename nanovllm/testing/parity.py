@@ -22,7 +22,8 @@ from typing import Iterator
 import torch
 
 from nanovllm.backends.cpu_ref import attention as ref_attention
-from nanovllm.backends.cpu_ref import kv_store as ref_kv_store
+from nanovllm.backends.cpu_ref import elementwise as ref_elementwise
+from nanovllm.core import kv_store as ref_kv_store
 from nanovllm.core import sampler as ref_sampler
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
@@ -37,6 +38,8 @@ REFERENCE = {
     "attention.prefill": ref_attention.prefill_attention,
     "attention.decode": ref_attention.decode_attention,
     "sampler": ref_sampler.sample,
+    "rotary.qk": ref_elementwise.rotary_qk,
+    "act.silu_mul": ref_elementwise.silu_mul,
 }
 
 
@@ -237,9 +240,36 @@ def check_sampler(fn, case: ParityCase, device, generator) -> None:
         raise AssertionError(f"rows {bad} sampled tokens {out.cpu()[bad].tolist()} that top-k/top-p/min-p exclude")
 
 
+def check_rotary_qk(fn, case: ParityCase, device, generator) -> None:
+    """q and k as views into one q/k/v projection output, with and without the per-head q/k norm."""
+    num_tokens, heads, kv_heads, dim, max_position = 7, case.num_heads, case.num_kv_heads, case.head_dim, 64
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * dim, generator=generator).to(case.dtype).to(device)
+    q = qkv[:, :heads * dim].view(num_tokens, heads, dim)
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(num_tokens, kv_heads, dim)
+    cos_sin_cache = torch.randn(max_position, dim, generator=generator).to(device)
+    positions = torch.randint(0, max_position, (num_tokens,), generator=generator).to(device)
+    weights = [(None, None), tuple(torch.randn(dim, generator=generator).to(case.dtype).to(device) for _ in "qk")]
+    before = qkv.clone()
+    for q_weight, k_weight in weights:
+        expected = REFERENCE["rotary.qk"](positions, q, k, cos_sin_cache, q_weight, k_weight, 1e-6)
+        out = fn(positions, q, k, cos_sin_cache, q_weight, k_weight, 1e-6)
+        norm = "with q/k norm" if q_weight is not None else "without q/k norm"
+        for got, want, what in zip(out, expected, ("q", "k")):
+            _close(got, want, case.dtype, f"rotated {what} {norm}")
+    assert_close(qkv, before, 0, 0, "q/k inputs after rotary.qk (they must not be modified)")
+
+
+def check_silu_mul(fn, case: ParityCase, device, generator) -> None:
+    for shape in ((5, 6 * case.head_dim), (2, 3, 2 * case.head_dim + 10)):
+        x = torch.randn(shape, generator=generator).to(case.dtype).to(device)
+        _close(fn(x), REFERENCE["act.silu_mul"](x), case.dtype, f"silu(gate) * up of shape {shape}")
+
+
 CHECKS = {
     "kv_cache.store": [("store", check_kv_store)],
     "attention.prefill": [("whole prompts", check_prefill_whole), ("chunks after a cached prefix", check_prefill_chunked)],
     "attention.decode": [("decode", check_decode)],
     "sampler": [("greedy and masked sampling", check_sampler)],
+    "rotary.qk": [("q/k norm and rotary", check_rotary_qk)],
+    "act.silu_mul": [("silu and mul", check_silu_mul)],
 }

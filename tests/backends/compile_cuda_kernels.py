@@ -53,7 +53,7 @@ def resources(kernel) -> dict:
 
 
 def compile_all() -> list[tuple[str, dict]]:
-    from nanovllm.backends.cuda import kv_store
+    from nanovllm.backends.cuda import elementwise, kv_store, sampler
     from nanovllm.backends.cuda.attention import triton_decode as dec, triton_prefill as pre
     from nanovllm.backends.cuda.attention.triton_common import dot_precision, padded_head_dim
     out = []
@@ -90,6 +90,22 @@ def compile_all() -> list[tuple[str, dict]]:
             NUM_KV_HEADS=NUM_KV_HEADS, HEADS_PAD=NUM_KV_HEADS, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=PAGE,
             num_warps=kv_store._num_warps(NUM_KV_HEADS, head_dim), grid=(1,))
         out.append((f"kv store {dtype} d{head_dim}", resources(k)))
+        half = head_dim // 2
+        k = elementwise._qk_norm_rope_kernel.warmup(
+            dtype, dtype, dtype, dtype, torch.int64, torch.float32, dtype, dtype, 1e-6,
+            3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim, head_dim,
+            NUM_HEADS=GROUP * NUM_KV_HEADS, HEADS_PAD=GROUP * NUM_KV_HEADS, NUM_KV_HEADS=NUM_KV_HEADS,
+            KV_PAD=NUM_KV_HEADS, HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=True, num_warps=4,
+            grid=(1,))
+        out.append((f"q/k norm + rotary {dtype} d{head_dim}", resources(k)))
+        k = elementwise._silu_mul_kernel.warmup(dtype, dtype, 3072, 6144, 3072, BLOCK=1024, num_warps=4, grid=(1,))
+        out.append((f"silu and mul {dtype}", resources(k)))
+        k = sampler._slice_best_kernel.warmup(
+            dtype, 151936, torch.float32, torch.int32, torch.float32, torch.int32, 151936, 19,
+            SLICE=sampler.SLICE, BLOCK=sampler.BLOCK, FAST=True, num_warps=4, grid=(1,))
+        out.append((f"sampler slices {dtype}", resources(k)))
+    k = sampler._pick_kernel.warmup(torch.float32, torch.int32, torch.int64, 19, SLICES=32, num_warps=1, grid=(1,))
+    out.append(("sampler pick", resources(k)))
     return out
 
 

@@ -296,6 +296,7 @@ def test_registers_every_kernel_with_a_check():
     assert names["kv_cache.store"] == ["triton"]
     assert names["attention.prefill"] == ["flash_attn", "torch_flash", "triton_paged"]
     assert names["attention.decode"] == ["flash_attn", "triton_paged"]
+    assert names["rotary.qk"] == ["triton"] and names["act.silu_mul"] == ["triton"]
     cpu_query = KernelQuery("cpu", torch.float32, 128, 16, 8, 16)
     for impls in registry.impls.values():
         for impl in impls:
@@ -339,3 +340,50 @@ def test_triton_sampler_greedy_rows_and_distribution(device):
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi-square {chi2:.1f} with {dof} degrees of freedom"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_sampler_across_vocabulary_slices(device):
+    """Rows cut into several slices: greedy rows take the first of tied maxima wherever they fall, and sampled rows
+    follow softmax(logits / T) across slice boundaries (chi-square, fixed seed)."""
+    from nanovllm.backends.cuda.sampler import gumbel_sample
+    torch.manual_seed(1)
+    vocab, draws = 200, 800 if device == "cpu" else 20000
+    base = torch.randn(vocab, device=device)
+    base[[10, 70, 130, 190]] += 3  # mass in four different slices of 64
+    logits = base.expand(draws, vocab).contiguous()
+    logits[:6] = torch.randn(6, vocab, device=device)
+    logits[5, [150, 66, 199]] = 50.0  # a tie across slices: the lowest index wins, as torch.argmax
+    temperatures = torch.full((draws,), 0.8, device=device)
+    temperatures[:6] = 0
+    seed = torch.tensor([1234], dtype=torch.int32, device=device)
+    tokens = gumbel_sample(logits, temperatures, seed, slice_size=64, block=32)
+    assert torch.equal(tokens[:6], logits[:6].argmax(-1)) and tokens[5].item() == 66
+    counts = torch.bincount(tokens[6:].cpu(), minlength=vocab).double()
+    expected = (base.cpu().double() / 0.8).softmax(-1) * (draws - 6)
+    keep = expected > 5
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi-square {chi2:.1f} with {dof} degrees of freedom"
+    again = gumbel_sample(logits, temperatures, seed, slice_size=64, block=32)
+    assert torch.equal(tokens, again)  # the same seed draws the same tokens
+
+
+ELEMENTWISE_CASES = [(torch.float32, 64, 4, 2), (torch.float32, 48, 6, 3), (torch.bfloat16, 128, 16, 8)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["rotary.qk", "act.silu_mul"])
+@pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv_heads", ELEMENTWISE_CASES)
+def test_elementwise_kernels_match_reference(device, op, dtype, head_dim, num_heads, num_kv_heads):
+    """The fused q/k norm + rotary and SiLU-and-mul kernels against their cpu_ref twins (the parity checks)."""
+    from nanovllm.testing.layouts import ParityCase
+    from nanovllm.testing.parity import CHECKS
+    if dtype not in dtypes_for(device):
+        pytest.skip(f"the interpreter runs float32 only ({dtype} runs on a GPU)")
+    registry = KernelRegistry()
+    register_cuda_kernels(registry)
+    fn = registry.candidates(op, "cuda")[0].fn
+    case = ParityCase(dtype, head_dim, num_heads, num_kv_heads)
+    for _, check in CHECKS[op]:
+        check(fn, case, torch.device(device), torch.Generator().manual_seed(head_dim))

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from nanovllm.backends.cpu_ref import attention as ref_attention
-from nanovllm.backends.cpu_ref import kv_store as ref_kv_store
-from nanovllm.backends.mps import attention, kv_store, memory
+from nanovllm.backends.mps import attention, memory
 from nanovllm.backends.mps.plugin import MpsBackend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
@@ -139,23 +138,6 @@ def test_float16_matches_reference_within_half_tolerance():
     out, ref = run_both(attention.prefill_attention, ref_attention.prefill_attention, *args, 0.2)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float16])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kv_store_matches_reference(dtype):
-    gen = torch.Generator().manual_seed(3)
-    num_blocks, block_size, num_tokens = 12, 16, 50
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    slots[::7] = -1  # padding tokens are not written
-    key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
-    value = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
-    caches = [torch.full((num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM), float("nan"), dtype=dtype)
-              for _ in range(4)]
-    kv_store.store_kvcache(key, value, caches[0], caches[1], slots)
-    ref_kv_store.store_kvcache(key, value, caches[2], caches[3], slots)
-    torch.testing.assert_close(caches[0], caches[2], equal_nan=True, atol=0, rtol=0)
-    torch.testing.assert_close(caches[1], caches[3], equal_nan=True, atol=0, rtol=0)
-    assert (~caches[0].isnan()).all(-1).all(-1).sum() == (slots >= 0).sum()
 
 
 def test_attention_logs_the_case_at_debug():

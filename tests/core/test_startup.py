@@ -48,3 +48,16 @@ def test_worker_rebuilds_rank_zeros_plan_by_name_without_resolving():
     assert again.plan.query.num_heads == 2  # each rank's share of the heads
     with pytest.raises(RuntimeError, match="no backend 'cpu_ref'"):
         from_pinned(pinned(resolved), load_plugins(SETTINGS, modules={}))
+
+
+def test_memory_knobs_are_backend_options_checked_at_start_up():
+    everything = load_plugins(SETTINGS)  # the built-in backends: cuda declares gpu_memory_utilization
+    portable = EngineConfig(model="", hf_config=HF, backend="cpu_ref",
+                            backend_options={"gpu_memory_utilization": 0.5, "cpu_memory_fraction": 0.2})
+    resolved = resolve(portable, everything)  # another backend's option is checked, then unused
+    assert resolved.backend.option(portable, "cpu_memory_fraction") == 0.2
+    assert resolved.backend.option(EngineConfig(model="", hf_config=HF), "cpu_memory_fraction") == 0.3
+    for options, message in [({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5 is invalid.*\(0, 1\]"),
+                              ({"max_len": 5}, "unknown engine option.*max_len.*gpu_memory_utilization")]:
+        with pytest.raises(ValueError, match=message):
+            resolve(EngineConfig(model="", hf_config=HF, backend_options=options), everything)

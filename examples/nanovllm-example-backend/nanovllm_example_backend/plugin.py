@@ -41,7 +41,7 @@ def nanovllm_register_backends():
 
 @nanovllm.hookimpl
 def nanovllm_register_kernels(registry):
-    from nanovllm.backends.cpu_ref.kv_store import store_kvcache
+    from nanovllm.core.kv_store import store_kvcache
     from nanovllm.core.sampler import sample
     from nanovllm_example_backend import attention
     registry.register("kv_cache.store", BACKEND, "cpu_ref_index", store_kvcache, check=cpu_only)

@@ -1,15 +1,4 @@
-"""Reference KV store: write this step's K/V into the paged cache through the slot mapping."""
-import torch
+"""cpu_ref's KV store: the reference store of `core/kv_store.py` (kept at this path for plugins that import it)."""
+from nanovllm.core.kv_store import store_kvcache
 
-
-def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim].
-
-    Slot s is row s % block_size of block s // block_size; slots < 0 (padding) are not written.
-    """
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(v_cache.dtype)
+__all__ = ["store_kvcache"]

@@ -7,8 +7,7 @@ them on any backend (`kernels="reference"`).
 import torch
 
 import nanovllm
-from nanovllm.core.backend import Backend
-from nanovllm.core.parallel.communicator import Communicator
+from nanovllm.core.backend import Backend, Fraction
 
 NANOVLLM_PLUGIN_API = (1, 0)
 
@@ -26,10 +25,8 @@ def available_host_memory() -> int | None:
 class CpuRefBackend(Backend):
     name = "cpu_ref"
     device_type = "cpu"
-    default_dtype = torch.float32
-    default_block_size = 16
-    supports_graphs = False
     dist_backend = "gloo"
+    options = {"cpu_memory_fraction": Fraction(0.3, "the share of free RAM the KV cache may take")}
 
     def device(self, config, rank: int = 0) -> torch.device:
         if config.device not in (None, "cpu"):
@@ -40,16 +37,7 @@ class CpuRefBackend(Backend):
         if config.num_kvcache_blocks is not None:
             return config.num_kvcache_blocks
         free = available_host_memory() or 4 << 30
-        return max(1, int(free * config.cpu_memory_fraction) // bytes_per_block)
-
-    def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        if world_size == 1:
-            return Communicator(rank, world_size)
-        from nanovllm.core.parallel.torch_dist import TorchDistCommunicator
-        return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
-
-    def seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
+        return max(1, int(free * self.option(config, "cpu_memory_fraction")) // bytes_per_block)
 
 
 @nanovllm.hookimpl
@@ -59,9 +47,11 @@ def nanovllm_register_backends():
 
 @nanovllm.hookimpl
 def nanovllm_register_kernels(registry):
-    from nanovllm.backends.cpu_ref import attention, kv_store
-    from nanovllm.core import sampler
+    from nanovllm.backends.cpu_ref import attention, elementwise
+    from nanovllm.core import kv_store, sampler
     registry.register("kv_cache.store", "cpu_ref", "torch_index", kv_store.store_kvcache)
     registry.register("attention.prefill", "cpu_ref", "torch_loop", attention.prefill_attention)
     registry.register("attention.decode", "cpu_ref", "torch_loop", attention.decode_attention)
     registry.register("sampler", "cpu_ref", "torch", sampler.sample)
+    registry.register("rotary.qk", "cpu_ref", "torch", elementwise.rotary_qk, graph_safe=True)
+    registry.register("act.silu_mul", "cpu_ref", "torch", elementwise.silu_mul, graph_safe=True)

@@ -47,6 +47,15 @@ def triton_sampler(logits: torch.Tensor, params) -> torch.Tensor:
     return _module("sampler").sample(logits, params)
 
 
+def triton_rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float):
+    return _module("elementwise").rotary_qk(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
+
+
+def triton_silu_mul(x: torch.Tensor) -> torch.Tensor:
+    return _module("elementwise").silu_mul(x)
+
+
 def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
                         scale: float) -> torch.Tensor:
     return _module("attention.triton_decode").decode_attention(q, k_cache, v_cache, meta, scale)
@@ -76,14 +85,8 @@ def _device_reasons(query: KernelQuery, min_capability: tuple[int, int] = (0, 0)
     return []
 
 
-def _head_reasons(query: KernelQuery) -> list[str]:
-    if query.num_kv_heads <= 0 or query.num_heads % query.num_kv_heads:
-        return [f"num_heads {query.num_heads} is not a multiple of num_kv_heads {query.num_kv_heads}"]
-    return []
-
-
 def check_triton(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query) + _head_reasons(query)
+    reasons = _device_reasons(query) + query.head_reasons()
     if not _installed("triton"):
         reasons.append("triton is not installed")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -101,7 +104,7 @@ def check_triton_sampler(query: KernelQuery) -> list[str]:
 
 
 def check_torch_flash(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    reasons = _device_reasons(query, min_capability=(8, 0)) + query.head_reasons()
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         reasons.append(f"torch {torch.__version__} has no aten._flash_attention_forward")
     if query.dtype not in (torch.float16, torch.bfloat16):
@@ -114,7 +117,7 @@ def check_torch_flash(query: KernelQuery) -> list[str]:
 
 
 def check_flash_attn(query: KernelQuery) -> list[str]:
-    reasons = _device_reasons(query, min_capability=(8, 0)) + _head_reasons(query)
+    reasons = _device_reasons(query, min_capability=(8, 0)) + query.head_reasons()
     if not _installed("flash_attn"):
         reasons.append("flash_attn is not installed")
     if query.dtype not in (torch.float16, torch.bfloat16):
@@ -138,6 +141,10 @@ def register_cuda_kernels(registry) -> None:
                       check=check_triton)
     registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler,
                       fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
+    registry.register("rotary.qk", BACKEND, "triton", triton_rotary_qk, priority=10, check=check_triton,
+                      graph_safe=True)
+    registry.register("act.silu_mul", BACKEND, "triton", triton_silu_mul, priority=10,
+                      check=check_triton, graph_safe=True)
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
                       check=check_flash_attn, graph_safe=True)
     registry.register("attention.decode", BACKEND, "triton_paged", triton_paged_decode, priority=10,

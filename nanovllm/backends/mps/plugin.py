@@ -41,10 +41,7 @@ class MpsBackend(Backend):
     device_type = "mps"
     default_dtype = torch.float16
     supported_dtypes = (torch.float16, torch.float32, torch.bfloat16)
-    default_block_size = 16
-    supports_graphs = False
-    measures_peak_memory = False  # the budget is fixed, so no warm-up run is needed to size it
-    dist_backend = None
+    # no warm-up run to measure peak memory (the KV budget is fixed), no graphs, no TP: the base defaults
 
     def availability(self, device: str | None = None) -> tuple[bool, str]:
         if device_kind(device) == "cpu":
@@ -89,15 +86,13 @@ def check_query(query: KernelQuery) -> list[str]:
         reasons.append(f"runs on {' or '.join(DEVICES)} tensors, not {query.device_type}")
     if query.dtype not in MpsBackend.supported_dtypes:
         reasons.append(f"dtype {query.dtype} is not one of {', '.join(map(str, MpsBackend.supported_dtypes))}")
-    if query.num_heads % query.num_kv_heads:
-        reasons.append(f"num_heads={query.num_heads} is not a multiple of num_kv_heads={query.num_kv_heads}")
-    return reasons
+    return reasons + query.head_reasons()
 
 
 @nanovllm.hookimpl
 def nanovllm_register_kernels(registry):
-    from nanovllm.backends.mps import attention, kv_store
-    from nanovllm.core import sampler
+    from nanovllm.backends.mps import attention
+    from nanovllm.core import kv_store, sampler
     registry.register("kv_cache.store", "mps", "torch_index", kv_store.store_kvcache, check=check_query)
     registry.register("attention.prefill", "mps", "torch_padded", attention.prefill_attention, check=check_query)
     registry.register("attention.decode", "mps", "torch_padded", attention.decode_attention, check=check_query)

@@ -1,0 +1,107 @@
+"""AsyncLLM: the engine for asyncio code (the HTTP server, or any async application).
+
+    llm = AsyncLLM(model)
+    async for out in llm.generate_async("Hello", SamplingParams(max_tokens=32), request_id="r1"):
+        print(out.text, end="")
+
+It is a client of the same EngineLoop as `LLM` (and can share one: `AsyncLLM(llm=existing_llm)`), so sync and
+async callers may use one engine at once. Outputs arrive through an AsyncOutputChannel: the loop thread wakes the
+awaiting task once per step, never blocking the event loop.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from nanovllm.core.engine_loop import EngineRequest, new_request_id
+from nanovllm.core.output_channel import AsyncOutputChannel
+from nanovllm.outputs import StreamOutput, output_text
+from nanovllm.requests import prompt_to_ids
+from nanovllm.sampling_params import SamplingParams
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, backend: str | None = None, *, llm=None, **options):
+        """`AsyncLLM(model, backend, **engine_options)` builds an LLM; `AsyncLLM(llm=llm)` shares an existing one."""
+        if llm is None:
+            from nanovllm.llm import LLM
+            llm = LLM(model, backend, **options)
+        self.llm = llm
+        self._running: set[str] = set()
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def config(self):
+        return self.llm.config
+
+    @property
+    def engine(self):
+        """The engine, for reading its counters; only the engine loop may change it."""
+        return self.llm.engine
+
+    def check_request(self, prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the params, validated as `generate` validates them (ValueError otherwise)."""
+        self.llm.engine.check_open()
+        config = self.llm.config
+        ids = prompt_to_ids(0, prompt, self.tokenizer, config.hf_config.vocab_size, config.max_model_len)
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
+        self.llm.engine.check_params(params)
+        if params.n != 1:
+            raise ValueError(f"SamplingParams.n={params.n}: generate_async yields one sample; submit n requests "
+                             f"with seeds seed + i (SamplingParams.sample_seed), as the server does for n")
+        return ids, params
+
+    async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,
+                             request_id: str | None = None, *, stream: bool = True,
+                             prompt_logprobs: int | None = None) -> AsyncIterator[StreamOutput]:
+        """Generate for one prompt (text or token ids), yielding StreamOutput pieces as the engine steps (their
+        `text`, `token_ids` and `logprobs` are what the step added; the last has `finished` and `finish_reason`).
+        With `stream=False` only one piece comes, holding the whole output.
+
+        `request_id` (default: a fresh one) names the request for `abort`; it must not be in use. With
+        `prompt_logprobs=N` the first piece carries one {token id: logprob} per prompt token (None for the
+        first): the prompt token's and the top N. Cancelling the awaiting task, or closing the iterator early
+        (`aclose()`), aborts the request and frees its KV blocks.
+        """
+        ids, params = self.check_request(prompt, params)
+        if prompt_logprobs is not None and not (isinstance(prompt_logprobs, int) and prompt_logprobs >= 0):
+            raise ValueError(f"prompt_logprobs={prompt_logprobs!r} is invalid: expected None or an integer >= 0")
+        request_id = request_id if request_id is not None else new_request_id("async")
+        if request_id in self._running:
+            raise ValueError(f"request_id {request_id!r} is already running; give each request its own id")
+        import asyncio
+        channel = AsyncOutputChannel(asyncio.get_running_loop())
+        has_tokenizer = self.tokenizer is not None
+        request = EngineRequest(request_id, ids, params, stream=stream, detokenize=stream and has_tokenizer,
+                                prompt_logprobs=prompt_logprobs)
+        finished = False
+        self._running.add(request_id)
+        try:
+            self.llm.loop.submit(channel, [request])
+            while not finished:
+                for d in await channel.get_async():
+                    finished = d.finished
+                    if stream:
+                        yield StreamOutput(0, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
+                                           request_id, d.prompt_logprobs, d.first_token_time)
+                    else:
+                        seq = d.seq
+                        yield StreamOutput(0, output_text(seq, self.tokenizer), seq.output_token_ids, True,
+                                           seq.finish_reason, seq.logprobs if params.logprobs is not None else None,
+                                           request_id, d.prompt_logprobs, d.first_token_time)
+        finally:
+            self._running.discard(request_id)
+            if not finished and self.llm.loop.alive:
+                self.llm.loop.abort([request_id], wait=False)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a running request (no-op for one that finished or is unknown); returns at once, and the engine
+        frees its blocks before its next step. Its `generate_async` ends with `finish_reason="abort"`."""
+        self.llm.loop.abort([request_id], wait=False)
+
+    def close(self) -> None:
+        self.llm.close()

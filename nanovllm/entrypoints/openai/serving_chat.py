@@ -1,0 +1,101 @@
+"""POST /v1/chat/completions: `messages` through the tokenizer's chat template, n choices, streamed `delta`s or a
+whole message, `finish_reason`, `usage` (and `stream_options.include_usage`), logprobs in the chat format."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, chat_response, new_id, now,
+                                                  sse, usage)
+from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_max_tokens, check_n, merge,
+                                                        to_sampling_params)
+
+
+def message_text(i: int, message: ChatMessage) -> str:
+    """A message's content as one string: text parts joined; other parts (images, audio) are refused."""
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise ValueError(f"messages[{i}].content has a part of type {part.type!r}; nanovllm serves text "
+                             f"models: give text parts only")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+class OpenAIServingChat(OpenAIServing):
+    def prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
+        conversation = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(messages)]
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return self.token_ids(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        self.check_model(request.model)
+        check_n(request.n)
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        check_max_tokens(request.max_completion_tokens, "max_completion_tokens")
+        check_max_tokens(request.max_tokens)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        ids = self.prompt_ids(request.messages, request.add_generation_prompt)
+        max_tokens = max_tokens or max(1, self.max_model_len - len(ids))
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        jobs = [to_sampling_params(request, max_tokens, logprobs, j) for j in range(request.n)]
+        for params in jobs:
+            self.llm.check_request(ids, params)
+        request_id = new_id("chatcmpl")
+        streams = [self.run(ids, params, f"{request_id}-{j}", request.stream) for j, params in enumerate(jobs)]
+        if request.stream:
+            return self.stream(request, request_id, streams, len(ids))
+        finals = [None] * len(jobs)
+        async for j, out in merge(streams):
+            finals[j] = out
+        choices = [{"index": j, "message": {"role": "assistant", "content": out.text},
+                    "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
+                    "finish_reason": out.finish_reason} for j, out in enumerate(finals)]
+        return chat_response(request_id, self.model_name, choices,
+                             usage(len(ids), sum(len(o.token_ids) for o in finals)), now())
+
+    def chat_logprobs(self, out, request: ChatCompletionRequest) -> dict:
+        n = request.top_logprobs or 0
+        content = []
+        for token_id, entry in zip(out.token_ids, out.logprobs or []):
+            top = list(entry.items())[:n]
+            content.append({**self.token_entry(token_id, entry[token_id]),
+                            "top_logprobs": [self.token_entry(t, lp) for t, lp in top]})
+        return {"content": content}
+
+    def token_entry(self, token_id: int, logprob: float) -> dict:
+        token = self.token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    async def stream(self, request, request_id, streams, num_prompt_tokens) -> AsyncIterator[str]:
+        created = now()
+        include_usage = request.stream_options is not None and request.stream_options.include_usage
+
+        def chunk(choices: list[dict], usage_=None) -> str:
+            body = chat_response(request_id, self.model_name, choices, usage_, created, chunk=True)
+            if include_usage and usage_ is None:
+                body["usage"] = None
+            return sse(body)
+
+        for j in range(len(streams)):
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        num_output = 0
+        try:
+            async for j, out in merge(streams):
+                num_output += len(out.token_ids)
+                if out.text or out.finished or (request.logprobs and out.token_ids):
+                    yield chunk([{"index": j, "delta": {"content": out.text} if out.text else {},
+                                  "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
+                                  "finish_reason": out.finish_reason if out.finished else None}])
+            if include_usage:
+                yield chunk([], usage(num_prompt_tokens, num_output))
+        except (ValueError, RuntimeError) as e:
+            yield sse({"error": {"message": str(e), "type": type(e).__name__, "param": None, "code": 500}})
+        yield sse("[DONE]")

@@ -1,0 +1,116 @@
+"""POST /v1/completions: prompts (text, token ids, or lists of either) x n choices, streamed or not, with legacy
+logprobs (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) and `echo` (with logprobs, the prompt's too:
+what lm-eval's `local-completions` reads for log-likelihoods)."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from nanovllm.entrypoints.openai.protocol import (CompletionRequest, completion_choice, completion_response, new_id,
+                                                  now, sse, usage)
+from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_max_tokens, check_n, merge,
+                                                        to_sampling_params)
+from nanovllm.requests import is_token_id
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    def prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) per prompt of the request."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and is_token_id(prompt[0])):
+            prompt = [prompt]
+        if not prompt:
+            raise ValueError("prompt is empty: give a string, a list of strings, token ids or lists of token ids")
+        return [(p if isinstance(p, str) else None, self.token_ids(p)) for p in prompt]
+
+    def plan(self, request: CompletionRequest):
+        """Every (prompt, params) of the request, checked in full before anything runs."""
+        self.check_model(request.model)
+        check_n(request.n)
+        if request.suffix:
+            raise ValueError("suffix is not supported by nanovllm; leave it unset")
+        if request.best_of is not None and request.best_of != request.n:
+            raise ValueError(f"best_of={request.best_of} is not supported: leave it unset or equal to n")
+        echo_only = request.max_tokens == 0
+        if echo_only and not request.echo:
+            raise ValueError("max_tokens=0 is invalid without echo=true: expected an integer >= 1")
+        if not echo_only:
+            check_max_tokens(request.max_tokens)
+        prompts = self.prompts(request.prompt)
+        jobs = []
+        for text, ids in prompts:
+            max_tokens = 1 if echo_only else request.max_tokens or max(1, self.max_model_len - len(ids))
+            for j in range(request.n):
+                params = to_sampling_params(request, max_tokens, request.logprobs, j)
+                self.llm.check_request(ids, params)
+                jobs.append((text, ids, params))
+        return prompts, jobs, echo_only
+
+    async def create(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+        prompts, jobs, echo_only = self.plan(request)
+        request_id = new_id("cmpl")
+        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        streams = [self.run(ids, params, f"{request_id}-{i}", request.stream, prompt_logprobs)
+                   for i, (_, ids, params) in enumerate(jobs)]
+        num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        if request.stream:
+            return self.stream(request, request_id, jobs, streams, echo_only, num_prompt_tokens)
+        finals = [None] * len(jobs)
+        async for i, out in merge(streams):
+            finals[i] = out
+        choices = []
+        for i, ((text, ids, _), out) in enumerate(zip(jobs, finals)):
+            choice_text, logprobs = self.choice_output(request, text, ids, out, echo_only, offset=0)
+            choices.append(completion_choice(i, choice_text, logprobs, out.finish_reason))
+        num_output = 0 if echo_only else sum(len(o.token_ids) for o in finals)
+        return completion_response(request_id, self.model_name, choices, usage(num_prompt_tokens, num_output), now())
+
+    def choice_output(self, request, prompt_text, prompt_ids, out, echo_only: bool, offset: int,
+                      first: bool = True) -> tuple[str, dict | None]:
+        """The text and legacy logprobs one output piece adds to a choice (the echoed prompt before the first)."""
+        text, token_ids, entries = "", [], []
+        if request.echo and first:
+            text = prompt_text if prompt_text is not None else self.tokenizer.decode(prompt_ids)
+            token_ids += prompt_ids
+            entries += out.prompt_logprobs or [None] * len(prompt_ids)
+        if not echo_only:
+            text += out.text
+            token_ids += out.token_ids
+            entries += out.logprobs or [None] * len(out.token_ids)
+        if request.logprobs is None:
+            return text, None
+        return text, self.legacy_logprobs(token_ids, entries, offset)
+
+    def legacy_logprobs(self, token_ids: list[int], entries: list[dict | None], offset: int) -> dict:
+        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+        for token_id, entry in zip(token_ids, entries):
+            token = self.token_text(token_id)
+            tokens.append(token)
+            text_offset.append(offset)
+            offset += len(token)
+            token_logprobs.append(None if entry is None else entry[token_id])
+            top_logprobs.append(None if entry is None else {self.token_text(t): lp for t, lp in entry.items()})
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": text_offset}
+
+    async def stream(self, request, request_id, jobs, streams, echo_only, num_prompt_tokens) -> AsyncIterator[str]:
+        created = now()
+        include_usage = request.stream_options is not None and request.stream_options.include_usage
+        started, offsets, num_output = [False] * len(jobs), [0] * len(jobs), 0
+        try:
+            async for i, out in merge(streams):
+                text, ids, _ = jobs[i]
+                piece, logprobs = self.choice_output(request, text, ids, out, echo_only, offsets[i], not started[i])
+                started[i] = True
+                offsets[i] += sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+                num_output += len(out.token_ids)
+                if piece or logprobs or out.finished:
+                    choice = completion_choice(i, piece, logprobs, out.finish_reason if out.finished else None)
+                    body = completion_response(request_id, self.model_name, [choice], None, created)
+                    if include_usage:
+                        body["usage"] = None
+                    yield sse(body)
+            if include_usage:
+                yield sse(completion_response(request_id, self.model_name, [],
+                                              usage(num_prompt_tokens, 0 if echo_only else num_output), created))
+        except (ValueError, RuntimeError) as e:
+            yield sse({"error": {"message": str(e), "type": type(e).__name__, "param": None, "code": 500}})
+        yield sse("[DONE]")

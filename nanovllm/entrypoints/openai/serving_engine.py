@@ -1,0 +1,118 @@
+"""What every endpoint shares: the model check, request fields -> SamplingParams (the one place), running a
+request on the engine with its metrics, merging several requests' streams, and token strings for logprobs."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from nanovllm.entrypoints.openai.metrics import ServerMetrics
+from nanovllm.entrypoints.openai.protocol import SamplingFields
+from nanovllm.outputs import StreamOutput
+from nanovllm.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20  # OpenAI's bound on logprobs / top_logprobs
+MAX_N = 128
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class OpenAIServing:
+    def __init__(self, llm, model_name: str, metrics: ServerMetrics):
+        """`llm` is an AsyncLLM; `model_name` is what clients name in `model`."""
+        self.llm, self.model_name, self.metrics = llm, model_name, metrics
+        self.tokenizer = llm.tokenizer
+        self.max_model_len = llm.config.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ModelNotFound(f"The model `{model}` does not exist; this server serves `{self.model_name}`")
+
+    def token_ids(self, prompt) -> list[int]:
+        """A prompt (text or token ids) as checked token ids, the way LLM.generate checks them."""
+        return self.llm.check_request(prompt, None)[0]
+
+    async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool,
+                  prompt_logprobs: int | None = None) -> AsyncIterator[StreamOutput]:
+        """generate_async with the request's metrics recorded when it ends (finished or aborted)."""
+        arrival = time.monotonic()
+        num_output, last = 0, None
+        try:
+            async for out in self.llm.generate_async(prompt_ids, params, request_id, stream=stream,
+                                                     prompt_logprobs=prompt_logprobs):
+                num_output += len(out.token_ids)
+                last = out
+                yield out
+        finally:
+            self.metrics.record(arrival, last.first_token_time if last else None, len(prompt_ids), num_output,
+                                last.finish_reason if last and last.finished else "abort")
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None,
+                       seed_offset: int = 0) -> SamplingParams:
+    """The request's sampling fields as SamplingParams; ValueError (HTTP 400) names any invalid one.
+
+    Choice j of a request with `seed` and n > 1 uses seed + j, so the n choices differ and each is reproducible.
+    """
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, name):
+            raise ValueError(f"{name}={getattr(request, name)} is not supported by nanovllm; leave it 0 or unset")
+    if request.logit_bias:
+        raise ValueError("logit_bias is not supported by nanovllm; leave it unset")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"logprobs={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
+    seed = request.seed + seed_offset if request.seed is not None else None
+    return SamplingParams(
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=0 if request.top_k is None else request.top_k,
+        min_p=0.0 if request.min_p is None else request.min_p,
+        seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
+        stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs)
+
+
+def check_n(n: int) -> None:
+    if not 1 <= n <= MAX_N:
+        raise ValueError(f"n={n} is invalid: expected an integer in [1, {MAX_N}]")
+
+
+def check_max_tokens(max_tokens: int | None, name: str = "max_tokens") -> None:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
+        raise ValueError(f"{name}={max_tokens} is invalid: expected an integer >= 1")
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(i, item) from several async iterators as items come; if the consumer stops, the others are closed (their
+    requests aborted)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except BaseException as e:  # delivered to the consumer, which re-raises it
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

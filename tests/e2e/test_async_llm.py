@@ -1,0 +1,99 @@
+"""AsyncLLM: generate_async pieces add up to generate's output; abort and task cancellation end a request and free
+its blocks; async and threaded callers share one engine."""
+import asyncio
+import threading
+
+import pytest
+
+from nanovllm import AsyncLLM, LLM, SamplingParams
+from tests.conftest import random_prompts
+
+OPTIONS = dict(backend="cpu_ref", num_kvcache_blocks=64, kvcache_block_size=16, max_model_len=256)
+LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    return LLM(tiny_qwen3, **OPTIONS)
+
+
+def idle(llm) -> bool:
+    return llm.loop.run(lambda e: not e.has_work() and e.scheduler.block_manager.num_free_blocks == 64)
+
+
+async def collect(async_llm, prompt, params, request_id=None):
+    pieces = [p async for p in async_llm.generate_async(prompt, params, request_id)]
+    return sum((p.token_ids for p in pieces), []), "".join(p.text for p in pieces), pieces
+
+
+def test_generate_async_equals_generate(llm):
+    async_llm = AsyncLLM(llm=llm)
+    prompts = ["hello world", "paris is", [5, 6, 7, 8]]
+    params = [SamplingParams(temperature=0, max_tokens=9), SamplingParams(seed=3, max_tokens=7, logprobs=1),
+              SamplingParams(temperature=0.7, seed=4, max_tokens=8, stop="e")]
+    expected = llm.generate(prompts, params, use_tqdm=False)
+
+    async def main():
+        return await asyncio.gather(*(collect(async_llm, p, sp, f"r{i}")
+                                      for i, (p, sp) in enumerate(zip(prompts, params))))
+
+    for (token_ids, text, pieces), e in zip(asyncio.run(main()), expected):
+        assert (token_ids, text) == (e["token_ids"], e["text"])
+        assert pieces[-1].finished and pieces[-1].finish_reason == e["finish_reason"]
+        assert sum(p.finished for p in pieces) == 1 and pieces[0].request_id is not None
+    assert idle(llm)
+
+
+def test_abort_and_cancellation_free_blocks(llm):
+    async_llm = AsyncLLM(llm=llm)
+
+    async def main():
+        aborted = asyncio.ensure_future(collect(async_llm, "hello", LONG, "to-abort"))
+        cancelled = asyncio.ensure_future(collect(async_llm, "world", LONG, "to-cancel"))
+        await asyncio.sleep(0.2)
+        async_llm.abort("to-abort")
+        cancelled.cancel()
+        token_ids, _, pieces = await asyncio.wait_for(aborted, 60)
+        assert pieces[-1].finish_reason == "abort" and len(token_ids) < 200
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        with pytest.raises(ValueError, match="vocabulary"):
+            await collect(async_llm, [10**6], LONG)
+
+    asyncio.run(main())
+    for _ in range(100):
+        if idle(llm):
+            break
+        threading.Event().wait(0.05)
+    assert idle(llm)
+
+
+def test_async_and_threaded_callers_share_the_engine(llm):
+    async_llm = AsyncLLM(llm=llm)
+    prompts = random_prompts(6, 512, (3, 30), seed=3)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+    threaded = []
+    thread = threading.Thread(target=lambda: threaded.extend(llm.generate(prompts, params, use_tqdm=False)))
+
+    async def main():
+        thread.start()
+        return await asyncio.gather(*(collect(async_llm, p, params) for p in prompts))
+
+    results = asyncio.run(main())
+    thread.join(60)
+    assert [r[0] for r in results] == expected == [o["token_ids"] for o in threaded]
+    assert idle(llm)
+
+
+def test_duplicate_request_ids_are_refused(llm):
+    async_llm = AsyncLLM(llm=llm)
+
+    async def main():
+        first = async_llm.generate_async("hello", LONG, "same")
+        await first.__anext__()
+        with pytest.raises(ValueError, match="already running"):
+            await async_llm.generate_async("hello", LONG, "same").__anext__()
+        await first.aclose()
+
+    asyncio.run(main())
