@@ -2,8 +2,9 @@
 from nanovllm.core.hookspecs import hookimpl
 from nanovllm.core.plugins import PLUGIN_API
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_outputs import StructuredOutputs
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "hookimpl", "PLUGIN_API"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "hookimpl", "PLUGIN_API"]
 
 
 def __getattr__(name):

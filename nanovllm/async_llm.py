@@ -50,6 +50,9 @@ class AsyncLLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
         self.llm.engine.check_params(params)
+        if params.n != 1:
+            raise ValueError(f"SamplingParams.n={params.n}: generate_async yields one sample; submit n requests "
+                             f"with seeds seed + i (SamplingParams.sample_seed), as the server does for n")
         return ids, params
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,

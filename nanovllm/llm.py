@@ -1,4 +1,5 @@
-"""LLM: the user-facing offline API, shaped like vLLM's (`generate`, `chat`, `stream`)."""
+"""LLM: the user-facing API, shaped like vLLM's (`generate`, `chat`, `stream`); thread-safe, every call a client of
+the engine loop (core/engine_loop.py)."""
 import os
 import time
 from collections.abc import Iterator
@@ -113,8 +114,11 @@ class LLM:
                  use_tqdm: bool = True) -> list[dict]:
         """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
 
-        Each dict has `text`, `token_ids` (the output), `prompt_token_ids`, `finish_reason` ("stop" for EOS, a stop
-        token or a stop string; "length" for max_tokens or max_model_len) and `logprobs` (None unless asked).
+        Each dict has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text,
+        token_ids, finish_reason, logprobs, cumulative_logprob}; `prompt_token_ids`; `prompt_logprobs` (None unless
+        asked); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
+        token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
+        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys.
         """
         ids, params = self._requests(prompts, sampling_params)
         requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
@@ -123,8 +127,9 @@ class LLM:
             speed = _Speed(self.engine.stats)
             with closing(self._run(requests, stream=False)) as deltas:
                 for delta in deltas:
-                    outputs[delta.index] = request_output(delta.seq, self.tokenizer)
-                    bar.update(1)
+                    if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
+                        outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer)
+                        bar.update(1)
                     if use_tqdm:
                         speed.show(bar)
         return outputs
@@ -140,7 +145,7 @@ class LLM:
             self.loop.submit(channel, requests)
             while remaining:
                 for delta in channel.get():
-                    if delta.finished:
+                    if delta.request_finished:
                         remaining.discard(delta.request_id)
                     yield delta
         finally:
@@ -165,8 +170,8 @@ class LLM:
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StreamOutput]:
-        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished)
-        as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
+        """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished,
+        and the sample index when n > 1) as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
         checked at once; requests are queued when iteration starts and dropped if it stops early."""
         ids, params = self._requests(prompts, sampling_params, stream=True)
         return self._stream(ids, params)
@@ -175,7 +180,8 @@ class LLM:
         requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
         with closing(self._run(requests, stream=True)) as deltas:
             for d in deltas:
-                yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs)
+                yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
+                                   prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index)
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the

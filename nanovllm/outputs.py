@@ -18,6 +18,7 @@ class StreamOutput:
     request_id: str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None  # on a request's first piece, when asked for
     first_token_time: float | None = None  # AsyncLLM: time.monotonic() at the first token (on the last piece)
+    sample_index: int = 0  # which of the request's n samples (SamplingParams.n) this piece belongs to
 
 
 def output_text(seq: Sequence, tokenizer) -> str:
@@ -32,9 +33,24 @@ def output_text(seq: Sequence, tokenizer) -> str:
     return decode(tokenizer, ids)
 
 
+def completion_output(seq: Sequence, tokenizer) -> dict:
+    """One sample: {index, text, token_ids, finish_reason, logprobs, cumulative_logprob}. logprobs is None unless
+    the request asked, else one {token id: logprob} per output token (the top N, then the sampled token), and
+    cumulative_logprob is then the sum of the sampled tokens' log-probabilities (None otherwise)."""
+    asked = seq.params.logprobs is not None
+    cumulative = sum(step[t] for t, step in zip(seq.output_token_ids, seq.logprobs)) if asked else None
+    return {"index": seq.sample_index, "text": output_text(seq, tokenizer), "token_ids": seq.output_token_ids,
+            "finish_reason": seq.finish_reason, "logprobs": seq.logprobs if asked else None,
+            "cumulative_logprob": cumulative}
+
+
 def request_output(seq: Sequence, tokenizer) -> dict:
-    """{text, token_ids, prompt_token_ids, finish_reason, logprobs}; logprobs is None unless the request asked,
-    else one {token id: logprob} per output token (the top N, then the sampled token)."""
-    return {"text": output_text(seq, tokenizer), "token_ids": seq.output_token_ids,
-            "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens], "finish_reason": seq.finish_reason,
-            "logprobs": seq.logprobs if seq.params.logprobs is not None else None}
+    """One request (`seq` is its first sample): {prompt_token_ids, prompt_logprobs, outputs} where `outputs` lists
+    its n samples (see completion_output), plus the first sample's text, token_ids, finish_reason, logprobs and
+    cumulative_logprob as flat keys (the shape before n existed). prompt_logprobs is None unless asked, else one
+    entry per prompt token: None for the first, then {token id: logprob} (the top N, then the prompt token)."""
+    outputs = [completion_output(sample, tokenizer) for sample in seq.group]
+    flat = {k: v for k, v in outputs[0].items() if k != "index"}
+    return {**flat, "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens],
+            "prompt_logprobs": seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+            "outputs": outputs}

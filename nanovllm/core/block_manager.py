@@ -10,6 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
+from nanovllm.core.prompt_logprobs import wants_prompt_logprobs
 from nanovllm.core.sequence import Sequence
 
 
@@ -59,6 +60,8 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the sequence's leading full blocks; at least one token is left to compute."""
         hits, prefix_hash = [], None
+        if wants_prompt_logprobs(seq):  # a cached prefix has no logits: recompute the prompt
+            return hits
         for i in range((len(seq) - 1) // self.block_size):
             tokens = seq.block_tokens(i, self.block_size)
             prefix_hash = compute_block_hash(tokens, prefix_hash)

@@ -32,6 +32,7 @@ class EngineConfig:
     tokenizer: str | None = None
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
+    generation_config: str = "auto"  # sampling defaults: "auto" (the model folder's), "none", or a folder
     # the options a backend declares (`Backend.options`, e.g. gpu_memory_utilization), checked at start-up
     backend_options: dict = field(default_factory=dict)
     hf_config: object = field(default=None, repr=False)
@@ -60,6 +61,9 @@ class EngineConfig:
             self.dtype = checkpoint_dtype(self.hf_config) if self.dtype == "auto" else DTYPES[self.dtype]
         elif self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            bad("generation_config", "expected 'auto' (the model folder's generation_config.json), 'none', or a "
+                                     "folder holding one")
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", "expected 'auto' (safetensors weights) or 'dummy' (random weights)")
         if self.kernels is None and os.environ.get("NANOVLLM_KERNELS"):

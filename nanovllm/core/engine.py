@@ -6,6 +6,9 @@ from tqdm.auto import tqdm
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
+from nanovllm.core.generation_config import read_generation_config
+from nanovllm.core.request_checks import bad_word_token_ids, check_request_params
+from nanovllm.core.structured import StructuredCompiler
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.plugins import Plugins, load_plugins
@@ -32,6 +35,7 @@ class Engine:
         """`tokenizer` detokenizes streamed requests and requests with stop strings (None: neither is accepted)."""
         self.config = config
         self.tokenizer = tokenizer
+        self.model_defaults, generation_eos = read_generation_config(config.model, config.generation_config)
         self.plugins = plugins or load_plugins()
         self.resolved = with_verification(resolve(config, self.plugins), self.plugins, config.verify_kernels)
         self.backend = self.resolved.backend
@@ -50,7 +54,9 @@ class Engine:
         except BaseException as e:
             self._fail(e)
             raise
-        self.scheduler = Scheduler(config, num_blocks, self.resolved.block_size, eos_token_ids(config.hf_config))
+        self.scheduler = Scheduler(config, num_blocks, self.resolved.block_size,
+                                   eos_token_ids(config.hf_config) | generation_eos)
+        self._structured: StructuredCompiler | None = None
         self.stats = StepStats()
         self._in_flight = None  # the launched step whose tokens are not committed yet (pipelined decode)
 
@@ -78,17 +84,34 @@ class Engine:
             self.comm.close()
 
     def add_request(self, token_ids: list[int], params: SamplingParams, detokenize: bool = False) -> Sequence:
-        """Queue a request. `detokenize` keeps its text up to date token by token (for streaming); requests with
-        stop strings always are."""
+        """Queue a request; returns its first sample, whose `group` lists all `params.n` samples. `detokenize`
+        keeps the text up to date token by token (for streaming); requests with stop strings always are.
+
+        Fields the request left unset take the model's generation_config.json defaults first. Sample i is seeded
+        with `params.sample_seed(i)` (seed + i). Only the first sample is queued now: the others follow once its
+        prompt is computed, and share its prompt's KV blocks through the prefix cache."""
         self.check_open()
+        params = params.with_model_defaults(self.model_defaults)
         self.check_params(params, detokenize)
+        samples = [self._new_sample(token_ids, params, i, detokenize) for i in range(params.n)]
+        for i, sample in enumerate(samples):
+            sample.group, sample.sample_index = samples, i
+        samples[0].deferred_samples = samples[1:]
+        for sample in samples:
+            self.scheduler.add(sample, queue=sample is samples[0])
+        return samples[0]
+
+    def _new_sample(self, token_ids: list[int], params: SamplingParams, index: int, detokenize: bool) -> Sequence:
         seq = Sequence(token_ids, params)
-        if params.seed is not None:
+        seed = params.sample_seed(index)
+        if seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
-            seq.generator.manual_seed(params.seed)
+            seq.generator.manual_seed(seed)
         if detokenize or params.stop_strings:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
-        self.scheduler.add(seq)
+        seq.bad_word_ids = bad_word_token_ids(params.bad_words, self.tokenizer)
+        if params.structured is not None:
+            seq.structured = self.structured_compiler().new_state(params.structured)
         return seq
 
     def check_open(self) -> None:
@@ -97,23 +120,25 @@ class Engine:
             raise RuntimeError(f"the engine is shut down ({self.closed_reason}); create a new LLM")
 
     def check_params(self, params: SamplingParams, detokenize: bool = False) -> None:
-        """What SamplingParams cannot check alone: the values bounded by the model's vocabulary, and whether
-        stop strings (or streaming, `detokenize`) have a tokenizer to detokenize with."""
-        if (detokenize or params.stop_strings) and self.tokenizer is None:
-            raise ValueError("stop strings and streaming need a tokenizer, and this engine has none "
-                             "(skip_tokenizer_init=True): drop SamplingParams.stop, or create the LLM with a tokenizer")
-        vocab_size = self.config.hf_config.vocab_size
-        if params.logprobs is not None and params.logprobs > vocab_size:
-            raise ValueError(f"SamplingParams.logprobs={params.logprobs} is invalid: expected at most the "
-                             f"vocabulary size {vocab_size}")
-        bad = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(f"SamplingParams.stop_token_ids has {bad[0]}, outside the vocabulary [0, {vocab_size})")
+        """Validate `params` again (fields may have been reassigned) and what it cannot check alone: values the
+        vocabulary bounds, settings that need a tokenizer (stop strings, streaming with `detokenize`, bad words as
+        text) and a structured-output constraint, compiled now so that one that cannot be is refused before any
+        work (see core/request_checks.py)."""
+        check_request_params(params, self.config.hf_config.vocab_size, self.tokenizer is not None, detokenize)
+        if params.structured is not None:
+            self.structured_compiler().compile(params.structured)
+
+    def structured_compiler(self) -> StructuredCompiler:
+        if self._structured is None:
+            self._structured = StructuredCompiler(self.tokenizer, self.config.hf_config.vocab_size,
+                                                  self.scheduler.eos_token_ids)
+        return self._structured
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop the unfinished sequences among `seqs`, freeing their KV blocks."""
         for seq in seqs:
-            self.scheduler.abort(seq)
+            for sample in seq.group:
+                self.scheduler.abort(sample)
 
     def _launch(self, batch, prev=None):
         try:

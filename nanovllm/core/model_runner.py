@@ -14,6 +14,7 @@ from nanovllm.core.config import EngineConfig
 from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.core.logging import get_logger
 from nanovllm.core.parallel.communicator import Communicator
+from nanovllm.core.prompt_logprobs import split_prompt_logprobs
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.startup import Resolved
@@ -226,6 +227,7 @@ class ModelRunner:
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
         logits = self.execute(input_ids, positions, meta)
-        return self.sampling.launch(batch, logits, self.sampler)
+        logits, prompt = split_prompt_logprobs(logits, meta, batch)
+        return self.sampling.launch(batch, logits, self.sampler, prompt)
 
     wait = staticmethod(StepSampler.wait)

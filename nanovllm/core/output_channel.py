@@ -17,8 +17,9 @@ from nanovllm.core.sequence import Sequence
 
 @dataclass
 class RequestDelta:
-    """What one step added to one request: its new token ids, their text (streamed requests only) and logprobs
-    (requests that asked), and on the last delta `finished`, `finish_reason` and the finished `seq`.
+    """What one step added to one sample of a request: its new token ids, their text (streamed requests only) and
+    logprobs (requests that asked), and on the sample's last delta `finished`, `finish_reason` and the finished
+    `seq` (whose `group` holds all samples; `request_finished` once every one has finished).
 
     `prompt_logprobs` (one entry per prompt token, None first) rides on a request's first delta when asked for.
     """
@@ -33,6 +34,8 @@ class RequestDelta:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_prompt_tokens: int = 0
     first_token_time: float | None = None  # time.monotonic() at its first committed token (for metrics)
+    sample_index: int = 0  # which of the request's n samples (SamplingParams.n) this delta is about
+    request_finished: bool = False  # every sample of the request is finished (for n = 1: `finished`)
 
 
 class OutputChannel:

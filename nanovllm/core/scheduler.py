@@ -6,6 +6,7 @@ from nanovllm.core.block_manager import BlockManager
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
 from nanovllm.core.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from nanovllm.core.structured import structured_stop
 
 logger = get_logger(__name__)
 
@@ -42,11 +43,13 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, queue: bool = True) -> None:
+        """Set up the sequence's stop tokens and queue it (`queue=False`: a sample queued later, see n)."""
         params = seq.params
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         seq.stop_token_ids = eos | frozenset(params.stop_token_ids)
-        self.waiting.append(seq)
+        if queue:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -55,8 +58,9 @@ class Scheduler:
         """The next step. With `in_flight` (a step launched whose tokens are not committed yet) only a
         decode step that needs no preemption is scheduled; otherwise None: commit first, then ask again."""
         if in_flight:
+            # a structured request's grammar must see its last token before its next mask is built
             if self.waiting and len(self.running) < self.max_num_seqs or any(
-                    s.num_uncomputed_tokens > 1 for s in self.running):
+                    s.num_uncomputed_tokens > 1 or s.structured is not None for s in self.running):
                 return None
             return self._schedule_decode(allow_preemption=False)
         batch = self._schedule_prefill()
@@ -148,7 +152,17 @@ class Scheduler:
         for seq in batch.seqs:
             if not seq.is_finished and seq.block_table:
                 self.block_manager.cache_computed_blocks(seq)
+            if seq.deferred_samples and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._release_samples(seq)
         return finished
+
+    def _release_samples(self, seq: Sequence) -> None:
+        """Queue the other samples of seq's request (SamplingParams.n) now that its prompt's KV blocks are computed
+        and in the prefix cache: first in line, so their full prompt blocks are cache hits (shared, ref-counted)
+        and only the prompt's last partial block is computed again for each."""
+        for sample in reversed(seq.deferred_samples):
+            self.waiting.appendleft(sample)
+        seq.deferred_samples = []
 
     def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None],
                     logprobs: list[dict | None] | None = None) -> list[Sequence]:
@@ -171,6 +185,8 @@ class Scheduler:
         if token_id in seq.stop_token_ids:
             seq.stop_reason = token_id
             return "stop"
+        if seq.structured is not None and structured_stop(seq, token_id):
+            return "stop"
         if seq.detokenizer is not None:
             new_text = seq.detokenizer.add_token(token_id)
             if num_output > seq.params.min_tokens and seq.params.stop_strings:
@@ -186,6 +202,10 @@ class Scheduler:
         seq.finish_reason = reason
         if seq.detokenizer is not None:
             seq.detokenizer.flush()
+        if seq.deferred_samples:  # finished at its first token: its prompt blocks still serve the other samples
+            if reason != "abort":
+                self.block_manager.cache_computed_blocks(seq)
+            self._release_samples(seq)
         self.block_manager.free(seq)
         self.running.remove(seq)
 
@@ -198,6 +218,9 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop an unfinished sequence (a stream the caller stopped reading), freeing its blocks."""
+        for sample in seq.deferred_samples:  # samples not queued yet
+            sample.status, sample.finish_reason = SequenceStatus.FINISHED, "abort"
+        seq.deferred_samples = []
         if seq.is_finished:
             return
         if seq in self.waiting:

@@ -32,7 +32,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of the prompt, served by the prefix cache at the last admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0
-        self.num_pending = 0  # trailing PENDING_TOKEN placeholders  # leading blocks already entered in the prefix cache
+        self.num_pending = 0  # trailing PENDING_TOKEN placeholders
         self.params = params
         self.finish_reason: str | None = None  # "stop" or "length" (or "abort")
         self.stop_reason: int | str | None = None  # the stop token id or stop string that finished it
@@ -41,6 +41,13 @@ class Sequence:
         self.detokenizer = None  # IncrementalDetokenizer, for streamed requests and requests with stop strings
         self.logprobs: list[dict[int, float]] = []  # one per output token, when params.logprobs is set
         self.num_preemptions = 0
+        self.bad_word_ids: list[list[int]] = []  # params.bad_words as token ids (tokenized at submission)
+        self.prompt_logprobs: list[dict[int, float] | None] = []  # when params.prompt_logprobs is set: one per prompt
+        self.structured = None  # StructuredState of a request with params.structured
+        self.group: list["Sequence"] = [self]  # the n samples of its request (params.n), this one included
+        self.sample_index = 0  # its place in `group`
+        self.deferred_samples: list["Sequence"] = []  # the request's other samples, queued once this one's prompt
+        # is computed and in the prefix cache, so that they share its KV blocks instead of computing them again
 
     def __len__(self) -> int:
         return len(self.token_ids)

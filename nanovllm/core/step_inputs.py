@@ -7,6 +7,7 @@ buffers alternate, so building step N+1 never overwrites what step N's copies ar
 import numpy as np
 import torch
 
+from nanovllm.core.prompt_logprobs import prompt_positions
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata
 
@@ -69,6 +70,7 @@ class StepInputBuilder:
         p = batch.num_prefill_seqs
         any_cached = False
         num_tokens = 0
+        prompt_rows, prompt_indices = [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
@@ -76,6 +78,10 @@ class StepInputBuilder:
             positions.append(pos)
             table = seq.block_table
             slots.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
+            wanted = prompt_positions(seq, start, end) if i < p else range(0)
+            if wanted:
+                prompt_rows.append((i, wanted.start, len(wanted)))
+                prompt_indices.extend(range(num_tokens + wanted.start - start, num_tokens + wanted.stop - start))
             num_tokens += n
             if batch.sample[i]:
                 logits_indices.append(num_tokens - 1)
@@ -106,5 +112,6 @@ class StepInputBuilder:
                                       block_table_tensor(tables[:p]) if any_cached else None)
         if len(batch.seqs) > p:
             decode = DecodeMetadata(tensor(context_lens, torch.int32), block_table_tensor(tables[p:]), max(context_lens))
-        meta = StepMetadata(tensor(slots, torch.int64), cu_q[-1], prefill, decode, tensor(logits_indices, torch.int64))
+        meta = StepMetadata(tensor(slots, torch.int64), cu_q[-1], prefill, decode,
+                            tensor(logits_indices + prompt_indices, torch.int64), tuple(prompt_rows))
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta

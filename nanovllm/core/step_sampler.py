@@ -1,10 +1,11 @@
 """StepSampler: one step's logits -> sampled token ids, on their way to the host.
 
 For the sequences that sample this step, in this order: the log-probabilities of the requests that ask
-(from the raw logits, `core/logprobs.py`), min_tokens suppression (EOS and stop tokens cannot be sampled
-before a request has min_tokens output tokens: the one place min_tokens is enforced), the plan's `sampler`
-kernel over per-row SamplingTensors (reused while the batch's sequences stay the same), and a host copy of
-the tokens started without waiting. `wait` collects it.
+(from the raw logits, `core/logprobs.py`), penalties / logit bias / allowed tokens / bad words for the rows
+that use them (`core/logits_processing.py`), min_tokens suppression (EOS and stop tokens cannot be sampled
+before a request has min_tokens output tokens: the one place min_tokens is enforced), structured-output
+masks (`core/structured.py`), the plan's `sampler` kernel over per-row SamplingTensors (reused while the
+batch's sequences stay the same), and a host copy of the tokens started without waiting. `wait` collects it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanovllm.core.logits_processing import LogitsProcessor
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
+from nanovllm.core.prompt_logprobs import PromptLogprobs
+from nanovllm.core.structured import apply_structured_masks
 from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 
 if TYPE_CHECKING:
@@ -31,6 +35,7 @@ class LaunchedStep:
     rows: dict[int, int]  # seq_id -> row of `tokens`
     requested: RequestedLogprobs | None = None  # logprobs of the requests that asked, still on the device
     indices: list[int] = field(default_factory=list)  # placeholder positions, filled by the scheduler
+    prompt: PromptLogprobs | None = None  # prompt logprobs of the step's prefill chunks that asked
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device, pin: bool) -> torch.Tensor:
@@ -52,6 +57,7 @@ class StepSampler:
     def __init__(self, backend: Backend, device: torch.device):
         self.backend, self.device = backend, device
         self._key, self._tensors = None, None
+        self.logits_processor = LogitsProcessor(device)
 
     def tensors(self, seqs) -> SamplingTensors:
         """The step's per-row sampling settings; reused while the batch's sequences stay the same."""
@@ -79,25 +85,34 @@ class StepSampler:
     def reset(self) -> None:
         """Forget the cached tensors (after a failed step, or a warm-up's made-up sequences)."""
         self._key, self._tensors = None, None
+        self.logits_processor.reset()
 
-    def launch(self, batch: ScheduledBatch, logits: torch.Tensor | None, sampler: Callable) -> LaunchedStep:
-        """Sample the batch's sampling sequences with the `sampler` kernel; return before the tokens reach the host."""
+    def launch(self, batch: ScheduledBatch, logits: torch.Tensor | None, sampler: Callable,
+               prompt: PromptLogprobs | None = None) -> LaunchedStep:
+        """Sample the batch's sampling sequences with the `sampler` kernel; return before the tokens reach the host.
+        `prompt`: the step's prompt logprobs (core/prompt_logprobs.py), handed to the sequences by `wait`."""
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
         if not sampled_seqs:
-            return LaunchedStep(batch, None, None, None, {})
+            return LaunchedStep(batch, None, None, None, {}, prompt=prompt)
         requested = RequestedLogprobs.select(logits, sampled_seqs)  # raw logits: before any masking
+        processed = self.logits_processor.apply(logits, sampled_seqs)  # penalties, bias, bad words: rows that ask
         suppress_stop_tokens(logits, sampled_seqs)
+        apply_structured_masks(logits, sampled_seqs)
         tokens = sampler(logits, self.tensors(sampled_seqs))
+        self.logits_processor.record(processed, tokens)
         pin = self.backend.pin_memory
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
         host.copy_(tokens, non_blocking=pin)
         return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
-                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested)
+                            {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested, prompt=prompt)
 
     @staticmethod
     def wait(step: LaunchedStep) -> tuple[list[int], list[StepLogprobs | None] | None]:
         """The step's sampled tokens on the host, one per sampled sequence (the step's only device->host copy
-        unless a request asked for logprobs), and the logprobs of those that asked."""
+        unless a request asked for logprobs), and the logprobs of those that asked. Prompt logprobs go straight
+        to their sequences."""
+        if step.prompt is not None:
+            step.prompt.to_seqs()
         if step.host is None:
             return [], None
         if step.event is not None:

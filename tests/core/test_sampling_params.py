@@ -7,13 +7,18 @@ from nanovllm.sampling_params import SamplingParams
 
 INVALID = [
     ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "hot"),
-    ("temperature", True), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -1), ("top_p", math.nan), ("top_p", None),
+    ("temperature", True), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -1), ("top_p", math.nan), ("top_p", "1"),
     ("min_p", -0.01), ("min_p", 1.01), ("min_p", math.nan), ("top_k", -2), ("top_k", 2.5), ("top_k", True),
     ("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 3.0), ("min_tokens", -1), ("min_tokens", 1.5),
     ("seed", 1.5), ("seed", "42"), ("seed", True), ("seed", 2**64), ("logprobs", -1), ("logprobs", 2.0),
     ("logprobs", True), ("ignore_eos", 1), ("ignore_eos", "no"), ("stop", ""), ("stop", [""]), ("stop", 5),
     ("stop", ["ok", 3]), ("stop_token_ids", [-1]), ("stop_token_ids", 7), ("stop_token_ids", [1.0]),
-    ("stop_token_ids", [True]),
+    ("stop_token_ids", [True]), ("n", 0), ("n", 1.0), ("top_k", 10**30), ("prompt_logprobs", -1),
+    ("presence_penalty", 2.5), ("presence_penalty", math.nan), ("frequency_penalty", -3),
+    ("repetition_penalty", 0), ("repetition_penalty", math.inf), ("repetition_penalty", -1.0),
+    ("logit_bias", {5: 101}), ("logit_bias", {-1: 1.0}), ("logit_bias", [1, 2]), ("logit_bias", {"x": 1}),
+    ("allowed_token_ids", []), ("allowed_token_ids", [1, -2]), ("bad_words", [""]), ("bad_words", [[]]),
+    ("bad_words", [[1, "a"]]),
 ]
 
 
@@ -37,3 +42,46 @@ def test_defaults_and_normalisation():
     assert SamplingParams(stop=["a", "b"], stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
     assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy and not SamplingParams().greedy
     assert SamplingParams(seed=-3, logprobs=0, min_tokens=64).seed == -3
+
+
+def test_first_three_are_positional_the_rest_keyword_only():
+    p = SamplingParams(0.6, 256, True)
+    assert (p.temperature, p.max_tokens, p.ignore_eos, p.top_k) == (0.6, 256, True, 0)
+    with pytest.raises(TypeError):
+        SamplingParams(0.6, 256, True, 5)
+
+
+@pytest.mark.parametrize("name,value", [("temperature", math.nan), ("top_k", 10**30), ("n", 0),
+                                        ("repetition_penalty", 0.0), ("logit_bias", {1: 500})])
+def test_reassigned_fields_are_checked_again(name, value):
+    p = SamplingParams()
+    setattr(p, name, value)
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{name}=.* is invalid"):
+        p.validate()
+
+
+def test_unset_fields_take_model_defaults_and_set_ones_win():
+    defaults = {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1}
+    p = SamplingParams(top_k=5).with_model_defaults(defaults)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.3, 0.9, 5, 1.1)
+    explicit = SamplingParams(temperature=1.0, top_p=1.0)
+    assert explicit.with_model_defaults(defaults).temperature == 1.0
+    reassigned = SamplingParams()
+    reassigned.temperature = 0.0
+    assert reassigned.with_model_defaults(defaults).temperature == 0.0
+    assert SamplingParams().temperature == 1.0, "without model defaults the neutral value applies"
+
+
+def test_logit_bias_string_keys_and_guided_decoding_alias():
+    p = SamplingParams(logit_bias={"7": -1}, guided_decoding={"regex": "[ab]+"})
+    assert p.logit_bias == {7: -1.0} and p.structured.regex == "[ab]+" and p.guided_decoding is None
+    with pytest.raises(ValueError, match="exactly one of"):
+        SamplingParams(structured={"regex": "a", "choice": ["b"]})
+    with pytest.raises(ValueError, match="unknown key"):
+        SamplingParams(structured={"regexp": "a"})
+
+
+def test_sample_seeds_are_seed_plus_index_wrapped():
+    assert [SamplingParams(seed=5).sample_seed(i) for i in range(3)] == [5, 6, 7]
+    assert SamplingParams(seed=2**64 - 1).sample_seed(1) == 0
+    assert SamplingParams().sample_seed(2) is None

@@ -7,8 +7,8 @@ from nanovllm.cli import main
 
 
 def test_bench_via_server_reports_both_runs(tiny_qwen3, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e10)  # the floor's probes take ~30 s on CPU
-    monkeypatch.setattr(bench, "matmul_rate", lambda device: 1e11)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device, sync: 1e10)  # the floor's probes take ~30 s on CPU
+    monkeypatch.setattr(bench, "matmul_rate", lambda device, sync: 1e11)
     config = json.load(open(f"{tiny_qwen3}/config.json"))
     config["vocab_size"] = 10240  # the seed workload draws token ids below 10000
     (tmp_path / "config.json").write_text(json.dumps(config))
