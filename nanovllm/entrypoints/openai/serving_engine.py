@@ -55,25 +55,41 @@ class OpenAIServing:
 
 def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None,
                        seed_offset: int = 0) -> SamplingParams:
-    """The request's sampling fields as SamplingParams; ValueError (HTTP 400) names any invalid one.
+    """The request's sampling fields as SamplingParams; ValueError (HTTP 400) names any invalid one. Fields the
+    request leaves unset take the model's generation_config.json defaults, as in `LLM.generate`.
 
-    Choice j of a request with `seed` and n > 1 uses seed + j, so the n choices differ and each is reproducible.
+    Choice j of a request with `seed` and n > 1 uses seed + j (SamplingParams.sample_seed), so the n choices differ
+    and each is reproducible: choice j equals LLM.generate with SamplingParams(n=...)'s sample j.
     """
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name):
-            raise ValueError(f"{name}={getattr(request, name)} is not supported by nanovllm; leave it 0 or unset")
-    if request.logit_bias:
-        raise ValueError("logit_bias is not supported by nanovllm; leave it unset")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
-    seed = request.seed + seed_offset if request.seed is not None else None
-    return SamplingParams(
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=0 if request.top_k is None else request.top_k,
-        min_p=0.0 if request.min_p is None else request.min_p,
-        seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
-        stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs)
+    params = SamplingParams(
+        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
+        seed=request.seed, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
+        stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs,
+        presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty, logit_bias=request.logit_bias,
+        allowed_token_ids=request.allowed_token_ids, bad_words=request.bad_words, structured=structured(request))
+    if seed_offset:
+        params.seed = params.sample_seed(seed_offset)
+    return params
+
+
+def structured(request: SamplingFields) -> dict | None:
+    """vLLM's guided_* fields or OpenAI's response_format as a SamplingParams.structured dict (None: free text)."""
+    given = {kind: value for kind, value in (("json", request.guided_json), ("regex", request.guided_regex),
+                                             ("choice", request.guided_choice), ("grammar", request.guided_grammar))
+             if value is not None}
+    response_format = request.response_format
+    if response_format is not None and response_format.type == "json_object":
+        given["json_object"] = True
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise ValueError("response_format.json_schema.schema is missing: give the JSON schema to follow")
+        given["json"] = response_format.json_schema.schema_
+    if len(given) > 1:
+        raise ValueError(f"give one structured output constraint; got {', '.join(sorted(given))}")
+    return given or None
 
 
 def check_n(n: int) -> None:
