@@ -20,16 +20,6 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class JsonSchema(OpenAIModel):
-    name: str | None = None
-    schema_: dict | None = Field(default=None, alias="schema")
-
-
-class ResponseFormat(OpenAIModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchema | None = None
-
-
 class SamplingFields(OpenAIModel):
     """The fields completions and chat completions share."""
     model: str | None = None
@@ -48,17 +38,17 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extra sampling fields
+    repetition_penalty: float | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    # structured outputs, vLLM's names: one of these, or response_format
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
     guided_json: dict | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    response_format: ResponseFormat | None = None
-    user: str | None = None
 
 
 class CompletionRequest(SamplingFields):

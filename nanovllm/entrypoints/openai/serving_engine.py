@@ -55,40 +55,44 @@ class OpenAIServing:
 
 def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None,
                        seed_offset: int = 0) -> SamplingParams:
-    """The request's sampling fields as SamplingParams; ValueError (HTTP 400) names any invalid one. Fields the
-    request leaves unset take the model's generation_config.json defaults, as in `LLM.generate`.
+    """The request's sampling fields as SamplingParams; ValueError (HTTP 400) names any invalid one.
 
-    Choice j of a request with `seed` and n > 1 uses seed + j (SamplingParams.sample_seed), so the n choices differ
-    and each is reproducible: choice j equals LLM.generate with SamplingParams(n=...)'s sample j.
+    Choice j of a request with `seed` and n > 1 uses seed + j, so the n choices differ and each is reproducible.
     """
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
-    params = SamplingParams(
+    seed = SamplingParams(seed=request.seed).sample_seed(seed_offset)  # seed + j, wrapped into the seed range
+    # temperature, top_p, top_k, min_p and repetition_penalty left unset take the model's generation_config.json
+    return SamplingParams(
         temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
-        seed=request.seed, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
-        stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs,
+        repetition_penalty=request.repetition_penalty,
         presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
-        repetition_penalty=request.repetition_penalty, logit_bias=request.logit_bias,
-        allowed_token_ids=request.allowed_token_ids, bad_words=request.bad_words, structured=structured(request))
-    if seed_offset:
-        params.seed = params.sample_seed(seed_offset)
-    return params
+        logit_bias=request.logit_bias or None, allowed_token_ids=request.allowed_token_ids,
+        bad_words=request.bad_words or None, structured=structured_outputs(request),
+        seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
+        stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs)
 
 
-def structured(request: SamplingFields) -> dict | None:
-    """vLLM's guided_* fields or OpenAI's response_format as a SamplingParams.structured dict (None: free text)."""
+def structured_outputs(request: SamplingFields) -> dict | None:
+    """OpenAI's response_format, or vLLM's guided_json / guided_regex / guided_choice / guided_grammar, as
+    SamplingParams.structured (None when the request sets none; ValueError when it sets several)."""
     given = {kind: value for kind, value in (("json", request.guided_json), ("regex", request.guided_regex),
                                              ("choice", request.guided_choice), ("grammar", request.guided_grammar))
              if value is not None}
-    response_format = request.response_format
-    if response_format is not None and response_format.type == "json_object":
-        given["json_object"] = True
-    elif response_format is not None and response_format.type == "json_schema":
-        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-            raise ValueError("response_format.json_schema.schema is missing: give the JSON schema to follow")
-        given["json"] = response_format.json_schema.schema_
+    fmt = request.response_format
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        if fmt.get("type") == "json_object":
+            given["json_object"] = True
+        elif fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+            given["json"] = schema
+        else:
+            raise ValueError(f"response_format type {fmt.get('type')!r} is invalid: expected 'text', 'json_object' "
+                             f"or 'json_schema'")
     if len(given) > 1:
-        raise ValueError(f"give one structured output constraint; got {', '.join(sorted(given))}")
+        raise ValueError(f"response_format and guided_* set {len(given)} constraints ({', '.join(given)}); give one")
     return given or None
 
 
