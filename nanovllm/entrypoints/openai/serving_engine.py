@@ -61,7 +61,7 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
     """
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
-    seed = request.seed + seed_offset if request.seed is not None else None
+    seed = SamplingParams(seed=request.seed).sample_seed(seed_offset)  # seed + j, wrapped into the seed range
     # temperature, top_p, top_k, min_p and repetition_penalty left unset take the model's generation_config.json
     return SamplingParams(
         temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
