@@ -1,4 +1,4 @@
-"""The `nanovllm` command: one module per subcommand in nanovllm/commands/ (generate, backends, bench, tune, serve, batch)."""
+"""The `nanovllm` command: one module per subcommand in nanovllm/commands/."""
 import argparse
 import sys
 

@@ -57,8 +57,31 @@ class EngineConfig:
                 positive_int(name)
         if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):
             bad("kvcache_block_size", "expected a power of two (e.g. 16, 32, 256)")
-        if not isinstance(self.enforce_eager, bool):
-            bad("enforce_eager", "expected True or False")
+        for name in ("enforce_eager", "async_scheduling", "skip_tokenizer_init"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "expected True or False")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            bad("compile", "expected True, False or None (the backend decides)")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        for name in ("backend", "device", "tokenizer"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike) and name == "tokenizer":
+                self.tokenizer = value = os.fspath(value)
+            if value is not None and not isinstance(value, str):
+                bad(name, "expected a string" + (" (a folder or a Hugging Face model id)" if name == "tokenizer"
+                                                 else " (e.g. 'cpu', 'cuda:1')" if name == "device" else ""))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                bad("device", "expected a torch device name like 'cpu', 'cuda' or 'cuda:1'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            bad("seed", "expected an integer in [0, 2**64)")
+        if isinstance(self.kernel_plan, os.PathLike):
+            self.kernel_plan = os.fspath(self.kernel_plan)
+        if self.kernel_plan is not None and not isinstance(self.kernel_plan, str):
+            bad("kernel_plan", "expected the path of a saved plan (a TOML file)")
         if isinstance(self.dtype, str):
             if self.dtype not in DTYPES and self.dtype != "auto":
                 bad("dtype", f"expected one of {sorted(DTYPES)} or 'auto'")
@@ -80,6 +103,11 @@ class EngineConfig:
             bad("kernels", "expected 'reference' or a dict {op: kernel name}")
         if isinstance(self.kernels, str):
             self.kernels = parse_kernels(self.kernels)
+        if isinstance(self.kernels, dict):
+            for op, name in self.kernels.items():
+                if not isinstance(op, str) or not isinstance(name, str):
+                    raise ValueError(f"kernels[{op!r}]={name!r} is invalid: expected a dict of op name -> kernel name, "
+                                     f"both strings (e.g. {{'attention.decode': 'triton_paged'}})")
         if self.kernel_plan is not None and self.kernels is not None:
             raise ValueError("kernel_plan and kernels (or NANOVLLM_KERNELS) both choose kernels: give one of them")
         if self.verify_kernels is None and os.environ.get("NANOVLLM_VERIFY_KERNELS"):

@@ -53,8 +53,12 @@ def load_plan(path: str | Path) -> tuple[str, dict[str, str]]:
     except FileNotFoundError:
         raise ValueError(f"kernel plan {str(path)!r} does not exist; write one with `nanovllm backends --plan "
                          f"--save-plan FILE` or LLM.save_kernel_plan(FILE)") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise ValueError(f"kernel plan {str(path)!r} is a folder; pass the plan's TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"kernel plan {str(path)!r} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ValueError(f"kernel plan {str(path)!r} cannot be read: {e.strerror or e}") from None
     backend, ops = data.get("backend"), data.get("ops", {})
     if not isinstance(backend, str) or not isinstance(ops, dict):
         raise ValueError(f"kernel plan {str(path)!r} needs `backend = \"name\"` and [ops.\"<op>\"] tables")

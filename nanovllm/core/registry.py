@@ -96,6 +96,16 @@ class KernelImpl:
     def full_name(self) -> str:
         return f"{self.backend}/{self.name}"
 
+    @property
+    def is_reference(self) -> bool:
+        """Registered by the cpu_ref plugin itself (or directly, plugin ""): one of the oracle's own kernels."""
+        return self.backend == REFERENCE_BACKEND and self.plugin in ("", REFERENCE_BACKEND)
+
+    @property
+    def is_foreign_on_reference(self) -> bool:
+        """Another plugin's kernel added to the cpu_ref backend: allowed, but never the reference."""
+        return self.backend == REFERENCE_BACKEND and not self.is_reference
+
     def reasons(self, query: KernelQuery) -> list[str]:
         reasons = []
         if query.kv_is_fp8 and self.op in KV_CACHE_OPS and not takes_kv_scales(self.fn, self.op):
@@ -145,7 +155,9 @@ class KernelPlan:
         rows = [("op", "kernel", "plugin", "why")]
         for op, c in self.choices.items():
             plugin = c.impl.plugin + (f" {c.impl.plugin_version}" if c.impl.plugin_version else "")
-            rows.append((op, c.impl.full_name, plugin or "-", c.why))
+            why = c.why + (f" [FOREIGN: plugin {c.impl.plugin}'s kernel on the reference backend, not cpu_ref's own]"
+                           if c.impl.is_foreign_on_reference else "")
+            rows.append((op, c.impl.full_name, plugin or "-", why))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"  for {self.query.describe()}"] if self.query is not None else []
         for row in rows:
@@ -217,10 +229,10 @@ class KernelRegistry:
         return [i for i in self.impls[op] if i.backend == backend]
 
     def reference(self, op: str) -> KernelImpl | None:
-        """The oracle for `op`: the cpu_ref plugin's own kernel. Another plugin may add kernels under the cpu_ref
-        backend, but they are candidates like any other, never the reference they are checked against."""
-        refs = self.candidates(op, REFERENCE_BACKEND)
-        own = [i for i in refs if i.plugin in ("", REFERENCE_BACKEND)] or refs
+        """The oracle for `op`: the cpu_ref plugin's own kernel, whatever else is registered. Another plugin may add
+        kernels under the cpu_ref backend, but they are candidates like any other, never the reference that
+        kernels="reference", shadow verification and the parity kit check against."""
+        own = [i for i in self.candidates(op, REFERENCE_BACKEND) if i.is_reference]
         return max(own, key=lambda i: i.priority) if own else None
 
     def resolve(self, backend: str, query: KernelQuery, preferences: dict[str, list[str]] | None = None,
@@ -242,6 +254,11 @@ class KernelRegistry:
             raise ValueError(f"kernels={overrides!r}: expected 'reference' or a dict {{op: kernel name}}")
         choices = {op: self._resolve_op(op, backend, query, preferences.get(op, []), overrides,
                                         (notes or {}).get(op), exclude) for op in (ops or OPS)}
+        for op, c in choices.items():
+            if c.impl.is_foreign_on_reference:
+                logger.warning("%s on the reference backend runs %s from plugin %r, not cpu_ref's own kernel "
+                               "(the reference stays %s)", op, c.impl.full_name, c.impl.plugin,
+                               getattr(self.reference(op), "full_name", "unregistered"))
         return KernelPlan(backend, choices, query)
 
     def _resolve_op(self, op, backend, query, preferred, overrides, note, exclude) -> OpChoice:

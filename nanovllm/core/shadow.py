@@ -66,7 +66,7 @@ class VerifiedKernel:
     def _verify_output(self, target: KernelImpl, args):
         expected = self.reference.fn(*args)  # the reference reads its inputs and writes nothing
         out = target.fn(*args)
-        error = self._error(out, expected)
+        error = self._error(_flat(out), _flat(expected))
         if error is not None:
             self._demote(target, args, error)
             return expected
@@ -115,6 +115,13 @@ class VerifiedKernel:
         self.choice = OpChoice(self.op, replacement.impl, f"demoted {target.full_name} (see skipped)",
                                ((target.name, (reason,)), *replacement.rejected))
         self.target = replacement.impl
+
+
+def _flat(out):
+    """One tensor for comparison: ops that return several tensors (rotary.qk's q and k) are flattened and joined."""
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return torch.cat([t.flatten() for t in out])
+    return out
 
 
 def install_shadow_verification(plan: KernelPlan, plugins, every: int) -> KernelPlan:

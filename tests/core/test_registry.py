@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from nanovllm.core.registry import KernelQuery, KernelRegistry
+from tests.conftest import debug_messages
 
 OPS = ["attention.decode"]
 Q = KernelQuery("cpu", torch.float32, 64, 4, 2, 16)
@@ -90,6 +91,30 @@ def test_plan_table_names_plugin_version_and_skipped():
     r.register("attention.decode", "x", "mid", decode, plugin="vendor", plugin_version="2.1.0")
     table = r.resolve("x", Q, ops=OPS).table()
     assert "x/mid" in table and "vendor 2.1.0" in table and "skipped fast: needs head_dim 128" in table
+
+
+def test_the_oracle_cannot_be_replaced_by_a_foreign_cpu_ref_kernel():
+    """A third party may add a kernel to backend cpu_ref, even one that outranks cpu_ref's own there, but the
+    reference (kernels="reference", shadow verification) stays cpu_ref's own, and the plan marks the foreign one."""
+    r = KernelRegistry()
+    r.register("attention.decode", "cpu_ref", "torch_loop", decode, plugin="cpu_ref")
+    r.register("attention.decode", "cpu_ref", "faster", decode, priority=100, plugin="acme")
+    assert r.reference("attention.decode").name == "torch_loop"
+    with debug_messages("nanovllm.core.registry") as messages:
+        plan = r.resolve("cpu_ref", Q, ops=OPS)
+    assert plan.choices["attention.decode"].impl.name == "faster"  # the third party's right to add kernels
+    assert "FOREIGN: plugin acme's kernel on the reference backend" in plan.table()
+    assert any("runs cpu_ref/faster from plugin 'acme', not cpu_ref's own" in m for m in messages)
+    forced = r.resolve("cpu_ref", Q, ops=OPS, overrides="reference").choices["attention.decode"]
+    assert forced.impl.name == "torch_loop" and "FOREIGN" not in r.resolve("x", Q, ops=OPS).table()
+
+
+def test_only_a_foreign_cpu_ref_kernel_is_no_reference():
+    r = KernelRegistry()
+    r.register("attention.decode", "cpu_ref", "impostor", decode, plugin="acme")
+    assert r.reference("attention.decode") is None
+    with pytest.raises(RuntimeError, match=r"no reference \(cpu_ref\) kernel is registered for attention.decode"):
+        r.resolve("x", Q, ops=OPS, overrides="reference")
 
 
 def test_plan_is_read_only_and_names_per_call_fallbacks():
