@@ -119,7 +119,8 @@ def run(args) -> dict:
         "floor_s": round(floor_s, 3), "efficiency": round(floor_s / seconds, 3),
         "torch": torch.__version__, "python": platform.python_version(),
         "kernels": {op: f"{c.impl.backend}/{c.impl.name}" for op, c in llm.engine.kernel_plan.choices.items()},
-        "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."), "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
+        "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
+        "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
     }
     try:
         import triton

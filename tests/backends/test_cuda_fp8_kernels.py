@@ -115,8 +115,8 @@ def test_fp8_decode_matches_reference(device, kv_dtype, group, num_kv_heads, hea
         paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, head_dim ** -0.5,
                      num_splits=num_splits, out=out, k_scale=k_scale, v_scale=v_scale)
         expected = ref_decode(q, k_cache, v_cache, meta, head_dim ** -0.5, k_scale, v_scale)
-        assert_close(out / v_scale.repeat_interleave(group)[:, None], expected / v_scale.repeat_interleave(group)[:, None],
-                     dtype)
+        per_head = v_scale.repeat_interleave(group)[:, None]
+        assert_close(out / per_head, expected / per_head, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

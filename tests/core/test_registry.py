@@ -138,7 +138,8 @@ def test_fp8_kv_cache_skips_kernels_that_take_no_scales():
     plan = r.resolve("x", fp8, ops=["attention.decode"])
     choice = plan.choices["attention.decode"]
     assert choice.impl.name == "fp8_ready"
-    assert choice.rejected[0][0] == "bf16_only" and "needs a kernel that takes (k_scale, v_scale)" in choice.rejected[0][1][0]
+    name, reasons = choice.rejected[0]
+    assert name == "bf16_only" and "needs a kernel that takes (k_scale, v_scale)" in reasons[0]
     assert "KV cache float8_e4m3fn" in plan.table()
     with pytest.raises(ValueError, match="bf16_only.*cannot serve this run: KV cache float8_e4m3fn needs"):
         r.resolve("x", fp8, overrides={"attention.decode": "bf16_only"}, ops=["attention.decode"])

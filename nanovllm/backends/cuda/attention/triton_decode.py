@@ -225,7 +225,8 @@ def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
-                     scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The `attention.decode` op: q [num_seqs, num_heads, head_dim], one token per sequence."""
     return paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale, k_scale=k_scale,
                         v_scale=v_scale)
