@@ -26,12 +26,23 @@ def bad_output(label: Label, op: str, problem: str) -> RuntimeError:
 
 def check_like(label: Label, op: str, out, expected: torch.Tensor) -> torch.Tensor:
     """`out` must be a tensor of `expected`'s shape and dtype (an attention kernel's output is like its query)."""
+    return check_shape(label, op, out, expected.shape, expected.dtype)
+
+
+def check_shape(label: Label, op: str, out, shape, dtype: torch.dtype) -> torch.Tensor:
+    """`out` must be a tensor of this shape and dtype."""
     if not isinstance(out, torch.Tensor):
         raise bad_output(label, op, f"a {type(out).__name__}, not a tensor")
-    if out.shape != expected.shape or out.dtype != expected.dtype:
-        raise bad_output(label, op, f"shape {tuple(out.shape)} {out.dtype}; expected {tuple(expected.shape)} "
-                                   f"{expected.dtype}")
+    if out.shape != shape or out.dtype != dtype:
+        raise bad_output(label, op, f"shape {tuple(out.shape)} {out.dtype}; expected {tuple(shape)} {dtype}")
     return out
+
+
+def check_pair_like(label: Label, op: str, out, first: torch.Tensor, second: torch.Tensor):
+    """`out` must be a pair of tensors like (`first`, `second`) (rotary.qk returns the new q and k)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise bad_output(label, op, f"a {type(out).__name__}, not a pair of tensors (q, k)")
+    return check_like(label, op, out[0], first), check_like(label, op, out[1], second)
 
 
 def check_token_ids(label: Label, tokens, num_rows: int) -> torch.Tensor:

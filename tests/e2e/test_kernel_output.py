@@ -45,8 +45,17 @@ def as_float16(q, k_cache, v_cache, meta, scale):
     return torch.zeros_like(q, dtype=torch.float16)
 
 
+def only_q(positions, q, k, cos_sin_cache, q_weight, k_weight, eps):
+    return q
+
+
+def no_halving(x):
+    return x.clone()
+
+
 BROKEN = {"sampler": [negative_ids, past_the_vocabulary, float_ids, one_id_too_many, not_a_tensor],
-          "attention.prefill": [half_the_heads], "attention.decode": [as_float16]}
+          "attention.prefill": [half_the_heads], "attention.decode": [as_float16], "rotary.qk": [only_q],
+          "act.silu_mul": [no_halving]}
 
 
 @pytest.fixture
@@ -69,6 +78,8 @@ CASES = [("sampler", negative_ids, r"token id -1, outside the vocabulary \[0, 51
          ("sampler", one_id_too_many, r"shape \(3,\) torch.int64; expected \(2,\)"),
          ("sampler", not_a_tensor, r"a list, not a tensor of token ids"),
          ("attention.prefill", half_the_heads, r"shape \(\d+, 2, 48\) torch.float32; expected \(\d+, 4, 48\)"),
+         ("rotary.qk", only_q, r"a Tensor, not a pair of tensors \(q, k\)"),
+         ("act.silu_mul", no_halving, r"shape \(\d+, 768\) torch.float32; expected \(\d+, 384\) torch.float32"),
          ("attention.decode", as_float16, r"shape \(\d+, 4, 48\) torch.float16; expected \(\d+, 4, 48\) torch.float32")]
 
 
