@@ -204,9 +204,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if seq.deferred_samples:  # finished at its first token: its prompt blocks still serve the other samples
-            if reason != "abort":
-                self.block_manager.cache_computed_blocks(seq)
+        if seq.deferred_samples:  # finished at its first token: its cached prompt blocks still serve the others
             self._release_samples(seq)
         self.block_manager.free(seq)
         self.running.remove(seq)
