@@ -86,7 +86,7 @@ def main() -> None:
           f"{torch.__version__}, ray {ray.__version__}; {args.rows} rows x {args.max_tokens} tokens = {tokens} tokens")
     results = [(f"LLM.generate in-process, {t} torch thread(s)", plain(model, rows, t), None)
                for t in sorted({1, cores})]
-    ray.init(num_cpus=max(args.replicas), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(args.replicas), include_dashboard=False, log_to_driver=False,
              object_store_memory=200 * 2**20)
     ray.data.DataContext.get_current().enable_progress_bars = False
     for n in args.replicas:

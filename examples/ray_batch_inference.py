@@ -20,9 +20,9 @@ def main() -> None:
     parser.add_argument("--model", help="a checkpoint folder readable on every node (default: embedded SmolLM2)")
     parser.add_argument("--backend", default="cpu_ref")
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--address", help="a Ray cluster to join (default: start a local Ray)")
+    parser.add_argument("--address", help="a Ray cluster to join, e.g. auto (default: start a local Ray)")
     args = parser.parse_args()
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False)
     if args.model is None:  # convert the embedded model once here, not in every replica
         from nanovllm.checkpoint.default_model import default_model_path
         args.model = default_model_path()

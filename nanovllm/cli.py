@@ -1,4 +1,4 @@
-"""The `nanovllm` command: one module per subcommand in nanovllm/commands/ (generate, backends, bench, tune, serve, batch)."""
+"""The `nanovllm` command: one module per subcommand in nanovllm/commands/."""
 import argparse
 import sys
 
@@ -15,7 +15,7 @@ def version_line() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from nanovllm.commands import backends, batch, bench, generate, serve, tune
-    from nanovllm.commands.arguments import HelpFormatter, add_kernel_arguments
+    from nanovllm.commands.arguments import HelpFormatter, add_kernel_arguments, add_kv_cache_arguments
     parser = argparse.ArgumentParser(prog="nanovllm", description="Offline LLM inference with pluggable backends")
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = add_parser("bench", help="throughput and time to first token on a random workload, with its measured floor")
     bench.add_arguments(t)
     add_kernel_arguments(t)
+    add_kv_cache_arguments(t)
     t.set_defaults(fn=bench.main)
     u = add_parser("tune", help="time every usable kernel per op at a model's shapes; write the winners to "
                                 "the user's plugins.toml")

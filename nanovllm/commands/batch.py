@@ -85,7 +85,8 @@ def on_ray_rows(rows: list[dict], args, options: dict, defaults: dict) -> Iterat
     ray = require_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of our own, never a cluster some other process happens to run on this machine
+        ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False

@@ -8,7 +8,8 @@ N = `--input-len`, drawn by randint(0, 10000); max_tokens=randint(min(100, M), M
 
 Floor = bytes the workload must move / measured copy bandwidth + prefill matrix FLOPs / measured bf16
 matmul rate. Bytes: the weights once per decode step over the longest request's steps, every decoded
-token reading its whole context's K/V, and every token's K/V written once. Efficiency = floor / time.
+token reading its whole context's K/V (1 byte a value with an FP8 KV cache), and every token's K/V written
+once. Efficiency = floor / time.
 `--no-floor` skips its measurement (large buffers copied and a matmul timed: seconds, more on a busy CPU).
 """
 import argparse
@@ -107,7 +108,8 @@ def matmul_rate(device: torch.device, sync: Callable[[], None], n: int = 8192) -
     return 2 * n ** 3 / _timed(lambda: a @ b, sync, 10)
 
 
-def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
+def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> dict:
+    """Bytes and prefill FLOPs of the workload; K/V bytes counted at `kv_dtype_bytes` (1 for an FP8 cache)."""
     layers, kv_heads, heads = hf.num_hidden_layers, hf.num_key_value_heads, hf.num_attention_heads
     head_dim = head_dim_of(hf)
     hidden, inter, vocab = hf.hidden_size, hf.intermediate_size, hf.vocab_size
@@ -115,7 +117,7 @@ def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2) -> dict:
     matmul_params = layers * layer_params
     embed_params = vocab * hidden * (1 if getattr(hf, "tie_word_embeddings", False) else 2)
     weight_bytes = (matmul_params + embed_params) * dtype_bytes
-    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * (kv_dtype_bytes or dtype_bytes)
     context_reads = sum(len(p) * m + m * (m - 1) // 2 + m for p, m in zip(prompts, max_tokens))
     total_tokens = sum(len(p) + m for p, m in zip(prompts, max_tokens))
     bytes_moved = weight_bytes * max(max_tokens) + kv_bytes_per_token * (context_reads + total_tokens)
@@ -134,7 +136,8 @@ def run(args) -> dict:
         options["compile"] = False
     if args.config:
         options.update(load_format="dummy", skip_tokenizer_init=True)
-    for name in ("num_kvcache_blocks", "dtype", "threads", "kernels", "kernel_plan", "verify_kernels"):
+    for name in ("num_kvcache_blocks", "dtype", "threads", "kernels", "kernel_plan", "verify_kernels", "kv_cache_dtype",
+                 "kv_cache_scale"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     llm = LLM(model, backend=args.backend, **options)
@@ -150,16 +153,17 @@ def run(args) -> dict:
                 input_len if args.fixed_lengths else f"{min(100, input_len)}-{input_len}",
                 output_len if args.fixed_lengths else f"{min(100, output_len)}-{output_len}")
     timing = timed_generate(llm, prompts, params, progress=not args.no_progress)
+    runner = llm.engine.runner
     result = {"backend": llm.engine.backend.name, "device": llm.engine.backend.device_name(device),
-              "model": llm.config.model,
-              "dtype": str(llm.engine.runner.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-              "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
-              "fixed_lengths": args.fixed_lengths, **timing}
+              "model": llm.config.model, "dtype": str(runner.dtype).removeprefix("torch."),
+              "threads": torch.get_num_threads(), "num_prompts": num_prompts, "input_len": input_len,
+              "output_len": output_len, "fixed_lengths": args.fixed_lengths, **timing}
     if not args.no_floor:
         result.update(measure_floor(llm, prompts, max_tokens, timing["seconds"]))
     result.update({
         "torch": torch.__version__, "python": platform.python_version(),
         "kernels": {op: f"{c.impl.backend}/{c.impl.name}" for op, c in llm.engine.kernel_plan.choices.items()},
+        "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
         "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
     })
     try:
@@ -180,8 +184,8 @@ def measure_floor(llm, prompts, max_tokens, seconds: float) -> dict:
 
     def sync():
         backend.synchronize(device)
-    floor = workload_floor(llm.config.hf_config, prompts, max_tokens,
-                           torch.empty(0, dtype=llm.engine.runner.dtype).element_size())
+    runner = llm.engine.runner
+    floor = workload_floor(llm.config.hf_config, prompts, max_tokens, runner.dtype.itemsize, runner.kv_dtype.itemsize)
     logger.info("bench: measuring the floor on %s: copy bandwidth, then a matmul rate (skip with --no-floor)",
                 device)
     start = time.perf_counter()

@@ -121,7 +121,7 @@ def main(args) -> int:
 
     from nanovllm.checkpoint.folder import config_folder
     from nanovllm.core.config import EngineConfig
-    from nanovllm.core.plugins import load_plugins, user_toml_path
+    from nanovllm.core.plugins import load_plugins, load_settings, user_toml_path
     from nanovllm.core.startup import resolve
     from nanovllm.commands.tune_preferences import write_tuned_preferences
 
@@ -132,7 +132,7 @@ def main(args) -> int:
     config = EngineConfig(model=folder, backend=args.backend, hf_config=AutoConfig.from_pretrained(folder),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(args.max_num_seqs, 16384),
                           **options)
-    plugins = load_plugins()
+    plugins = load_plugins(load_settings(user_file_may_be_missing=True))  # tune writes the user's file
     resolved = resolve(config, plugins)
     backend, plan = resolved.backend, resolved.plan
     device = backend.device(config)

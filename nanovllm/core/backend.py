@@ -43,6 +43,8 @@ class Backend:
     block_table_multiple: int = 1  # pad block-table widths to a multiple of this (JIT kernels specialise on strides)
     # the engine options only this backend reads (e.g. {"gpu_memory_utilization": Fraction(0.9)}): LLM(..., name=x)
     options: dict[str, Fraction] = {}
+    # kv_cache_dtype options this backend's KV cache and kernels can hold ("auto": the model dtype)
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
     # op -> kernel names, best first: the plugin's own preference; plugins.toml [kernels.<name>] overrides per op
     kernel_preferences: dict[str, list[str]] = {}
 

@@ -77,28 +77,40 @@ class BlockManager:
         return seq.num_blocks(self.block_size) - len(hits) + revived <= self.num_free_blocks
 
     def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks. All or nothing: if
+        anything raises (Ctrl-C included) the blocks taken so far are returned before the exception propagates."""
         assert not seq.block_table, "sequence already holds blocks"
         hits = self._prefix_hits(seq)
-        for block_id in hits:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free_block_ids[block_id]
-            block.ref_count += 1
-        seq.block_table = hits + [self._take_free_block() for _ in range(seq.num_blocks(self.block_size) - len(hits))]
+        taken: list[int] = []
+        try:
+            for block_id in hits:
+                block = self.blocks[block_id]
+                if block.ref_count == 0:
+                    del self.free_block_ids[block_id]
+                block.ref_count += 1
+                taken.append(block_id)
+            for _ in range(seq.num_blocks(self.block_size) - len(hits)):
+                taken.append(self._take_free_block())
+        except BaseException:
+            self._release(taken)
+            raise
+        seq.block_table = taken
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
         self.num_prefix_hit_tokens += seq.num_cached_tokens
         self.num_prefix_query_tokens += len(seq)
 
-    def free(self, seq: Sequence) -> None:
-        for block_id in reversed(seq.block_table):
+    def _release(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
-        seq.block_table = []
+
+    def free(self, seq: Sequence) -> None:
+        table, seq.block_table = seq.block_table, []
+        self._release(table)
         seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
     def can_append(self, seq: Sequence, num_new_slots: int = 1) -> bool:
@@ -123,6 +135,22 @@ class BlockManager:
                 block.hash, block.token_ids = compute_block_hash(tokens, prefix_hash), tokens
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
             seq.num_hashed_blocks = i + 1
+
+    def reclaim_all(self) -> None:
+        """Free every block, whatever the bookkeeping says (after a failed step, once every sequence is aborted, so
+        no block can be in use). Recovery rebuilds from the blocks themselves and never trusts counts that the
+        failure may have left half-updated. Prefix-cache entries stay where their block still holds their hash."""
+        for block in self.blocks:
+            block.ref_count = 0
+        still_free = [b for b in self.free_block_ids if 0 <= b < self.num_blocks]
+        self.free_block_ids = OrderedDict.fromkeys(still_free)
+        for block in self.blocks:  # blocks that were in use go last: the least recently freed are reused first
+            if block.block_id not in self.free_block_ids:
+                self.free_block_ids[block.block_id] = None
+        self.hash_to_block_id = {h: b for h, b in self.hash_to_block_id.items() if self.blocks[b].hash == h}
+        for block in self.blocks:
+            if block.hash is not None and block.token_ids is None:  # hashed half-way: forget it
+                block.hash = None
 
     def check_invariants(self, live: list[Sequence]) -> None:
         """Ref counts equal the live sequences' references; free blocks are exactly those with none."""

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from nanovllm.core.kv_quant import KV_CACHE_DTYPES, KV_CACHE_SCALES
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float": torch.float32, "half": torch.float16}
@@ -20,6 +22,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
     kvcache_block_size: int | None = None
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2"
+    kv_cache_scale: str = "per_head"  # FP8 only: "per_head", "per_tensor" or "unit" (see core/kv_calibration.py)
     num_kvcache_blocks: int | None = None
     enforce_eager: bool = False
     compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
@@ -54,14 +58,41 @@ class EngineConfig:
                 positive_int(name)
         if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):
             bad("kvcache_block_size", "expected a power of two (e.g. 16, 32, 256)")
-        if not isinstance(self.enforce_eager, bool):
-            bad("enforce_eager", "expected True or False")
+        for name in ("enforce_eager", "async_scheduling", "skip_tokenizer_init"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "expected True or False")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            bad("compile", "expected True, False or None (the backend decides)")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        for name in ("backend", "device", "tokenizer"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike) and name == "tokenizer":
+                self.tokenizer = value = os.fspath(value)
+            if value is not None and not isinstance(value, str):
+                bad(name, "expected a string" + (" (a folder or a Hugging Face model id)" if name == "tokenizer"
+                                                 else " (e.g. 'cpu', 'cuda:1')" if name == "device" else ""))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                bad("device", "expected a torch device name like 'cpu', 'cuda' or 'cuda:1'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            bad("seed", "expected an integer in [0, 2**64)")
+        if isinstance(self.kernel_plan, os.PathLike):
+            self.kernel_plan = os.fspath(self.kernel_plan)
+        if self.kernel_plan is not None and not isinstance(self.kernel_plan, str):
+            bad("kernel_plan", "expected the path of a saved plan (a TOML file)")
         if isinstance(self.dtype, str):
             if self.dtype not in DTYPES and self.dtype != "auto":
                 bad("dtype", f"expected one of {sorted(DTYPES)} or 'auto'")
             self.dtype = checkpoint_dtype(self.hf_config) if self.dtype == "auto" else DTYPES[self.dtype]
         elif self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             bad("dtype", "expected a torch.dtype or a name like 'bfloat16'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"expected one of {', '.join(map(repr, KV_CACHE_DTYPES))}")
+        if self.kv_cache_scale not in KV_CACHE_SCALES:
+            bad("kv_cache_scale", f"expected one of {', '.join(map(repr, KV_CACHE_SCALES))}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             bad("generation_config", "expected 'auto' (the model folder's generation_config.json), 'none', or a "
                                      "folder holding one")
@@ -73,6 +104,11 @@ class EngineConfig:
             bad("kernels", "expected 'reference' or a dict {op: kernel name}")
         if isinstance(self.kernels, str):
             self.kernels = parse_kernels(self.kernels)
+        if isinstance(self.kernels, dict):
+            for op, name in self.kernels.items():
+                if not isinstance(op, str) or not isinstance(name, str):
+                    raise ValueError(f"kernels[{op!r}]={name!r} is invalid: expected a dict of op name -> kernel name, "
+                                     f"both strings (e.g. {{'attention.decode': 'triton_paged'}})")
         if self.kernel_plan is not None and self.kernels is not None:
             raise ValueError("kernel_plan and kernels (or NANOVLLM_KERNELS) both choose kernels: give one of them")
         if self.verify_kernels is None and os.environ.get("NANOVLLM_VERIFY_KERNELS"):

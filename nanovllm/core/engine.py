@@ -50,9 +50,12 @@ class Engine:
             check_tensor_parallel(config, self.backend)
             self.workers = WorkerGroup(config, pinned(self.resolved), tp)
         try:
-            self.comm = self.backend.communicator(0, tp, self.workers.init_method if self.workers else "")
-            self.runner = ModelRunner(config, self.resolved, self.comm, self.workers)
-            num_blocks = self.runner.initialize()
+            if self.workers is not None:
+                self.workers.wait_until_ready()
+            self.comm = self._watched(self.backend.communicator, 0, tp,
+                                      self.workers.init_method if self.workers else "")
+            self.runner = self._watched(ModelRunner, config, self.resolved, self.comm, self.workers)
+            num_blocks = self._watched(self.runner.initialize)
         except BaseException as e:
             self._fail(e)
             raise
@@ -66,6 +69,17 @@ class Engine:
     def kernel_plan(self) -> KernelPlan:
         """The kernels this engine runs: the resolved plan, with shadow verification's demotions (if any)."""
         return current_plan(self.resolved.plan)
+
+    def _watched(self, fn, *args):
+        """fn(*args); under tensor parallelism on rank 0's step thread, waited for while the workers are watched
+        (a worker that dies or stops fails the wait within seconds, and Ctrl-C interrupts it)."""
+        return fn(*args) if self.workers is None else self.workers.watch(fn, *args)
+
+    def interrupt(self) -> None:
+        """A caller's Ctrl-C (from any thread): under tensor parallelism, a wait on the workers in progress ends at
+        once with KeyboardInterrupt, so the caller's abort is not held up by a worker that stopped answering."""
+        if self.workers is not None:
+            self.workers.interrupt()
 
     def _fail(self, error: BaseException) -> None:
         """Shut everything down after `error`; raise RuntimeError instead if a worker's death caused it."""
@@ -144,7 +158,7 @@ class Engine:
 
     def _launch(self, batch, prev=None):
         try:
-            step = self.runner.launch(batch, prev)
+            step = self._watched(self.runner.launch, batch, prev)
         except BaseException as e:
             if self.workers is not None:  # a half-run step leaves the workers inside a collective
                 self._fail(e)
@@ -157,7 +171,12 @@ class Engine:
         return step
 
     def _commit(self, step) -> list[Sequence]:
-        token_ids, logprobs = self.runner.wait(step)
+        try:
+            token_ids, logprobs = self._watched(self.runner.wait, step)
+        except BaseException as e:
+            if self.workers is not None:
+                self._fail(e)
+            raise
         return self.scheduler.commit(step.batch, step.indices, token_ids, logprobs)
 
     def step(self) -> list[Sequence]:
@@ -181,7 +200,7 @@ class Engine:
         next call starts clean. Blocks in the prefix cache stay valid: only fully computed, committed blocks
         are ever entered there. The caller re-raises `error`."""
         self._in_flight = None
-        num_aborted = self.scheduler.abort_all()
+        num_aborted = self.scheduler.abort_all()  # never raises, trusts nothing the failure may have broken
         self.runner.reset_step_state()
         logger.warning("a step raised %s; aborted %d unfinished request(s)%s", type(error).__name__, num_aborted,
                        "" if self.closed_reason else "; the engine is idle and usable")

@@ -15,10 +15,13 @@ finished requests are reported) and 555 us for `stream` (64 incremental detokeni
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import itertools
+import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,6 +34,14 @@ logger = get_logger(__name__)
 
 STOP = object()
 _request_ids = itertools.count()
+_open_loops: "weakref.WeakSet[EngineLoop]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loops() -> None:
+    """At exit, before the interpreter freezes daemon threads: stop every loop still running."""
+    for loop in list(_open_loops):
+        loop.close(timeout=2.0)
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -79,6 +90,7 @@ class EngineLoop:
         self._error: BaseException | None = None  # why the loop itself stopped (a bug): callers get it
         self._thread = threading.Thread(target=self._run, name="nanovllm-engine-loop", daemon=True)
         self._thread.start()
+        _open_loops.add(self)
 
     # ---- caller side (any thread) ---------------------------------------------------------------------------
     def submit(self, channel: OutputChannel, requests: list[EngineRequest]) -> None:
@@ -107,7 +119,7 @@ class EngineLoop:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread; requests still in the engine are aborted and their callers get a RuntimeError."""
-        if self._thread.is_alive():
+        if self._thread.is_alive() and not sys.is_finalizing():  # at interpreter exit the daemon thread is frozen
             self._send(STOP)
             if threading.current_thread() is not self._thread:
                 self._thread.join(timeout)

@@ -23,7 +23,8 @@ def plan_to_toml(plan: KernelPlan) -> str:
         q = plan.query
         lines += ["[query]", f"device_type = {toml_string(q.device_type)}",
                   f"dtype = {toml_string(str(q.dtype).removeprefix('torch.'))}", f"head_dim = {q.head_dim}",
-                  f"num_heads = {q.num_heads}", f"num_kv_heads = {q.num_kv_heads}", f"block_size = {q.block_size}", ""]
+                  f"num_heads = {q.num_heads}", f"num_kv_heads = {q.num_kv_heads}", f"block_size = {q.block_size}",
+                  f"kv_cache_dtype = {toml_string(str(q.kv_dtype).removeprefix('torch.'))}", ""]
     for op in sorted(plan.choices, key=lambda op: (list(OPS).index(op) if op in OPS else len(OPS), op)):
         c = plan.choices[op]
         rejected = ", ".join(toml_string(f"{name}: {'; '.join(reasons)}") for name, reasons in c.rejected)
@@ -52,8 +53,12 @@ def load_plan(path: str | Path) -> tuple[str, dict[str, str]]:
     except FileNotFoundError:
         raise ValueError(f"kernel plan {str(path)!r} does not exist; write one with `nanovllm backends --plan "
                          f"--save-plan FILE` or LLM.save_kernel_plan(FILE)") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise ValueError(f"kernel plan {str(path)!r} is a folder; pass the plan's TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"kernel plan {str(path)!r} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ValueError(f"kernel plan {str(path)!r} cannot be read: {e.strerror or e}") from None
     backend, ops = data.get("backend"), data.get("ops", {})
     if not isinstance(backend, str) or not isinstance(ops, dict):
         raise ValueError(f"kernel plan {str(path)!r} needs `backend = \"name\"` and [ops.\"<op>\"] tables")

@@ -11,7 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanovllm.core.config import EngineConfig
+from nanovllm.core.kernel_output import check_token_ids, check_token_range, kernel_label
 from nanovllm.models.fusion import fuse_small_ops
+from nanovllm.core.kv_calibration import calibrate_kv_scales
+from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.logging import get_logger
 from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.prompt_logprobs import split_prompt_logprobs
@@ -54,6 +57,8 @@ class ModelRunner:
         self.workers = workers
         self.hf_config = config.hf_config
         self.dtype, self.block_size = resolved.dtype, block_size
+        self.kv_dtype = plan.query.kv_dtype if plan.query is not None else self.dtype  # what the KV cache stores
+        self.kv_scales: torch.Tensor | None = None  # FP8: [num_layers, 2 (K, V), num_kv_heads] float32
         self.device = backend.device(config, comm.rank)
         self.sampler = plan.fn("sampler")
         self.max_num_blocks_per_seq = -(-config.max_model_len // block_size)
@@ -64,7 +69,8 @@ class ModelRunner:
             torch.set_default_dtype(self.dtype)
             with torch.device(self.device):
                 kernels = {op: plan.fn(op) for op in plan.choices}
-                self.model = model_class(self.hf_config)(self.hf_config, LayerContext(comm, kernels))
+                self.model = model_class(self.hf_config)(self.hf_config, LayerContext(comm, kernels,
+                                                                                            self.kernel_label))
         finally:
             torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
@@ -77,11 +83,8 @@ class ModelRunner:
             fuse_small_ops(self.model, plan)
         self.num_blocks = 0
         self.graphs = None
-        self.sampling = StepSampler(backend, self.device)
-        # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
-        build_device = self.device if comm.world_size == 1 else torch.device("cpu")
-        self.inputs = StepInputBuilder(build_device, block_size, config.max_num_seqs, self.max_num_blocks_per_seq,
-                                       pin=backend.pin_memory, table_multiple=backend.block_table_multiple)
+        self.sampling = StepSampler(backend, self.device, self.kernel_label, self.hf_config.vocab_size)
+        self.inputs: StepInputBuilder | None = None  # sized once the KV cache is (see allocate_kv_cache)
 
     # ---- start-up -------------------------------------------------------------------------------
     def initialize(self) -> int:
@@ -93,6 +96,10 @@ class ModelRunner:
         if self.backend.measures_peak_memory:
             self.warmup()
         num_blocks = self.backend.kv_cache_budget(self.config, self.device, self.bytes_per_block())
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise RuntimeError(f"backend {self.backend.name!r}: kv_cache_budget() returned {num_blocks!r}, not a "
+                               f"number of KV blocks (an int >= 1); set num_kvcache_blocks=N to bypass it, and "
+                               f"report it to the backend's authors")
         num_blocks = self.agree_on_num_blocks(num_blocks)
         self.allocate_kv_cache(num_blocks)
         if self.comm.world_size == 1:
@@ -131,9 +138,10 @@ class ModelRunner:
         from nanovllm.core.scheduler import ScheduledBatch
         from nanovllm.core.sequence import Sequence
         from nanovllm.sampling_params import SamplingParams
-        bs = self.block_size
-        lengths = [min(3 * bs + 5, self.config.max_model_len - 1), min(7, self.config.max_model_len - 1)]
-        if sum(-(-n // bs) for n in lengths) > self.num_blocks:
+        bs, c = self.block_size, self.config
+        lengths = [min(3 * bs + 5, c.max_model_len - 1), min(7, c.max_model_len - 1)][:c.max_num_seqs]
+        lengths = [n for n in lengths if n > 1]
+        if not lengths or sum(-(-n // bs) for n in lengths) > self.num_blocks:
             return
         seqs, next_block = [], 0
         for n in lengths:
@@ -141,21 +149,24 @@ class ModelRunner:
             seq.block_table = list(range(next_block, next_block + -(-n // bs)))
             next_block += len(seq.block_table)
             seqs.append(seq)
-        seqs[0].num_computed_tokens = bs  # a cached prefix: the paged prefill path
-        prefill = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), [True, True])
-        for batch in (prefill, ScheduledBatch(seqs, [1, 1], 0, [True, True])):
+        if len(seqs[0]) > bs:
+            seqs[0].num_computed_tokens = bs  # a cached prefix: the paged prefill path
+        everyone = [True] * len(seqs)
+        prefill = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), everyone)
+        for batch in (prefill, ScheduledBatch(seqs, [1] * len(seqs), 0, everyone)):
             if batch is not prefill:
                 for s in seqs:
                     s.num_computed_tokens = len(s) - 1
             logits = self.execute(*self.prepare(batch))
-            self.sampler(logits, self.sampling.tensors(seqs))
+            tokens = check_token_ids(self.kernel_label, self.sampler(logits, self.sampling.tensors(seqs)), len(seqs))
+            check_token_range(self.kernel_label, tokens.tolist(), self.hf_config.vocab_size)
         self.sampling.reset()
         self.backend.synchronize(self.device)
 
     def bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
         return (2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
-                * torch.empty(0, dtype=self.dtype).element_size())
+                * self.kv_dtype.itemsize)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         needed = self.max_num_blocks_per_seq
@@ -165,12 +176,27 @@ class ModelRunner:
                              f"num_kvcache_blocks (or the memory fraction), or lower max_model_len")
         layer = self.attention_layers[0]
         caches = self.backend.allocate_kv_cache(len(self.attention_layers), num_blocks, self.block_size,
-                                                layer.num_kv_heads, layer.head_dim, self.dtype, self.device)
+                                                layer.num_kv_heads, layer.head_dim, self.kv_dtype, self.device)
         for attn, (k_cache, v_cache) in zip(self.attention_layers, caches):
             attn.k_cache, attn.v_cache = k_cache, v_cache
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    num_blocks * self.bytes_per_block() / 2**30)
+        if self.config.max_num_seqs > num_blocks:  # every running sequence holds a block: no more can run at once
+            logger.info("max_num_seqs=%d exceeds the %d KV blocks; using %d", self.config.max_num_seqs, num_blocks,
+                        num_blocks)
+            self.config.max_num_seqs = num_blocks
+        # Under TP the step is built on the host, so rank 0 can send it to the workers before copying it.
+        build_device = self.device if self.comm.world_size == 1 else torch.device("cpu")
+        self.inputs = StepInputBuilder(build_device, self.block_size, self.config.max_num_seqs,
+                                       self.max_num_blocks_per_seq, pin=self.backend.pin_memory,
+                                       table_multiple=self.backend.block_table_multiple)
+        logger.info("KV cache: %d blocks of %d tokens, %s (%.2f GiB)", num_blocks, self.block_size,
+                    str(self.kv_dtype).removeprefix("torch."), num_blocks * self.bytes_per_block() / 2**30)
+        if is_fp8(self.kv_dtype):
+            self.kv_scales = torch.ones(len(self.attention_layers), 2, layer.num_kv_heads, dtype=torch.float32,
+                                        device=self.device)
+            for attn, scales in zip(self.attention_layers, self.kv_scales):
+                attn.kv_scales = (scales[0], scales[1])
+            calibrate_kv_scales(self, self.kv_scales, self.config.kv_cache_scale)  # fills them in place
 
     def capture_graphs(self) -> None:
         if self.config.enforce_eager or not self.backend.supports_graphs:
@@ -232,4 +258,9 @@ class ModelRunner:
         logits, prompt = split_prompt_logprobs(logits, meta, batch)
         return self.sampling.launch(batch, logits, self.sampler, prompt)
 
-    wait = staticmethod(StepSampler.wait)
+    def wait(self, step: LaunchedStep):
+        return self.sampling.wait(step)
+
+    def kernel_label(self, op: str) -> str:
+        """Words naming the kernel that runs `op` now and its plugin (for errors about its output)."""
+        return kernel_label(self.plan, op)

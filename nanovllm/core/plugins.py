@@ -15,39 +15,40 @@ import pluggy
 from nanovllm.core import hookspecs
 from nanovllm.core.backend import Backend
 from nanovllm.core.logging import get_logger
-from nanovllm.core.registry import KernelImpl, KernelRegistry, suggest
-from nanovllm.core.toml import tomllib
-
+from nanovllm.core.plugins_toml import check_schema, read_toml, warn_unknown_names
+from nanovllm.core.registry import REFERENCE_BACKEND, KernelImpl, KernelRegistry, suggest
 
 logger = get_logger(__name__)
 
 ENTRY_POINT_GROUP = "nanovllm.backends"
 PLUGIN_API = (1, 0)
 DEFAULT_TOML = Path(__file__).resolve().parent.parent / "plugins.toml"
+REFERENCE_MODULE = "nanovllm.backends.cpu_ref.plugin"  # the only module that may be the plugin named cpu_ref
 
 
 def user_toml_path() -> Path:
     if "NANOVLLM_PLUGINS_TOML" in os.environ:
-        return Path(os.environ["NANOVLLM_PLUGINS_TOML"])
+        return Path(os.environ["NANOVLLM_PLUGINS_TOML"]).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "nanovllm" / "plugins.toml"
 
 
-def load_settings() -> dict:
-    """The packaged plugins.toml, with the user's file (NANOVLLM_PLUGINS_TOML or ~/.config) laid over it."""
-    with open(DEFAULT_TOML, "rb") as f:
-        settings = tomllib.load(f)
+def load_settings(user_file_may_be_missing: bool = False) -> dict:
+    """The packaged plugins.toml, with the user's file (NANOVLLM_PLUGINS_TOML or ~/.config) laid over it; each
+    checked against the schema (see plugins_toml.py). A NANOVLLM_PLUGINS_TOML naming no file is an error, unless
+    `user_file_may_be_missing` (`nanovllm tune`, which creates it)."""
+    settings = check_schema(read_toml(DEFAULT_TOML), DEFAULT_TOML)
     user = user_toml_path()
-    if user.is_file():
-        try:
-            with open(user, "rb") as f:
-                override = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{user}: not valid TOML ({e}); fix or delete it") from e
+    if "NANOVLLM_PLUGINS_TOML" in os.environ and not user.exists() and not user_file_may_be_missing:
+        raise ValueError(f"NANOVLLM_PLUGINS_TOML={os.environ['NANOVLLM_PLUGINS_TOML']!r}: no such file; point it "
+                         f"at a plugins.toml, or unset it")
+    if user.exists():
+        override = check_schema(read_toml(user), user)
         settings.setdefault("backends", {}).update(override.get("backends", {}))
         for backend, prefs in override.get("kernels", {}).items():
             settings.setdefault("kernels", {}).setdefault(backend, {}).update(prefs)
         settings["tune"] = override.get("tune", {})  # what `nanovllm tune` wrote, and when: only the user file
+        settings["_source"] = f"{DEFAULT_TOML} + {user}"
     return settings
 
 
@@ -148,6 +149,10 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
         for ep in _entry_points():
             if ep.name in disabled or ep.name in found:
                 continue
+            if ep.name == REFERENCE_BACKEND and ep.value != REFERENCE_MODULE:
+                plugins.failures[f"{ep.name} ({ep.value})"] = reserved_name_reason(ep.value)
+                logger.warning("plugin %r (%s) is refused: %s", ep.name, ep.value, reserved_name_reason(ep.value))
+                continue
             try:
                 found[ep.name] = ep.load()
                 if getattr(ep, "dist", None) is not None:
@@ -158,6 +163,8 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
                                type(e).__name__, e)
     for name, module in found.items():
         why = check_api_version(getattr(module, "NANOVLLM_PLUGIN_API", None))
+        if name == REFERENCE_BACKEND and getattr(module, "__name__", None) != REFERENCE_MODULE:
+            why = reserved_name_reason(getattr(module, "__name__", repr(module)))
         if why is None:
             try:
                 pm.register(module, name=name)
@@ -201,7 +208,15 @@ def load_plugins(settings: dict | None = None, modules: dict | None = None) -> P
         for op, impls in staging.impls.items():
             impls = [dataclasses.replace(i, plugin_version=version) for i in impls]
             plugins.registry.impls[op].extend(disable_listed(impls, disabled_kernels))
+    if modules is None:  # tests that hand in modules also hand in settings naming what they like
+        warn_unknown_names(settings, set(plugins.backends), {ep.name for ep in _entry_points()}, plugins.registry)
     return plugins
+
+
+def reserved_name_reason(module: str) -> str:
+    return (f"the plugin name {REFERENCE_BACKEND!r} is reserved for nanovllm's reference backend ({REFERENCE_MODULE}), "
+            f"but it names {module}: give the entry point another name (a plugin may still add kernels to the "
+            f"cpu_ref backend)")
 
 
 def disable_listed(impls: list[KernelImpl], disabled: set[str]) -> list[KernelImpl]:

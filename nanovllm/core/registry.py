@@ -30,6 +30,11 @@ OPS: dict[str, tuple[str, ...]] = {
     "rotary.qk": ("positions", "q", "k", "cos_sin_cache", "q_weight", "k_weight", "eps"),
     "act.silu_mul": ("x",),
 }
+# ops that touch the KV cache: with an FP8 cache they are also passed (k_scale, v_scale) after the op's
+# arguments, each a float32 [num_kv_heads] tensor (stored = value / scale); a kernel that cannot take them
+# cannot serve an FP8 cache
+KV_CACHE_OPS = ("kv_cache.store", "attention.prefill", "attention.decode")
+KV_SCALE_ARGS = ("k_scale", "v_scale")
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,37 @@ class KernelQuery:
     num_heads: int
     num_kv_heads: int
     block_size: int
+    kv_cache_dtype: torch.dtype | None = None  # None: the cache holds the model dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype or self.dtype
+
+    @property
+    def kv_is_fp8(self) -> bool:
+        return self.kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+    def describe(self) -> str:
+        kv = "" if self.kv_cache_dtype in (None, self.dtype) else f", KV cache {str(self.kv_cache_dtype)[6:]}"
+        return (f"{str(self.dtype).removeprefix('torch.')}{kv}, head_dim {self.head_dim}, "
+                f"{self.num_heads}/{self.num_kv_heads} heads, block size {self.block_size}")
 
     def head_reasons(self) -> list[str]:
         """Why the heads cannot be grouped (grouped-query attention needs num_heads a multiple of num_kv_heads)."""
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             return [f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"]
         return []
+
+
+def takes_kv_scales(fn: Callable, op: str) -> bool:
+    """Whether `fn` accepts (k_scale, v_scale) right after `op`'s own arguments."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    n = len(OPS[op])
+    return tuple(names[n:n + len(KV_SCALE_ARGS)]) == KV_SCALE_ARGS
 
 
 @dataclass(frozen=True)
@@ -66,13 +96,27 @@ class KernelImpl:
     def full_name(self) -> str:
         return f"{self.backend}/{self.name}"
 
+    @property
+    def is_reference(self) -> bool:
+        """Registered by the cpu_ref plugin itself (or directly, plugin ""): one of the oracle's own kernels."""
+        return self.backend == REFERENCE_BACKEND and self.plugin in ("", REFERENCE_BACKEND)
+
+    @property
+    def is_foreign_on_reference(self) -> bool:
+        """Another plugin's kernel added to the cpu_ref backend: allowed, but never the reference."""
+        return self.backend == REFERENCE_BACKEND and not self.is_reference
+
     def reasons(self, query: KernelQuery) -> list[str]:
+        reasons = []
+        if query.kv_is_fp8 and self.op in KV_CACHE_OPS and not takes_kv_scales(self.fn, self.op):
+            reasons.append(f"KV cache {str(query.kv_dtype)[6:]} needs a kernel that takes "
+                           f"({', '.join(KV_SCALE_ARGS)}); this one serves a model-dtype cache only")
         if self.check is None:
-            return []
+            return reasons
         try:
-            return list(self.check(query))
+            return reasons + [r for r in self.check(query) if r not in reasons]
         except Exception as e:  # a broken check must not take the engine down
-            return [f"its availability check raised {type(e).__name__}: {e}"]
+            return reasons + [f"its availability check raised {type(e).__name__}: {e}"]
 
 
 @dataclass(frozen=True)
@@ -111,9 +155,11 @@ class KernelPlan:
         rows = [("op", "kernel", "plugin", "why")]
         for op, c in self.choices.items():
             plugin = c.impl.plugin + (f" {c.impl.plugin_version}" if c.impl.plugin_version else "")
-            rows.append((op, c.impl.full_name, plugin or "-", c.why))
+            why = c.why + (f" [FOREIGN: plugin {c.impl.plugin}'s kernel on the reference backend, not cpu_ref's own]"
+                           if c.impl.is_foreign_on_reference else "")
+            rows.append((op, c.impl.full_name, plugin or "-", why))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = []
+        lines = [f"  for {self.query.describe()}"] if self.query is not None else []
         for row in rows:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
             choice = self.choices.get(row[0])
@@ -183,10 +229,10 @@ class KernelRegistry:
         return [i for i in self.impls[op] if i.backend == backend]
 
     def reference(self, op: str) -> KernelImpl | None:
-        """The oracle for `op`: the cpu_ref plugin's own kernel. Another plugin may add kernels under the cpu_ref
-        backend, but they are candidates like any other, never the reference they are checked against."""
-        refs = self.candidates(op, REFERENCE_BACKEND)
-        own = [i for i in refs if i.plugin in ("", REFERENCE_BACKEND)] or refs
+        """The oracle for `op`: the cpu_ref plugin's own kernel, whatever else is registered. Another plugin may add
+        kernels under the cpu_ref backend, but they are candidates like any other, never the reference that
+        kernels="reference", shadow verification and the parity kit check against."""
+        own = [i for i in self.candidates(op, REFERENCE_BACKEND) if i.is_reference]
         return max(own, key=lambda i: i.priority) if own else None
 
     def resolve(self, backend: str, query: KernelQuery, preferences: dict[str, list[str]] | None = None,
@@ -208,6 +254,11 @@ class KernelRegistry:
             raise ValueError(f"kernels={overrides!r}: expected 'reference' or a dict {{op: kernel name}}")
         choices = {op: self._resolve_op(op, backend, query, preferences.get(op, []), overrides,
                                         (notes or {}).get(op), exclude) for op in (ops or OPS)}
+        for op, c in choices.items():
+            if c.impl.is_foreign_on_reference:
+                logger.warning("%s on the reference backend runs %s from plugin %r, not cpu_ref's own kernel "
+                               "(the reference stays %s)", op, c.impl.full_name, c.impl.plugin,
+                               getattr(self.reference(op), "full_name", "unregistered"))
         return KernelPlan(backend, choices, query)
 
     def _resolve_op(self, op, backend, query, preferred, overrides, note, exclude) -> OpChoice:

@@ -78,10 +78,11 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
-            self.block_manager.allocate(seq)
-            self.waiting.popleft()
+            self.block_manager.allocate(seq)  # all or nothing
+            # running before leaving waiting: an interrupt in between leaves it in a queue abort_all empties
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.waiting.popleft()
             n = min(seq.num_uncomputed_tokens, budget)
             seqs.append(seq), counts.append(n)
             budget -= n
@@ -147,6 +148,9 @@ class Scheduler:
             if reason is not None:
                 del seq.token_ids[index + 1:]
                 seq.num_pending = 0
+                # its full blocks stay in the prefix cache after it is freed, even when it ends at its prefill
+                # step (max_tokens=1: log-likelihood requests sharing a context)
+                self.block_manager.cache_computed_blocks(seq)
                 self.finish(seq, reason)
                 finished.append(seq)
         for seq in batch.seqs:
@@ -200,20 +204,24 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if seq.detokenizer is not None:
-            seq.detokenizer.flush()
-        if seq.deferred_samples:  # finished at its first token: its prompt blocks still serve the other samples
-            if reason != "abort":
-                self.block_manager.cache_computed_blocks(seq)
+        if seq.deferred_samples:  # finished at its first token: its cached prompt blocks still serve the others
             self._release_samples(seq)
         self.block_manager.free(seq)
         self.running.remove(seq)
+        if seq.detokenizer is not None and reason != "abort":  # an aborted request's text is not read again
+            seq.detokenizer.flush()
 
     def abort_all(self) -> int:
-        """Abort every unfinished sequence (after a failed step); returns how many there were."""
+        """Abort every unfinished sequence and free every KV block (after a failed step); returns how many there
+        were. It never raises and depends on no state the failure may have broken: the queues are emptied
+        as they are and the block manager reclaims every block from scratch (see BlockManager.reclaim_all)."""
         seqs = list(self.waiting) + list(self.running)
-        for seq in seqs:
-            self.abort(seq)
+        self.waiting.clear()
+        self.running.clear()
+        for seq in seqs + [sample for seq in seqs for sample in seq.deferred_samples]:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq.block_table, seq.num_pending, seq.deferred_samples = [], 0, []
+        self.block_manager.reclaim_all()
         return len(seqs)
 
     def abort(self, seq: Sequence) -> None:
@@ -223,8 +231,10 @@ class Scheduler:
         seq.deferred_samples = []
         if seq.is_finished:
             return
+        if seq in self.running:
+            self.finish(seq, "abort")
+            return
         if seq in self.waiting:
             self.waiting.remove(seq)
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-        else:
-            self.finish(seq, "abort")
+            self.block_manager.free(seq)  # admission interrupted between allocation and the move to running
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"

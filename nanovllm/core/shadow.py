@@ -66,21 +66,21 @@ class VerifiedKernel:
     def _verify_output(self, target: KernelImpl, args):
         expected = self.reference.fn(*args)  # the reference reads its inputs and writes nothing
         out = target.fn(*args)
-        error = self._error(out, expected)
+        error = self._error(_flat(out), _flat(expected))
         if error is not None:
             self._demote(target, args, error)
             return expected
         return out
 
-    def _verify_store(self, target: KernelImpl, key, value, k_cache, v_cache, slot_mapping):
+    def _verify_store(self, target: KernelImpl, key, value, k_cache, v_cache, slot_mapping, *kv_scales):
         # The reference writes copies of only the rows this call touches, so the check costs O(tokens), not O(cache).
         valid = slot_mapping >= 0
         slots = slot_mapping[valid]
         rows = (slots.numel(), 1, *k_cache.shape[2:])
         ref_k, ref_v = k_cache.new_empty(rows), v_cache.new_empty(rows)
         dense = torch.arange(slots.numel(), device=slot_mapping.device, dtype=slot_mapping.dtype)
-        self.reference.fn(key[valid], value[valid], ref_k, ref_v, dense)
-        target.fn(key, value, k_cache, v_cache, slot_mapping)
+        self.reference.fn(key[valid], value[valid], ref_k, ref_v, dense, *kv_scales)
+        target.fn(key, value, k_cache, v_cache, slot_mapping, *kv_scales)
         got_k, got_v = k_cache.view(-1, *k_cache.shape[2:])[slots], v_cache.view(-1, *v_cache.shape[2:])[slots]
         error = self._error(torch.cat([got_k, got_v]), torch.cat([ref_k.flatten(0, 1), ref_v.flatten(0, 1)]), exact=True)
         if error is not None:
@@ -115,6 +115,13 @@ class VerifiedKernel:
         self.choice = OpChoice(self.op, replacement.impl, f"demoted {target.full_name} (see skipped)",
                                ((target.name, (reason,)), *replacement.rejected))
         self.target = replacement.impl
+
+
+def _flat(out):
+    """One tensor for comparison: ops that return several tensors (rotary.qk's q and k) are flattened and joined."""
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return torch.cat([t.flatten() for t in out])
+    return out
 
 
 def install_shadow_verification(plan: KernelPlan, plugins, every: int) -> KernelPlan:

@@ -31,6 +31,7 @@ import torch
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.kernel_plan_io import load_plan
+from nanovllm.core.kv_quant import KV_CACHE_DTYPES
 from nanovllm.core.logging import get_logger
 from nanovllm.core.plugins import Plugins
 from nanovllm.core.registry import KernelPlan, KernelQuery, OpChoice
@@ -60,10 +61,12 @@ class PinnedPlan:
     kernels: tuple[tuple[str, str, str], ...]  # (op, "backend/name", why)
 
 
-def kernel_query(hf_config, device_type: str, dtype: torch.dtype, block_size: int, tp_size: int = 1) -> KernelQuery:
-    """What one rank asks of its kernels: its share of the heads under tensor parallelism."""
+def kernel_query(hf_config, device_type: str, dtype: torch.dtype, block_size: int, tp_size: int = 1,
+                 kv_cache_dtype: torch.dtype | None = None) -> KernelQuery:
+    """What one rank asks of its kernels: its share of the heads under tensor parallelism, and what the KV
+    cache stores (None: the model dtype)."""
     return KernelQuery(device_type, dtype, head_dim_of(hf_config), max(1, hf_config.num_attention_heads // tp_size),
-                       max(1, hf_config.num_key_value_heads // tp_size), block_size)
+                       max(1, hf_config.num_key_value_heads // tp_size), block_size, kv_cache_dtype)
 
 
 def backend_reasons(backend: Backend, dtype: torch.dtype, block_size: int) -> list[str]:
@@ -78,6 +81,16 @@ def backend_reasons(backend: Backend, dtype: torch.dtype, block_size: int) -> li
         reasons.append(f"kvcache_block_size={block_size} cannot be used by backend {backend.name!r}: "
                        + "; ".join(block_reasons))
     return reasons
+
+
+def check_kv_cache_dtype(config: EngineConfig, backend: Backend, plugins: Plugins) -> torch.dtype | None:
+    """The KV cache's storage dtype (None: the model dtype); ValueError if the backend cannot hold it."""
+    if config.kv_cache_dtype not in backend.kv_cache_dtypes:
+        able = [name for name, b in plugins.backends.items() if config.kv_cache_dtype in b.kv_cache_dtypes]
+        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported by backend {backend.name!r}, "
+                         f"which supports {', '.join(map(repr, backend.kv_cache_dtypes))}: use one of those"
+                         + (f", or a backend that has it ({', '.join(able)})" if able else ""))
+    return KV_CACHE_DTYPES[config.kv_cache_dtype]
 
 
 def resolve_kernels(plugins: Plugins, backend: str, query: KernelQuery, kernels: str | dict | None = None,
@@ -106,7 +119,9 @@ def resolve(config: EngineConfig, plugins: Plugins) -> Resolved:
     reasons = backend_reasons(backend, dtype, block_size)
     if reasons:
         raise ValueError("; ".join(reasons))
-    query = kernel_query(config.hf_config, device_type, dtype, block_size, config.tensor_parallel_size)
+    kv_cache_dtype = check_kv_cache_dtype(config, backend, plugins)
+    query = kernel_query(config.hf_config, device_type, dtype, block_size, config.tensor_parallel_size,
+                         kv_cache_dtype)
     try:
         plan = resolve_kernels(plugins, backend.name, query, replay[1] if replay else config.kernels)
     except (ValueError, RuntimeError) as e:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanovllm.core.kernel_output import Label, check_token_ids, check_token_range
 from nanovllm.core.logits_processing import LogitsProcessor
 from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.prompt_logprobs import PromptLogprobs
@@ -54,8 +55,10 @@ def suppress_stop_tokens(logits: torch.Tensor, seqs) -> None:
 
 
 class StepSampler:
-    def __init__(self, backend: Backend, device: torch.device):
+    def __init__(self, backend: Backend, device: torch.device, label: Label = str, vocab_size: int | None = None):
+        """`label` names the sampler kernel in errors about its output; `vocab_size` bounds the token ids."""
         self.backend, self.device = backend, device
+        self.label, self.vocab_size = label, vocab_size
         self._key, self._tensors = None, None
         self.logits_processor = LogitsProcessor(device)
 
@@ -98,7 +101,7 @@ class StepSampler:
         processed = self.logits_processor.apply(logits, sampled_seqs)  # penalties, bias, bad words: rows that ask
         suppress_stop_tokens(logits, sampled_seqs)
         apply_structured_masks(logits, sampled_seqs)
-        tokens = sampler(logits, self.tensors(sampled_seqs))
+        tokens = check_token_ids(self.label, sampler(logits, self.tensors(sampled_seqs)), len(sampled_seqs))
         self.logits_processor.record(processed, tokens)
         pin = self.backend.pin_memory
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
@@ -106,16 +109,18 @@ class StepSampler:
         return LaunchedStep(batch, tokens, host, self.backend.record_event(self.device),
                             {seq.seq_id: row for row, seq in enumerate(sampled_seqs)}, requested, prompt=prompt)
 
-    @staticmethod
-    def wait(step: LaunchedStep) -> tuple[list[int], list[StepLogprobs | None] | None]:
+    def wait(self, step: LaunchedStep) -> tuple[list[int], list[StepLogprobs | None] | None]:
         """The step's sampled tokens on the host, one per sampled sequence (the step's only device->host copy
         unless a request asked for logprobs), and the logprobs of those that asked. Prompt logprobs go straight
-        to their sequences."""
+        to their sequences. Token ids outside the vocabulary are an error naming the sampler kernel."""
         if step.prompt is not None:
             step.prompt.to_seqs()
         if step.host is None:
             return [], None
         if step.event is not None:
             step.event.synchronize()
+        token_ids = step.host.tolist()
+        if self.vocab_size is not None:
+            check_token_range(self.label, token_ids, self.vocab_size)
         logprobs = None if step.requested is None else step.requested.to_host(step.tokens)
-        return step.host.tolist(), logprobs
+        return token_ids, logprobs

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanovllm.core.kernel_output import check_pair_like
 from nanovllm.core.step_metadata import StepMetadata
 from nanovllm.models.layers.activation import SiluAndMul
 from nanovllm.models.layers.attention import Attention
@@ -50,6 +51,7 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ctx)
         self.rotary_qk = plan_kernel(ctx, "rotary.qk")
+        self.kernel_label = ctx.kernel_label
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -65,8 +67,9 @@ class SelfAttention(nn.Module):
         fuses it), or elementwise work the runner may fuse with torch.compile."""
         if self.rotary_qk is not None:
             norm = self.q_norm is not None
-            return self.rotary_qk(positions, q, k, self.rotary_emb.cos_sin_cache, self.q_norm.weight if norm else None,
-                                  self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
+            out = self.rotary_qk(positions, q, k, self.rotary_emb.cos_sin_cache, self.q_norm.weight if norm else None,
+                                 self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
+            return check_pair_like(self.kernel_label, "rotary.qk", out, q, k)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return self.rotary_emb(positions, q, k)
@@ -78,7 +81,7 @@ class MLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], opts.mlp_bias, ctx)
         self.down_proj = RowParallelLinear(size, config.hidden_size, opts.mlp_bias, ctx)
-        self.act_fn = SiluAndMul(plan_kernel(ctx, "act.silu_mul"))
+        self.act_fn = SiluAndMul(plan_kernel(ctx, "act.silu_mul"), ctx.kernel_label)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

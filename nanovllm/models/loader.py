@@ -48,6 +48,7 @@ def load_model(model: nn.Module, path: str) -> None:
                         continue
                     raise ValueError(f"{file}: tensor {name} has no place in {type(model).__name__}")
                 tensor = f.get_tensor(name)
+                check_fits(file, name, tensor, target, param, shard_id)
                 loader = getattr(param, "weight_loader", None)
                 if loader is None:
                     param.data.copy_(tensor)
@@ -68,6 +69,20 @@ def load_model(model: nn.Module, path: str) -> None:
         names = [checkpoint_name(m, packed) for m in missing]
         raise ValueError(f"the checkpoint in {path} lacks tensors: {', '.join(names[:8])}"
                          f"{' ...' if len(names) > 8 else ''}; re-download or re-convert the model")
+
+
+def check_fits(file: str, name: str, tensor: torch.Tensor, target: str, param: nn.Parameter, shard_id) -> None:
+    """ValueError unless `tensor` has exactly the (unsharded) shape `param` expects and a floating-point dtype:
+    a tensor of another shape would otherwise be truncated or broadcast into the parameter."""
+    expected = param.checkpoint_shape(param, shard_id) if hasattr(param, "checkpoint_shape") else tuple(param.shape)
+    into = target + (f" (part {shard_id!r})" if shard_id is not None else "")
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{file}: tensor {name} has shape {list(tensor.shape)}, but parameter {into} expects "
+                         f"{list(expected)} (sizes from config.json): the checkpoint and its config.json disagree; "
+                         f"re-download the model, or fix config.json")
+    if tensor.dtype.is_floating_point != param.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise ValueError(f"{file}: tensor {name} is {tensor.dtype}, but parameter {into} holds {param.dtype} "
+                         f"weights: the checkpoint is not a floating-point model (quantized or damaged)")
 
 
 def checkpoint_name(key: str, packed: dict) -> str:

@@ -1,9 +1,12 @@
 """build_processor: a Ray Data pipeline stage that runs a pool of engine replicas over a Dataset of rows.
 
     processor = build_processor(ProcessorConfig(model=path, concurrency=4, batch_size=64),
-                                preprocess=lambda row: {"prompt": row["question"], "max_tokens": 128},
+                                preprocess=lambda row: {"question": row["question"], "prompt": row["question"]},
                                 postprocess=lambda row: {"question": row["question"], "answer": row["generated_text"]})
     answers = processor(ray.data.read_json("questions.jsonl"))
+
+Preprocess and postprocess run inside the replicas, around each batch: the pipeline is one actor-pool stage
+and needs no CPUs beyond what the replicas reserve.
 
 Fault tolerance (Ray's, configured here): a replica whose process dies (killed, out of memory) is restarted up to
 `max_restarts` times, rebuilding its LLM, and the batches it held are retried on it up to `max_task_retries`
@@ -13,12 +16,9 @@ engine refuses (empty, too long, a bad sampling value) is not a failure: its `er
 import warnings
 from collections.abc import Callable
 
-from nanovllm.core.logging import get_logger
 from nanovllm.ray.config import ProcessorConfig
 from nanovllm.ray.deps import require_ray
 from nanovllm.ray.replica import LLMReplica
-
-logger = get_logger(__name__)
 
 
 class Processor:
@@ -34,8 +34,6 @@ class Processor:
     def __call__(self, dataset):
         ray = require_ray()
         config = self.config
-        if self.preprocess is not None:
-            dataset = dataset.map(self.preprocess)
         if not ray.is_initialized():
             ray.init()
         resources = config.replica_resources(ray.cluster_resources().get("GPU", 0))
@@ -48,10 +46,7 @@ class Processor:
             # Ray 2.60 deprecates keyword remote args (max_restarts, max_task_retries) and ray_remote_args_fn but
             # names no replacement for them yet; Ray's own LLM processor stage passes them the same way.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            dataset = self._map_replicas(ray, dataset, resources, remote_args)
-        if self.postprocess is not None:
-            dataset = dataset.map(self.postprocess)
-        return dataset
+            return self._map_replicas(ray, dataset, resources, remote_args)
 
     def _map_replicas(self, ray, dataset, resources: dict, remote_args: dict):
         config = self.config
@@ -59,7 +54,8 @@ class Processor:
             LLMReplica, batch_size=config.batch_size, batch_format="pyarrow", zero_copy_batch=True,
             fn_constructor_kwargs={"model": config.model, "backend": config.backend,
                                    "engine_options": config.engine_options,
-                                   "sampling_params": config.sampling_params},
+                                   "sampling_params": config.sampling_params, "preprocess": self.preprocess,
+                                   "postprocess": self.postprocess},
             compute=ray.data.ActorPoolStrategy(size=config.concurrency,
                                                max_tasks_in_flight_per_actor=config.max_tasks_in_flight_per_actor),
             **resources, **remote_args)
@@ -103,6 +99,7 @@ def build_processor(config: ProcessorConfig, preprocess: Callable[[dict], dict] 
                     postprocess: Callable[[dict], dict] | None = None) -> Processor:
     """A Processor over `config`'s replicas: `preprocess` maps each input row to a row the replicas read (prompt or
     messages or prompt_token_ids, plus sampling fields), `postprocess` maps each output row to what you keep.
+    Both run inside the replicas, around each batch (so the pipeline needs no CPUs beyond the replicas').
     Ray itself is imported when the processor is applied; a missing Ray is reported here already."""
     require_ray()
     if not isinstance(config, ProcessorConfig):

@@ -27,6 +27,7 @@ from nanovllm.core import kv_store as ref_kv_store
 from nanovllm.core import sampler as ref_sampler
 from nanovllm.core.backend import Backend
 from nanovllm.core.config import EngineConfig
+from nanovllm.core.kv_quant import KV_CACHE_DTYPES
 from nanovllm.core.plugins import backend_availability
 from nanovllm.core.registry import OPS, KernelImpl, KernelQuery
 from nanovllm.core.startup import backend_reasons
@@ -63,9 +64,14 @@ def backend_device(backend: Backend) -> torch.device:
 
 def case_reasons(backend: Backend, impl: KernelImpl, case: ParityCase) -> list[str]:
     """Why `impl` cannot serve `case` on `backend` (empty: it can)."""
+    reasons = backend_reasons(backend, case.dtype, case.block_size)
+    if case.kv_cache_dtype is not None:
+        names = [name for name, dtype in KV_CACHE_DTYPES.items() if dtype == case.kv_cache_dtype]
+        if not set(names) & set(backend.kv_cache_dtypes):
+            reasons.append(f"backend {backend.name!r} has no {case.kv_cache_dtype} KV cache")
     query = KernelQuery(backend.device_type, case.dtype, case.head_dim, case.num_heads, case.num_kv_heads,
-                        case.block_size)
-    return backend_reasons(backend, case.dtype, case.block_size) + impl.reasons(query)
+                        case.block_size, case.kv_cache_dtype)
+    return reasons + impl.reasons(query)
 
 
 def parity_cases(plugins, backends: list[str] | None = None,
@@ -149,11 +155,12 @@ def check_kv_store(fn, case: ParityCase, device, generator) -> None:
     slot_mapping = layout.slot_mapping.clone()
     slot_mapping[torch.randperm(num_tokens, generator=generator)[: num_tokens // 5].to(device)] = -1  # padding
     shape = (num_tokens, case.num_kv_heads, case.head_dim)
-    key = torch.randn(shape, generator=generator).to(case.dtype).to(device)
-    value = torch.randn(shape, generator=generator).to(case.dtype).to(device)
+    magnitude = 100 if layout.kv_scales else 1  # FP8: some values beyond the range, which must saturate
+    key = (magnitude * torch.randn(shape, generator=generator)).to(case.dtype).to(device)
+    value = (magnitude * torch.randn(shape, generator=generator)).to(case.dtype).to(device)
     caches = {name: (nan_like(layout.k_cache), nan_like(layout.v_cache)) for name in ("ref", "kernel")}
-    REFERENCE["kv_cache.store"](key, value, *caches["ref"], slot_mapping)
-    fn(key, value, *caches["kernel"], slot_mapping)
+    REFERENCE["kv_cache.store"](key, value, *caches["ref"], slot_mapping, *layout.kv_scales)
+    fn(key, value, *caches["kernel"], slot_mapping, *layout.kv_scales)
     for i, what in enumerate(("k_cache", "v_cache")):
         out, expected = caches["kernel"][i], caches["ref"][i]
         _expect_like(out, expected, what)
@@ -163,7 +170,7 @@ def check_kv_store(fn, case: ParityCase, device, generator) -> None:
 def prefill_inputs(layout: PagedLayout, case: ParityCase, device, generator, with_tables: bool):
     num_tokens = sum(layout.query_lens)
     q = torch.randn(num_tokens, case.num_heads, case.head_dim, generator=generator).to(case.dtype).to(device)
-    k, v = layout.query_rows(layout.k_cache), layout.query_rows(layout.v_cache)
+    k, v = layout.query_rows(layout.k_cache, case.dtype), layout.query_rows(layout.v_cache, case.dtype)
     cu_q = torch.tensor([0, *torch.tensor(layout.query_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, *torch.tensor(layout.context_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     meta = PrefillMetadata(cu_q, cu_k, max(layout.query_lens), max(layout.context_lens),
@@ -175,8 +182,9 @@ def _check_prefill(fn, case, device, generator, kind: str) -> None:
     layout = random_layout(case, device, kind, generator)
     q, k, v, meta = prefill_inputs(layout, case, device, generator, with_tables=kind == "chunked")
     scale = case.head_dim ** -0.5
-    expected = REFERENCE["attention.prefill"](q, k, v, layout.k_cache, layout.v_cache, meta, scale)
-    out = fn(q.clone(), k.clone(), v.clone(), layout.k_cache.clone(), layout.v_cache.clone(), meta, scale)
+    expected = REFERENCE["attention.prefill"](q, k, v, layout.k_cache, layout.v_cache, meta, scale, *layout.kv_scales)
+    out = fn(q.clone(), k.clone(), v.clone(), layout.k_cache.clone(), layout.v_cache.clone(), meta, scale,
+             *layout.kv_scales)
     _close(out, expected, case.dtype, f"output for query lens {layout.query_lens}, context lens {layout.context_lens}")
 
 
@@ -194,8 +202,8 @@ def check_decode(fn, case: ParityCase, device, generator) -> None:
     context_lens = torch.tensor(layout.context_lens, dtype=torch.int32, device=device)
     meta = DecodeMetadata(context_lens, layout.block_tables, max(layout.context_lens))
     scale = case.head_dim ** -0.5
-    expected = REFERENCE["attention.decode"](q, layout.k_cache, layout.v_cache, meta, scale)
-    out = fn(q.clone(), layout.k_cache.clone(), layout.v_cache.clone(), meta, scale)
+    expected = REFERENCE["attention.decode"](q, layout.k_cache, layout.v_cache, meta, scale, *layout.kv_scales)
+    out = fn(q.clone(), layout.k_cache.clone(), layout.v_cache.clone(), meta, scale, *layout.kv_scales)
     _close(out, expected, case.dtype, f"output for context lens {layout.context_lens}")
 
 

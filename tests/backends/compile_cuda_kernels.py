@@ -18,6 +18,7 @@ from triton.runtime import driver
 
 SM90_SHARED_MEMORY = 232448  # bytes a block may use on an H100
 GROUP, NUM_KV_HEADS, PAGE = 2, 8, 16
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class CompileOnlyDriver:
@@ -55,41 +56,49 @@ def resources(kernel) -> dict:
 def compile_all() -> list[tuple[str, dict]]:
     from nanovllm.backends.cuda import elementwise, kv_store, sampler
     from nanovllm.backends.cuda.attention import triton_decode as dec, triton_prefill as pre
-    from nanovllm.backends.cuda.attention.triton_common import dot_precision, padded_head_dim
+    from nanovllm.backends.cuda.attention.triton_common import dot_precision, fp8_dot_dtype, padded_head_dim
     out = []
     for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 48)]:
         pad = padded_head_dim(head_dim)
         row = NUM_KV_HEADS * head_dim  # cache row stride
         for block_size in (PAGE, 256):
-            cfg = dec.decode_config(pad, block_size, dtype)
-            for split in (False, True):
-                k = dec._decode_split_kernel.warmup(
-                    dtype, dtype, dtype, torch.int32, torch.int32, dtype, torch.float32, torch.float32, 0.1,
-                    3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
-                    GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
-                    BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
-                out.append((f"decode {dtype} d{head_dim} page{block_size} split={split}", resources(k)))
-            cfg = pre.prefill_config(pad, dtype)
-            for paged in (False, True):
-                k = pre._prefill_kernel.warmup(
-                    dtype, dtype, dtype, torch.int32, torch.int32, torch.int32, dtype, 0.1,
-                    3 * GROUP * row, head_dim, GROUP * row, head_dim, block_size * row, row, head_dim,
-                    block_size * row, row, head_dim, 64,
-                    GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
-                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
-                out.append((f"prefill {dtype} d{head_dim} page{block_size} paged={paged}", resources(k)))
+            for kv_dtype in (dtype, *FP8_DTYPES) if dtype == torch.bfloat16 else (dtype,):
+                fp8, kv = kv_dtype != dtype, str(kv_dtype).removeprefix("torch.")
+                cfg = dec.decode_config(pad, block_size, dtype, kv_dtype)
+                for split in (False, True):
+                    k = dec._decode_split_kernel.warmup(
+                        dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, dtype, torch.float32, torch.float32, 0.1,
+                        torch.float32, torch.float32,
+                        3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
+                        GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
+                        BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
+                        DOT_DTYPE=fp8_dot_dtype(dtype),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                    out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
+                cfg = pre.prefill_config(pad, dtype)
+                for paged in (False, True) if not fp8 else ():  # FP8 prefill reads a dequantised copy
+                    k = pre._prefill_kernel.warmup(
+                        dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, 0.1,
+                        3 * GROUP * row, head_dim, GROUP * row, head_dim, block_size * row, row, head_dim,
+                        block_size * row, row, head_dim, 64,
+                        GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
+                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                    out.append((f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged}", resources(k)))
         k = dec._decode_combine_kernel.warmup(
             torch.float32, torch.float32, dtype, GROUP * row, head_dim, 3, SPLITS_PAD=dec.MAX_SPLITS,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, num_warps=4, grid=(1,))
         out.append((f"decode combine {dtype} d{head_dim}", resources(k)))
-        k = kv_store._store_kv_kernel.warmup(
-            dtype, dtype, dtype, dtype, torch.int64, 3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim,
-            PAGE * row, row, head_dim, PAGE * row, row, head_dim,
-            NUM_KV_HEADS=NUM_KV_HEADS, HEADS_PAD=NUM_KV_HEADS, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=PAGE,
-            num_warps=kv_store._num_warps(NUM_KV_HEADS, head_dim), grid=(1,))
-        out.append((f"kv store {dtype} d{head_dim}", resources(k)))
+        for kv_dtype in (dtype, *FP8_DTYPES):
+            fp8 = kv_dtype != dtype
+            k = kv_store._store_kv_kernel.warmup(
+                dtype, dtype, kv_dtype, kv_dtype, torch.int64, torch.float32, torch.float32,
+                3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim,
+                PAGE * row, row, head_dim, PAGE * row, row, head_dim,
+                NUM_KV_HEADS=NUM_KV_HEADS, HEADS_PAD=NUM_KV_HEADS, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=PAGE,
+                FP8=fp8, FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0,
+                num_warps=kv_store._num_warps(NUM_KV_HEADS, head_dim), grid=(1,))
+            out.append((f"kv store {dtype} kv {str(kv_dtype).removeprefix('torch.')} d{head_dim}", resources(k)))
         half = head_dim // 2
         k = elementwise._qk_norm_rope_kernel.warmup(
             dtype, dtype, dtype, dtype, torch.int64, torch.float32, dtype, dtype, 1e-6,

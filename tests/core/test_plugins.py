@@ -171,3 +171,10 @@ def test_backend_preference_and_plugins_toml_override():
     disabled = {"backends": {**SETTINGS["backends"], "disabled_kernels": ["null/b"]}}
     choice = chosen(disabled)
     assert choice.impl.name == "a" and "disabled_kernels" in dict(choice.rejected)["b"][0]
+
+
+def test_the_plugin_name_cpu_ref_is_reserved_for_the_reference_backend():
+    impostor = plugin_module("cpu_ref", [NullBackend()])
+    plugins = load_plugins(SETTINGS, modules={"cpu_ref": impostor})
+    assert "null" not in plugins.backends
+    assert "reserved for nanovllm's reference backend" in plugins.failures["cpu_ref"]

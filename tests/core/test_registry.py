@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from nanovllm.core.registry import KernelQuery, KernelRegistry
+from tests.conftest import debug_messages
 
 OPS = ["attention.decode"]
 Q = KernelQuery("cpu", torch.float32, 64, 4, 2, 16)
@@ -92,6 +93,30 @@ def test_plan_table_names_plugin_version_and_skipped():
     assert "x/mid" in table and "vendor 2.1.0" in table and "skipped fast: needs head_dim 128" in table
 
 
+def test_the_oracle_cannot_be_replaced_by_a_foreign_cpu_ref_kernel():
+    """A third party may add a kernel to backend cpu_ref, even one that outranks cpu_ref's own there, but the
+    reference (kernels="reference", shadow verification) stays cpu_ref's own, and the plan marks the foreign one."""
+    r = KernelRegistry()
+    r.register("attention.decode", "cpu_ref", "torch_loop", decode, plugin="cpu_ref")
+    r.register("attention.decode", "cpu_ref", "faster", decode, priority=100, plugin="acme")
+    assert r.reference("attention.decode").name == "torch_loop"
+    with debug_messages("nanovllm.core.registry") as messages:
+        plan = r.resolve("cpu_ref", Q, ops=OPS)
+    assert plan.choices["attention.decode"].impl.name == "faster"  # the third party's right to add kernels
+    assert "FOREIGN: plugin acme's kernel on the reference backend" in plan.table()
+    assert any("runs cpu_ref/faster from plugin 'acme', not cpu_ref's own" in m for m in messages)
+    forced = r.resolve("cpu_ref", Q, ops=OPS, overrides="reference").choices["attention.decode"]
+    assert forced.impl.name == "torch_loop" and "FOREIGN" not in r.resolve("x", Q, ops=OPS).table()
+
+
+def test_only_a_foreign_cpu_ref_kernel_is_no_reference():
+    r = KernelRegistry()
+    r.register("attention.decode", "cpu_ref", "impostor", decode, plugin="acme")
+    assert r.reference("attention.decode") is None
+    with pytest.raises(RuntimeError, match=r"no reference \(cpu_ref\) kernel is registered for attention.decode"):
+        r.resolve("x", Q, ops=OPS, overrides="reference")
+
+
 def test_plan_is_read_only_and_names_per_call_fallbacks():
     r = KernelRegistry()
     r.register("attention.decode", "x", "fast", decode, fallback="x/slow for batches with long contexts")
@@ -99,3 +124,22 @@ def test_plan_is_read_only_and_names_per_call_fallbacks():
     with pytest.raises(TypeError):
         plan.choices["attention.decode"] = None
     assert "falls back per call to x/slow for batches with long contexts" in plan.table()
+
+
+def test_fp8_kv_cache_skips_kernels_that_take_no_scales():
+    def decode_fp8(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None):
+        return q
+
+    r = KernelRegistry()
+    r.register("attention.decode", "x", "bf16_only", decode, priority=9)
+    r.register("attention.decode", "x", "fp8_ready", decode_fp8, priority=1)
+    assert r.resolve("x", Q, ops=["attention.decode"]).choices["attention.decode"].impl.name == "bf16_only"
+    fp8 = KernelQuery("cpu", torch.float32, 64, 4, 2, 16, torch.float8_e4m3fn)
+    plan = r.resolve("x", fp8, ops=["attention.decode"])
+    choice = plan.choices["attention.decode"]
+    assert choice.impl.name == "fp8_ready"
+    name, reasons = choice.rejected[0]
+    assert name == "bf16_only" and "needs a kernel that takes (k_scale, v_scale)" in reasons[0]
+    assert "KV cache float8_e4m3fn" in plan.table()
+    with pytest.raises(ValueError, match="bf16_only.*cannot serve this run: KV cache float8_e4m3fn needs"):
+        r.resolve("x", fp8, overrides={"attention.decode": "bf16_only"}, ops=["attention.decode"])

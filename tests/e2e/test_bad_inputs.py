@@ -35,6 +35,8 @@ BAD_REQUESTS = [
     ("lists of different lengths", [[5], [6]], [GREEDY] * 3, "got 2 prompts but 3 sampling params"),
     ("logprobs past the vocabulary", [[5]], SamplingParams(logprobs=100000), "logprobs=100000 is invalid"),
     ("stop token past the vocabulary", [[5]], SamplingParams(stop_token_ids=[9999]), "stop_token_ids has 9999"),
+    ("unpaired surrogate", ["fine", "bad \ud800 text"], GREEDY,
+     r"prompts\[1\] is not valid Unicode text: '\\ud800' at character 4 is an unpaired surrogate"),
 ]
 
 
@@ -100,6 +102,8 @@ def rewrite_config(**changes):
     def edit(path):
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
+        if "num_hidden_layers" in changes:
+            config.pop("layer_types", None)  # transformers checks one against the other
         config.update(changes)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f)
@@ -126,6 +130,20 @@ BAD_FOLDERS = [
     ("no tokenizer", remove("tokenizer.json", "tokenizer_config.json"), FileNotFoundError,
      "has no tokenizer .*skip_tokenizer_init=True"),
     ("no weights", remove("model.safetensors"), FileNotFoundError, r"no \*.safetensors weights"),
+    ("hidden_size zero", rewrite_config(hidden_size=0), ValueError, r"config.json: hidden_size=0 is invalid"),
+    ("heads negative", rewrite_config(num_attention_heads=-4), ValueError,
+     r"config.json: num_attention_heads=-4 is invalid: expected an integer >= 1"),
+    ("KV heads zero", rewrite_config(num_key_value_heads=0), ValueError, r"config.json: num_key_value_heads=0"),
+    ("KV heads not dividing the heads", rewrite_config(num_key_value_heads=3), ValueError,
+     r"num_key_value_heads=3 is invalid: expected a divisor of num_attention_heads=4"),
+    ("max_position_embeddings zero", rewrite_config(max_position_embeddings=0), ValueError,
+     r"config.json: max_position_embeddings=0 is invalid"),
+    ("vocab_size below the embedding", rewrite_config(vocab_size=256), ValueError,
+     r"config.json: vocab_size=256 is invalid: model.embed_tokens.weight has 512 rows"),
+    ("a million layers", rewrite_config(num_hidden_layers=10**6), ValueError,
+     r"config.json: num_hidden_layers=1000000 is invalid: the weights hold 2 layers"),
+    ("rms_norm_eps negative", rewrite_config(rms_norm_eps=-1e-6), ValueError,
+     r"config.json: rms_norm_eps=-1e-06 is invalid: expected a finite number >= 0"),
 ]
 
 
@@ -157,6 +175,20 @@ BAD_OPTIONS = [
      "budget of 3 blocks of 16 tokens cannot hold one sequence of max_model_len=64 .4 blocks needed.: raise"),
     ("max_model_len of a wrong type", dict(max_model_len="64"), ValueError, "max_model_len='64' is invalid"),
     ("unknown dtype", dict(dtype="float8"), ValueError, "dtype='float8' is invalid"),
+    ("seed a string", dict(seed="x"), ValueError, r"seed='x' is invalid: expected an integer in \[0, 2\*\*64\)"),
+    ("seed past 64 bits", dict(seed=2**70), ValueError, r"seed=1180591620717411303424 is invalid"),
+    ("seed a float", dict(seed=1.5), ValueError, r"seed=1.5 is invalid"),
+    ("skip_tokenizer_init a string", dict(skip_tokenizer_init="false"), ValueError,
+     "skip_tokenizer_init='false' is invalid: expected True or False"),
+    ("async_scheduling a number", dict(async_scheduling=0), ValueError, "async_scheduling=0 is invalid"),
+    ("compile a string", dict(compile="yes"), ValueError, "compile='yes' is invalid"),
+    ("tokenizer a number", dict(tokenizer=5), ValueError, "tokenizer=5 is invalid: expected a string"),
+    ("device a number", dict(device=5), ValueError, "device=5 is invalid: expected a string"),
+    ("device unknown", dict(device="gpu"), ValueError, "device='gpu' is invalid: expected a torch device name"),
+    ("kernel name a number", dict(kernels={"attention.decode": 5}), ValueError,
+     r"kernels\['attention.decode'\]=5 is invalid: expected a dict of op name -> kernel name"),
+    ("kernels a number", dict(kernels=5), ValueError, "kernels=5 is invalid"),
+    ("kernel_plan a number", dict(kernel_plan=5), ValueError, "kernel_plan=5 is invalid: expected the path"),
 ]
 
 
@@ -164,3 +196,27 @@ BAD_OPTIONS = [
 def test_bad_engine_option(tiny_qwen3, options, error, message):
     with pytest.raises(error, match=message):
         LLM(tiny_qwen3, **{**SMALL, **options})
+
+
+def test_kernel_plan_that_is_a_folder_or_binary(tiny_qwen3, tmp_path):
+    with pytest.raises(ValueError, match=r"kernel plan '.*' is a folder; pass the plan's TOML file"):
+        LLM(tiny_qwen3, kernel_plan=str(tmp_path), **SMALL)
+    binary = tmp_path / "plan.toml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"kernel plan '.*plan.toml' is not valid TOML"):
+        LLM(tiny_qwen3, kernel_plan=str(binary), **SMALL)
+
+
+@pytest.mark.parametrize("budget", [12.5, 0, None, "32"])
+def test_backend_kv_budget_that_is_not_a_block_count(tiny_qwen3, monkeypatch, budget):
+    from nanovllm.backends.cpu_ref.plugin import CpuRefBackend
+    monkeypatch.setattr(CpuRefBackend, "kv_cache_budget", lambda self, config, device, bytes_per_block: budget)
+    with pytest.raises(RuntimeError, match=rf"backend 'cpu_ref': kv_cache_budget\(\) returned {budget!r}, not a "
+                                           rf"number of KV blocks .*set num_kvcache_blocks=N"):
+        LLM(tiny_qwen3, backend="cpu_ref", max_model_len=MAX_MODEL_LEN)
+
+
+def test_chat_message_with_an_unpaired_surrogate(llm):
+    with pytest.raises(ValueError, match=r"conversation 0, message 1 is not valid Unicode text"):
+        llm.chat([{"role": "system", "content": "ok"}, {"role": "user", "content": "\udcff"}], GREEDY, use_tqdm=False)
+    assert_idle(llm)

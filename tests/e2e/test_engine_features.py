@@ -45,6 +45,24 @@ def test_fully_cached_prompt_twice(tiny_qwen3):
     assert first["token_ids"] == second["token_ids"]
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("max_tokens", [1, 2])
+def test_request_finished_at_its_prefill_step_leaves_its_blocks_cached(tiny_qwen3, max_tokens, async_scheduling):
+    """max_tokens=1 (a log-likelihood request, as lm-eval sends them) ends at the prefill step; its full blocks
+    are still entered in the prefix cache, so the same ~600-token context sent again is served from it."""
+    prompt = random_prompts(1, 512, (600, 600), seed=8)[0]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=128, kvcache_block_size=16, max_model_len=1024,
+              async_scheduling=async_scheduling)
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    bm = llm.engine.scheduler.block_manager
+    hits = bm.num_prefix_hit_tokens
+    second = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert bm.num_prefix_hit_tokens - hits == 592  # 37 full blocks; the last token is always computed
+    assert first["token_ids"] == second["token_ids"]
+    bm.check_invariants([])
+
+
 def test_chunked_prefill_same_tokens(tiny_qwen3, prompts, reference):
     llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=512, kvcache_block_size=16, max_model_len=512,
               max_num_batched_tokens=40, max_num_seqs=8)

@@ -19,7 +19,9 @@ def tokens(llm) -> list[list[int]]:
 
 @pytest.fixture
 def no_user_toml(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLLM_PLUGINS_TOML", str(tmp_path / "absent.toml"))
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    monkeypatch.setenv("NANOVLLM_PLUGINS_TOML", str(empty))
     monkeypatch.delenv("NANOVLLM_KERNELS", raising=False)
 
 

@@ -67,6 +67,22 @@ def test_completions_equal_generate(client, llm, sampling):
     assert reasons == [e["finish_reason"] for e in expected]
 
 
+def test_penalties_logit_bias_and_structured_output_reach_the_engine(client, llm):
+    params = dict(temperature=0.8, seed=3, presence_penalty=0.7, frequency_penalty=0.4, logit_bias={"42": 5.0})
+    expected = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=10, **params), use_tqdm=False)[0]
+    response = client.completions.create(model="tiny", prompt=PROMPTS[:1], max_tokens=10, **params)
+    assert response.choices[0].text == expected["text"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "json please"}], max_tokens=30, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert json.loads(chat.choices[0].message.content) in ({"ok": True}, {"ok": False})
+    choice = client.completions.create(model="tiny", prompt="x", max_tokens=5, seed=2,
+                                       extra_body={"guided_choice": ["left", "right"]})
+    assert choice.choices[0].text in ("left", "right")
+
+
 def test_completions_token_prompts_n_stop_and_logprobs(client, llm):
     ids = llm.tokenizer.encode(PROMPTS[0])
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True)
@@ -200,7 +216,11 @@ def test_a_non_streaming_client_that_gives_up_frees_its_blocks(server):
     ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
     ("/v1/completions", {"prompt": [10**6]}, "vocabulary"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
-    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 300}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+     "json_schema"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "(["}, "regex"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/completions", "{not json", "JSON"),
     ("/v1/completions", {"prompt": "x " * 400}, "max_model_len"),

@@ -103,3 +103,35 @@ def test_checkpoint_dtype_or_requested_dtype(bf16_llama, dtype, expected):
     assert {p.dtype for p in model.parameters()} == {expected}
     stored = load_file(os.path.join(bf16_llama, "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, stored.to(expected))
+
+
+def edited_weights(src: str, dst, name: str, make) -> str:
+    """A copy of the checkpoint whose tensor `name` is replaced by make(old tensor)."""
+    path = copy_model(src, dst)
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    tensors[name] = make(tensors[name])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path
+
+
+MISFITS = [  # the adversarial pass's cases: each used to load (truncated, broadcast, cast) or fail without a name
+    ("larger than its parameter", "model.layers.0.mlp.down_proj.weight", lambda t: torch.zeros(t.shape[0] + 1, t.shape[1]),
+     r"tensor model.layers.0.mlp.down_proj.weight has shape \[129, 384\], but parameter "
+     r"model.layers.0.mlp.down_proj.weight expects \[128, 384\]"),
+    ("a norm of shape [1]", "model.norm.weight", lambda t: torch.ones(1),
+     r"tensor model.norm.weight has shape \[1\], but parameter model.norm.weight expects \[128\]"),
+    ("smaller, into a merged parameter", "model.layers.1.self_attn.k_proj.weight", lambda t: t[:-1],
+     r"tensor model.layers.1.self_attn.k_proj.weight has shape \[63, 128\], but parameter "
+     r"model.layers.1.self_attn.qkv_proj.weight \(part 'k'\) expects \[64, 128\]"),
+    ("an int64 embedding", "model.embed_tokens.weight", lambda t: t.to(torch.int64),
+     r"tensor model.embed_tokens.weight is torch.int64, but parameter model.embed_tokens.weight holds torch.float32"),
+    ("an LM head too narrow", "lm_head.weight", lambda t: t[:, :-2].contiguous(),
+     r"tensor lm_head.weight has shape \[512, 126\], but parameter lm_head.weight expects \[512, 128\]"),
+]
+
+
+@pytest.mark.parametrize("name, make, message", [c[1:] for c in MISFITS], ids=[c[0] for c in MISFITS])
+def test_tensor_that_does_not_fit_its_parameter_is_refused_naming_both(tiny_llama, tmp_path, name, make, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(edited_weights(tiny_llama, tmp_path, name, make), **SMALL)

@@ -103,3 +103,20 @@ def test_cli_batch_in_process_round_trips_jsonl(tiny_qwen3, tmp_path, capsys):
     src.write_text("{not json}\n")
     assert main(["batch", str(src), str(dst), "--model", tiny_qwen3]) == 2
     assert "line 1 is not JSON" in capsys.readouterr().err
+
+
+def test_replica_runs_preprocess_and_postprocess_around_a_batch(tiny_qwen3, llm):
+    import pyarrow as pa
+
+    from nanovllm.ray.replica import LLMReplica
+    options = {k: v for k, v in ENGINE.items() if k != "backend"}
+    replica = LLMReplica(tiny_qwen3, "cpu_ref", options, {"temperature": 0.0, "max_tokens": 4},
+                         preprocess=lambda row: {"q": row["q"], "prompt": row["q"] * 2},
+                         postprocess=lambda row: {"q": row["q"], "answer": row["generated_text"],
+                                                  "error": row["error"]})
+    out = replica(pa.table({"q": ["the ", "", "hello "], "extra": [1, 2, 3]})).to_pylist()
+    expected = llm.generate(["the the ", "hello hello "], SamplingParams(temperature=0, max_tokens=4),
+                            use_tqdm=False)
+    assert [o["q"] for o in out] == ["the ", "", "hello "] and set(out[0]) == {"q", "answer", "error"}
+    assert [out[0]["answer"], out[2]["answer"]] == [e["text"] for e in expected]
+    assert out[1]["answer"] is None and "empty" in out[1]["error"]

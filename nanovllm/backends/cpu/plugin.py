@@ -71,6 +71,8 @@ def check_query(query: KernelQuery) -> list[str]:
         reasons.append(f"runs on cpu tensors, not {query.device_type}")
     if query.dtype not in CpuBackend.supported_dtypes:
         reasons.append(f"dtype {query.dtype} is not one of {', '.join(map(str, CpuBackend.supported_dtypes))}")
+    if query.kv_cache_dtype not in (None, query.dtype):
+        reasons.append(f"the KV cache holds the model dtype only, not {query.kv_cache_dtype}")
     return reasons + query.head_reasons()
 
 

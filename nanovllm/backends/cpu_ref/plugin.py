@@ -25,6 +25,7 @@ def available_host_memory() -> int | None:
 class CpuRefBackend(Backend):
     name = "cpu_ref"
     device_type = "cpu"
+    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
     dist_backend = "gloo"
     options = {"cpu_memory_fraction": Fraction(0.3, "the share of free RAM the KV cache may take")}
 

@@ -23,19 +23,25 @@ def _module(name: str):
 
 
 # ---- the kernels, as the registry's ops call them ------------------------------------------------
+# k_scale, v_scale: [num_kv_heads] float32, passed only with an FP8 KV cache (stored = value / scale)
 def triton_store(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-    _module("kv_store").store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
+    _module("kv_store").store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def triton_paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
-    return _module("attention.triton_prefill").prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+                         v_cache: torch.Tensor, meta: PrefillMetadata, scale: float,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _module("attention.triton_prefill").prefill_attention(q, k, v, k_cache, v_cache, meta, scale,
+                                                                 k_scale, v_scale)
 
 
 def torch_flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
-    return _module("attention.torch_flash").prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+                        v_cache: torch.Tensor, meta: PrefillMetadata, scale: float,
+                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _module("attention.torch_flash").prefill_attention(q, k, v, k_cache, v_cache, meta, scale,
+                                                              k_scale, v_scale)
 
 
 def flash_attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -57,8 +63,9 @@ def triton_silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
-                        scale: float) -> torch.Tensor:
-    return _module("attention.triton_decode").decode_attention(q, k_cache, v_cache, meta, scale)
+                        scale: float, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _module("attention.triton_decode").decode_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
 
 
 def flash_attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
@@ -93,6 +100,9 @@ def check_triton(query: KernelQuery) -> list[str]:
         reasons.append(f"dtype {query.dtype} is not float16, bfloat16 or float32")
     if not 1 <= query.head_dim <= 256:  # other than powers of two are padded to one inside the kernels
         reasons.append(f"head_dim {query.head_dim} is not in [1, 256]")
+    if query.kv_is_fp8 and not reasons and torch.cuda.get_device_capability() < (8, 9):
+        reasons.append("an FP8 KV cache needs compute capability >= 8.9 (Triton's FP8 conversions), the GPU has "
+                       "{}.{}".format(*torch.cuda.get_device_capability()))
     return reasons
 
 

@@ -22,6 +22,7 @@ class CudaBackend(Backend):
     device_type = "cuda"
     default_dtype = torch.bfloat16
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
     supports_graphs = True
     measures_peak_memory = True
     pin_memory = True
@@ -34,7 +35,7 @@ class CudaBackend(Backend):
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
     # and 256-token blocks (6.33 s) than with the Triton kernels and 16-token blocks (5.86 s), which also make
     # prefix caching finer-grained. So installing flash-attn changes nothing by default; it serves runs that
-    # ask for kvcache_block_size=256 (or a multiple), and `nanovllm tune` measures both on the user's machine.
+    # ask for kvcache_block_size=256 (or a multiple); `nanovllm tune --kvcache-block-size 256` times them there.
     default_block_size = 16
 
     def availability(self, device: str | None = None) -> tuple[bool, str]:

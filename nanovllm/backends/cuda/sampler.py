@@ -55,8 +55,8 @@ def _slice_best_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, best_
     sampled = temperature > 0
     seed = _hash32(tl.load(seed_ptr).to(tl.uint32))
     row_key = (row * vocab_size).to(tl.uint32)
-    best_value = float("-inf")
-    best_index = 0
+    best_value = tl.full((BLOCK,), float("-inf"), tl.float32)  # per lane: the loop is elementwise, one
+    best_index = tl.zeros((BLOCK,), tl.int32)                      # reduction at the end of the slice
     start0 = part * SLICE
     for offset in range(0, SLICE, BLOCK):
         index = start0 + offset + tl.arange(0, BLOCK)
@@ -69,13 +69,15 @@ def _slice_best_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, best_
         exp1 = tl.where(v < 0.0078125, series, -_log2(1.0 - v, FAST) * 0.6931471805599453)  # ~ Exp(1)
         score = tl.where(sampled, logits * scale - _log2(exp1, FAST), logits)
         score = tl.where(mask, score, float("-inf"))
-        block_best = tl.max(score, 0)
-        block_index = tl.argmax(score, 0) + start0 + offset
-        better = block_best > best_value  # strictly: ties keep the first index, as torch.argmax does
-        best_index = tl.where(better, block_index, best_index)
-        best_value = tl.where(better, block_best, best_value)
-    tl.store(best_value_ptr + row * num_slices + part, best_value)
-    tl.store(best_index_ptr + row * num_slices + part, best_index.to(tl.int32))
+        better = score > best_value  # strictly: a lane keeps its first index on ties
+        best_index = tl.where(better, index, best_index)
+        best_value = tl.where(better, score, best_value)
+    slice_best = tl.max(best_value, 0)
+    # ties across lanes: the lowest token index, as torch.argmax (a slice of all -inf keeps index start0)
+    slice_index = tl.min(tl.where(best_value == slice_best, best_index, 2147483647), 0)
+    slice_index = tl.where(slice_best == float("-inf"), start0, slice_index)
+    tl.store(best_value_ptr + row * num_slices + part, slice_best)
+    tl.store(best_index_ptr + row * num_slices + part, slice_index)
 
 
 @triton.jit

@@ -59,21 +59,41 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
 
     Choice j of a request with `seed` and n > 1 uses seed + j, so the n choices differ and each is reproducible.
     """
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name):
-            raise ValueError(f"{name}={getattr(request, name)} is not supported by nanovllm; leave it 0 or unset")
-    if request.logit_bias:
-        raise ValueError("logit_bias is not supported by nanovllm; leave it unset")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
-    seed = request.seed + seed_offset if request.seed is not None else None
+    seed = SamplingParams(seed=request.seed).sample_seed(seed_offset)  # seed + j, wrapped into the seed range
+    # temperature, top_p, top_k, min_p and repetition_penalty left unset take the model's generation_config.json
     return SamplingParams(
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=0 if request.top_k is None else request.top_k,
-        min_p=0.0 if request.min_p is None else request.min_p,
+        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=request.logit_bias or None, allowed_token_ids=request.allowed_token_ids,
+        bad_words=request.bad_words or None, structured=structured_outputs(request),
         seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs)
+
+
+def structured_outputs(request: SamplingFields) -> dict | None:
+    """OpenAI's response_format, or vLLM's guided_json / guided_regex / guided_choice / guided_grammar, as
+    SamplingParams.structured (None when the request sets none; ValueError when it sets several)."""
+    given = {kind: value for kind, value in (("json", request.guided_json), ("regex", request.guided_regex),
+                                             ("choice", request.guided_choice), ("grammar", request.guided_grammar))
+             if value is not None}
+    fmt = request.response_format
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        if fmt.get("type") == "json_object":
+            given["json_object"] = True
+        elif fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+            given["json"] = schema
+        else:
+            raise ValueError(f"response_format type {fmt.get('type')!r} is invalid: expected 'text', 'json_object' "
+                             f"or 'json_schema'")
+    if len(given) > 1:
+        raise ValueError(f"response_format and guided_* set {len(given)} constraints ({', '.join(given)}); give one")
+    return given or None
 
 
 def check_n(n: int) -> None:

@@ -6,6 +6,7 @@ never knows which backend provided them.
 import torch
 from torch import nn
 
+from nanovllm.core.kernel_output import check_like
 from nanovllm.core.step_metadata import StepMetadata
 from nanovllm.models.layers.context import LayerContext
 
@@ -17,16 +18,25 @@ class Attention(nn.Module):
         self.store = ctx.kernels["kv_cache.store"]
         self.prefill = ctx.kernels["attention.prefill"]
         self.decode = ctx.kernels["attention.decode"]
+        self.kernel_label = ctx.kernel_label
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the cache exists
+        self.kv_scales: tuple[torch.Tensor, ...] = ()  # FP8 cache: (k_scale, v_scale), each [num_kv_heads]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]"""
         if self.k_cache.numel():
-            self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping, *self.kv_scales)
         if meta.decode is None:
-            return self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+            return self._prefill(q, k, v, meta)
         if meta.prefill is None:
-            return self.decode(q, self.k_cache, self.v_cache, meta.decode, self.scale)
+            return self._decode(q, meta)
         p = meta.num_prefill_tokens
-        return torch.cat([self.prefill(q[:p], k[:p], v[:p], self.k_cache, self.v_cache, meta.prefill, self.scale),
-                          self.decode(q[p:], self.k_cache, self.v_cache, meta.decode, self.scale)])
+        return torch.cat([self._prefill(q[:p], k[:p], v[:p], meta), self._decode(q[p:], meta)])
+
+    def _prefill(self, q, k, v, meta: StepMetadata) -> torch.Tensor:
+        out = self.prefill(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, *self.kv_scales)
+        return check_like(self.kernel_label, "attention.prefill", out, q)
+
+    def _decode(self, q, meta: StepMetadata) -> torch.Tensor:
+        return check_like(self.kernel_label, "attention.decode", self.decode(q, self.k_cache, self.v_cache, meta.decode,
+                                                                     self.scale, *self.kv_scales), q)

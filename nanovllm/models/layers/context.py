@@ -9,6 +9,7 @@ from nanovllm.core.parallel.communicator import Communicator
 class LayerContext:
     comm: Communicator
     kernels: Mapping[str, Callable] = field(default_factory=dict)  # op name -> the function the plan chose
+    kernel_label: Callable[[str], str] = str  # op name -> words naming its kernel and plugin, for errors
 
     @property
     def tp_rank(self) -> int:

@@ -16,6 +16,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = ctx.tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.weight.checkpoint_shape = lambda param, shard_id=None: (vocab_size, hidden_size)  # before sharding
 
     def weight_loader(self, param, loaded, shard_id=None):
         rows = min(self.shard_size, self.vocab_size - self.vocab_start)

@@ -24,16 +24,29 @@ class LinearBase(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.linear_op = F.linear
+        self.full_input_size = getattr(self, "full_input_size", input_size)  # before TP sharding
+        self.full_output_size = getattr(self, "full_output_size", output_size)
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.weight.checkpoint_shape = self.checkpoint_shape
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+            self.bias.checkpoint_shape = self.checkpoint_shape
         else:
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
+
+    def checkpoint_rows(self, shard_id) -> int:
+        """Output features of the checkpoint tensor that fills part `shard_id`, before TP sharding."""
+        return self.full_output_size
+
+    def checkpoint_shape(self, param: nn.Parameter, shard_id=None) -> tuple[int, ...]:
+        """The shape the checkpoint's tensor for `param` (part `shard_id`) must have: the unsharded one."""
+        rows = self.checkpoint_rows(shard_id)
+        return (rows, self.full_input_size) if param.dim() == 2 else (rows,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_op(x, self.weight, self.bias)
@@ -47,6 +60,7 @@ class ColumnParallelLinear(LinearBase):
     """Splits the output features across ranks; no communication."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext):
+        self.full_output_size = output_size
         super().__init__(input_size, divide(output_size, ctx.tp_size, "output features"), bias, ctx)
 
     def weight_loader(self, param, loaded, shard_id=None):
@@ -60,6 +74,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, ctx: LayerContext):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias, ctx)
+
+    def checkpoint_rows(self, shard_id) -> int:
+        return self.output_sizes[shard_id]
 
     def weight_loader(self, param, loaded, shard_id=None):
         tp = self.ctx.tp_size
@@ -76,6 +93,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                  ctx: LayerContext):
         tp = ctx.tp_size
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = divide(num_heads, tp, "num_attention_heads")
         if num_kv_heads >= tp:
             self.num_kv_heads = divide(num_kv_heads, tp, "num_key_value_heads")
@@ -88,6 +106,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.kv_head_start = ctx.tp_rank // (tp // num_kv_heads)
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         LinearBase.__init__(self, hidden_size, output_size, bias, ctx)
+
+    def checkpoint_rows(self, shard_id) -> int:
+        return (self.total_num_heads if shard_id == "q" else self.total_num_kv_heads) * self.head_dim
 
     def weight_loader(self, param, loaded, shard_id=None):
         d = self.head_dim
@@ -104,6 +125,7 @@ class RowParallelLinear(LinearBase):
     """Splits the input features across ranks and all-reduces the partial outputs."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext):
+        self.full_input_size = input_size
         super().__init__(divide(input_size, ctx.tp_size, "input features"), output_size, bias, ctx)
 
     def weight_loader(self, param, loaded, shard_id=None):

@@ -10,11 +10,13 @@ from nanovllm.core.step_metadata import PrefillMetadata
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] -> like q."""
+                      v_cache: torch.Tensor, meta: PrefillMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] -> like q. The scales
+    ([num_kv_heads] float32) are for an FP8 cache, read only through the paged path."""
     if meta.block_tables is not None:
         from nanovllm.backends.cuda.attention.triton_prefill import paged_prefill
-        return paged_prefill(q, k, v, k_cache, v_cache, meta, scale)
+        return paged_prefill(q, k, v, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
     # (query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask)
     out, *_ = torch.ops.aten._flash_attention_forward(
         q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,

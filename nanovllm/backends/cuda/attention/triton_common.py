@@ -12,6 +12,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def fp8_dot_dtype(q_dtype: torch.dtype):
+    """What an FP8 cache's K/V (and q) are widened to for the dots: float16, which holds every e4m3 and e5m2
+    value exactly and converts from FP8 in one instruction; float32 for float32 runs (exact comparisons)."""
+    return tl.float32 if q_dtype == torch.float32 else tl.float16
+
+
 @triton.jit
 def paged_row_offsets(block_table_ptr, tile_start, end, stride_block, stride_row,
                       PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):

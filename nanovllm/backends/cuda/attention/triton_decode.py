@@ -6,6 +6,10 @@ memory once per KV head. Splits divide each sequence's context so that small bat
 GPU; every program derives its token range from its own context length, so the launch depends only on
 the batch and head counts and one captured CUDA graph serves every replay. With more than one split,
 partial outputs and their log-sum-exp go to scratch and a small second kernel combines them.
+An FP8 cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, and one
+native conversion on sm_89+, where widening to bfloat16 goes through float32 and made the kernel
+conversion-bound), with the dots in float16; its per-KV-head scales are folded into the score scale (K)
+and the output (V), so dequantising costs two multiplies per program, not one per element.
 """
 from dataclasses import dataclass
 from functools import cache
@@ -14,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, head_dim_mask, padded_head_dim,
-                                                           paged_row_offsets)
+from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
+                                                           padded_head_dim, paged_row_offsets)
+from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import DecodeMetadata
 
 MAX_SPLITS = 32  # a power of two: the combine kernel reads this many partials, masked
@@ -29,13 +34,18 @@ class DecodeConfig:
     num_stages: int
 
 
-def decode_config(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
+def decode_config(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfloat16,
+                  kv_dtype: torch.dtype | None = None) -> DecodeConfig:
     """Tile shape for the split kernel. Decode is bound by K/V reads, so what matters is bytes in flight:
     at head_dim 128 a 64-token tile is 32 KiB of K+V, and num_stages 3 double-buffers it (~70 KiB of
     shared memory, ~96 registers a thread on sm_90): three programs per SM keep up to 192 KiB in flight,
     several times what HBM3 needs at its latency. `benchmarks/kernels_cuda.py --sweep` re-tunes this."""
     if head_dim > 128 or dtype == torch.float32:  # same bytes per tile for wider rows
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3)
+    if kv_dtype is not None and kv_dtype.itemsize == 1:
+        # FP8 tiles are widened in registers, so more, smaller programs hide the latency best (benchmarks/
+        # fp8_decode.py --sweep on an H200, batch 256 x 1k: 184 us; 4 warps 208-232 us, 8 warps 249 us)
+        return DecodeConfig(block_n=64, num_warps=2, num_stages=4)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
@@ -61,11 +71,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
+    out_ptr, part_out_ptr, part_lse_ptr, qk_scale, k_scale_ptr, v_scale_ptr,
     stride_q_seq, stride_q_head, stride_cache_block, stride_cache_row, stride_cache_head,
     stride_bt_seq, stride_o_seq, stride_o_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the KV heads of a token, adjacent in the cache, are read together
     seq = tl.program_id(1)
@@ -83,6 +94,12 @@ def _decode_split_kernel(
     dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
                 mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+    if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+        q = q.to(DOT_DTYPE)
+    else:
+        v_scale = 1.0
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -98,8 +115,8 @@ def _decode_split_kernel(
                                       stride_cache_row, PAGE_SIZE, BLOCK_N)
         token_mask = tile_start + tl.arange(0, BLOCK_N) < end
         kv_mask = token_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N], log2 units
         s = tl.where(token_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,7 +129,7 @@ def _decode_split_kernel(
 
     # an empty range (short context, or context_len 0 in a padded graph batch) contributes nothing
     has_tokens = l_i > 0
-    part = tl.where(has_tokens[:, None], acc / tl.where(has_tokens, l_i, 1.0)[:, None], 0.0)
+    part = tl.where(has_tokens[:, None], acc * (v_scale / tl.where(has_tokens, l_i, 1.0))[:, None], 0.0)
     if not SPLIT:
         tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
                  part.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
@@ -148,10 +165,12 @@ def _decode_combine_kernel(
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                  block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
-                 config: DecodeConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 config: DecodeConfig | None = None, out: torch.Tensor | None = None,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
     context_lens: [num_seqs] int32; block_tables: [num_seqs, max_blocks] int32 -> [num_seqs, num_heads, head_dim]
-    (written into `out` when given). Issues no host sync, so it can be captured in a CUDA graph."""
+    (written into `out` when given); k_scale, v_scale: [num_kv_heads] float32 for an FP8 cache. Issues no host
+    sync, so it can be captured in a CUDA graph."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
@@ -161,6 +180,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError(f"decode: head_dim {head_dim} is over 256")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("decode: q and the caches need a unit stride on head_dim, and the two caches one layout")
+    kv_fp8 = is_fp8(k_cache.dtype)
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        raise ValueError(f"decode: a {k_cache.dtype} cache needs k_scale and v_scale")
     out = _output(out, q)
     if num_seqs == 0:
         return out
@@ -169,7 +191,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"decode: num_splits {num_splits} is not in [1, {MAX_SPLITS}]")
-    config = config or decode_config(head_dim_pad, block_size, q.dtype)
+    config = config or decode_config(head_dim_pad, block_size, q.dtype, k_cache.dtype)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -177,10 +199,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_out = part_lse = out  # unused by the single-split kernel
     _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * LOG2_E,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=block_size, BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
+        KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
@@ -201,6 +225,8 @@ def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
-                     scale: float) -> torch.Tensor:
+                     scale: float, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The `attention.decode` op: q [num_seqs, num_heads, head_dim], one token per sequence."""
-    return paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
+    return paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale, k_scale=k_scale,
+                        v_scale=v_scale)

@@ -4,8 +4,12 @@ Grid (num_heads, num_seqs, query tiles). A program takes BLOCK_M query rows of o
 the chunk is the last len_q positions of a context of len_k tokens, so row r sits at position
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
-Without a block table (no cached prefix) K/V come straight from this step's tensors.
+Without a block table (no cached prefix) K/V come straight from this step's tensors. An FP8 cache is read
+through a dequantised copy of the blocks the batch's tables name (`dequantized_blocks`): the in-register
+FP8 variant passed Triton's interpreter but failed its GPU parity test on the H200, so prefill, a small part
+of a run's time, takes this correct path until that is fixed; decode reads FP8 in registers.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +18,7 @@ import triton.language as tl
 
 from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, head_dim_mask, padded_head_dim,
                                                            paged_row_offsets)
+from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import PrefillMetadata
 
 
@@ -137,7 +142,8 @@ def _prefill_kernel(
 
 def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: PrefillMetadata, scale: float, config: PrefillConfig | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] of this step;
     caches: [num_blocks, block_size, num_kv_heads, head_dim] -> [num_tokens, num_heads, head_dim].
 
@@ -145,6 +151,11 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     the caches; without it, from k and v (then cu_seqlens_k equals cu_seqlens_q). Writes into `out` if given."""
     num_tokens, num_heads, head_dim = q.shape
     paged = meta.block_tables is not None
+    if paged and is_fp8(k_cache.dtype):
+        if k_scale is None or v_scale is None:
+            raise ValueError(f"prefill: a {k_cache.dtype} cache needs k_scale and v_scale")
+        k_cache, v_cache, tables = dequantized_blocks(k_cache, v_cache, meta.block_tables, k_scale, v_scale, q.dtype)
+        meta = dataclasses.replace(meta, block_tables=tables)
     k_src, v_src = (k_cache, v_cache) if paged else (k, v)
     num_kv_heads = k_src.shape[-2]
     if k_src.shape[-1] != head_dim or num_heads % num_kv_heads or v_src.shape != k_src.shape:
@@ -183,6 +194,20 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, meta: PrefillMetadata, scale: float) -> torch.Tensor:
-    """The `attention.prefill` op (cached prefixes and chunked prefill included)."""
-    return paged_prefill(q, k, v, k_cache, v_cache, meta, scale)
+                      v_cache: torch.Tensor, meta: PrefillMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The `attention.prefill` op (cached prefixes and chunked prefill included; k_scale, v_scale: [num_kv_heads]
+    float32 for an FP8 cache)."""
+    return paged_prefill(q, k, v, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
+
+
+def dequantized_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, k_scale: torch.Tensor,
+                       v_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks `block_tables` names, dequantised into `dtype` caches of their own, and the tables renumbered to
+    them (the copy holds num_seqs x table width blocks, padding entries included)."""
+    num_seqs, width = block_tables.shape
+    ids = block_tables.flatten().long()
+    k = (k_cache[ids].float() * k_scale[:, None]).to(dtype)
+    v = (v_cache[ids].float() * v_scale[:, None]).to(dtype)
+    tables = torch.arange(num_seqs * width, dtype=block_tables.dtype, device=block_tables.device).view(num_seqs, width)
+    return k, v, tables

@@ -1,0 +1,161 @@
+"""The cuda backend's kernels with an FP8 KV cache, against the cpu_ref FP8 reference (quantise/dequantise in torch).
+
+Same set-up as test_cuda_kernels.py: Triton's interpreter on a machine without CUDA (float32 queries, small
+shapes), compiled kernels in bfloat16/float16/float32 on a GPU. Both sides read the same FP8 bytes, so the
+outputs agree to the query dtype's tolerance. The store is exact against torch's cast on a GPU; Triton's
+interpreter rounds float32 -> FP8 without carrying into the exponent (125.7 becomes 64, not 128), so on the
+CPU the reference's scaled, saturated values go through the interpreter's own cast instead.
+"""
+import pytest
+import torch
+
+from tests.backends.test_cuda_kernels import (DEVICES, assert_close, dtypes_for, fused_qkv_views,
+                                              poison_allocator, random_context_lens, scattered_block_tables)
+from nanovllm.backends.cpu_ref.attention import decode_attention as ref_decode
+from nanovllm.backends.cpu_ref.attention import prefill_attention as ref_prefill
+from nanovllm.backends.cpu_ref.kv_store import store_kvcache as ref_store
+from nanovllm.core.kv_quant import quantize
+from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def interpreter_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 -> `dtype` through Triton's (interpreted) conversion."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n).to(y_ptr.dtype.element_ty), mask=i < n)
+
+    flat = x.float().contiguous().flatten()
+    out = torch.empty(flat.shape, dtype=dtype)
+    cast[(triton.cdiv(flat.numel(), 1024),)](flat, out, flat.numel(), BLOCK=1024)
+    return out.view(x.shape)
+
+
+def reference_store(key, value, k_cache, v_cache, slots, k_scale, v_scale, device):
+    if device == "cuda":
+        return ref_store(key, value, k_cache, v_cache, slots, k_scale, v_scale)
+    valid = slots >= 0
+    limit = torch.finfo(k_cache.dtype).max
+    for rows, cache, scale in ((key[valid], k_cache, k_scale), (value[valid], v_cache, v_scale)):
+        scaled = (rows.float() / scale[:, None]).clamp(-limit, limit)
+        cache.view(-1, *cache.shape[2:])[slots[valid]] = interpreter_cast(scaled, cache.dtype)
+
+
+def random_scales(num_kv_heads: int, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head scales spread over two decades, so a kernel that ignores the head index fails."""
+    k = 10 ** (torch.rand(num_kv_heads, generator=g) * 2 - 1.5)
+    v = 10 ** (torch.rand(num_kv_heads, generator=g) * 2 - 1.5)
+    return k.to(device), v.to(device)
+
+
+def fp8_caches(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, scales, device, g):
+    """Caches holding quantised random values (magnitude ~ the scale times a few)."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    out = []
+    for scale in scales:
+        values = torch.randn(shape, generator=g) * 30 * scale.cpu()[:, None]
+        out.append(quantize(values.flatten(0, 1), scale.cpu(), kv_dtype).view(shape).to(device))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FP8, ids=str)
+@pytest.mark.parametrize("num_kv_heads,head_dim,block_size", [(2, 64, 16), (1, 48, 16), (4, 128, 32)])
+def test_fp8_store_matches_reference(device, kv_dtype, num_kv_heads, head_dim, block_size):
+    from nanovllm.backends.cuda.kv_store import store_kvcache
+    g = torch.Generator().manual_seed(num_kv_heads * 100 + head_dim)
+    num_tokens = 37 if device == "cpu" else 3000
+    k_scale, v_scale = random_scales(num_kv_heads, g, device)
+    for dtype in dtypes_for(device):
+        num_blocks = (num_tokens + 20) // block_size + 2
+        _, key, value = fused_qkv_views(num_tokens, 2 * num_kv_heads, num_kv_heads, head_dim, dtype, device, g)
+        key = key * 1000  # some values beyond the FP8 range (also at the largest scale): they saturate, not NaN
+        slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+        slots[torch.rand(num_tokens, generator=g) < 0.2] = -1
+        slots = slots.to(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        k_cache = torch.full(shape, float("nan"), device=device).to(kv_dtype)
+        v_cache = torch.full(shape, float("nan"), device=device).to(kv_dtype)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        store_kvcache(key, value, k_cache, v_cache, slots, k_scale, v_scale)
+        reference_store(key, value, k_ref, v_ref, slots, k_scale, v_scale, device)
+        written = slots[slots >= 0]
+        assert torch.isfinite(k_ref.float().flatten(0, 1)[written]).all()
+        if device == "cuda" and kv_dtype == torch.float8_e4m3fn:  # some values saturated (e5m2 reaches 57344;
+            # the interpreter's cast never reaches the FP8 maximum)
+            assert k_ref.float().abs().nan_to_num(0).max() == torch.finfo(kv_dtype).max
+        for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FP8, ids=str)
+@pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,num_splits", [
+    (2, 2, 64, 16, 1), (4, 1, 128, 32, 3), (1, 2, 48, 16, None)])
+def test_fp8_decode_matches_reference(device, kv_dtype, group, num_kv_heads, head_dim, block_size, num_splits):
+    from nanovllm.backends.cuda.attention.triton_decode import paged_decode
+    g = torch.Generator().manual_seed(group * 10 + head_dim)
+    num_seqs, max_len = (4, 200) if device == "cpu" else (24, 4096)
+    k_scale, v_scale = random_scales(num_kv_heads, g, device)
+    for dtype in dtypes_for(device):
+        context_lens = random_context_lens(num_seqs, max_len, block_size, g)
+        block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
+        k_cache, v_cache = fp8_caches(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype,
+                                      (k_scale, v_scale), device, g)
+        q = fused_qkv_views(num_seqs, group * num_kv_heads, num_kv_heads, head_dim, dtype, device, g)[0] / 30
+        meta = DecodeMetadata(torch.tensor(context_lens, dtype=torch.int32, device=device), block_tables.to(device),
+                              max(context_lens))
+        out = torch.full_like(q, float("nan"))
+        poison_allocator(device)
+        paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, head_dim ** -0.5,
+                     num_splits=num_splits, out=out, k_scale=k_scale, v_scale=v_scale)
+        expected = ref_decode(q, k_cache, v_cache, meta, head_dim ** -0.5, k_scale, v_scale)
+        per_head = v_scale.repeat_interleave(group)[:, None]
+        assert_close(out / per_head, expected / per_head, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FP8, ids=str)
+@pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [(2, 2, 64, 16), (4, 1, 48, 32)])
+def test_fp8_paged_prefill_matches_reference(device, kv_dtype, group, num_kv_heads, head_dim, block_size):
+    """Query chunks after cached prefixes: the whole context read back from the FP8 cache."""
+    from nanovllm.backends.cuda.attention.triton_prefill import paged_prefill
+    g = torch.Generator().manual_seed(group + head_dim)
+    k_scale, v_scale = random_scales(num_kv_heads, g, device)
+    q_lens, cached = ([5, 40, 1], [30, 0, 70]) if device == "cpu" else ([300, 700, 1], [500, 0, 2000])
+    context_lens = [a + b for a, b in zip(q_lens, cached)]
+    for dtype in dtypes_for(device):
+        block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
+        k_cache, v_cache = fp8_caches(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype,
+                                      (k_scale, v_scale), device, g)
+        q = torch.randn(sum(q_lens), group * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device) / 30
+        k = v = torch.full((sum(q_lens), num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)  # unread
+
+        def cumulative(lengths):
+            return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+        meta = PrefillMetadata(cumulative(q_lens), cumulative(context_lens), max(q_lens), max(context_lens),
+                               block_tables.to(device))
+        out = paged_prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5, k_scale=k_scale, v_scale=v_scale)
+        expected = ref_prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5, k_scale, v_scale)
+        per_head = v_scale.repeat_interleave(group)[:, None]
+        assert_close(out / per_head, expected / per_head, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_kernels_refuse_a_cache_without_scales(device):
+    from nanovllm.backends.cuda.attention.triton_decode import paged_decode
+    from nanovllm.backends.cuda.kv_store import store_kvcache
+    cache = torch.zeros(4, 16, 1, 64, device=device).to(torch.float8_e4m3fn)
+    key = torch.zeros(3, 1, 64, device=device)
+    with pytest.raises(ValueError, match="needs k_scale and v_scale"):
+        store_kvcache(key, key, cache, cache.clone(), torch.arange(3, device=device))
+    with pytest.raises(ValueError, match="needs k_scale and v_scale"):
+        paged_decode(torch.zeros(1, 2, 64, device=device), cache, cache.clone(),
+                     torch.tensor([3], dtype=torch.int32, device=device),
+                     torch.zeros(1, 1, dtype=torch.int32, device=device), 0.125)
