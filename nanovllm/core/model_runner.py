@@ -63,6 +63,7 @@ class ModelRunner:
         self.device = backend.device(config, comm.rank)
         self.sampler = plan.fn("sampler")
         self.max_num_blocks_per_seq = -(-config.max_model_len // block_size)
+        backend.configure_process(config)
         backend.seed(config.seed)
         default_dtype = torch.get_default_dtype()
         try:
@@ -78,6 +79,7 @@ class ModelRunner:
         else:
             load_model(self.model, config.model)
         self.attention_layers = self.model.attention_layers()
+        backend.prepare_model(self.model, self.dtype)
         if config.compile if config.compile is not None else backend.compile_small_ops:
             fuse_small_ops(self.model, plan)
         self.num_blocks = 0
