@@ -24,6 +24,7 @@ from nanovllm.core.startup import Resolved
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_sampler import LaunchedStep, StepSampler, to_device
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
+from nanovllm.core.warmup_steps import warm_up_full_steps
 from nanovllm.core.parallel.step_transport import pack_step, step_to_device
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
@@ -104,6 +105,8 @@ class ModelRunner:
         self.allocate_kv_cache(num_blocks)
         if self.comm.world_size == 1:
             self.warmup_kernels()
+            if self.backend.measures_peak_memory:  # the GPU backends: first-use costs of a full-size step
+                warm_up_full_steps(self)
         self.capture_graphs()
         return num_blocks
 
