@@ -5,7 +5,7 @@ the chunk is the last len_q positions of a context of len_k tokens, so row r sit
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
 Without a block table (no cached prefix) K/V come straight from this step's tensors. An FP8 cache is read
-through a dequantised copy of the blocks the batch's tables name (`dequantized_blocks`): the in-register
+through a float32 dequantised copy of the blocks the batch's tables name (`dequantized_blocks`): the in-register
 FP8 variant passed Triton's interpreter but failed its GPU parity test on the H200, so prefill, a small part
 of a run's time, takes this correct path until that is fixed; decode reads FP8 in registers.
 """
@@ -154,8 +154,19 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     if paged and is_fp8(k_cache.dtype):
         if k_scale is None or v_scale is None:
             raise ValueError(f"prefill: a {k_cache.dtype} cache needs k_scale and v_scale")
-        k_cache, v_cache, tables = dequantized_blocks(k_cache, v_cache, meta.block_tables, k_scale, v_scale, q.dtype)
-        meta = dataclasses.replace(meta, block_tables=tables)
+        # In float32: a 16-bit copy of fp8 x scale rounds every key (bf16: by up to 2^-9), which large logits
+        # turn into output errors past bf16's tolerance (seen on the H200: the bf16 copy failed GPU parity);
+        # float32 holds fp8 x scale exactly, and the dots run as three-pass TF32.
+        k_cache, v_cache, tables = dequantized_blocks(k_cache, v_cache, meta.block_tables, k_scale, v_scale,
+                                                      torch.float32)
+        result = paged_prefill(q.float(), k.float(), v.float(), k_cache, v_cache,
+                               dataclasses.replace(meta, block_tables=tables), scale)
+        if out is None:
+            return result.to(q.dtype)
+        if out.shape != q.shape or out.dtype != q.dtype:
+            raise ValueError(f"prefill: out {tuple(out.shape)} {out.dtype} must be shaped and typed like q "
+                             f"{tuple(q.shape)} {q.dtype}")
+        return out.copy_(result)
     k_src, v_src = (k_cache, v_cache) if paged else (k, v)
     num_kv_heads = k_src.shape[-2]
     if k_src.shape[-1] != head_dim or num_heads % num_kv_heads or v_src.shape != k_src.shape:
