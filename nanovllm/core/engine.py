@@ -11,6 +11,7 @@ from nanovllm.core.request_checks import bad_word_token_ids, check_request_param
 from nanovllm.core.structured import StructuredCompiler
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
+from nanovllm.core.runner_setup import set_up
 from nanovllm.core.plugins import Plugins, load_plugins
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.shadow import current_plan
@@ -53,7 +54,7 @@ class Engine:
             self.comm = self._watched(self.backend.communicator, 0, tp,
                                       self.workers.init_method if self.workers else "")
             self.runner = self._watched(ModelRunner, config, self.resolved, self.comm, self.workers)
-            num_blocks = self._watched(self.runner.initialize)
+            num_blocks = self._watched(set_up, self.runner)
         except BaseException as e:
             self._fail(e)
             raise
