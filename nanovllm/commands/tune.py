@@ -19,12 +19,13 @@ from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="the backend to tune (default: first available)")
-    p.add_argument("--model", help="a Hugging Face checkpoint folder: its config.json gives the shapes")
-    p.add_argument("--config", help="a config.json (or its folder) instead of a checkpoint")
+    p.add_argument("--model", help="a Hugging Face checkpoint folder: its config.json gives the shapes (default: none; "
+                                   "give --model or --config)")
+    p.add_argument("--config", help="a config.json (or its folder) instead of a checkpoint (default: none)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the backend's)")
-    p.add_argument("--kvcache-block-size", type=int)
-    p.add_argument("--max-num-seqs", type=int, default=64, help="largest decode batch timed (default 64)")
-    p.add_argument("--context-len", type=int, default=512, help="context of each decoding sequence (default 512)")
+    p.add_argument("--kvcache-block-size", type=int, help="tokens per KV block (default: the backend's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="largest decode batch timed")
+    p.add_argument("--context-len", type=int, default=512, help="context of each decoding sequence")
     p.add_argument("--prefill-tokens", default="128,1024", help="prefill chunk sizes, comma-separated")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per kernel and shape (median kept)")
     p.add_argument("--force", action="store_true", help="replace choices you wrote in plugins.toml")

@@ -62,6 +62,16 @@ class Backend:
         """The dtype used when the user sets none; a backend that runs on several devices may vary it."""
         return self.default_dtype
 
+    def configure_process(self, config: EngineConfig) -> None:
+        """Called once per engine (and per rank) before the model is built: process-wide settings. The base
+        applies the `threads` option to torch's CPU thread pool when it is set."""
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+
+    def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """Called once per engine after the weights are loaded: a backend may adapt layers to its device here,
+        e.g. give linear layers a `linear_op` that reads weights it pre-packed. The base does nothing."""
+
     def check_block_size(self, block_size: int) -> list[str]:
         """Reasons the KV block size cannot be used (empty: usable)."""
         return []

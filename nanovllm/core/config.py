@@ -29,6 +29,7 @@ class EngineConfig:
     compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
     async_scheduling: bool = True  # launch decode step N+1 before step N's tokens reach the host
     tensor_parallel_size: int = 1
+    threads: int | None = None  # torch's CPU threads (None: the backend decides; the cpu backend counts free cores)
     kernels: str | dict | None = None  # "reference", {op: kernel name} or "op=name,op=name" (NANOVLLM_KERNELS)
     kernel_plan: str | None = None  # a saved plan (TOML) to replay exactly; fails before any work if it cannot
     verify_kernels: int | None = None  # shadow-verify one call in N per op and shape (NANOVLLM_VERIFY_KERNELS)
@@ -52,7 +53,7 @@ class EngineConfig:
 
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             positive_int(name)
-        for name in ("kvcache_block_size", "num_kvcache_blocks"):
+        for name in ("kvcache_block_size", "num_kvcache_blocks", "threads"):
             if getattr(self, name) is not None:
                 positive_int(name)
         if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):

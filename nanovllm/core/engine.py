@@ -1,8 +1,9 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
@@ -13,6 +14,7 @@ from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.runner_setup import set_up
 from nanovllm.core.plugins import Plugins, load_plugins
+from nanovllm.core.progress import GenerationProgress
 from nanovllm.core.registry import KernelPlan
 from nanovllm.core.shadow import current_plan
 from nanovllm.core.scheduler import Scheduler
@@ -246,13 +248,26 @@ class Engine:
         self._commit(step)
         return step.batch
 
-    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool = True) -> None:
-        """Step (pipelined) until no work is left, with a progress bar over `seqs`. For a caller that owns the
-        engine alone; `LLM` runs the engine through its EngineLoop instead."""
-        with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
+    def planned_output_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The most output tokens a request can produce: max_tokens, or the room max_model_len leaves."""
+        return min(params.max_tokens, self.config.max_model_len - num_prompt_tokens)
+
+    def run_to_completion(self, seqs: list[Sequence], use_tqdm: bool | Callable = True) -> None:
+        """Step (pipelined) until no work is left, with a progress bar over the output tokens of `seqs`. For a
+        caller that owns the engine alone; `LLM` runs the engine through its EngineLoop instead."""
+        planned = {s.seq_id: self.planned_output_tokens(s.num_prompt_tokens, s.params) for s in seqs}
+        progress = GenerationProgress(sum(planned.values()), len(seqs), sum(s.num_prompt_tokens for s in seqs),
+                                      use_tqdm)
+        counted, done = 0, set()
+        with closing(progress):
             while self.has_work():
                 self.pipelined_step()
-                bar.update(sum(s.is_finished for s in seqs) - bar.n)
+                output_tokens = sum(s.num_output_tokens - s.num_pending for s in seqs)
+                finished = [s for s in seqs if s.is_finished and s.seq_id not in done]
+                done.update(s.seq_id for s in finished)
+                progress.advance(output_tokens - counted, sum(s.num_prompt_tokens for s in finished),
+                                 [planned[s.seq_id] - s.num_output_tokens for s in finished])
+                counted = output_tokens
 
 
 def eos_token_ids(hf_config) -> set[int]:

@@ -4,7 +4,8 @@ Every rank (rank 0 and each TP worker) runs the same path, in the same order, si
 the graph capture run collectives:
 
 1. `build_model` (called by ModelRunner.__init__): construct the model on the backend's device with
-   the plan's kernels, load its weights (or dummy ones), decide on fusing small ops.
+   the plan's kernels, load its weights (or dummy ones), let the backend prepare it
+   (`Backend.prepare_model`), decide on fusing small ops.
 2. `set_up(runner)`: a prefill without a cache when the backend measures peak memory (`measure_peak`),
    the KV budget from the backend, the smallest budget of all ranks (`agree_on_num_blocks`), the KV
    cache allocated and bound to the attention layers (`allocate_kv_cache`), the kernels compiled by a
@@ -54,8 +55,10 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
 
 def build_model(config: EngineConfig, resolved: Resolved, comm: Communicator, device: torch.device,
                 kernel_label: Callable[[str], str]) -> torch.nn.Module:
-    """The model on `device`, built with the plan's kernels, its weights loaded and small ops fused if asked."""
+    """The model on `device`, built with the plan's kernels, its weights loaded, prepared by the backend (e.g.
+    weights packed once) and small ops fused if asked."""
     backend, plan, hf_config = resolved.backend, resolved.plan, config.hf_config
+    backend.configure_process(config)
     backend.seed(config.seed)
     default_dtype = torch.get_default_dtype()
     try:
@@ -69,6 +72,7 @@ def build_model(config: EngineConfig, resolved: Resolved, comm: Communicator, de
         init_dummy_weights(model, config.seed)
     else:
         load_model(model, config.model)
+    backend.prepare_model(model, resolved.dtype)
     if config.compile if config.compile is not None else backend.compile_small_ops:
         fuse_small_ops(model, plan)
     return model

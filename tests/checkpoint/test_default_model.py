@@ -125,3 +125,15 @@ def test_foreign_folder_in_the_cache_is_not_trusted(tmp_path):
     (tmp_path / MODEL_DIR).mkdir()
     with pytest.raises(RuntimeError, match="has no config.json.*delete it"):
         default_model_path(str(tmp_path))
+
+
+def test_an_earlier_conversion_gains_the_model_cards_sampling_defaults(tmp_path):
+    import json
+    target = tmp_path / MODEL_DIR
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.7}))
+    assert default_model_path(str(tmp_path)) == str(target)
+    config = json.loads((target / "generation_config.json").read_text())
+    assert config == {"eos_token_id": 2, "temperature": 0.7, "do_sample": True, "top_p": 0.9}  # set values kept
+    assert stat.S_IMODE(os.stat(target / "generation_config.json").st_mode) == 0o644

@@ -32,15 +32,17 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for the chosen tokens; with TP the slices are gathered on rank 0 (others return None)."""
+    """Logits for the chosen tokens; with TP the slices are gathered on rank 0 (others return None).
+    `linear_op` as in linear.LinearBase."""
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: LayerContext, bias: bool = False):
         super().__init__(vocab_size, hidden_size, ctx)
+        self.linear_op = F.linear
         if bias:
             raise ValueError("an LM head with bias is not supported")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(hidden, self.weight)
+        logits = self.linear_op(hidden, self.weight)
         if self.ctx.tp_size == 1:
             return logits
         logits = self.ctx.comm.gather(logits)

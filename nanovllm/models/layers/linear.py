@@ -17,9 +17,13 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
+    """`linear_op(x, weight, bias)` computes the product; a backend may swap it for one that reads a copy of the
+    weight it prepared for its device (`Backend.prepare_model`), so the layers themselves stay device-agnostic."""
+
     def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext):
         super().__init__()
         self.ctx = ctx
+        self.linear_op = F.linear
         self.full_input_size = getattr(self, "full_input_size", input_size)  # before TP sharding
         self.full_output_size = getattr(self, "full_output_size", output_size)
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
@@ -45,7 +49,7 @@ class LinearBase(nn.Module):
         return (rows, self.full_input_size) if param.dim() == 2 else (rows,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear_op(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -132,7 +136,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.ctx.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.linear_op(x, self.weight)
         if self.ctx.tp_size > 1:
             y = self.ctx.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -1,0 +1,79 @@
+"""The cpu backend's pieces that the parity matrix does not reach: thread choice, KV budget, sampling
+distribution, and attention over caches that hold NaN outside every context."""
+import pytest
+import torch
+
+from nanovllm.backends.cpu import memory, sampler, threads
+from nanovllm.core.config import EngineConfig
+from nanovllm.core.sampler import SamplingTensors
+
+
+@pytest.mark.parametrize("cores, load, expected", [(2, 0.9, 2), (2, 1.2, 2), (2, 2.0, 1), (2, 7.5, 1), (8, 3.0, 6),
+                                                   (1, 0.0, 1)])
+def test_free_cores_leave_room_for_other_work(cores, load, expected):
+    assert threads.free_cores(cores, load) == expected
+
+
+def test_thread_choice_order(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads(5) == (5, "the threads option")
+    assert threads.choose_threads(None) == (3, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    count, why = threads.choose_threads(None)
+    assert 1 <= count <= threads.allowed_cores() and "usable cores" in why
+
+
+def test_kv_budget_sized_to_the_need_and_capped():
+    config = EngineConfig(model="", max_model_len=512, max_num_seqs=8)
+    assert memory.kv_cache_budget(config, 16, 1024) == 8 * 32
+    big = EngineConfig(model="", max_model_len=4096, max_num_seqs=256)
+    bytes_per_block = 1 << 20
+    assert memory.kv_cache_budget(big, 16, bytes_per_block) == memory.MAX_KV_CACHE_BYTES // bytes_per_block
+    huge_blocks = EngineConfig(model="", max_model_len=4096, max_num_seqs=2)
+    assert memory.kv_cache_budget(huge_blocks, 16, 8 << 20) == 256  # never below one max_model_len sequence
+    assert memory.kv_cache_budget(EngineConfig(model="", num_kvcache_blocks=7), 16, 1024) == 7
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0]).log_softmax(-1).expand(4000, 5).contiguous()
+    params = SamplingTensors(torch.full((4000,), 1.0), top_k=torch.full((4000,), 3, dtype=torch.int64))
+    torch.manual_seed(0)
+    counts = torch.bincount(sampler.sample(logits, params), minlength=5).float() / 4000
+    expected = torch.tensor([2.0, 1.0, -float("inf"), -float("inf"), 3.0]).softmax(-1)
+    assert counts[2] == 0 and counts[3] == 0
+    assert torch.allclose(counts, expected, atol=0.03), (counts, expected)
+
+
+def test_seeded_rows_depend_on_their_generator_only():
+    logits = torch.randn(3, 1000)
+    temps = torch.ones(3)
+
+    def draw(row_gens):
+        return sampler.sample(logits, SamplingTensors(temps, generators=row_gens))
+
+    gens = lambda: [torch.Generator().manual_seed(1), None, torch.Generator().manual_seed(2)]  # noqa: E731
+    first, second = draw(gens()), draw(gens())
+    assert first[0] == second[0] and first[2] == second[2]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [0, 1, 17])
+def test_packed_linear_matches_f_linear(dtype, tol, rows):
+    from nanovllm.backends.cpu.linear import PackedLinear
+    gen = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(96, 40, generator=gen) * 0.1).to(dtype)
+    bias = torch.randn(96, generator=gen).to(dtype)
+    x = torch.randn(rows, 40, generator=gen).to(dtype)
+    out = PackedLinear(weight)(x, weight, bias)
+    assert out.shape == (rows, 96) and out.dtype == dtype
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), atol=tol, rtol=tol)
+
+
+def test_prepare_model_packs_every_linear_and_the_lm_head(tiny_qwen3):
+    from nanovllm import LLM
+    from nanovllm.backends.cpu.linear import PackedLinear, can_pack
+    llm = LLM(tiny_qwen3, backend="cpu", dtype="float32", max_model_len=128)
+    ops = [m.linear_op for m in llm.engine.runner.model.modules() if hasattr(m, "linear_op")]
+    assert len(ops) == 4 * 2 + 1  # qkv, o, gate_up, down per layer (2 layers) and the LM head
+    assert all(isinstance(op, PackedLinear) for op in ops) == can_pack(torch.float32)
