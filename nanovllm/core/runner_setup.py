@@ -9,7 +9,8 @@ the graph capture run collectives:
 2. `set_up(runner)`: a prefill without a cache when the backend measures peak memory (`measure_peak`),
    the KV budget from the backend, the smallest budget of all ranks (`agree_on_num_blocks`), the KV
    cache allocated and bound to the attention layers (`allocate_kv_cache`), the kernels compiled by a
-   real paged prefill + decode + sample (`warm_up_kernels`), and the decode graphs (`capture_graphs`).
+   real paged prefill + decode + sample (`warm_up_kernels`), on GPU backends a full-size prefill
+   (`core/warmup_steps.py`), and the decode graphs (`capture_graphs`).
 
 This is the only module of the core that imports `nanovllm.models` to build a model.
 """
@@ -28,6 +29,7 @@ from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.startup import Resolved
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
+from nanovllm.core.warmup_steps import warm_up_full_steps
 from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
@@ -97,6 +99,8 @@ def set_up(runner: ModelRunner) -> int:
     allocate_kv_cache(runner, num_blocks)
     if runner.comm.world_size == 1:
         warm_up_kernels(runner)
+        if backend.measures_peak_memory:  # the GPU backends: first-use costs of a full-size step
+            warm_up_full_steps(runner)
     capture_graphs(runner)
     return num_blocks
 

@@ -63,3 +63,36 @@ def test_prefix_cache_and_chunked_prefill_on_cuda(tiny_qwen3, prompts, reference
     outputs = llm.generate(shared, GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.block_manager.num_prefix_hit_tokens > 0
     assert [o["token_ids"] for o in outputs] == want
+
+
+def compiled_variants() -> dict[str, int]:
+    """How many compiled variants each of the cuda backend's Triton kernels holds (Triton's per-device cache)."""
+    import importlib
+    from triton.runtime.jit import JITFunction
+    counts = {}
+    for name in ("kv_store", "elementwise", "sampler", "attention.triton_prefill", "attention.triton_decode"):
+        module = importlib.import_module(f"nanovllm.backends.cuda.{name}")
+        for attr, fn in vars(module).items():
+            if isinstance(fn, JITFunction):
+                if hasattr(fn, "device_caches"):  # Triton >= 3.2: device -> (kernel cache, ...)
+                    counts[f"{name}.{attr}"] = sum(len(cache[0]) for cache in fn.device_caches.values())
+                else:  # older: device -> {key: kernel}
+                    counts[f"{name}.{attr}"] = sum(len(cache) for cache in fn.cache.values())
+    return counts
+
+
+def test_no_kernel_is_compiled_after_start_up(tiny_qwen3):
+    """Start-up (warm-ups and graph capture) compiles every Triton variant and torch.compile graph a run needs, so
+    no request pays a compilation: here a batch with full-size, chunked, cached-prefix and mixed steps."""
+    from torch._dynamo.utils import counters
+    llm = LLM(tiny_qwen3, backend="cuda", max_model_len=1024, num_kvcache_blocks=512, max_num_seqs=16,
+              max_num_batched_tokens=512)
+    before, graphs_before = compiled_variants(), counters["stats"]["unique_graphs"]
+    assert sum(before.values()) > 0
+    prompts = random_prompts(24, 512, (1, 300), seed=13)
+    prompts += [prompts[0] + p for p in prompts[1:4]]  # cached prefixes
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert all(len(o["token_ids"]) == 40 for o in outputs)
+    after = compiled_variants()
+    assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+    assert counters["stats"]["unique_graphs"] == graphs_before
