@@ -12,6 +12,7 @@ from nanovllm.core.request_checks import bad_word_token_ids, check_request_param
 from nanovllm.core.structured import StructuredCompiler
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
+from nanovllm.core.runner_setup import set_up
 from nanovllm.core.plugins import Plugins, load_plugins
 from nanovllm.core.progress import GenerationProgress
 from nanovllm.core.registry import KernelPlan
@@ -55,7 +56,7 @@ class Engine:
             self.comm = self._watched(self.backend.communicator, 0, tp,
                                       self.workers.init_method if self.workers else "")
             self.runner = self._watched(ModelRunner, config, self.resolved, self.comm, self.workers)
-            num_blocks = self._watched(self.runner.initialize)
+            num_blocks = self._watched(set_up, self.runner)
         except BaseException as e:
             self._fail(e)
             raise

@@ -1,7 +1,7 @@
 """Full-size warm-up steps: pay every first-use cost of a real prefill step at start-up, not in the first request.
 
-The peak-memory warm-up (`ModelRunner.warmup`) runs one large prefill before the KV cache exists, so it stores
-nothing and samples nothing; `ModelRunner.warmup_kernels` runs tiny steps. A real first step is neither: on an
+The peak-memory warm-up (`runner_setup.measure_peak`) runs one large prefill before the KV cache exists, so it stores
+nothing and samples nothing; `runner_setup.warm_up_kernels` runs tiny steps. A real first step is neither: on an
 H200 the seed benchmark's first 16,384-token prefill took 101-212 ms against 40-60 ms for the later ones. What
 such a step meets for the first time: the KV store and the paged prefill at full size, the LM head and the
 sampler at a batch of many rows, pinned host staging buffers and device activations of that size next to the

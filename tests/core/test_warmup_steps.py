@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.core.runner_setup import warm_up_kernels
 from nanovllm.core.warmup_steps import TOKENS_PER_SEQ, warm_up_full_steps, warm_up_lengths
 
 
@@ -54,15 +55,6 @@ def record_calls(runner, calls: list):
         attn.store, attn.prefill, attn.decode = (wrap("store", attn.store), wrap("prefill", attn.prefill),
                                                  wrap("decode", attn.decode))
     runner.sampler = wrap("sampler", runner.sampler)
-
-
-def warm_up_kernels(runner):
-    """The tiny kernel warm-up start-up runs (a ModelRunner method, or core/runner_setup.py's once moved there)."""
-    if hasattr(runner, "warmup_kernels"):
-        runner.warmup_kernels()
-    else:
-        from nanovllm.core import runner_setup
-        runner_setup.warm_up_kernels(runner)
 
 
 def test_full_size_steps_cover_what_a_real_generate_runs(tiny_qwen3):

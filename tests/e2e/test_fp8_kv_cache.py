@@ -9,6 +9,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.cli import main as cli_main
 from nanovllm.core.kv_calibration import HEADROOM
+from nanovllm.core.runner_setup import bytes_per_block
 from nanovllm.testing.kv_accuracy import compare_kv_caches
 from tests.conftest import random_prompts
 
@@ -34,7 +35,7 @@ def test_fp8_cache_holds_one_byte_values_with_calibrated_scales(tiny_qwen3, kv_c
     llm = LLM(tiny_qwen3, kv_cache_dtype=kv_cache_dtype, kv_cache_scale="per_head", **SMALL)
     runner = llm.engine.runner
     attn = runner.attention_layers[0]
-    assert attn.k_cache.dtype == storage and runner.bytes_per_block() == 2 * 2 * 16 * 2 * 48  # layers, K+V, rows..
+    assert attn.k_cache.dtype == storage and bytes_per_block(runner) == 2 * 2 * 16 * 2 * 48  # layers, K+V, rows..
     scales = runner.kv_scales
     assert scales.shape == (2, 2, 2) and (scales > 0).all() and not torch.equal(scales, torch.ones_like(scales))
     assert attn.kv_scales[0].data_ptr() == scales[0, 0].data_ptr()  # the layer reads the runner's tensor

@@ -3,7 +3,7 @@
 Apple GPUs share unified memory with the OS and every other process, and torch exposes no reliable
 free-memory query for them, so nothing is measured: the budget is the user's `num_kvcache_blocks`, or
 DEFAULT_NUM_KVCACHE_BLOCKS. A budget too small for one `max_model_len` sequence is refused when the
-cache is allocated (`ModelRunner.allocate_kv_cache`), with the number of blocks needed.
+cache is allocated (`core/runner_setup.allocate_kv_cache`), with the number of blocks needed.
 """
 import torch
 

@@ -24,6 +24,7 @@ def worker_main(config: EngineConfig, spec: PinnedPlan, rank: int, world_size: i
     comm = None
     try:
         from nanovllm.core.model_runner import ModelRunner
+        from nanovllm.core.runner_setup import set_up
         from nanovllm.core.parallel.step_transport import step_to_device, unpack_step
         from nanovllm.core.plugins import load_plugins
         from nanovllm.core.startup import from_pinned, with_verification
@@ -33,7 +34,7 @@ def worker_main(config: EngineConfig, spec: PinnedPlan, rank: int, world_size: i
         report.ready()
         comm = resolved.backend.communicator(rank, world_size, init_method)
         runner = ModelRunner(config, resolved, comm)
-        runner.initialize()
+        set_up(runner)
         while True:
             try:
                 payload = conn.recv_bytes()
