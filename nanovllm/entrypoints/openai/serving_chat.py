@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, chat_response, new_id, now,
                                                   sse, usage)
-from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_max_tokens, check_n, merge,
+from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
+                                                        check_n, merge,
                                                         to_sampling_params)
 
 
@@ -42,6 +43,8 @@ class OpenAIServingChat(OpenAIServing):
         if request.top_logprobs is not None and not request.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         ids = self.prompt_ids(request.messages, request.add_generation_prompt)
+        check_context_length(len(ids), max_tokens, self.max_model_len,
+                             "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
         max_tokens = max_tokens or max(1, self.max_model_len - len(ids))
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         jobs = [to_sampling_params(request, max_tokens, logprobs, j) for j in range(request.n)]

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 from nanovllm.entrypoints.openai.protocol import (CompletionRequest, completion_choice, completion_response, new_id,
                                                   now, sse, usage)
-from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_max_tokens, check_n, merge,
+from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
+                                                        check_n, merge,
                                                         to_sampling_params)
 from nanovllm.requests import is_token_id
 
@@ -37,6 +38,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = self.prompts(request.prompt)
         jobs = []
         for text, ids in prompts:
+            if not echo_only:
+                check_context_length(len(ids), request.max_tokens, self.max_model_len)
             max_tokens = 1 if echo_only else request.max_tokens or max(1, self.max_model_len - len(ids))
             for j in range(request.n):
                 params = to_sampling_params(request, max_tokens, request.logprobs, j)

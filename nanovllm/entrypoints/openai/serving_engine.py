@@ -106,6 +106,15 @@ def check_max_tokens(max_tokens: int | None, name: str = "max_tokens") -> None:
         raise ValueError(f"{name}={max_tokens} is invalid: expected an integer >= 1")
 
 
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                         name: str = "max_tokens") -> None:
+    """vLLM's rule: an explicit max_tokens must fit beside the prompt in max_model_len (400, not a silent cut)."""
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ValueError(f"{name}={max_tokens} is invalid: this model's maximum context length is {max_model_len} "
+                         f"tokens, and the request asks for {num_prompt_tokens + max_tokens} ({num_prompt_tokens} "
+                         f"in the prompt, {max_tokens} to generate); reduce the prompt or {name}")
+
+
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """(i, item) from several async iterators as items come; if the consumer stops, the others are closed (their
     requests aborted)."""
