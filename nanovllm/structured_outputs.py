@@ -1,6 +1,6 @@
 """StructuredOutputs: the constraint a structured request's output must satisfy (vLLM's guided-decoding shape).
 
-Only the description lives here (no xgrammar import): `nanovllm/core/structured.py` compiles it when the request
+Only the description lives here (no xgrammar import): `nanovllm/core/sampling/structured.py` compiles it when the request
 is submitted, and a constraint that cannot be compiled is refused then, before any work.
 """
 import json

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
-from nanovllm.core.prompt_logprobs import wants_prompt_logprobs
+from nanovllm.core.sampling.prompt_logprobs import wants_prompt_logprobs
 from nanovllm.core.sequence import Sequence
 
 

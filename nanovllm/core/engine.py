@@ -7,9 +7,9 @@ import torch
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
-from nanovllm.core.generation_config import read_generation_config
+from nanovllm.core.sampling.generation_config import read_generation_config
 from nanovllm.core.request_checks import bad_word_token_ids, check_request_params
-from nanovllm.core.structured import StructuredCompiler
+from nanovllm.core.sampling.structured import StructuredCompiler
 from nanovllm.core.logging import get_logger
 from nanovllm.core.model_runner import ModelRunner
 from nanovllm.core.runner_setup import set_up

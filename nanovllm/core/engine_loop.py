@@ -71,7 +71,7 @@ class _Live:
         self.first_token_time: float | None = None  # time.monotonic() when its first token was committed
 
     def take_prompt_logprobs(self) -> list | None:
-        """The prompt logprobs (computed in the prefill, core/prompt_logprobs.py) on the first sample's first
+        """The prompt logprobs (computed in the prefill, core/sampling/prompt_logprobs.py) on the first sample's first
         delta, when asked for; None otherwise."""
         seq = self.seq
         if self.prompt_logprobs_sent or seq.sample_index or seq.params.prompt_logprobs is None:

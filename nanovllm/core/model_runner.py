@@ -1,7 +1,7 @@
 """ModelRunner: prepares, launches and waits for the steps of the model on the backend's device.
 
 It builds each step's StepMetadata once, runs the model (eagerly or through the backend's captured
-graphs) and hands the logits to its StepSampler (`core/step_sampler.py`). It knows the backend only
+graphs) and hands the logits to its StepSampler (`core/sampling/step_sampler.py`). It knows the backend only
 through the Backend interface and the KernelPlan.
 
 Its start-up lives in `core/runner_setup.py`: `ModelRunner(...)` builds the model there
@@ -17,13 +17,13 @@ import torch
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.kernel_output import kernel_label
 from nanovllm.core.parallel.communicator import Communicator
-from nanovllm.core.prompt_logprobs import split_prompt_logprobs
+from nanovllm.core.sampling.prompt_logprobs import split_prompt_logprobs
 from nanovllm.core.runner_setup import build_model
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.startup import Resolved
 from nanovllm.core.step_inputs import StepInputBuilder
-from nanovllm.core.step_sampler import LaunchedStep, StepSampler, to_device
+from nanovllm.core.sampling.step_sampler import LaunchedStep, StepSampler, to_device
 from nanovllm.core.step_metadata import StepMetadata
 from nanovllm.core.parallel.step_transport import pack_step, step_to_device
 

@@ -6,7 +6,7 @@ from nanovllm.core.block_manager import BlockManager
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger
 from nanovllm.core.sequence import PENDING_TOKEN, Sequence, SequenceStatus
-from nanovllm.core.structured import structured_stop
+from nanovllm.core.sampling.structured import structured_stop
 
 logger = get_logger(__name__)
 
@@ -181,7 +181,7 @@ class Scheduler:
         """Why `seq` ends after `token_id`, its `length`-th token: "stop" (EOS, a stop token or a stop string),
         "length" (max_tokens or max_model_len), or None.
 
-        A stop token cannot arrive before min_tokens output tokens (the StepSampler masks it, `core/step_sampler.py`);
+        A stop token cannot arrive before min_tokens output tokens (the StepSampler masks it, `core/sampling/step_sampler.py`);
         a stop string counts only once min_tokens tokens precede it. A stop token's text is left out of the
         detokenized text; stop strings are looked for only in requests that have them.
         """

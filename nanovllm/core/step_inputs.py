@@ -7,7 +7,7 @@ buffers alternate, so building step N+1 never overwrites what step N's copies ar
 import numpy as np
 import torch
 
-from nanovllm.core.prompt_logprobs import prompt_positions
+from nanovllm.core.sampling.prompt_logprobs import prompt_positions
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata
 

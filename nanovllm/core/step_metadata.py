@@ -43,6 +43,6 @@ class StepMetadata:
     prefill: PrefillMetadata | None
     decode: DecodeMetadata | None
     logits_indices: torch.Tensor  # [num_sampled] int64, the tokens whose logits are computed
-    # rows appended to logits_indices after the sampled ones, for prompt logprobs (core/prompt_logprobs.py):
+    # rows appended to logits_indices after the sampled ones, for prompt logprobs (core/sampling/prompt_logprobs.py):
     # (batch index, first position, number of positions) per sequence
     prompt_logprob_rows: tuple[tuple[int, int, int], ...] = ()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm.backends.cpu_ref.logits_reference import process_logits_reference
-from nanovllm.core.logits_processing import LogitsProcessor
+from nanovllm.core.sampling.logits_processing import LogitsProcessor
 from nanovllm.core.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
 

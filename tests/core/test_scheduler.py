@@ -3,7 +3,7 @@ import torch
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.scheduler import Scheduler
 from nanovllm.core.sequence import Sequence, SequenceStatus
-from nanovllm.core.step_sampler import suppress_stop_tokens
+from nanovllm.core.sampling.step_sampler import suppress_stop_tokens
 from nanovllm.sampling_params import SamplingParams
 
 

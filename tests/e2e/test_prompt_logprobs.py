@@ -1,4 +1,4 @@
-"""Prompt logprobs (core/prompt_logprobs.py, what /v1/completions echo+logprobs returns): each prompt token's
+"""Prompt logprobs (core/sampling/prompt_logprobs.py, what /v1/completions echo+logprobs returns): each prompt token's
 log-probability and the top N equal log_softmax of Hugging Face's logits, on one rank and under TP=2; a prompt
 already in the prefix cache is scored the same."""
 import asyncio

@@ -1,4 +1,4 @@
-"""The plain reference of `core/logits_processing.py`: one request's logits, token by token, in Python.
+"""The plain reference of `core/sampling/logits_processing.py`: one request's logits, token by token, in Python.
 
 Slow on purpose: it states the formulas the batched device code must equal (see that module's docstring).
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm.core.logprobs import StepLogprobs
+from nanovllm.core.sampling.logprobs import StepLogprobs
 
 
 def wants_prompt_logprobs(seq) -> bool:

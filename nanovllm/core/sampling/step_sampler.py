@@ -1,10 +1,10 @@
 """StepSampler: one step's logits -> sampled token ids, on their way to the host.
 
 For the sequences that sample this step, in this order: the log-probabilities of the requests that ask
-(from the raw logits, `core/logprobs.py`), penalties / logit bias / allowed tokens / bad words for the rows
-that use them (`core/logits_processing.py`), min_tokens suppression (EOS and stop tokens cannot be sampled
+(from the raw logits, `core/sampling/logprobs.py`), penalties / logit bias / allowed tokens / bad words for the rows
+that use them (`core/sampling/logits_processing.py`), min_tokens suppression (EOS and stop tokens cannot be sampled
 before a request has min_tokens output tokens: the one place min_tokens is enforced), structured-output
-masks (`core/structured.py`), the plan's `sampler` kernel over per-row SamplingTensors (reused while the
+masks (`core/sampling/structured.py`), the plan's `sampler` kernel over per-row SamplingTensors (reused while the
 batch's sequences stay the same), and a host copy of the tokens started without waiting. `wait` collects it.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanovllm.core.kernel_output import Label, check_token_ids, check_token_range
-from nanovllm.core.logits_processing import LogitsProcessor
-from nanovllm.core.logprobs import RequestedLogprobs, StepLogprobs
-from nanovllm.core.prompt_logprobs import PromptLogprobs
-from nanovllm.core.structured import apply_structured_masks
+from nanovllm.core.sampling.logits_processing import LogitsProcessor
+from nanovllm.core.sampling.logprobs import RequestedLogprobs, StepLogprobs
+from nanovllm.core.sampling.prompt_logprobs import PromptLogprobs
+from nanovllm.core.sampling.structured import apply_structured_masks
 from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class StepSampler:
     def launch(self, batch: ScheduledBatch, logits: torch.Tensor | None, sampler: Callable,
                prompt: PromptLogprobs | None = None) -> LaunchedStep:
         """Sample the batch's sampling sequences with the `sampler` kernel; return before the tokens reach the host.
-        `prompt`: the step's prompt logprobs (core/prompt_logprobs.py), handed to the sequences by `wait`."""
+        `prompt`: the step's prompt logprobs (core/sampling/prompt_logprobs.py), handed to the sequences by `wait`."""
         sampled_seqs = [s for s, want in zip(batch.seqs, batch.sample) if want]
         if not sampled_seqs:
             return LaunchedStep(batch, None, None, None, {}, prompt=prompt)
