@@ -6,20 +6,15 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.backends.cpu.plugin import native_bfloat16
 from tests.conftest import random_prompts
-from tests.e2e.hf_reference import hf_greedy, load_hf
+from tests.e2e.hf_reference import PREEMPTION_MAX_TOKENS, hf_greedy, load_hf, preemption_workload
 
-MAX_TOKENS = 16
 
 
 def test_greedy_tokens_equal_cpu_ref_and_hf_under_preemption(tiny_qwen3):
     """A 14-block cache and 64-token steps force chunked prefill, preemption and prefix-cache hits."""
     hf = load_hf(tiny_qwen3)
-    prompts = random_prompts(6, hf.config.vocab_size, (1, 60), seed=5)
-    prompts.append(prompts[0] + prompts[1][:20])  # shares a cached prefix with the first prompt
-    prompts += random_prompts(1, hf.config.vocab_size, (150, 150), seed=6)  # prefilled over 3 chunks
-    options = dict(num_kvcache_blocks=14, max_model_len=192, max_num_seqs=8, max_num_batched_tokens=64,
-                   dtype="float32")
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts, options, params = preemption_workload(hf.config.vocab_size)
+    options["dtype"] = "float32"
     tokens = {}
     for backend in ("cpu", "cpu_ref"):
         llm = LLM(tiny_qwen3, backend=backend, **options)
@@ -27,7 +22,7 @@ def test_greedy_tokens_equal_cpu_ref_and_hf_under_preemption(tiny_qwen3):
         assert llm.engine.scheduler.num_preemptions > 0, f"{backend}: the budget did not force preemption"
         tokens[backend] = [out["token_ids"] for out in outputs]
     assert tokens["cpu"] == tokens["cpu_ref"]
-    assert tokens["cpu"] == [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts]
+    assert tokens["cpu"] == [hf_greedy(hf, prompt, PREEMPTION_MAX_TOKENS) for prompt in prompts]
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_qwen3):

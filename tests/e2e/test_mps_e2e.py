@@ -2,22 +2,17 @@
 import pytest
 import torch
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM
 from nanovllm.backends.mps import attention
-from tests.conftest import debug_messages, random_prompts
-from tests.e2e.hf_reference import hf_greedy, load_hf
+from tests.conftest import debug_messages
+from tests.e2e.hf_reference import PREEMPTION_MAX_TOKENS, hf_greedy, load_hf, preemption_workload
 
-MAX_TOKENS = 16
 
 
 def test_greedy_tokens_equal_cpu_ref_and_hf_under_preemption(tiny_qwen3):
     """A 14-block cache and 64-token steps force chunked prefill, preemption and prefix-cache hits."""
     hf = load_hf(tiny_qwen3)
-    prompts = random_prompts(6, hf.config.vocab_size, (1, 60), seed=5)
-    prompts.append(prompts[0] + prompts[1][:20])  # shares a cached prefix with the first prompt
-    prompts += random_prompts(1, hf.config.vocab_size, (150, 150), seed=6)  # prefilled over 3 chunks
-    options = dict(num_kvcache_blocks=14, max_model_len=192, max_num_seqs=8, max_num_batched_tokens=64)
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts, options, params = preemption_workload(hf.config.vocab_size)
     tokens, messages = {}, {}
     for backend, device in (("mps", "cpu"), ("cpu_ref", None)):
         llm = LLM(tiny_qwen3, backend=backend, device=device, **options)
@@ -28,7 +23,7 @@ def test_greedy_tokens_equal_cpu_ref_and_hf_under_preemption(tiny_qwen3):
     cases = {m.split(":")[0] for m in messages["mps"]}
     assert cases == {"mps attention prefill", "mps attention paged prefill", "mps attention decode"}
     assert tokens["mps"] == tokens["cpu_ref"]
-    assert tokens["mps"] == [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts]
+    assert tokens["mps"] == [hf_greedy(hf, prompt, PREEMPTION_MAX_TOKENS) for prompt in prompts]
 
 
 def test_cpu_device_uses_mps_kernels_float32_and_default_budget(tiny_qwen3):
