@@ -2,7 +2,6 @@
 logprobs (equal to Hugging Face's log_softmax, with chunked prefill and after a prefix-cache hit), penalties and
 model defaults from generation_config.json."""
 import json
-import os
 import shutil
 
 import pytest

@@ -6,7 +6,6 @@ most MAX_KV_CACHE_BYTES (the scheduler preempts when a run needs more), at least
 sequence, and never more than `cpu_memory_fraction` of the RAM available now. The cache is allocated
 with torch.empty, so the OS commits its pages only as sequences write them (zeroing 1 GiB took 2 s here).
 """
-import torch
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.logging import get_logger

@@ -4,7 +4,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.models.layers.context import LayerContext
-from nanovllm.models.layers.linear import divide
 
 
 class VocabParallelEmbedding(nn.Module):
