@@ -115,6 +115,20 @@ def compile_all() -> list[tuple[str, dict]]:
         out.append((f"sampler slices {dtype}", resources(k)))
     k = sampler._pick_kernel.warmup(torch.float32, torch.int32, torch.int64, 19, SLICES=32, num_warps=1, grid=(1,))
     out.append(("sampler pick", resources(k)))
+    from nanovllm.backends.cuda import linear
+    Config = linear.Config
+    # the table's configurations, and the swapped and SiLU-fused variants the sweep times
+    cases = [(n, k_dim, c, False) for (n, k_dim), entries in linear.TABLE.items() for _, c in entries]
+    cases += [(4096, 1024, Config(64, 64, 128, 2, 4, 4, swap=True), False),
+              (3072, 1024, Config(64, 64, 128, 2, 8, 4, swap=True), True), (3072, 1024, Config(64, 64, 128, 1, 4, 4), True)]
+    for n, k_dim, c, glu in cases:
+        dtype = torch.bfloat16
+        split_types = (torch.float32, torch.int32) if c.split_k > 1 else (dtype, dtype)
+        k = linear._linear_kernel.warmup(
+            dtype, dtype, dtype, *split_types, 1, n, k_dim, k_dim, n, k_dim // c.split_k,
+            BM=c.block_m, BN=c.block_n, BK=c.block_k, SPLIT_K=c.split_k, SWAP=c.swap, GLU=glu,
+            num_warps=c.warps, num_stages=c.stages, grid=(1,))
+        out.append((f"linear {n}x{k_dim} {tuple(c)}{' +silu' if glu else ''}", resources(k)))
     return out
 
 

@@ -56,6 +56,13 @@ class CudaBackend(Backend):
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
 
+    def prepare_model(self, model, dtype: torch.dtype) -> None:
+        """Layers whose product the Triton decode GEMM does faster at some batch sizes (its table) get it there."""
+        from nanovllm.backends.cuda.linear import install_triton_linear
+        count = install_triton_linear(model, dtype)
+        logger.debug("cuda backend: %d linear layers use the Triton decode GEMM at the batch sizes its table lists",
+                     count)
+
     def check_block_size(self, block_size: int) -> list[str]:
         if block_size < 16:
             return [f"the cuda kernels need blocks of at least 16 tokens, got {block_size}"]
