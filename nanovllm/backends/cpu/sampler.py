@@ -12,7 +12,8 @@ vocabulary entry; on a CPU those cost more than the rest of the step's sampling 
   mass lies past the candidates — take the full-vocabulary path (the reference's filters, one cumsum).
 - Each row draws one uniform number and finds it in its cumulative probabilities (a binary search): the
   same distribution as the reference's noise race; a seeded request's token depends only on its own
-  generator. Greedy rows take the argmax.
+  generator, and which path a row takes depends only on its own logits and settings, never on the batch.
+  Greedy rows take the argmax.
 """
 import torch
 
@@ -39,12 +40,6 @@ def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(index, last)
 
 
-def num_candidates(params: SamplingTensors, vocab_size: int) -> int:
-    """CANDIDATES, or twice the largest top-k so that ties with the k-th value rarely reach past them."""
-    largest_k = 0 if params.top_k is None else int(params.top_k.max())
-    return min(vocab_size, max(CANDIDATES, 2 * largest_k))
-
-
 def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candidates: int):
     """(values, ids, kept, resolved) for each row's top candidates: which the filters keep, and whether that is
     the whole kept set (else the row needs the full vocabulary)."""
@@ -59,7 +54,8 @@ def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candida
         k_on = k > 0
         kth = values.gather(-1, (k.clamp(1, num_candidates) - 1).unsqueeze(-1))
         kept &= ~((values < kth) & k_on.unsqueeze(-1))
-        k_inside = ~k_on | (values[:, -1] < kth.squeeze(-1)) | everything  # no token outside ties with the k-th
+        # nothing outside ties with the k-th (top-k past the candidates always takes the full path)
+        k_inside = ~k_on | ((k <= num_candidates) & (values[:, -1] < kth.squeeze(-1))) | everything
     resolved = (k_on & k_inside) | everything
     if params.top_p is not None:
         p_on = params.top_p < 1
@@ -97,7 +93,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     if params.top_k is None and params.top_p is None:
         sampled = sample_full(scaled, params, u)
     else:
-        values, ids, kept, resolved = filter_candidates(scaled, params, num_candidates(params, scaled.shape[-1]))
+        values, ids, kept, resolved = filter_candidates(scaled, params, min(CANDIDATES, scaled.shape[-1]))
         weights = (values - values[:, :1]).exp().masked_fill(~kept, 0.0)
         sampled = ids.gather(-1, draw(weights, u).unsqueeze(-1)).squeeze(-1)
         full = (~resolved).nonzero().flatten()
