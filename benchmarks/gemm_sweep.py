@@ -43,13 +43,13 @@ def smem_ok(c: Config) -> bool:
     return (c.block_m + c.block_n) * c.block_k * 2 * c.stages <= SMEM
 
 
-def phase1(name: str, m: int) -> list[Config]:
+def phase1(name: str, m: int, swapped_only: bool = False) -> list[Config]:
     n, k = SHAPES[name]
     p2 = 1 << max(m - 1, 0).bit_length()
     bms = sorted({max(16, min(128, p2 // 2)), max(16, min(128, p2))})
     splits = (1,) if name == "lm_head" else (1, 2, 4, 8)
     out = []
-    for bm, bn, bk, split in itertools.product(bms, (64, 128, 256), (64, 128, 256), splits):
+    for bm, bn, bk, split in itertools.product(bms, (64, 128, 256), (64, 128, 256), () if swapped_only else splits):
         c = derived(bm, bn, bk, split)
         if bm * bn <= 128 * 128 and smem_ok(c) and fits(m, n, k, c):
             out.append(c)
@@ -129,14 +129,14 @@ def bandwidth() -> float:
     return 2 * a.numel() * 4 / (us * 1e-6)
 
 
-def sweep(names: list[str], ms: list[int], bw: float, workers: int) -> dict:
+def sweep(names: list[str], ms: list[int], bw: float, workers: int, swapped_only: bool = False) -> dict:
     """Phase 1 over every shape and M, then phase 2 around each one's three best (compiled in parallel first)."""
     weights = {name: [torch.randn(*SHAPES[name], device="cuda", dtype=torch.bfloat16) * 0.03
                       for _ in range(1 if name == "lm_head" else LAYERS)] for name in names}
     inputs = {(name, m): torch.randn(m, SHAPES[name][1], device="cuda", dtype=torch.bfloat16) for name in names
               for m in ms}
     timed = {key: {} for key in inputs}
-    failed = compile_all([c for name, m in inputs for c in phase1(name, m)], workers)
+    failed = compile_all([c for name, m in inputs for c in phase1(name, m, swapped_only)], workers)
 
     def run(name, m, configs):
         x, w = inputs[name, m], weights[name]
@@ -155,7 +155,7 @@ def sweep(names: list[str], ms: list[int], bw: float, workers: int) -> dict:
                 failed.add(c)
     t = time.time()
     for name, m in inputs:
-        run(name, m, phase1(name, m))
+        run(name, m, phase1(name, m, swapped_only))
     print(f"phase 1: {time.time() - t:.0f} s", flush=True)
     second = {key: phase2(sorted(timed[key], key=timed[key].get)[:3]) for key in inputs}
     failed |= compile_all([c for cs in second.values() for c in cs], workers)
@@ -216,7 +216,7 @@ def chain(results: dict, ms: list[int]) -> dict:
                for nm in names}
     out = {}
     for m in ms:
-        h0 = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        h0 = torch.randn(m, SHAPES["qkv"][1], device="cuda", dtype=torch.bfloat16)
         r = {nm: results[f"{nm}/{m}"] for nm in names}
         use = {nm: Config(*r[nm]["config"]) if r[nm]["triton_us"] < r[nm]["cublas_us"] else None for nm in names}
         fused = r["gate_up"].get("glu_us", float("inf")) < r["gate_up"].get("silu_separate_us", 0)
@@ -229,7 +229,7 @@ def chain(results: dict, ms: list[int]) -> dict:
 
             def step(i):
                 qkv = prod("qkv", h0 if i == 0 else step.h, i)
-                o = prod("o", qkv[:, :2048], i)
+                o = prod("o", qkv[:, :SHAPES["o"][1]], i)
                 if mode != "cublas" and fused:
                     act = matmul(o, weights["gate_up"][i], Config(*r["gate_up"]["glu_config"]), glu=True,
                                  pdl=mode == "table_pdl")
@@ -257,12 +257,13 @@ def main():
     p.add_argument("--chain", default="32,256")
     p.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1))
     p.add_argument("--out", default="gemm_sweep.json")
+    p.add_argument("--swapped-only", action="store_true", help="phase 1 times swapped-operand tiles only")
     args = p.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     bw = bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    results = sweep(args.shapes.split(","), ms, bw, args.workers)
+    results = sweep(args.shapes.split(","), ms, bw, args.workers, args.swapped_only)
     report = dict(device=torch.cuda.get_device_name(), bandwidth=bw, results=results)
     json.dump(report, open(args.out, "w"), indent=1)
     if args.chain and all(nm in args.shapes.split(",") for nm in ("qkv", "o", "gate_up", "down")):
