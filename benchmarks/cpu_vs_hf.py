@@ -2,7 +2,8 @@
 in one process: same threads, same prompts, the two alternated round by round so that a machine shared with
 other work slows both alike. Ratios are taken per round; the table shows medians.
 
-Workloads (the prompts of `nanovllm bench --fixed-lengths`, temperature 0.6, every request to its length):
+Workloads (the prompts of `nanovllm bench --fixed-lengths`, temperature 0.6 with top-k and top-p off in both
+engines, every request to its length):
   latency     1 prompt of 128 tokens, 128 output tokens: time to first token and output tokens/s
   throughput  16 prompts of 128 tokens, 64 output tokens each: output tokens/s
 
@@ -86,7 +87,9 @@ def main() -> int:
             # fresh prompts each round (seed 0 is bench's): no prefix-cache hits from an earlier round
             prompts, max_tokens = seed_workload(num_prompts, input_len, output_len, seed=round_index,
                                                 fixed_lengths=True, vocab_size=llm.config.hf_config.vocab_size)
-            params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
+            # the same filters as transformers' call below (top-k and top-p off), not the model's defaults
+            params = [SamplingParams(temperature=0.6, top_p=1.0, top_k=0, ignore_eos=True, max_tokens=m)
+                      for m in max_tokens]
             ours.append(timed_generate(llm, prompts, params, progress=False))
             theirs.append(hf_generate(hf, prompts, output_len))
             print(f"{name} round {round_index + 1}: nanovllm {ours[-1]['tokens_per_s']:.1f} tok/s (TTFT "

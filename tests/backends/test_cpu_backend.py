@@ -77,3 +77,48 @@ def test_prepare_model_packs_every_linear_and_the_lm_head(tiny_qwen3):
     ops = [m.linear_op for m in llm.engine.runner.model.modules() if hasattr(m, "linear_op")]
     assert len(ops) == 4 * 2 + 1  # qkv, o, gate_up, down per layer (2 layers) and the LM head
     assert all(isinstance(op, PackedLinear) for op in ops) == can_pack(torch.float32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_candidate_filters_give_the_reference_distribution(seed):
+    """Rows the candidates resolve get exactly the reference's filtered distribution; the others (flat rows whose
+    top-p mass lies past the candidates, top-k ties outside them, no filter) are sent to the full path."""
+    from nanovllm.core.sampler import apply_top_k_top_p_min_p
+    gen = torch.Generator().manual_seed(seed)
+    rows, vocab = 12, 5000
+    logits = torch.randn(rows, vocab, generator=gen) * torch.tensor([8.0] * 6 + [0.5] * 6).unsqueeze(-1)
+    logits[9, :300] = 50.0  # 300 tokens tied at the top: top-k 20 keeps all of them, past the 256 candidates
+    params = SamplingTensors(torch.full((rows,), 0.8),
+                             top_k=torch.tensor([0, 20, 0, 5, 0, 0, 0, 300, 0, 20, 0, 0]),
+                             top_p=torch.tensor([0.9, 1, 0.5, 0.8, 1, 0.95, 0.9, 0.9, 1, 1, 0.3, 0.99]),
+                             min_p=torch.tensor([0, 0, 0.1, 0, 0.05, 0, 0, 0, 0, 0, 0, 0]))
+    scaled = logits / 0.8
+    values, ids, kept, resolved = sampler.filter_candidates(scaled, params, sampler.CANDIDATES)
+    expected = apply_top_k_top_p_min_p(scaled, params).softmax(-1)
+    # sharp rows with a filter resolve; top-k 300 (past the candidates), flat rows' top-p, the tie row and
+    # unfiltered rows do not
+    assert resolved.tolist() == [True, True, True, True, False, True,
+                                 False, False, False, False, False, False], resolved
+    for row in resolved.nonzero().flatten().tolist():
+        got = torch.zeros(vocab)
+        got[ids[row]] = (values[row] - values[row, 0]).exp().masked_fill(~kept[row], 0)
+        assert torch.allclose(got / got.sum(), expected[row], atol=1e-6), row
+
+
+def test_sampler_falls_back_to_the_full_vocabulary_where_candidates_do_not_resolve():
+    torch.manual_seed(0)
+    rows = 4000
+    logits = torch.zeros(rows, 1000)  # flat: top-p 0.9 keeps 900 tokens, far past 256 candidates
+    params = SamplingTensors(torch.ones(rows), top_p=torch.full((rows,), 0.9))
+    counts = torch.bincount(sampler.sample(logits, params), minlength=1000)
+    assert counts.sum() == rows and (counts[counts > 0].numel() > 500)  # spread over the kept 900, not 256
+
+
+def test_a_seeded_row_samples_the_same_whatever_the_other_rows_ask():
+    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(3)) * torch.tensor([[0.5], [4.0]])
+    picks = []
+    for other_top_k in (0, 300, 5):  # other rows' filters change neither the row's candidates nor its path
+        params = SamplingTensors(torch.ones(2), top_k=torch.tensor([0, other_top_k]), top_p=torch.tensor([0.9, 1.0]),
+                                 generators=[torch.Generator().manual_seed(11), None])
+        picks.append(int(sampler.sample(logits, params)[0]))
+    assert len(set(picks)) == 1, picks

@@ -1,24 +1,25 @@
-"""The cpu backend's sampler: the reference sampler's filters, drawn by inverse CDF instead of a noise race.
+"""The cpu backend's sampler: the reference sampler's filters, without a sort of the vocabulary.
 
-The reference draws one Exp(1) number per vocabulary entry and row; on a CPU that generation costs more
-than the rest of the step's sampling (12 ms for 16 rows of SmolLM2's 49k entries). Here each row draws
-one uniform number and finds it in the cumulative probabilities (a cumsum and a binary search): the same
-distribution, and a seeded request's token still depends only on its own generator. Top-k without top-p
-takes one `topk` rather than a sort of the vocabulary. Greedy rows take the argmax.
+The reference (`core/sampler.py`) sorts every row for top-k/top-p and draws one Exp(1) number per
+vocabulary entry; on a CPU those cost more than the rest of the step's sampling (16 rows of SmolLM2's
+49k entries: a 25 ms sort, against 1 ms for a `topk` of 256). Here:
+
+- Rows with top-k or top-p take the row's `CANDIDATES` largest logits with one `topk` (a valid prefix of
+  the descending order the reference sorts into), apply top-k, top-p and min-p there, and draw among the
+  survivors. The result is the reference's whenever the survivors lie inside the candidates: top-k when
+  no token outside ties with the k-th value, top-p when the cut falls inside (the last candidate's mass
+  before it reaches top_p). Other rows — no filter but min-p or temperature, or a rare flat row whose top-p
+  mass lies past the candidates — take the full-vocabulary path (the reference's filters, one cumsum).
+- Each row draws one uniform number and finds it in its cumulative probabilities (a binary search): the
+  same distribution as the reference's noise race; a seeded request's token depends only on its own
+  generator, and which path a row takes depends only on its own logits and settings, never on the batch.
+  Greedy rows take the argmax.
 """
 import torch
 
 from nanovllm.core.sampler import SamplingTensors, apply_min_p, apply_top_k_top_p
 
-
-def mask_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Mask what top-k excludes (ties with the k-th value kept, k = 0 off), with one topk for the largest k."""
-    k = top_k.clamp(0, logits.shape[-1])
-    largest = int(k.max())
-    if largest == 0:
-        return logits
-    kth = logits.topk(largest, dim=-1).values.gather(-1, (k.clamp_min(1) - 1).unsqueeze(-1))
-    return logits.masked_fill((logits < kth) & (k > 0).unsqueeze(-1), float("-inf"))
+CANDIDATES = 256  # logits a filtered row considers before falling back to the whole vocabulary
 
 
 def uniform(num_rows: int, generators: list | None) -> torch.Tensor:
@@ -30,21 +31,74 @@ def uniform(num_rows: int, generators: list | None) -> torch.Tensor:
     return u
 
 
+def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative weight exceeds u * total (a zero-weight entry never is);
+    rounding can put u * total past the end, which gives the last index with weight."""
+    cdf = weights.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, u.unsqueeze(-1) * cdf[:, -1:], right=True).squeeze(-1)
+    last = weights.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(dim=-1)
+    return torch.minimum(index, last)
+
+
+def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candidates: int):
+    """(values, ids, kept, resolved) for each row's top candidates: which the filters keep, and whether that is
+    the whole kept set (else the row needs the full vocabulary)."""
+    vocab_size = scaled.shape[-1]
+    values, ids = scaled.topk(num_candidates, dim=-1)  # sorted, largest first
+    kept = values > float("-inf")
+    everything = num_candidates == vocab_size
+    k_on = torch.zeros(len(scaled), dtype=torch.bool)
+    k_inside = torch.ones(len(scaled), dtype=torch.bool)  # top-k keeps nothing outside the candidates
+    if params.top_k is not None:
+        k = params.top_k.clamp(0, vocab_size)
+        k_on = k > 0
+        kth = values.gather(-1, (k.clamp(1, num_candidates) - 1).unsqueeze(-1))
+        kept &= ~((values < kth) & k_on.unsqueeze(-1))
+        # nothing outside ties with the k-th (top-k past the candidates always takes the full path)
+        k_inside = ~k_on | ((k <= num_candidates) & (values[:, -1] < kth.squeeze(-1))) | everything
+    resolved = (k_on & k_inside) | everything
+    if params.top_p is not None:
+        p_on = params.top_p < 1
+        candidates = values.masked_fill(~kept, float("-inf"))
+        # top-p's mass is over the top-k survivors (all among the candidates) or, without top-k, the vocabulary
+        normaliser = torch.where(k_on, candidates.logsumexp(dim=-1), scaled.logsumexp(dim=-1)).unsqueeze(-1)
+        probs = (candidates - normaliser).exp()
+        mass_before = probs.cumsum(dim=-1) - probs
+        kept &= ~((mass_before >= params.top_p.unsqueeze(-1)) & p_on.unsqueeze(-1))
+        resolved |= p_on & k_inside & (mass_before[:, -1] >= params.top_p)  # the cut falls inside the candidates
+    if params.min_p is not None:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
+        floor = values[:, :1] + torch.log(params.min_p.clamp_min(1e-30)).unsqueeze(-1)
+        kept &= ~((values < floor) & (params.min_p > 0).unsqueeze(-1))
+    return values, ids, kept, resolved
+
+
+def sample_full(scaled: torch.Tensor, params: SamplingTensors, u: torch.Tensor) -> torch.Tensor:
+    """The reference's filters over the whole vocabulary, drawn by inverse CDF."""
+    masked = apply_min_p(apply_top_k_top_p(scaled, params.top_k, params.top_p), params.min_p)
+    return draw(masked.softmax(dim=-1), u)
+
+
+def rows(params: SamplingTensors, index: torch.Tensor) -> SamplingTensors:
+    pick = lambda t: None if t is None else t[index]  # noqa: E731
+    return SamplingTensors(params.temperatures[index], pick(params.top_k), pick(params.top_p), pick(params.min_p))
+
+
 def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """logits: [B, V] -> sampled token ids [B] int64 (greedy rows take the argmax). `logits` are not modified."""
     raw = logits.float()
     if params.all_greedy:
         return raw.argmax(dim=-1)
-    logits = raw / params.temperatures.clamp_min(1e-6).unsqueeze(-1)
-    if params.top_p is None and params.top_k is not None:
-        logits = mask_top_k(logits, params.top_k)
+    scaled = raw / params.temperatures.clamp_min(1e-6).unsqueeze(-1)
+    u = uniform(len(scaled), params.generators)
+    if params.top_k is None and params.top_p is None:
+        sampled = sample_full(scaled, params, u)
     else:
-        logits = apply_top_k_top_p(logits, params.top_k, params.top_p)
-    cdf = apply_min_p(logits, params.min_p).softmax(dim=-1).cumsum_(dim=-1)
-    # The first entry whose cumulative mass exceeds u * total: a masked token (zero mass) never is.
-    target = uniform(len(cdf), params.generators).unsqueeze(-1) * cdf[:, -1:]
-    sampled = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        values, ids, kept, resolved = filter_candidates(scaled, params, min(CANDIDATES, scaled.shape[-1]))
+        weights = (values - values[:, :1]).exp().masked_fill(~kept, 0.0)
+        sampled = ids.gather(-1, draw(weights, u).unsqueeze(-1)).squeeze(-1)
+        full = (~resolved).nonzero().flatten()
+        if len(full):
+            sampled[full] = sample_full(scaled[full], rows(params, full), u[full])
     is_greedy = params.temperatures == 0
-    if bool(is_greedy.any()) or bool((sampled >= cdf.shape[-1]).any()):  # rounding can put u * total past the end
-        sampled = torch.where(is_greedy | (sampled >= cdf.shape[-1]), raw.argmax(dim=-1), sampled)
-    return sampled
+    return torch.where(is_greedy, raw.argmax(dim=-1), sampled) if bool(is_greedy.any()) else sampled
+

@@ -1,0 +1,52 @@
+"""Where a full-size prefill step's time goes (GPU only): wall time per step and the top kernels by GPU time.
+
+    python benchmarks/profile_prefill.py --config ../shared/models/qwen3-0.6b/config.json [--seqs 16 --len 1024]
+
+The seed workload's prefill is steps of max_num_batched_tokens (16,384) tokens from ~1k-token prompts; this
+runs such steps on fresh prompts (no prefix-cache hits), synchronised, then profiles one.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--seqs", type=int, default=16)
+    p.add_argument("--len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--backend", default="cuda")
+    args = p.parse_args()
+    llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend=args.backend, load_format="dummy",
+              skip_tokenizer_init=True, max_model_len=4096)
+    engine = llm.engine
+    sync = torch.cuda.synchronize if args.backend == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+
+    def prefill_step():
+        [engine.add_request(torch.randint(0, 100_000, (args.len,), generator=g).tolist(),
+                                   SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1))
+                for _ in range(args.seqs)]
+        sync()
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        sync()
+        seconds = time.perf_counter() - start
+        return seconds
+
+    times = [prefill_step() for _ in range(args.steps)]
+    print(f"prefill of {args.seqs} x {args.len} tokens: " + ", ".join(f"{t * 1000:.1f}" for t in times) + " ms")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill_step()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
