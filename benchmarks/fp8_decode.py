@@ -54,8 +54,8 @@ def main() -> None:
             q, (k_cache, v_cache), (k_scale, v_scale), meta, kv_bytes = inputs(256, context, kv_dtype)
             configs = [None]
             if args.sweep and kv_dtype == torch.float8_e4m3fn and context == 1024:
-                configs += [DecodeConfig(*c) for c in [(64, 4, 3), (64, 4, 4), (64, 2, 4), (128, 4, 2),
-                                                        (128, 4, 4), (128, 8, 3), (32, 4, 4)]]
+                configs += [DecodeConfig(*c) for c in [(64, 2, 4), (64, 2, 3), (64, 4, 3), (128, 4, 3), (128, 4, 2),
+                                                        (32, 2, 4), (128, 8, 3)]]
             for config in configs:
                 s = bench(lambda: paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables,
                                                HEAD_DIM ** -0.5, config=config, k_scale=k_scale, v_scale=v_scale))

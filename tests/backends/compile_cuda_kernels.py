@@ -72,18 +72,18 @@ def compile_all() -> list[tuple[str, dict]]:
                         3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
                         GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                         BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
-                        DOT_DTYPE=fp8_dot_dtype(dtype),
+                        DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                     out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
                 cfg = pre.prefill_config(pad, dtype)
-                for paged in (False, True) if not fp8 else ():  # FP8 prefill reads a dequantised copy
+                for paged in (False, True) if not fp8 else (True,):
                     k = pre._prefill_kernel.warmup(
                         dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, 0.1,
-                        3 * GROUP * row, head_dim, GROUP * row, head_dim, block_size * row, row, head_dim,
-                        block_size * row, row, head_dim, 64,
+                        torch.float32, torch.float32, 3 * GROUP * row, head_dim, GROUP * row, head_dim,
+                        block_size * row, row, head_dim, block_size * row, row, head_dim, 64,
                         GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
-                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype),
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
+                        DOT_DTYPE=fp8_dot_dtype(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                     out.append((f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged}", resources(k)))
         k = dec._decode_combine_kernel.warmup(
             torch.float32, torch.float32, dtype, GROUP * row, head_dim, 3, SPLITS_PAD=dec.MAX_SPLITS,
@@ -120,7 +120,8 @@ def compile_all() -> list[tuple[str, dict]]:
     # the table's configurations, and the swapped and SiLU-fused variants the sweep times
     cases = [(n, k_dim, c, False) for (n, k_dim), entries in linear.TABLE.items() for _, c in entries]
     cases += [(4096, 1024, Config(64, 64, 128, 2, 4, 4, swap=True), False),
-              (3072, 1024, Config(64, 64, 128, 2, 8, 4, swap=True), True), (3072, 1024, Config(64, 64, 128, 1, 4, 4), True)]
+              (3072, 1024, Config(64, 64, 128, 2, 8, 4, swap=True), True),
+              (3072, 1024, Config(64, 64, 128, 1, 4, 4), True)]
     for n, k_dim, c, glu in cases:
         dtype = torch.bfloat16
         split_types = (torch.float32, torch.int32) if c.split_k > 1 else (dtype, dtype)

@@ -100,6 +100,8 @@ def check_triton(query: KernelQuery) -> list[str]:
         reasons.append(f"dtype {query.dtype} is not float16, bfloat16 or float32")
     if not 1 <= query.head_dim <= 256:  # other than powers of two are padded to one inside the kernels
         reasons.append(f"head_dim {query.head_dim} is not in [1, 256]")
+    if query.kv_is_fp8 and (query.head_dim % 2 or query.head_dim <= 16):  # decode reads V in byte pairs
+        reasons.append(f"an FP8 KV cache needs an even head_dim above 16, got {query.head_dim}")
     if query.kv_is_fp8 and not reasons and torch.cuda.get_device_capability() < (8, 9):
         reasons.append("an FP8 KV cache needs compute capability >= 8.9 (Triton's FP8 conversions), the GPU has "
                        "{}.{}".format(*torch.cuda.get_device_capability()))

@@ -2,7 +2,8 @@
 
 One program per token copies all of its KV heads, so a token's K and V rows are written by one program
 with wide, contiguous loads and stores. Padding tokens (slot < 0) are skipped. An FP8 cache stores
-value / scale (one float32 scale per KV head), saturated to the FP8 range, rounded to nearest.
+value / scale (one float32 scale per KV head, an IEEE division as in `core/kv_quant.quantize`), saturated to
+the FP8 range, rounded to nearest: bit-exact against the reference quantiser on a GPU.
 """
 import torch
 import triton
@@ -46,7 +47,10 @@ def _encode(x, scale_ptr, heads, NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr, 
     """x: [HEADS_PAD, HEAD_DIM_PAD] as loaded -> what the cache stores (before the cast to its dtype)."""
     if FP8:
         scale = tl.load(scale_ptr + heads, mask=heads < NUM_KV_HEADS, other=1.0)
-        return tl.minimum(tl.maximum(x.to(tl.float32) / scale[:, None], -FP8_MAX), FP8_MAX)
+        # div_rn: IEEE round-to-nearest, as torch divides; `/` on float32 is an approximate division on the GPU
+        # whose last-bit errors flip FP8 roundings against the reference quantiser
+        quotient = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(scale[:, None], x.shape))
+        return tl.minimum(tl.maximum(quotient, -FP8_MAX), FP8_MAX)
     else:
         return x
 

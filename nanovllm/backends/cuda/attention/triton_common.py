@@ -33,6 +33,43 @@ def paged_row_offsets(block_table_ptr, tile_start, end, stride_block, stride_row
         block = tl.load(block_table_ptr + tokens // PAGE_SIZE, mask=tokens < end, other=0)
     return block.to(tl.int64) * stride_block + (tokens % PAGE_SIZE) * stride_row
 
+
+@triton.jit
+def aligned_paged_row_offsets(block_table_ptr, tile_start, end, stride_block, stride_row,
+                              PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`paged_row_offsets` for a tile starting at a multiple of BLOCK_N, a power-of-two number of whole pages:
+    a token's page in the tile and row in its page are then constants, so no per-token division is left in
+    the loop (one table entry per page, one multiply-add per token)."""
+    offsets = tl.arange(0, BLOCK_N)
+    block = tl.load(block_table_ptr + tile_start // PAGE_SIZE + offsets // PAGE_SIZE,
+                    mask=tile_start + offsets < end, other=0)
+    return block.to(tl.int64) * stride_block + (offsets % PAGE_SIZE) * stride_row
+
+
+@triton.jit
+def widen_fp8_pairs(words, FP8_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """uint16 words, each the FP8 values of dims 2i (low byte) and 2i+1 (high byte) of a row -> (even, odd)
+    float16 tensors, exactly. A dot whose B operand is an FP8 tile with dims contiguous (P x V) reads that
+    operand transposed, which Triton does a byte at a time from shared memory; as 16-bit words the
+    transposed read is `ldmatrix.trans`, and one PRMT + two conversions widen two words (ASM, compiled
+    code; the same values through plain casts where inline assembly cannot run, in the interpreter)."""
+    # two words (one 32-bit register) a call: bytes [e0, o0, e1, o1] -> PRMT -> [e0, e1 | o0, o1] -> widen
+    if ASM and FP8_DTYPE == tl.float8e5:
+        even, odd = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "
+            "cvt.rn.f16x2.e5m2x2 $0, lo; cvt.rn.f16x2.e5m2x2 $1, hi; }",
+            "=r,=r,r", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    elif ASM:
+        even, odd = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "
+            "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        even = (words & 0xFF).to(tl.uint8).to(FP8_DTYPE, bitcast=True).to(tl.float16)
+        odd = (words >> 8).to(tl.uint8).to(FP8_DTYPE, bitcast=True).to(tl.float16)
+    return even, odd
+
+
 def padded_head_dim(head_dim: int) -> int:
     """tl.arange needs a power of two and tl.dot a reduction of >= 16: head dims are padded to one."""
     return max(16, triton.next_power_of_2(head_dim))

@@ -4,20 +4,19 @@ Grid (num_heads, num_seqs, query tiles). A program takes BLOCK_M query rows of o
 the chunk is the last len_q positions of a context of len_k tokens, so row r sits at position
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
-Without a block table (no cached prefix) K/V come straight from this step's tensors. An FP8 cache is read
-through a float32 dequantised copy of the blocks the batch's tables name (`dequantized_blocks`): the in-register
-FP8 variant passed Triton's interpreter but failed its GPU parity test on the H200, so prefill, a small part
-of a run's time, takes this correct path until that is fixed; decode reads FP8 in registers.
+Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, an FP8
+cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, see triton_decode), its
+per-KV-head scales folded into the score scale (K) and the output (V): the scores are then the exact products
+of q with the stored values, as in the reference's float32 math on the dequantised cache.
 """
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, head_dim_mask, padded_head_dim,
-                                                           paged_row_offsets)
+from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
+                                                           padded_head_dim, paged_row_offsets)
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import PrefillMetadata
 
@@ -51,8 +50,8 @@ def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mas
         kv_mask = (tokens < kv_end)[:, None] & dim_mask[None, :]
     else:
         kv_mask = dim_mask[None, :]  # all-true (folded away) unless head_dim is padded
-    k = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # FP8: widened
+    v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
     if MASKED:
         visible = (tokens[None, :] <= positions[:, None]) & (tokens < kv_end)[None, :]
@@ -78,10 +77,11 @@ def _kv_rows(block_table_ptr, kv_start, tile_start, kv_end, stride_block, stride
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
-    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    k_scale_ptr, v_scale_ptr, stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head, stride_bt_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -104,6 +104,12 @@ def _prefill_kernel(
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
 
     kv_head = head // GROUP
+    if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+        q = q.to(DOT_DTYPE)
+    else:
+        v_scale = 1.0
     k_base = k_ptr + kv_head * stride_k_head
     v_base = v_ptr + kv_head * stride_v_head
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
@@ -135,7 +141,7 @@ def _prefill_kernel(
         k_rows, v_rows = next_k_rows, next_v_rows
 
     # every real row sees at least token 0, so l_i > 0 there; padding rows are not stored
-    out = acc / tl.where(row_mask, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(row_mask, l_i, 1.0))[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
@@ -148,25 +154,13 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     caches: [num_blocks, block_size, num_kv_heads, head_dim] -> [num_tokens, num_heads, head_dim].
 
     With `meta.block_tables` the whole context (cached prefix + this chunk, already stored) is read from
-    the caches; without it, from k and v (then cu_seqlens_k equals cu_seqlens_q). Writes into `out` if given."""
+    the caches (an FP8 cache with k_scale, v_scale: [num_kv_heads] float32); without it, from k and v (then
+    cu_seqlens_k equals cu_seqlens_q). Writes into `out` if given."""
     num_tokens, num_heads, head_dim = q.shape
     paged = meta.block_tables is not None
-    if paged and is_fp8(k_cache.dtype):
-        if k_scale is None or v_scale is None:
-            raise ValueError(f"prefill: a {k_cache.dtype} cache needs k_scale and v_scale")
-        # In float32: a 16-bit copy of fp8 x scale rounds every key (bf16: by up to 2^-9), which large logits
-        # turn into output errors past bf16's tolerance (seen on the H200: the bf16 copy failed GPU parity);
-        # float32 holds fp8 x scale exactly, and the dots run as three-pass TF32.
-        k_cache, v_cache, tables = dequantized_blocks(k_cache, v_cache, meta.block_tables, k_scale, v_scale,
-                                                      torch.float32)
-        result = paged_prefill(q.float(), k.float(), v.float(), k_cache, v_cache,
-                               dataclasses.replace(meta, block_tables=tables), scale)
-        if out is None:
-            return result.to(q.dtype)
-        if out.shape != q.shape or out.dtype != q.dtype:
-            raise ValueError(f"prefill: out {tuple(out.shape)} {out.dtype} must be shaped and typed like q "
-                             f"{tuple(q.shape)} {q.dtype}")
-        return out.copy_(result)
+    kv_fp8 = paged and is_fp8(k_cache.dtype)
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        raise ValueError(f"prefill: a {k_cache.dtype} cache needs k_scale and v_scale")
     k_src, v_src = (k_cache, v_cache) if paged else (k, v)
     num_kv_heads = k_src.shape[-2]
     if k_src.shape[-1] != head_dim or num_heads % num_kv_heads or v_src.shape != k_src.shape:
@@ -195,11 +189,12 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     num_m_tiles = triton.cdiv(meta.max_seqlen_q, config.block_m)
     _prefill_kernel[(num_heads, meta.num_seqs, num_m_tiles)](
         q, k_src, v_src, block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, out, scale * LOG2_E,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides_k, *strides_v,
         block_tables.stride(0) if paged else 0,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size, PAGED=paged,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8,
+        DOT_DTYPE=fp8_dot_dtype(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 
@@ -210,15 +205,3 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     """The `attention.prefill` op (cached prefixes and chunked prefill included; k_scale, v_scale: [num_kv_heads]
     float32 for an FP8 cache)."""
     return paged_prefill(q, k, v, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
-
-
-def dequantized_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, k_scale: torch.Tensor,
-                       v_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The blocks `block_tables` names, dequantised into `dtype` caches of their own, and the tables renumbered to
-    them (the copy holds num_seqs x table width blocks, padding entries included)."""
-    num_seqs, width = block_tables.shape
-    ids = block_tables.flatten().long()
-    k = (k_cache[ids].float() * k_scale[:, None]).to(dtype)
-    v = (v_cache[ids].float() * v_scale[:, None]).to(dtype)
-    tables = torch.arange(num_seqs * width, dtype=block_tables.dtype, device=block_tables.device).view(num_seqs, width)
-    return k, v, tables
