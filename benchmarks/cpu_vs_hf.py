@@ -19,8 +19,7 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import nanovllm  # noqa: E402,F401  (first: its OpenMP settings, set before torch loads, apply to both engines)
 import torch  # noqa: E402
 
 WORKLOADS = {"latency": (1, 128, 128), "throughput": (16, 128, 64)}  # prompts, input len, output len

@@ -1,5 +1,9 @@
 """The cpu backend's pieces that the parity matrix does not reach: thread choice, KV budget, sampling
-distribution, and attention over caches that hold NaN outside every context."""
+distribution, attention over caches that hold NaN outside every context, and the OpenMP spin settings."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -122,3 +126,16 @@ def test_a_seeded_row_samples_the_same_whatever_the_other_rows_ask():
                                  generators=[torch.Generator().manual_seed(11), None])
         picks.append(int(sampler.sample(logits, params)[0]))
     assert len(set(picks)) == 1, picks
+
+
+@pytest.mark.parametrize("user_env, expected", [
+    ({}, ("ACTIVE", "10000") if sys.platform.startswith("linux") else (None, None)),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, ("PASSIVE", None)),  # what the user set wins, and nothing is added
+    ({"GOMP_SPINCOUNT": "5"}, (None, "5")),
+])
+def test_openmp_threads_spin_briefly_unless_the_user_said_otherwise(user_env, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    code = "import os, nanovllm; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **user_env}, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert tuple(None if v == "None" else v for v in out) == expected
