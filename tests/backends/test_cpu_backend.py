@@ -97,7 +97,7 @@ def test_candidate_filters_give_the_reference_distribution(seed):
                              top_p=torch.tensor([0.9, 1, 0.5, 0.8, 1, 0.95, 0.9, 0.9, 1, 1, 0.3, 0.99]),
                              min_p=torch.tensor([0, 0, 0.1, 0, 0.05, 0, 0, 0, 0, 0, 0, 0]))
     scaled = logits / 0.8
-    values, ids, kept, resolved = sampler.filter_candidates(scaled, params, sampler.CANDIDATES)
+    values, ids, kept, resolved = sampler.filter_candidates(scaled, params, sampler.CANDIDATES[0])
     expected = apply_top_k_top_p_min_p(scaled, params).softmax(-1)
     # sharp rows with a filter resolve; top-k 300 (past the candidates), flat rows' top-p, the tie row and
     # unfiltered rows do not
@@ -110,12 +110,17 @@ def test_candidate_filters_give_the_reference_distribution(seed):
 
 
 def test_sampler_falls_back_to_the_full_vocabulary_where_candidates_do_not_resolve():
+    from nanovllm.core.sampler import apply_top_k_top_p
     torch.manual_seed(0)
-    rows = 4000
-    logits = torch.zeros(rows, 1000)  # flat: top-p 0.9 keeps 900 tokens, far past 256 candidates
+    rows, vocab = 4000, 10_000
+    # nearly flat, strictly decreasing: top-p 0.9 keeps a prefix of ~9,000 tokens, past both tiers of candidates
+    logits = (-torch.arange(vocab) * 1e-4).expand(rows, vocab).contiguous()
     params = SamplingTensors(torch.ones(rows), top_p=torch.full((rows,), 0.9))
-    counts = torch.bincount(sampler.sample(logits, params), minlength=1000)
-    assert counts.sum() == rows and (counts[counts > 0].numel() > 500)  # spread over the kept 900, not 256
+    kept = int(apply_top_k_top_p(logits[:1], None, params.top_p[:1]).isfinite().sum())
+    assert kept > 8000
+    counts = torch.bincount(sampler.sample(logits, params), minlength=vocab)
+    assert counts.sum() == rows and counts[counts > 0].numel() > 2500  # spread over the kept tokens, not 4,096
+    assert counts[kept:].sum() == 0  # ~10% of the mass lies past the cut: a sampler ignoring it would pick ~400
 
 
 def test_a_seeded_row_samples_the_same_whatever_the_other_rows_ask():
@@ -154,3 +159,16 @@ def test_rotary_tables_are_reused_within_a_step_only():
             got = elementwise.rotary_qk(positions, q, k, cache, None, None, 1e-6)
             want = reference.rotary_qk(positions, q, k, cache, None, None, 1e-6)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_the_second_tier_of_candidates_resolves_what_the_first_cannot():
+    from nanovllm.core.sampler import apply_top_k_top_p
+    logits = (-torch.arange(5000) * 0.005).unsqueeze(0)  # top-p 0.9 keeps the first ~461 tokens
+    params = SamplingTensors(torch.ones(1), top_p=torch.tensor([0.9]))
+    first, second = sampler.CANDIDATES
+    assert not sampler.filter_candidates(logits, params, first)[3].item()
+    values, ids, kept, resolved = sampler.filter_candidates(logits, params, second)
+    assert resolved.item()
+    got = torch.zeros(5000)
+    got[ids[0]] = (values[0] - values[0, 0]).exp().masked_fill(~kept[0], 0)
+    assert torch.allclose(got / got.sum(), apply_top_k_top_p(logits, None, params.top_p).softmax(-1)[0], atol=1e-6)
