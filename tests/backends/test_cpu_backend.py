@@ -145,22 +145,6 @@ def test_openmp_threads_spin_briefly_unless_the_user_said_otherwise(user_env, ex
                          timeout=60, check=True).stdout.split()
     assert tuple(None if v == "None" else v for v in out) == expected
 
-
-def test_rotary_tables_are_reused_within_a_step_only():
-    """The cos/sin tables are computed once per positions tensor (every layer of a step passes the same one);
-    a new step's positions get new tables, and the result stays bit-equal to the reference in float32."""
-    from nanovllm.backends.cpu import elementwise
-    from nanovllm.backends.cpu_ref import elementwise as reference
-    gen = torch.Generator().manual_seed(0)
-    cache = torch.randn(64, 32, generator=gen)
-    q, k = torch.randn(5, 4, 32, generator=gen), torch.randn(5, 2, 32, generator=gen)
-    for positions in (torch.tensor([0, 1, 2, 3, 4]), torch.tensor([9, 8, 7, 6, 5])):
-        for _ in range(2):  # two "layers" of the step
-            got = elementwise.rotary_qk(positions, q, k, cache, None, None, 1e-6)
-            want = reference.rotary_qk(positions, q, k, cache, None, None, 1e-6)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
 def test_the_second_tier_of_candidates_resolves_what_the_first_cannot():
     from nanovllm.core.sampler import apply_top_k_top_p
     logits = (-torch.arange(5000) * 0.005).unsqueeze(0)  # top-p 0.9 keeps the first ~461 tokens
