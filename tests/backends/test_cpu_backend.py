@@ -124,13 +124,26 @@ def test_sampler_falls_back_to_the_full_vocabulary_where_candidates_do_not_resol
 
 
 def test_a_seeded_row_samples_the_same_whatever_the_other_rows_ask():
-    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(3)) * torch.tensor([[0.5], [4.0]])
+    """Row 0 keeps ~6,400 of 10,000 tokens under top-p 0.9, past both tiers: it takes the full-vocabulary path
+    whatever the other row asks. Were the candidates sized by the batch (e.g. twice its largest top-k), the other
+    row's top-k 3,500 would move row 0 onto the candidate path, which draws in another order: another token."""
+    gen = torch.Generator().manual_seed(3)
+    row0 = (-torch.arange(10_000) * 3e-4)[torch.randperm(10_000, generator=gen)]  # vocabulary order != rank order
+    logits = torch.stack([row0, 4 * torch.randn(10_000, generator=gen)])
     picks = []
-    for other_top_k in (0, 300, 5):  # other rows' filters change neither the row's candidates nor its path
+    for other_top_k in (0, 3500, 5):
         params = SamplingTensors(torch.ones(2), top_k=torch.tensor([0, other_top_k]), top_p=torch.tensor([0.9, 1.0]),
                                  generators=[torch.Generator().manual_seed(11), None])
         picks.append(int(sampler.sample(logits, params)[0]))
     assert len(set(picks)) == 1, picks
+
+
+def test_draw_never_picks_a_zero_weight_entry_even_at_u_near_one():
+    weights = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 1e-30, 0.0, 0.0]])
+    for u in (0.0, 0.5, 1 - 1e-9, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()):
+        picked = sampler.draw(weights, torch.full((2,), u))
+        assert weights[torch.arange(2), picked].gt(0).all(), (u, picked)
+    assert sampler.draw(torch.full((1, 4), float("nan")), torch.tensor([0.5])).item() == 3  # inside the vocabulary
 
 
 @pytest.mark.parametrize("user_env, expected", [
@@ -144,6 +157,7 @@ def test_openmp_threads_spin_briefly_unless_the_user_said_otherwise(user_env, ex
     out = subprocess.run([sys.executable, "-c", code], env={**env, **user_env}, capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert tuple(None if v == "None" else v for v in out) == expected
+
 
 def test_the_second_tier_of_candidates_resolves_what_the_first_cannot():
     from nanovllm.core.sampler import apply_top_k_top_p

@@ -36,12 +36,14 @@ def uniform(num_rows: int, generators: list | None) -> torch.Tensor:
 
 
 def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the first index whose cumulative weight exceeds u * total (a zero-weight entry never is);
-    rounding can put u * total past the end, which gives the last index with weight."""
+    """Per row, the first index whose cumulative weight exceeds u * total: one with weight, since the target is
+    kept below the total (rounding could otherwise put u * total on it, past the last weighted entry). A row of
+    NaN logits (e.g. a warm-up step over uninitialised cache blocks) gets the last index, as argmax would give
+    some index: never one outside the vocabulary."""
     cdf = weights.cumsum(dim=-1)
-    index = torch.searchsorted(cdf, u.unsqueeze(-1) * cdf[:, -1:], right=True).squeeze(-1)
-    last = weights.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(dim=-1)
-    return torch.minimum(index, last)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max_(weights.shape[-1] - 1)
 
 
 def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candidates: int):
