@@ -14,7 +14,7 @@ for step in ${STEPS//,/ }; do case $step in
   tests) timeout 110 python3 -m pytest -q -p no:cacheprovider tests/backends/test_cuda_e2e.py \
            tests/backends/test_cuda_kernels.py tests/backends/test_parity_matrix.py -k "sampler or test_cuda_e2e" \
            2>&1 | tee "$OUT/tests.log" | tail -8 ;;
-  ops) both timeout 40 python3 benchmarks/bench_ops.py --sampler 2>&1 | grep -E "sampler batch|Error" ;;
+  ops) both timeout 40 python3 benchmarks/bench_ops.py --sampler 2>&1 | grep -E "^==|sampler|Error" ;;
   profile*) b=${step#profile}
     for t in base branch; do d=$BASE; [ $t = branch ] && d=$BR
       in_tree "$d" timeout 70 python3 benchmarks/profile_decode.py --config "$C" --batch "$b" > "$OUT/profile-$t-$b.log" 2>&1
