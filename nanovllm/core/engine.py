@@ -163,6 +163,8 @@ class Engine:
         except BaseException as e:
             if self.workers is not None:  # a half-run step leaves the workers inside a collective
                 self._fail(e)
+            if prev is not None and isinstance(e, Exception):
+                self._raise_if_failed(prev, e)
             raise
         step.indices = self.scheduler.launch(batch)
         if batch.is_prefill:
@@ -170,6 +172,15 @@ class Engine:
         else:
             self.stats.num_decode_tokens += batch.num_tokens
         return step
+
+    def _raise_if_failed(self, prev, error: Exception) -> None:
+        """A step that failed to launch behind `prev` may have failed because of prev's output (its tokens are
+        the new step's inputs, checked only when prev is committed): raise prev's own error, naming its kernel,
+        when it has one."""
+        try:
+            self.runner.wait(prev)
+        except Exception as cause:
+            raise cause from error
 
     def _commit(self, step) -> list[Sequence]:
         try:
