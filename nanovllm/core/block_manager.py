@@ -136,6 +136,32 @@ class BlockManager:
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
             seq.num_hashed_blocks = i + 1
 
+    def pending_keys(self, seqs: list[Sequence]) -> set[int]:
+        """Keys of the full blocks a launched, uncommitted step is computing for `seqs` (the blocks
+        `cache_computed_blocks` will enter at its commit): its sequences' known tokens only."""
+        bs, keys = self.block_size, set()
+        for seq in seqs:
+            if seq.is_finished or not seq.block_table:
+                continue
+            known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending)
+            first = seq.num_hashed_blocks
+            key = self.blocks[seq.block_table[first - 1]].hash if first else None
+            for i in range(first, known // bs):
+                key = compute_block_hash(seq.block_tokens(i, bs), key)
+                keys.add(key)
+        return keys
+
+    def would_hit(self, seq: Sequence, keys: set[int]) -> bool:
+        """Whether the waiting sequence's first block that misses the prefix cache has one of `keys`."""
+        if wants_prompt_logprobs(seq):
+            return False
+        hits = self._prefix_hits(seq)
+        i = len(hits)
+        if i >= (len(seq) - 1) // self.block_size:
+            return False
+        key = self.blocks[hits[-1]].hash if hits else None
+        return compute_block_hash(seq.block_tokens(i, self.block_size), key) in keys
+
     def reclaim_all(self) -> None:
         """Free every block, whatever the bookkeeping says (after a failed step, once every sequence is aborted, so
         no block can be in use). Recovery rebuilds from the blocks themselves and never trusts counts that the

@@ -163,6 +163,8 @@ class Engine:
         except BaseException as e:
             if self.workers is not None:  # a half-run step leaves the workers inside a collective
                 self._fail(e)
+            if prev is not None and isinstance(e, Exception):
+                self._raise_if_failed(prev, e)
             raise
         step.indices = self.scheduler.launch(batch)
         if batch.is_prefill:
@@ -170,6 +172,15 @@ class Engine:
         else:
             self.stats.num_decode_tokens += batch.num_tokens
         return step
+
+    def _raise_if_failed(self, prev, error: Exception) -> None:
+        """A step that failed to launch behind `prev` may have failed because of prev's output (its tokens are
+        the new step's inputs, checked only when prev is committed): raise prev's own error, naming its kernel,
+        when it has one."""
+        try:
+            self.runner.wait(prev)
+        except Exception as cause:
+            raise cause from error
 
     def _commit(self, step) -> list[Sequence]:
         try:
@@ -216,15 +227,16 @@ class Engine:
     def pipelined_step(self) -> list:
         """One turn of the pipelined loop; returns the batches committed in it (their tokens are on the host).
 
-        Decode steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens are
-        committed, so host work overlaps device work (`async_scheduling=False` turns this off). With nothing
+        Steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens are committed
+        (see `Scheduler.schedule` for what may run behind what), so host work overlaps device work (`async_scheduling=False` turns this off). With nothing
         left to launch, the step in flight is committed. If anything raises, every unfinished request is aborted
         first (see `_recover`), leaving the engine idle and usable, and the exception propagates.
         """
         self.check_open()
         in_flight = self._in_flight
         try:
-            batch = self.scheduler.schedule(in_flight=in_flight is not None) if self.has_unfinished() else None
+            batch = (self.scheduler.schedule(in_flight=None if in_flight is None else in_flight.batch)
+                     if self.has_unfinished() else None)
             if batch is None or (in_flight is not None and not batch.seqs):
                 self._in_flight = None
                 return [] if in_flight is None else [self._commit_batch(in_flight)]
@@ -234,7 +246,7 @@ class Engine:
             step = self._launch(batch, in_flight)
             self._in_flight = None
             committed = [] if in_flight is None else [self._commit_batch(in_flight)]
-            if self.config.async_scheduling and not batch.is_prefill:
+            if self.config.async_scheduling:
                 self._in_flight = step
             else:
                 committed.append(self._commit_batch(step))

@@ -54,10 +54,20 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, in_flight: bool = False) -> ScheduledBatch | None:
-        """The next step. With `in_flight` (a step launched whose tokens are not committed yet) only a
-        decode step that needs no preemption is scheduled; otherwise None: commit first, then ask again."""
-        if in_flight:
+    def schedule(self, in_flight: ScheduledBatch | None = None) -> ScheduledBatch | None:
+        """The next step. With `in_flight` (a launched step whose tokens are not committed yet) only a step that
+        reads none of its tokens' outcomes is scheduled, or None: commit first, then ask again.
+
+        Behind a decode step: a decode step that needs no preemption, when no request waits and no prompt is
+        half computed. Behind a prefill step: the next prefill (prompt chunks and new requests, none of which
+        reads a token in flight), unless a new request's prefix would be served by a block the step in flight
+        is still computing (it enters the prefix cache at commit), so pipelining never costs a prefix-cache hit;
+        with no prefill work left, decode as above."""
+        if in_flight is not None:
+            if in_flight.is_prefill:
+                batch = self._schedule_prefill(pending=self.block_manager.pending_keys(in_flight.seqs))
+                if batch is None or batch.seqs:
+                    return batch
             # a structured request's grammar must see its last token before its next mask is built
             if self.waiting and len(self.running) < self.max_num_seqs or any(
                     s.num_uncomputed_tokens > 1 or s.structured is not None for s in self.running):
@@ -66,7 +76,10 @@ class Scheduler:
         batch = self._schedule_prefill()
         return batch if batch.seqs else self._schedule_decode()
 
-    def _schedule_prefill(self) -> ScheduledBatch:
+    def _schedule_prefill(self, pending: set[int] | None = None) -> ScheduledBatch | None:
+        """Prompt chunks of running sequences, then waiting requests, up to the token budget. `pending`: keys of
+        blocks a step in flight is computing; a request whose prefix would hit one of them waits for the commit
+        (None is returned if it is the first in line)."""
         budget = self.max_num_batched_tokens
         seqs, counts = [], []
         for seq in self.running:  # sequences whose prompt was only partly computed (chunked prefill)
@@ -76,6 +89,10 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if pending and self.block_manager.would_hit(seq, pending):
+                if not seqs:
+                    return None
+                break
             if not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)  # all or nothing

@@ -83,3 +83,40 @@ def test_max_num_seqs_limits_admission():
     seqs = [add(s, 3) for _ in range(3)]
     batch = s.schedule()
     assert batch.seqs == seqs[:2] and len(s.waiting) == 1
+
+
+def test_prefill_is_scheduled_behind_a_prefill_in_flight():
+    """The next prompts (a chunk of a long one, new requests) launch before the step in flight is committed;
+    its sampled sequences wait for decode."""
+    s = make(max_num_batched_tokens=16)
+    a, b, c = add(s, 12), add(s, 10), add(s, 3)
+    first = s.schedule()
+    assert first.seqs == [a, b] and first.num_new_tokens == [12, 4]
+    indices = s.launch(first)
+    second = s.schedule(in_flight=first)
+    assert second.is_prefill and second.seqs == [b, c] and second.num_new_tokens == [6, 3]
+    assert a not in second.seqs  # its next input is the token in flight
+    s.commit(first, indices, [9])
+    s.postprocess(second, [8, 7])
+    third = s.schedule()
+    assert not third.is_prefill and third.seqs == [a, b, c]
+
+
+def test_prefill_behind_prefill_waits_for_blocks_in_flight_that_would_be_prefix_hits():
+    """A request whose prefix the step in flight is computing is not scheduled behind it: after the commit it is
+    a prefix-cache hit, as without pipelining. Other requests still are."""
+    s = make(max_num_batched_tokens=12)
+    a = add(s, 12)
+    first = s.schedule()
+    assert first.seqs == [a]
+    indices = s.launch(first)
+    same = add(s, 10)  # tokens 1..10: its first two blocks are a's, in flight
+    assert s.schedule(in_flight=first) is None
+    s.commit(first, indices, [9])
+    batch = s.schedule()
+    assert batch.seqs == [same] and same.num_cached_tokens == 8
+    indices = s.launch(batch)
+    other = Sequence([5] * 9, SamplingParams(max_tokens=4))
+    s.add(other)
+    behind = s.schedule(in_flight=batch)
+    assert behind.seqs == [other] and other.num_cached_tokens == 0

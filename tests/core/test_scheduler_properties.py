@@ -40,7 +40,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s = Scheduler(config, NUM_BLOCKS, BLOCK_SIZE, eos_token_ids={EOS})
         self.kv: dict[int, list[int | None]] = {}
         self.true_tokens: dict[int, list[int]] = {}  # seq_id -> its tokens, in-flight ones included
-        self.in_flight = None  # (batch, indices, tokens) of a launched, uncommitted decode step
+        self.in_flight = None  # (batch, indices, tokens) of a launched, uncommitted step
         self.seqs: list[Sequence] = []
 
     @rule(prompt=prompts, max_tokens=st.integers(1, 8), ignore_eos=st.booleans())
@@ -77,7 +77,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.s.has_unfinished())
     @rule(pipelined=st.booleans())
     def step(self, pipelined):
-        batch = self.s.schedule(in_flight=self.in_flight is not None)
+        batch = self.s.schedule(in_flight=None if self.in_flight is None else self.in_flight[0])
         if batch is None or (self.in_flight is not None and not batch.seqs):
             self.commit(self.in_flight)
             self.in_flight = None
@@ -87,7 +87,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if self.in_flight is not None:
             self.commit(self.in_flight)
             self.in_flight = None
-        if pipelined and not batch.is_prefill:
+        if pipelined:
             self.in_flight = launched
         else:
             self.commit(launched)

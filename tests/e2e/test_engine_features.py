@@ -87,3 +87,29 @@ def test_pipelined_steps_equal_synchronous_steps(tiny_qwen3, prompts):
         outs[mode] = llm.generate(prompts + prompts[:1], params, use_tqdm=False)
         assert llm.engine.scheduler.block_manager.num_free_blocks == 128
     assert outs[True] == outs[False]
+
+
+def test_pipelined_prefill_keeps_outputs_and_prefix_hits(tiny_qwen3):
+    """Prefill steps launched behind a prefill in flight (small token budget, several steps of prompts, some
+    sharing a prefix, chunked prompts) give the same tokens and the same prefix-cache hits as synchronous steps."""
+    prefix = random_prompts(1, 512, (40, 40), seed=6)[0]
+    prompts = [prefix + t for t in random_prompts(6, 512, (3, 30), seed=7)] + random_prompts(6, 512, (20, 90), seed=8)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs, hits, behind = {}, {}, {}
+    for mode in (True, False):
+        llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=256, kvcache_block_size=16, max_model_len=512,
+                  max_num_batched_tokens=64, max_num_seqs=8, async_scheduling=mode)
+        scheduler, launched = llm.engine.scheduler, []
+        schedule = scheduler.schedule
+
+        def recording(in_flight=None):
+            batch = schedule(in_flight)
+            launched.append(in_flight is not None and in_flight.is_prefill and batch is not None and batch.is_prefill)
+            return batch
+        scheduler.schedule = recording
+        outs[mode] = llm.generate(prompts, params, use_tqdm=False)
+        hits[mode], behind[mode] = scheduler.block_manager.num_prefix_hit_tokens, sum(launched)
+        assert scheduler.block_manager.num_free_blocks == 256
+    assert outs[True] == outs[False]
+    assert hits[True] == hits[False] >= 4 * 32  # the first two share a step: both compute the prefix
+    assert behind[True] >= 3 and behind[False] == 0
