@@ -21,12 +21,13 @@ if [ -f ../nanovllm/backends/cuda/attention/triton_decode.py ]; then  # main's k
 fi
 if [ "${SEED:-0}" = 1 ]; then
   for kv in auto fp8; do
-    timeout 100 python3 -m nanovllm.cli bench --backend cuda --config "$CONFIG" --no-progress --kv-cache-dtype $kv \
+    timeout ${BENCH_S:-100} python3 -m nanovllm.cli bench --backend cuda --config "$CONFIG" --no-progress --kv-cache-dtype $kv \
       --json "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench-$kv.log" | grep -E "efficiency|tokens/s|Error|error"
   done
 fi
 PYTHONPATH=$PWD:/tmp/cmp timeout ${DECODE_S:-100} python3 benchmarks/fp8_decode.py ${SWEEP---sweep} ${COMPARE:-} \
   --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | cut -c1-230
-timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider tests/backends/test_cuda_fp8_kernels.py \
-  tests/backends/test_cuda_kernels.py tests/backends/test_parity_matrix.py tests/backends/test_cuda_e2e.py \
-  -k "decode or fp8 or widen or order or graphs or compiled" 2>&1 | tee "$OUT/tests.log" | tail -5
+TESTS=${TESTS:-tests/backends/test_cuda_fp8_kernels.py tests/backends/test_cuda_kernels.py \
+tests/backends/test_parity_matrix.py tests/backends/test_cuda_e2e.py}
+timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider $TESTS \
+  -k "${TESTS_K:-decode or fp8 or widen or order or graphs or compiled}" 2>&1 | tee "$OUT/tests.log" | tail -5
