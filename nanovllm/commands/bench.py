@@ -162,7 +162,8 @@ def run(args) -> dict:
         result.update(measure_floor(llm, prompts, max_tokens, timing["seconds"]))
     result.update({
         "torch": torch.__version__, "python": platform.python_version(),
-        "kernels": {op: f"{c.impl.backend}/{c.impl.name}" for op, c in llm.engine.kernel_plan.choices.items()},
+        "kernels": {op: f"{c.impl.backend}/{c.impl.name}" for op, c in llm.engine.kernel_plan.choices.items()
+                    if llm.engine.kernel_plan.calls(op)},  # the kernels that ran (a fused op's parts, or it)
         "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
         "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
     })

@@ -29,11 +29,20 @@ OPS: dict[str, tuple[str, ...]] = {
     # the elementwise work between a layer's matrix products (one kernel each where a backend fuses it)
     "rotary.qk": ("positions", "q", "k", "cos_sin_cache", "q_weight", "k_weight", "eps"),
     "act.silu_mul": ("x",),
+    # rotary.qk then kv_cache.store in one kernel: returns (q, k) rotated, K and V stored through the slot
+    # mapping; with return_k False the second may be None (decode reads K from the cache, not from k)
+    "rotary.qk_store": ("positions", "q", "k", "v", "cos_sin_cache", "q_weight", "k_weight", "eps", "k_cache",
+                        "v_cache", "slot_mapping", "return_k"),
 }
+# Fused ops: one kernel doing the work of other ops (its parts). They are resolved and checked like any op, but
+# the model calls one only where a kernel other than the reference serves it: the reference is the parts'
+# composition, so elsewhere (a backend without the fused kernel, kernels="reference", the user naming a part's
+# kernel) the parts run, each with its own kernel, as before.
+FUSED_OPS: dict[str, tuple[str, ...]] = {"rotary.qk_store": ("rotary.qk", "kv_cache.store")}
 # ops that touch the KV cache: with an FP8 cache they are also passed (k_scale, v_scale) after the op's
 # arguments, each a float32 [num_kv_heads] tensor (stored = value / scale); a kernel that cannot take them
 # cannot serve an FP8 cache
-KV_CACHE_OPS = ("kv_cache.store", "attention.prefill", "attention.decode")
+KV_CACHE_OPS = ("kv_cache.store", "attention.prefill", "attention.decode", "rotary.qk_store")
 KV_SCALE_ARGS = ("k_scale", "v_scale")
 
 
@@ -145,6 +154,15 @@ class KernelPlan:
     def fn(self, op: str) -> Callable:
         return self.wrappers.get(op) or self.choices[op].impl.fn
 
+    def calls(self, op: str) -> bool:
+        """Whether the model calls `op`: every op in the plan, except a fused op served by the reference (then the
+        model runs its parts, see FUSED_OPS)."""
+        return op in self.choices and not (op in FUSED_OPS and self.choices[op].impl.is_reference)
+
+    def model_kernels(self) -> dict[str, Callable]:
+        """{op: function} for the ops the model calls (what a LayerContext carries)."""
+        return {op: self.fn(op) for op in self.choices if self.calls(op)}
+
     def with_why(self, why: str) -> "KernelPlan":
         """The same kernels, each op's reason replaced by `why` (a replayed plan says it was pinned)."""
         return dataclasses.replace(self, choices={op: dataclasses.replace(c, why=why) for op, c in self.choices.items()})
@@ -167,6 +185,8 @@ class KernelPlan:
                 continue
             if choice.impl.fallback:
                 lines.append(f"  {'':<{widths[0]}}  falls back per call to {choice.impl.fallback}")
+            if not self.calls(row[0]):
+                lines.append(f"  {'':<{widths[0]}}  not called: the model runs {', then '.join(FUSED_OPS[row[0]])}")
             for name, reasons in choice.rejected:
                 lines.append(f"  {'':<{widths[0]}}  skipped {name}: {'; '.join(reasons)}")
         return "\n".join(lines)
@@ -254,6 +274,13 @@ class KernelRegistry:
             raise ValueError(f"kernels={overrides!r}: expected 'reference' or a dict {{op: kernel name}}")
         choices = {op: self._resolve_op(op, backend, query, preferences.get(op, []), overrides,
                                         (notes or {}).get(op), exclude) for op in (ops or OPS)}
+        for op, parts in FUSED_OPS.items():
+            if not isinstance(overrides, dict) or op not in choices or op in overrides:
+                continue
+            named = [p for p in parts if p in overrides]
+            if named and self.reference(op) is not None:
+                # a kernel the user named for a part must run: the fused kernel would bypass it
+                choices[op] = OpChoice(op, self.reference(op), f"kernels= names {' and '.join(named)}: its parts run")
         for op, c in choices.items():
             if c.impl.is_foreign_on_reference:
                 logger.warning("%s on the reference backend runs %s from plugin %r, not cpu_ref's own kernel "
@@ -292,7 +319,7 @@ class KernelRegistry:
             rejected.append((impl.name, tuple(reasons)))
         if reference is not None and reference not in ranked and not reference.reasons(query):
             why = ("no kernel registered for this backend" if not candidates else "no kernel of this backend can serve")
-            if candidates:
+            if candidates and op not in FUSED_OPS:  # a fused op's parts run instead: nothing is slower
                 logger.warning("%s: no %s kernel can serve this run (%s); using the reference kernel, which is slow",
                                op, backend, "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected))
             return OpChoice(op, reference, f"reference: {why}", tuple(rejected))

@@ -66,7 +66,7 @@ def build_model(config: EngineConfig, resolved: Resolved, comm: Communicator, de
     try:
         torch.set_default_dtype(resolved.dtype)
         with torch.device(device):
-            kernels = {op: plan.fn(op) for op in plan.choices}
+            kernels = plan.model_kernels()
             model = model_class(hf_config)(hf_config, LayerContext(comm, kernels, kernel_label))
     finally:
         torch.set_default_dtype(default_dtype)

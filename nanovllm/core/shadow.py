@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from nanovllm.core.kv_store import store_kvcache
 from nanovllm.core.logging import get_logger
 from nanovllm.core.registry import KernelImpl, KernelPlan, OpChoice
 from nanovllm.core.tolerances import TOLERANCES, max_violation
@@ -51,6 +52,8 @@ class VerifiedKernel:
             return target.fn(*args)
         if self.op == "kv_cache.store":
             return self._verify_store(target, *args)
+        if self.op == "rotary.qk_store":
+            return self._verify_qk_store(target, *args)
         if self.op == "sampler":
             return self._verify_sampler(target, *args)
         return self._verify_output(target, args)
@@ -87,6 +90,32 @@ class VerifiedKernel:
             k_cache.view(-1, *k_cache.shape[2:])[slots] = ref_k.flatten(0, 1)
             v_cache.view(-1, *v_cache.shape[2:])[slots] = ref_v.flatten(0, 1)
             self._demote(target, (key, value, k_cache, v_cache, slot_mapping), error)
+
+    def _verify_qk_store(self, target: KernelImpl, *args):
+        # (positions, q, k, v, cos_sin_cache, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping, return_k,
+        # *kv_scales): the rotated q and k against the reference's (which stores nothing: every slot -1), and the
+        # cache rows exactly as kv_cache.store's reference writes the kernel's own rotated K and the V
+        k_cache, v_cache, slot_mapping, return_k, kv_scales = args[8], args[9], args[10], args[11], args[12:]
+        expected = self.reference.fn(*args[:10], torch.full_like(slot_mapping, -1), True, *kv_scales)
+        out = target.fn(*args[:11], True, *kv_scales)
+        error = self._error(_flat(out), _flat(expected))
+        valid = slot_mapping >= 0
+        slots = slot_mapping[valid]
+        rows = (slots.numel(), 1, *k_cache.shape[2:])
+        ref_k, ref_v = k_cache.new_empty(rows), v_cache.new_empty(rows)
+        dense = torch.arange(slots.numel(), device=slot_mapping.device, dtype=slot_mapping.dtype)
+        source = out[1] if error is None else expected[1]
+        store_kvcache(source[valid], args[3][valid], ref_k, ref_v, dense, *kv_scales)
+        got_k, got_v = k_cache.view(-1, *k_cache.shape[2:])[slots], v_cache.view(-1, *v_cache.shape[2:])[slots]
+        if error is None:
+            error = self._error(torch.cat([got_k, got_v]), torch.cat([ref_k.flatten(0, 1), ref_v.flatten(0, 1)]),
+                                exact=True)
+        if error is None:
+            return out[0], out[1] if return_k else None
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = ref_k.flatten(0, 1)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = ref_v.flatten(0, 1)
+        self._demote(target, args[1:4], error)
+        return expected[0], expected[1] if return_k else None
 
     def _verify_sampler(self, target: KernelImpl, logits, params):
         expected = self.reference.fn(logits, params)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllm.core.kernel_output import check_pair_like
+from nanovllm.core.kernel_output import check_like, check_pair_like
 from nanovllm.core.step_metadata import StepMetadata
 from nanovllm.models.layers.activation import SiluAndMul
 from nanovllm.models.layers.attention import Attention
@@ -51,6 +51,7 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ctx)
         self.rotary_qk = plan_kernel(ctx, "rotary.qk")
+        self.rotary_qk_store = plan_kernel(ctx, "rotary.qk_store")
         self.kernel_label = ctx.kernel_label
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
@@ -59,8 +60,24 @@ class SelfAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.rotary_qk_store is not None and self.attn.k_cache.numel():
+            q, k = self.qk_transform_store(positions, q, k, v, meta)
+            return self.o_proj(self.attn(q, k, v, meta, stored=True).flatten(1))
         q, k = self.qk_transform(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+
+    def qk_transform_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           meta: StepMetadata):
+        """`qk_transform` and the KV store in one kernel (the plan's `rotary.qk_store`): the rotated K and V go
+        straight into the paged cache; the rotated k comes back only when this step has prefill tokens (their
+        attention reads this step's K; decode reads the cache), else None."""
+        norm, attn, return_k = self.q_norm is not None, self.attn, meta.prefill is not None
+        q_out, k_out = self.rotary_qk_store(
+            positions, q, k, v, self.rotary_emb.cos_sin_cache, self.q_norm.weight if norm else None,
+            self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, attn.k_cache, attn.v_cache,
+            meta.slot_mapping, return_k, *attn.kv_scales)
+        q_out = check_like(self.kernel_label, "rotary.qk_store", q_out, q)
+        return q_out, check_like(self.kernel_label, "rotary.qk_store", k_out, k) if return_k else None
 
     def qk_transform(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Per-head q/k RMSNorm (Qwen3) then rotary: the plan's `rotary.qk` kernel (one launch where the backend

@@ -41,6 +41,7 @@ REFERENCE = {
     "sampler": ref_sampler.sample,
     "rotary.qk": ref_elementwise.rotary_qk,
     "act.silu_mul": ref_elementwise.silu_mul,
+    "rotary.qk_store": ref_elementwise.rotary_qk_store,
 }
 
 
@@ -280,6 +281,50 @@ def check_rotary_qk(fn, case: ParityCase, device, generator) -> None:
     assert_close(qkv, before, 0, 0, "q/k inputs after rotary.qk (they must not be modified)")
 
 
+def check_rotary_qk_store(fn, case: ParityCase, device, generator) -> None:
+    """q/k/v as views of one projection output, prefill- and decode-shaped, with and without the q/k norm, a fifth
+    of the slots -1: q and k must match `rotary.qk`'s reference, and the caches hold exactly what `kv_cache.store`'s
+    reference writes from the kernel's own rotated K and the V (only K rounding may differ, and it is checked
+    above); return_k=False must write the same q and caches."""
+    for kind in ("prefill", "decode"):
+        layout = random_layout(case, device, kind, generator)
+        num_tokens, heads, kv_heads, dim = int(layout.slot_mapping.numel()), case.num_heads, case.num_kv_heads, case.head_dim
+        slot_mapping = layout.slot_mapping.clone()
+        slot_mapping[torch.randperm(num_tokens, generator=generator)[: max(1, num_tokens // 5)].to(device)] = -1
+        magnitude = 100 if layout.kv_scales else 1  # FP8: some values beyond the range, which must saturate
+        qkv = (magnitude * torch.randn(num_tokens, (heads + 2 * kv_heads) * dim, generator=generator))
+        qkv = qkv.to(case.dtype).to(device)
+        q, k, v = qkv.view(num_tokens, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
+        max_position = 64
+        cos_sin_cache = torch.randn(max_position, dim, generator=generator).to(device)
+        positions = torch.randint(0, max_position, (num_tokens,), generator=generator).to(device)
+        weights = [(None, None), tuple(torch.randn(dim, generator=generator).to(case.dtype).to(device) for _ in "qk")]
+        before = qkv.clone()
+        for q_weight, k_weight in weights:
+            what = f"{kind}-shaped ({num_tokens} tokens), {'with' if q_weight is not None else 'without'} q/k norm"
+            rotary = (positions, q, k, v, cos_sin_cache, q_weight, k_weight, 1e-6)
+            caches = {name: (nan_like(layout.k_cache), nan_like(layout.v_cache)) for name in ("ref", "kernel", "no_k")}
+            out = fn(*rotary, *caches["kernel"], slot_mapping, True, *layout.kv_scales)
+            expected = REFERENCE["rotary.qk"](positions, q, k, cos_sin_cache, q_weight, k_weight, 1e-6)
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise AssertionError(f"{what}: returned {type(out).__name__}, expected a pair (q, k)")
+            for got, want, name in zip(out, expected, ("q", "k")):
+                _close(got, want, case.dtype, f"rotated {name}, {what}")
+            REFERENCE["kv_cache.store"](out[1], v, *caches["ref"], slot_mapping, *layout.kv_scales)
+            for i, name in enumerate(("k_cache", "v_cache")):
+                assert_close(caches["kernel"][i], caches["ref"][i], 0, 0,
+                             f"{name} after the store, {what} (slots < 0 must stay untouched)")
+            if q_weight is None:
+                continue  # return_k=False once per layout (each variant is a kernel compilation on a GPU)
+            q_only, k_only = fn(*rotary, *caches["no_k"], slot_mapping, False, *layout.kv_scales)
+            assert_close(q_only, out[0], 0, 0, f"q with return_k=False, {what}")
+            if k_only is not None:
+                _close(k_only, expected[1], case.dtype, f"k with return_k=False, {what}")
+            for i, name in enumerate(("k_cache", "v_cache")):
+                assert_close(caches["no_k"][i], caches["kernel"][i], 0, 0, f"{name} with return_k=False, {what}")
+        assert_close(qkv, before, 0, 0, "q/k/v inputs after rotary.qk_store (they must not be modified)")
+
+
 def check_silu_mul(fn, case: ParityCase, device, generator) -> None:
     for shape in ((5, 6 * case.head_dim), (2, 3, 2 * case.head_dim + 10)):
         x = torch.randn(shape, generator=generator).to(case.dtype).to(device)
@@ -293,4 +338,5 @@ CHECKS = {
     "sampler": [("greedy and masked sampling", check_sampler)],
     "rotary.qk": [("q/k norm and rotary", check_rotary_qk)],
     "act.silu_mul": [("silu and mul", check_silu_mul)],
+    "rotary.qk_store": [("q/k norm, rotary and KV store", check_rotary_qk_store)],
 }

@@ -54,7 +54,7 @@ def resources(kernel) -> dict:
 
 
 def compile_all() -> list[tuple[str, dict]]:
-    from nanovllm.backends.cuda import elementwise, kv_store, sampler
+    from nanovllm.backends.cuda import elementwise, kv_store, rotary_store, sampler
     from nanovllm.backends.cuda.attention import triton_decode as dec, triton_prefill as pre
     from nanovllm.backends.cuda.attention.triton_common import dot_precision, fp8_dot_dtype, padded_head_dim
     out = []
@@ -107,6 +107,20 @@ def compile_all() -> list[tuple[str, dict]]:
             KV_PAD=NUM_KV_HEADS, HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=True, num_warps=4,
             grid=(1,))
         out.append((f"q/k norm + rotary {dtype} d{head_dim}", resources(k)))
+        for kv_dtype in (dtype, *FP8_DTYPES):
+            fp8 = kv_dtype != dtype
+            for return_k in (False, True):
+                k = rotary_store._qk_norm_rope_store_kernel.warmup(
+                    dtype, dtype, dtype, dtype, dtype, torch.int64, torch.float32, dtype, dtype, 1e-6,
+                    kv_dtype, kv_dtype, torch.int64, torch.float32, torch.float32,
+                    3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim, head_dim,
+                    PAGE * row, row, head_dim, PAGE * row, row, head_dim,
+                    NUM_HEADS=GROUP * NUM_KV_HEADS, HEADS_PAD=GROUP * NUM_KV_HEADS, NUM_KV_HEADS=NUM_KV_HEADS,
+                    KV_PAD=NUM_KV_HEADS, HALF=half, HALF_PAD=triton.next_power_of_2(half), HEAD_DIM_PAD=pad,
+                    HAS_NORM=True, RETURN_K=return_k, BLOCK_SIZE=PAGE, FP8=fp8,
+                    FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0, num_warps=4, grid=(1,))
+                out.append((f"q/k norm + rotary + store {dtype} kv {str(kv_dtype).removeprefix('torch.')} "
+                            f"d{head_dim} k={return_k}", resources(k)))
         k = elementwise._silu_mul_kernel.warmup(dtype, dtype, 3072, 6144, 3072, BLOCK=1024, num_warps=4, grid=(1,))
         out.append((f"silu and mul {dtype}", resources(k)))
         k = sampler._slice_best_kernel.warmup(

@@ -239,3 +239,44 @@ def test_decode_in_longest_first_order_gives_the_same_output(device):
     with pytest.raises(ValueError, match="seq_order must be"):
         paged_decode(q, k_cache, v_cache, lens, block_tables.to(device), head_dim ** -0.5,
                      seq_order=order.long(), **scales)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FP8, ids=str)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [(4, 2, 64, 16), (6, 2, 48, 16), (16, 8, 128, 32)])
+def test_fp8_rotary_qk_store_matches_reference(device, kv_dtype, num_heads, num_kv_heads, head_dim, block_size):
+    """The fused q/k norm + rotary + KV store into an FP8 cache: q and k as rotary.qk's reference, the cache exactly
+    what the reference store writes from the kernel's own rotated K (saturating; slots -1 untouched), and the same
+    q and cache without returning k. Prefill-sized (many tokens) and decode-sized (a few) calls."""
+    from nanovllm.backends.cpu_ref.elementwise import rotary_qk
+    from nanovllm.backends.cuda.rotary_store import rotary_qk_store
+    g = torch.Generator().manual_seed(num_heads * 100 + head_dim)
+    k_scale, v_scale = random_scales(num_kv_heads, g, device)
+    for dtype in dtypes_for(device):
+        for num_tokens in ((29, 3) if device == "cpu" else (3000, 256)):
+            num_blocks = (num_tokens + 20) // block_size + 2
+            q, k, v = fused_qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, g)
+            k, v = k * 100, v * 100  # beyond the FP8 range at the smaller scales: saturated, not NaN
+            slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+            slots[torch.rand(num_tokens, generator=g) < 0.2] = -1
+            slots[0] = -1
+            slots = slots.to(device)
+            positions = torch.randint(0, 64, (num_tokens,), generator=g).to(device)
+            cos_sin = torch.randn(64, head_dim, generator=g).to(device)
+            for weights in ((None, None), tuple(torch.randn(head_dim, generator=g).to(dtype).to(device) for _ in "qk")):
+                shape = (num_blocks, block_size, num_kv_heads, head_dim)
+                caches = [torch.full(shape, float("nan"), device=device).to(kv_dtype) for _ in range(6)]
+                q_out, k_out = rotary_qk_store(positions, q, k, v, cos_sin, *weights, 1e-6, caches[0], caches[1],
+                                               slots, True, k_scale, v_scale)
+                q_ref, k_ref = rotary_qk(positions, q, k, cos_sin, *weights, 1e-6)
+                assert_close(q_out, q_ref, dtype)
+                assert_close(k_out, k_ref, dtype)
+                reference_store(k_out, v, caches[2], caches[3], slots, k_scale, v_scale, device)
+                q_only, k_none = rotary_qk_store(positions, q, k, v, cos_sin, *weights, 1e-6, caches[4], caches[5],
+                                                 slots, False, k_scale, v_scale)
+                assert k_none is None and torch.equal(q_only, q_out)
+                written = slots[slots >= 0]
+                assert torch.isfinite(caches[2].float().flatten(0, 1)[written]).all()
+                for got, want in ((caches[0], caches[2]), (caches[1], caches[3]), (caches[4], caches[2]),
+                                  (caches[5], caches[3])):
+                    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0, equal_nan=True)

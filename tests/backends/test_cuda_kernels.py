@@ -297,6 +297,7 @@ def test_registers_every_kernel_with_a_check():
     assert names["attention.prefill"] == ["flash_attn", "torch_flash", "triton_paged"]
     assert names["attention.decode"] == ["flash_attn", "triton_paged"]
     assert names["rotary.qk"] == ["triton"] and names["act.silu_mul"] == ["triton"]
+    assert names["rotary.qk_store"] == ["triton"]
     cpu_query = KernelQuery("cpu", torch.float32, 128, 16, 8, 16)
     for impls in registry.impls.values():
         for impl in impls:
@@ -373,10 +374,11 @@ ELEMENTWISE_CASES = [(torch.float32, 64, 4, 2), (torch.float32, 48, 6, 3), (torc
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["rotary.qk", "act.silu_mul"])
+@pytest.mark.parametrize("op", ["rotary.qk", "act.silu_mul", "rotary.qk_store"])
 @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv_heads", ELEMENTWISE_CASES)
 def test_elementwise_kernels_match_reference(device, op, dtype, head_dim, num_heads, num_kv_heads):
-    """The fused q/k norm + rotary and SiLU-and-mul kernels against their cpu_ref twins (the parity checks)."""
+    """The fused q/k norm + rotary (+ KV store) and SiLU-and-mul kernels against their cpu_ref twins (the parity
+    checks: prefill- and decode-shaped, slots -1 skipped)."""
     from nanovllm.testing.layouts import ParityCase
     from nanovllm.testing.parity import CHECKS
     if dtype not in dtypes_for(device):

@@ -25,6 +25,13 @@ def off_by_one_store(key, value, k_cache, v_cache, slot_mapping):
     store_kvcache(key, value, k_cache, v_cache, slot_mapping + (slot_mapping >= 0).long())  # one slot late
 
 
+def off_by_one_fused_store(positions, q, k, v, cos_sin_cache, q_weight, k_weight, eps, k_cache, v_cache,
+                           slot_mapping, return_k):
+    from nanovllm.backends.cpu_ref.elementwise import rotary_qk_store
+    return rotary_qk_store(positions, q, k, v, cos_sin_cache, q_weight, k_weight, eps, k_cache, v_cache,
+                           slot_mapping + (slot_mapping >= 0).long(), return_k)  # one slot late
+
+
 def wrong_plugin(op, fn):
     m = types.ModuleType("wrong")
     m.NANOVLLM_PLUGIN_API = (1, 0)
@@ -42,7 +49,8 @@ def generate(tiny, **options) -> list[list[int]]:
     return [o["token_ids"] for o in outputs], llm
 
 
-@pytest.mark.parametrize("op, fn", [("attention.decode", off_by_a_bit_decode), ("kv_cache.store", off_by_one_store)])
+@pytest.mark.parametrize("op, fn", [("attention.decode", off_by_a_bit_decode), ("kv_cache.store", off_by_one_store),
+                                   ("rotary.qk_store", off_by_one_fused_store)])
 def test_wrong_kernel_is_caught_demoted_and_the_run_matches_the_reference(tiny_qwen3, monkeypatch, op, fn):
     expected, _ = generate(tiny_qwen3, kernels="reference")
     plugins = load_plugins(SETTINGS, modules={"cpu_ref": cpu_ref, "wrong": wrong_plugin(op, fn)})
@@ -67,7 +75,7 @@ def test_verification_is_off_by_default_and_read_from_the_environment(tiny_qwen3
     monkeypatch.setenv("NANOVLLM_VERIFY_KERNELS", "5")
     _, llm = generate(tiny_qwen3)
     assert set(llm.kernel_plan().wrappers) == {"kv_cache.store", "attention.prefill", "attention.decode", "sampler",
-                                               "rotary.qk", "act.silu_mul"}
+                                               "rotary.qk", "act.silu_mul", "rotary.qk_store"}
     monkeypatch.setenv("NANOVLLM_VERIFY_KERNELS", "often")
     with pytest.raises(ValueError, match="NANOVLLM_VERIFY_KERNELS='often' is invalid"):
         generate(tiny_qwen3)

@@ -5,6 +5,8 @@ Plain torch, device-agnostic; the cuda backend fuses each into one Triton kernel
 import torch
 import torch.nn.functional as F
 
+from nanovllm.core.kv_store import store_kvcache
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in float32 and rounded to x's dtype before the weight, as RMSNorm does."""
@@ -31,6 +33,20 @@ def rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin
         q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
     return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
+
+
+def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                    eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+    """The `rotary.qk_store` op: `rotary_qk`, then the rotated K and V stored as `kv_cache.store` stores them.
+
+    v [T, KV, D]; the caches, slot mapping and FP8 scales as `core/kv_store.store_kvcache` takes them. Returns
+    (q, k) rotated, or (q, None) when `return_k` is False (the caller reads K back from the cache).
+    """
+    q, k = rotary_qk(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q, k if return_k else None
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

@@ -11,24 +11,37 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm_rope_heads(src, stride_head, dst, w_ptr, cos, sin, cols, eps,
-                     NUM: tl.constexpr, NUM_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    heads = tl.arange(0, NUM_PAD)
+def norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dtype_ptr,
+              NUM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """The two halves of each head (rows `heads`, columns `cols`) normalised and rotated, as float32 values already
+    rounded to the dtype `dtype_ptr` points to (where the reference rounds), so a cast to it stores them exactly."""
     cmask = cols < HALF
     mask = (heads < NUM)[:, None] & cmask[None, :]
     offsets = heads[:, None] * stride_head + cols[None, :]
     x1 = tl.load(src + offsets, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = dst.dtype.element_ty
+    dtype = dtype_ptr.dtype.element_ty
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
         w1 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
         x1 = ((x1 * rstd[:, None]).to(dtype).to(tl.float32) * w1[None, :]).to(dtype).to(tl.float32)
         x2 = ((x2 * rstd[:, None]).to(dtype).to(tl.float32) * w2[None, :]).to(dtype).to(tl.float32)
+    y1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype).to(tl.float32)
+    y2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype).to(tl.float32)
+    return y1, y2
+
+
+@triton.jit
+def _norm_rope_heads(src, stride_head, dst, w_ptr, cos, sin, cols, eps,
+                     NUM: tl.constexpr, NUM_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    heads = tl.arange(0, NUM_PAD)
+    y1, y2 = norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dst, NUM, HALF, HAS_NORM)
+    mask = (heads < NUM)[:, None] & (cols < HALF)[None, :]
     out = heads[:, None] * (2 * HALF) + cols[None, :]
-    tl.store(dst + out, (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype), mask=mask)
-    tl.store(dst + out + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype), mask=mask)
+    dtype = dst.dtype.element_ty
+    tl.store(dst + out, y1.to(dtype), mask=mask)
+    tl.store(dst + out + HALF, y2.to(dtype), mask=mask)
 
 
 @triton.jit

@@ -58,6 +58,14 @@ def triton_rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     return _module("elementwise").rotary_qk(positions, q, k, cos_sin_cache, q_weight, k_weight, eps)
 
 
+def triton_rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                           eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                           return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+    return _module("rotary_store").rotary_qk_store(positions, q, k, v, cos_sin_cache, q_weight, k_weight, eps,
+                                                   k_cache, v_cache, slot_mapping, return_k, k_scale, v_scale)
+
+
 def triton_silu_mul(x: torch.Tensor) -> torch.Tensor:
     return _module("elementwise").silu_mul(x)
 
@@ -155,6 +163,8 @@ def register_cuda_kernels(registry) -> None:
                       fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
     registry.register("rotary.qk", BACKEND, "triton", triton_rotary_qk, priority=10, check=check_triton,
                       graph_safe=True)
+    registry.register("rotary.qk_store", BACKEND, "triton", triton_rotary_qk_store, priority=10,
+                      check=check_triton, graph_safe=True)
     registry.register("act.silu_mul", BACKEND, "triton", triton_silu_mul, priority=10,
                       check=check_triton, graph_safe=True)
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,

@@ -33,17 +33,17 @@ def _store_kv_kernel(
 
     src = key_ptr + token64 * stride_key_token + heads[:, None] * stride_key_head + dims[None, :]
     dst = k_cache_ptr + block * stride_k_block + row * stride_k_row + heads[:, None] * stride_k_head + dims[None, :]
-    tl.store(dst, _encode(tl.load(src, mask=mask), k_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX)
+    tl.store(dst, encode_for_cache(tl.load(src, mask=mask), k_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX)
              .to(k_cache_ptr.dtype.element_ty), mask=mask)
 
     src = value_ptr + token64 * stride_value_token + heads[:, None] * stride_value_head + dims[None, :]
     dst = v_cache_ptr + block * stride_v_block + row * stride_v_row + heads[:, None] * stride_v_head + dims[None, :]
-    tl.store(dst, _encode(tl.load(src, mask=mask), v_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX)
+    tl.store(dst, encode_for_cache(tl.load(src, mask=mask), v_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX)
              .to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _encode(x, scale_ptr, heads, NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+def encode_for_cache(x, scale_ptr, heads, NUM_KV_HEADS: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     """x: [HEADS_PAD, HEAD_DIM_PAD] as loaded -> what the cache stores (before the cast to its dtype)."""
     if FP8:
         scale = tl.load(scale_ptr + heads, mask=heads < NUM_KV_HEADS, other=1.0)

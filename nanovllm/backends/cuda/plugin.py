@@ -80,7 +80,8 @@ class CudaBackend(Backend):
 
     def capture_graphs(self, runner, batch_sizes: list[int]):
         unsafe = [f"{op} -> {c.impl.full_name}" for op, c in runner.plan.choices.items()
-                  if op in ("kv_cache.store", "attention.decode") and not c.impl.graph_safe]
+                  if op in ("kv_cache.store", "attention.decode", "rotary.qk_store") and runner.plan.calls(op)
+                  and not c.impl.graph_safe]
         if unsafe:
             logger.warning("CUDA graphs are off: %s cannot be captured (it syncs with the host); decode runs "
                            "eagerly", ", ".join(unsafe))

@@ -1,4 +1,5 @@
-"""The attention front: store this step's K/V in the paged cache, then run the resolved kernels.
+"""The attention front: store this step's K/V in the paged cache (unless a fused kernel did), then run the
+resolved kernels.
 
 The kernels come from the engine's KernelPlan (op name -> function, through the LayerContext); this layer
 never knows which backend provided them.
@@ -22,9 +23,11 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once the cache exists
         self.kv_scales: tuple[torch.Tensor, ...] = ()  # FP8 cache: (k_scale, v_scale), each [num_kv_heads]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
-        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]"""
-        if self.k_cache.numel():
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: StepMetadata,
+                stored: bool = False) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]. `stored`: K/V are in
+        the cache already (a fused `rotary.qk_store` wrote them; k may then be None in a decode-only step)."""
+        if self.k_cache.numel() and not stored:
             self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping, *self.kv_scales)
         if meta.decode is None:
             return self._prefill(q, k, v, meta)
