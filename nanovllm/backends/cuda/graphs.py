@@ -21,6 +21,9 @@ class CudaGraphRunner:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        # longest-first order of the real rows, then the padding rows in place (DecodeMetadata.seq_order)
+        self.iota = torch.arange(n, dtype=torch.int32, device=dev)
+        self.seq_order = self.iota.clone()
         # Two instances per size: launching a graph exec that is still running blocks the host until it ends,
         # so consecutive (pipelined) steps alternate between instances.
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
@@ -42,7 +45,7 @@ class CudaGraphRunner:
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
 
     def _meta(self, bs: int, max_context_len: int) -> StepMetadata:
-        decode = DecodeMetadata(self.context_lens[:bs], self.block_tables[:bs], max_context_len)
+        decode = DecodeMetadata(self.context_lens[:bs], self.block_tables[:bs], max_context_len, self.seq_order[:bs])
         return StepMetadata(self.slot_mapping[:bs], 0, None, decode, torch.arange(bs, device=self.input_ids.device))
 
     def can_run(self, num_seqs: int) -> bool:
@@ -57,6 +60,11 @@ class CudaGraphRunner:
         self.slot_mapping[n:bs].fill_(-1)
         self.context_lens[:n].copy_(meta.decode.context_lens)
         self.context_lens[n:bs].zero_()
+        if meta.decode.seq_order is not None:
+            self.seq_order[:n].copy_(meta.decode.seq_order)
+        else:
+            self.seq_order[:n].copy_(self.iota[:n])
+        self.seq_order[n:bs].copy_(self.iota[n:bs])  # a larger batch's order may be left there
         width = meta.decode.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.decode.block_tables)
         self.turn ^= 1
