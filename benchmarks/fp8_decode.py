@@ -1,9 +1,11 @@
 """Decode attention with a bf16 vs an FP8 KV cache (GPU only): K/V bytes read per second against copy bandwidth.
 
-    python benchmarks/fp8_decode.py [--sweep] [--json FILE]
+    python benchmarks/fp8_decode.py [--sweep] [--compare MODULE] [--json FILE]
 
 Batch 256 x context 1024 (and the mixed lengths of the seed workload), Qwen3-0.6B's heads (16/8, head_dim 128),
-block size 16. `--sweep` also times FP8 tile configurations (block_n, num_warps, num_stages).
+block size 16. `--sweep` also times FP8 tile configurations (block_n, num_warps, num_stages); every kernel is also
+timed with its programs in longest-first order (`longest_first`); `--compare MODULE` times another paged_decode
+(e.g. a copy of main's kernel) in the same run.
 """
 import argparse
 import json
@@ -41,29 +43,40 @@ def inputs(batch: int, context, kv_dtype: torch.dtype, block_size: int = 16, see
 
 
 def main() -> None:
-    from nanovllm.backends.cuda.attention.triton_decode import DecodeConfig, paged_decode
+    import importlib
+
+    from nanovllm.backends.cuda.attention.triton_decode import DecodeConfig, longest_first, paged_decode
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--compare", help="a module with another paged_decode (e.g. main's kernel), timed beside this one")
     p.add_argument("--json")
     args = p.parse_args()
+    kernels = {"this": paged_decode}
+    if args.compare:
+        kernels = {"compared": importlib.import_module(args.compare).paged_decode, **kernels}
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows = []
     for context in (1024, "mixed"):
         for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
             q, (k_cache, v_cache), (k_scale, v_scale), meta, kv_bytes = inputs(256, context, kv_dtype)
-            configs = [None]
-            if args.sweep and kv_dtype == torch.float8_e4m3fn and context == 1024:
-                configs += [DecodeConfig(*c) for c in [(64, 2, 4), (64, 2, 3), (64, 4, 3), (128, 4, 3), (128, 4, 2),
-                                                        (32, 2, 4), (128, 8, 3)]]
-            for config in configs:
-                s = bench(lambda: paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables,
-                                               HEAD_DIM ** -0.5, config=config, k_scale=k_scale, v_scale=v_scale))
-                row = dict(kv_dtype=str(kv_dtype).removeprefix("torch."), batch=256, context=context,
-                           config=str(config) if config else "default", us=round(s * 1e6, 1),
-                           kv_GBps=round(kv_bytes / s / 1e9), of_copy_bw=round(kv_bytes / s / copy_bw, 3))
+            order = longest_first(meta.context_lens)
+            cases = [(name, fn, None, None) for name, fn in kernels.items()] + [("this", paged_decode, None, order)]
+            if args.sweep and kv_dtype == torch.float8_e4m3fn:
+                cases += [("this", paged_decode, DecodeConfig(*c), order) for c in
+                          [(64, 4, 3), (128, 4, 3), (128, 4, 2), (128, 8, 3), (64, 8, 4), (32, 4, 4), (64, 2, 4)]]
+            for name, fn, config, seq_order in cases:
+                extra = dict(seq_order=seq_order) if seq_order is not None else {}
+                s = bench(lambda: fn(q, k_cache, v_cache, meta.context_lens, meta.block_tables, HEAD_DIM ** -0.5,
+                                     config=config, k_scale=k_scale, v_scale=v_scale, **extra))
+                row = dict(kernel=name, kv_dtype=str(kv_dtype).removeprefix("torch."), batch=256, context=context,
+                           config=str(config) if config else "default", longest_first=seq_order is not None,
+                           us=round(s * 1e6, 1), kv_GBps=round(kv_bytes / s / 1e9),
+                           of_copy_bw=round(kv_bytes / s / copy_bw, 3))
                 rows.append(row)
                 print(row, flush=True)
+    lens = inputs(256, "mixed", torch.bfloat16)[3].context_lens
+    print(f"longest_first of 256 lengths: {bench(lambda: longest_first(lens)) * 1e6:.1f} us")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(copy_GBps=copy_bw / 1e9, rows=rows), f, indent=1)

@@ -20,6 +20,7 @@ class _HostBuffers:
         self.positions = buf((max_seqs,), torch.int64)
         self.slots = buf((max_seqs,), torch.int64)
         self.context_lens = buf((max_seqs,), torch.int32)
+        self.order = buf((max_seqs,), torch.int32)
         self.tables = buf((max_seqs, max_blocks), torch.int32)
 
 
@@ -56,8 +57,9 @@ class StepInputBuilder:
             tables[i, :len(table)] = table
         np.subtract(context_lens, 1, out=positions)
         slots[:] = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
+        buf.order.numpy()[:n] = np.argsort(-context_lens, kind="stable")
         decode = DecodeMetadata(self._to_device(buf.context_lens[:n]), self._to_device(buf.tables[:n]),
-                                int(context_lens.max()))
+                                int(context_lens.max()), self._to_device(buf.order[:n]))
         logits_indices = torch.arange(n, device=self.device)
         meta = StepMetadata(self._to_device(buf.slots[:n]), 0, None, decode, logits_indices)
         return self._to_device(buf.ids[:n]), self._to_device(buf.positions[:n]), meta
@@ -111,7 +113,8 @@ class StepInputBuilder:
                                       max(b - a for a, b in zip(cu_k, cu_k[1:])),
                                       block_table_tensor(tables[:p]) if any_cached else None)
         if len(batch.seqs) > p:
-            decode = DecodeMetadata(tensor(context_lens, torch.int32), block_table_tensor(tables[p:]), max(context_lens))
+            decode = DecodeMetadata(tensor(context_lens, torch.int32), block_table_tensor(tables[p:]), max(context_lens),
+                                    tensor(np.argsort(-np.asarray(context_lens), kind="stable"), torch.int32))
         meta = StepMetadata(tensor(slots, torch.int64), cu_q[-1], prefill, decode,
                             tensor(logits_indices + prompt_indices, torch.int64), tuple(prompt_rows))
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta

@@ -9,7 +9,7 @@ CPU the reference's scaled, saturated values go through the interpreter's own ca
 import pytest
 import torch
 
-from tests.backends.test_cuda_kernels import (DEVICES, assert_close, dtypes_for, fused_qkv_views,
+from tests.backends.test_cuda_kernels import (DEVICES, TRITON_REASON, assert_close, dtypes_for, fused_qkv_views,
                                               poison_allocator, random_context_lens, scattered_block_tables)
 from nanovllm.backends.cpu_ref.attention import decode_attention as ref_decode
 from nanovllm.backends.cpu_ref.attention import prefill_attention as ref_prefill
@@ -18,6 +18,20 @@ from nanovllm.core.kv_quant import quantize
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+if not TRITON_REASON:  # module level: a jitted kernel sees this module's globals
+    import triton
+    import triton.language as tl
+
+    from nanovllm.backends.cuda.attention.triton_common import widen_fp8_pairs
+
+    @triton.jit
+    def _widen_kernel(words_ptr, even_ptr, odd_ptr, FP8_DTYPE: tl.constexpr, ASM: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        even, odd = widen_fp8_pairs(tl.load(words_ptr + i), FP8_DTYPE, ASM)
+        tl.store(even_ptr + i, even)
+        tl.store(odd_ptr + i, odd)
 
 
 def interpreter_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -166,6 +180,65 @@ def test_fp8_kernels_refuse_a_cache_without_scales(device):
         paged_decode(torch.zeros(1, 2, 64, device=device), cache, cache.clone(),
                      torch.tensor([3], dtype=torch.int32, device=device),
                      torch.zeros(1, 1, dtype=torch.int32, device=device), 0.125)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FP8, ids=str)
+def test_fp8_pair_widening_is_exact_on_every_code(device, kv_dtype):
+    """widen_fp8_pairs on all 65,536 16-bit words (every pair of FP8 codes): each byte's float16 equals torch's
+    cast of that code. On a GPU this runs the inline assembly (e5m2: byte moves into the high
+    byte of a float16; e4m3: cvt), on the CPU the interpreter's plain-integer path."""
+    import triton.language as tl
+    codes = torch.arange(65536, dtype=torch.int32)
+    words = codes.to(torch.int16).to(device)  # bit patterns 0..65535 (int16: torch has no uint16 arithmetic)
+    even = torch.empty(65536, dtype=torch.float16, device=device)
+    odd = torch.empty_like(even)
+    fp8 = tl.float8e5 if kv_dtype == torch.float8_e5m2 else tl.float8e4nv
+    _widen_kernel[(65536 // 1024,)](words.view(torch.uint16), even, odd, FP8_DTYPE=fp8, ASM=device == "cuda", BLOCK=1024)
+    as_fp8 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(kv_dtype).to(torch.float16)
+    # e4m3's two NaN codes (0x7F, 0xFF) are left out: the store saturates and never writes them, and the
+    # interpreter's cast does not keep them NaN (the GPU's cvt does)
+    lo, hi = codes & 0xFF, codes >> 8
+    keep = ~(torch.isnan(as_fp8[lo]) | torch.isnan(as_fp8[hi])) if kv_dtype == torch.float8_e4m3fn else slice(None)
+    torch.testing.assert_close(even.cpu()[keep], as_fp8[lo][keep], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(odd.cpu()[keep], as_fp8[hi][keep], rtol=0, atol=0, equal_nan=True)
+    if kv_dtype == torch.float8_e5m2:  # the identity the e5m2 path relies on: the code is a float16's high byte
+        assert torch.equal((torch.arange(256, dtype=torch.int16) << 8).view(torch.float16).nan_to_num(7),
+                           as_fp8.nan_to_num(7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_in_longest_first_order_gives_the_same_output(device):
+    """seq_order only changes which programs start first: every sequence's output stays where it was."""
+    from nanovllm.backends.cuda.attention.triton_decode import longest_first, paged_decode
+    g = torch.Generator().manual_seed(7)
+    num_seqs, num_kv_heads, group, head_dim, block_size = 6, 2, 2, 64, 16
+    k_scale, v_scale = random_scales(num_kv_heads, g, device)
+    for kv_dtype in (torch.float32 if device == "cpu" else torch.bfloat16, torch.float8_e4m3fn):
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        context_lens = [17, 150, 3, 90, 150, 64]
+        block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)
+        if kv_dtype.itemsize == 1:
+            k_cache, v_cache = fp8_caches(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype,
+                                          (k_scale, v_scale), device, g)
+            scales = dict(k_scale=k_scale, v_scale=v_scale)
+        else:
+            shape = (num_blocks, block_size, num_kv_heads, head_dim)
+            k_cache, v_cache = (torch.randn(shape, generator=g).to(dtype=kv_dtype, device=device) for _ in "kv")
+            scales = {}
+        q = torch.randn(num_seqs, group * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+        lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+        order = longest_first(lens)
+        assert order.tolist() == [1, 4, 3, 5, 0, 2]  # longest first, ties in batch order
+        for num_splits in (1, 2):
+            plain = paged_decode(q, k_cache, v_cache, lens, block_tables.to(device), head_dim ** -0.5,
+                                 num_splits=num_splits, **scales)
+            ordered = paged_decode(q, k_cache, v_cache, lens, block_tables.to(device), head_dim ** -0.5,
+                                   num_splits=num_splits, seq_order=order, **scales)
+            torch.testing.assert_close(ordered, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="seq_order must be"):
+        paged_decode(q, k_cache, v_cache, lens, block_tables.to(device), head_dim ** -0.5,
+                     seq_order=order.long(), **scales)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,6 +28,9 @@ class CudaGraphRunner:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        # longest-first order of the real rows, then the padding rows in place (DecodeMetadata.seq_order)
+        self.iota = torch.arange(n, dtype=torch.int32, device=dev)
+        self.seq_order = self.iota.clone()
         self.temperatures = torch.ones(n, dtype=torch.float32, device=dev)
         self._temperatures_from = None  # the SamplingTensors.temperatures last copied in (reused per batch)
         # Two instances per size: launching a graph exec that is still running blocks the host until it ends,
@@ -62,7 +65,7 @@ class CudaGraphRunner:
                     ", sampling inside them" if self.samples else "")
 
     def _meta(self, bs: int, max_context_len: int) -> StepMetadata:
-        decode = DecodeMetadata(self.context_lens[:bs], self.block_tables[:bs], max_context_len)
+        decode = DecodeMetadata(self.context_lens[:bs], self.block_tables[:bs], max_context_len, self.seq_order[:bs])
         return StepMetadata(self.slot_mapping[:bs], 0, None, decode, torch.arange(bs, device=self.input_ids.device))
 
     def can_run(self, num_seqs: int) -> bool:
@@ -92,6 +95,11 @@ class CudaGraphRunner:
         self.slot_mapping[n:bs].fill_(-1)
         self.context_lens[:n].copy_(meta.decode.context_lens)
         self.context_lens[n:bs].zero_()
+        if meta.decode.seq_order is not None:
+            self.seq_order[:n].copy_(meta.decode.seq_order)
+        else:
+            self.seq_order[:n].copy_(self.iota[:n])
+        self.seq_order[n:bs].copy_(self.iota[n:bs])  # a larger batch's order may be left there
         width = meta.decode.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.decode.block_tables)
         self.turn ^= 1

@@ -56,9 +56,11 @@ def widen_fp8_pairs(words, FP8_DTYPE: tl.constexpr, ASM: tl.constexpr):
     # two words (one 32-bit register) a call: bytes [e0, o0, e1, o1] -> PRMT -> [e0, e1 | o0, o1] -> widen
     if ASM and FP8_DTYPE == tl.float8e5:
         even, odd = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "
-            "cvt.rn.f16x2.e5m2x2 $0, lo; cvt.rn.f16x2.e5m2x2 $1, hi; }",
+            "{ prmt.b32 $0, $2, 0, 0x2404; prmt.b32 $1, $2, 0, 0x3414; }",
             "=r,=r,r", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    elif FP8_DTYPE == tl.float8e5:
+        even = (words << 8).to(tl.float16, bitcast=True)
+        odd = (words & 0xFF00).to(tl.float16, bitcast=True)
     elif ASM:
         even, odd = tl.inline_asm_elementwise(
             "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "

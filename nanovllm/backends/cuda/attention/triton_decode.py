@@ -9,9 +9,11 @@ partial outputs and their log-sum-exp go to scratch and a small second kernel co
 An FP8 cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, and one
 native conversion on sm_89+, where widening to bfloat16 goes through float32), with the dots in float16;
 its per-KV-head scales are folded into the score scale (K) and the output (V), so dequantising costs two
-multiplies per program, not one per element. FP8 V is read as 16-bit words of two dims (`widen_fp8_pairs`):
-P x V reads V transposed, which Triton 3.6 does a byte at a time for an 8-bit tile (a quarter of the sm_90
-loop); as words it is `ldmatrix.trans`, and even and odd dims accumulate in two dots.
+multiplies per program, not one per element. FP8 K and V are read as 16-bit words of two dims
+(`widen_fp8_pairs`), even and odd dims in two dots each: P x V reads V transposed, which Triton 3.6 does a byte
+at a time for an 8-bit tile; as words it is `ldmatrix.trans`. For q x K^T, a K tile widened from bytes takes a
+q operand that Triton reloads from shared memory and re-packs every tile (16 loads + ~57 moves a warp on
+sm_90); split into even and odd dims, q's two halves load with `ldmatrix` like any 16-bit operand.
 """
 from dataclasses import dataclass
 from functools import cache
@@ -46,12 +48,13 @@ def decode_config(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfl
     if head_dim > 128 or dtype == torch.float32:  # same bytes per tile for wider rows
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3)
     if kv_dtype is not None and kv_dtype.itemsize == 1:
-        # benchmarks/fp8_decode.py --sweep on an H200, batch 256 x 1k: 151.5 us (0.83 of copy bandwidth);
-        # (128, 4, 3) 154.5 us but 5% faster on mixed lengths; 2 warps 157-168 us, (128, 8, 3) 170 us.
-        # Pages of 128+ tokens take 128-token tiles: the 64-token tile spills there under Triton 3.9
+        # benchmarks/fp8_decode.py --sweep on an H200 (K as word pairs, longest first), batch 256 x 1k / mixed
+        # lengths: (64, 4, 3) 146.2 / 149.0 us (0.86 of copy bandwidth); (64, 4, 4) 148.1 / 151.8, (64, 2, 4)
+        # 149.1 / 153.5, (32, 4, 4) 173.9 / 150.0, 128-token tiles 156-169. Pages of 128+ tokens take 128-token
+        # tiles: the 64-token tile spills there under Triton 3.9
         if block_size >= 128:
             return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
-        return DecodeConfig(block_n=64, num_warps=4, num_stages=4)
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
@@ -88,15 +91,18 @@ def _tile_rows(block_table_ptr, tile_start, end, stride_block, stride_row, PAGE_
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, qk_scale, k_scale_ptr, v_scale_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, qk_scale, k_scale_ptr, v_scale_ptr, seq_order_ptr,
     stride_q_seq, stride_q_head, stride_cache_block, stride_cache_row, stride_cache_head,
     stride_bt_seq, stride_o_seq, stride_o_head,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, ORDERED: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the KV heads of a token, adjacent in the cache, are read together
-    seq = tl.program_id(1)
+    if ORDERED:  # programs start in launch order: the longest sequences first leave the shortest for the tail
+        seq = tl.load(seq_order_ptr + tl.program_id(1))
+    else:
+        seq = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)  # a launch dimension, not a constant: one compiled kernel serves all
     context_len = tl.load(context_lens_ptr + seq)
@@ -111,22 +117,29 @@ def _decode_split_kernel(
     dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
                 mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+    # FP8: K and V read as 16-bit words of two dims (see widen_fp8_pairs); q's even and odd dims apart
+    pairs = tl.arange(0, HEAD_DIM_PAD // 2)
+    pair_mask = head_dim_mask(HEAD_DIM // 2, HEAD_DIM_PAD // 2)
     if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
         q = q.to(DOT_DTYPE)
+        q_pair_ptr = q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + 2 * pairs[None, :]
+        q_pair_mask = head_mask[:, None] & pair_mask[None, :]
+        q_even = tl.load(q_pair_ptr, mask=q_pair_mask, other=0.0).to(DOT_DTYPE)
+        q_odd = tl.load(q_pair_ptr + 1, mask=q_pair_mask, other=0.0).to(DOT_DTYPE)
     else:
         v_scale = 1.0
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    # the softmax denominator is summed per token column and reduced once after the loop: warps split a tile's
+    # tokens, so a per-tile row sum is a cross-warp reduction through shared memory (two barriers) each tile
+    l_cols = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     k_base = k_cache_ptr + kv_head * stride_cache_head
     v_base = v_cache_ptr + kv_head * stride_cache_head
-    # FP8: V read as 16-bit words of two dims (see widen_fp8_pairs), even and odd dims accumulated apart
-    pairs = tl.arange(0, HEAD_DIM_PAD // 2)
-    pair_mask = head_dim_mask(HEAD_DIM // 2, HEAD_DIM_PAD // 2)
+    k_words = k_base.to(tl.pointer_type(tl.uint16))
     v_words = v_base.to(tl.pointer_type(tl.uint16))
     acc_even = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], tl.float32)
     acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], tl.float32)
@@ -138,13 +151,22 @@ def _decode_split_kernel(
                                PAGE_SIZE, BLOCK_N, KV_FP8)
         token_mask = tile_start + tl.arange(0, BLOCK_N) < end
         kv_mask = token_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N], log2 units
-        s = tl.where(token_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if KV_FP8:  # dims 2i and 2i+1 in two dots (no reordering of K's operand); see widen_fp8_pairs
+            words = tl.load(k_words + (rows >> 1)[:, None] + pairs[None, :],
+                            mask=token_mask[:, None] & pair_mask[None, :], other=0)
+            k_even, k_odd = widen_fp8_pairs(words, k_cache_ptr.dtype.element_ty, ASM)
+            s = tl.dot(q_even, tl.trans(k_even.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            s = tl.dot(q_odd, tl.trans(k_odd.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
+        else:
+            k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # scores in log2 units are s * qk_scale (> 0): the scale goes into the row max once and into the
+        # exponent's fused multiply-add, not a multiply per score
+        s = tl.where(token_mask[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        l_cols = l_cols * alpha[:, None] + p
         if KV_FP8:
             words = tl.load(v_words + (rows >> 1)[:, None] + pairs[None, :],
                             mask=token_mask[:, None] & pair_mask[None, :], other=0)
@@ -161,6 +183,7 @@ def _decode_split_kernel(
     # an empty range (short context, or context_len 0 in a padded graph batch) contributes nothing
     if KV_FP8:  # dims 2i and 2i+1 back side by side
         acc = tl.reshape(tl.join(acc_even, acc_odd), [GROUP_PAD, HEAD_DIM_PAD])
+    l_i = tl.sum(l_cols, 1)
     has_tokens = l_i > 0
     part = tl.where(has_tokens[:, None], acc * (v_scale / tl.where(has_tokens, l_i, 1.0))[:, None], 0.0)
     if not SPLIT:
@@ -199,11 +222,13 @@ def _decode_combine_kernel(
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                  block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
                  config: DecodeConfig | None = None, out: torch.Tensor | None = None,
-                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                 seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
     context_lens: [num_seqs] int32; block_tables: [num_seqs, max_blocks] int32 -> [num_seqs, num_heads, head_dim]
-    (written into `out` when given); k_scale, v_scale: [num_kv_heads] float32 for an FP8 cache. Issues no host
-    sync, so it can be captured in a CUDA graph."""
+    (written into `out` when given); k_scale, v_scale: [num_kv_heads] float32 for an FP8 cache; seq_order:
+    [num_seqs] int32, a permutation of the sequences in the order their programs should start (longest first,
+    see `longest_first`). Issues no host sync, so it can be captured in a CUDA graph."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
@@ -219,6 +244,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if kv_fp8 and (head_dim % 2 or head_dim <= 16 or any(s % 2 for s in k_cache.stride()[:3])):
         raise ValueError(f"decode: an FP8 cache is read in byte pairs and needs an even head_dim above 16 and even "
                          f"strides (got head_dim {head_dim}, strides {k_cache.stride()})")
+    if seq_order is not None and (seq_order.shape != (num_seqs,) or seq_order.dtype != torch.int32):
+        raise ValueError(f"decode: seq_order must be [num_seqs] = [{num_seqs}] int32 (a permutation, see "
+                         f"longest_first), got {tuple(seq_order.shape)} {seq_order.dtype}")
     out = _output(out, q)
     if num_seqs == 0:
         return out
@@ -235,12 +263,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_out = part_lse = out  # unused by the single-split kernel
     _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * LOG2_E,
-        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q, seq_order if seq_order is not None else context_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=block_size, BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
-        KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype), ASM=q.device.type == "cuda",
+        KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype), ASM=q.device.type == "cuda", ORDERED=seq_order is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
@@ -249,6 +277,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
         )
     return out
+
+
+def longest_first(context_lens: torch.Tensor) -> torch.Tensor:
+    """The sequences by context length, longest first, as `paged_decode`'s seq_order: programs start in launch
+    order, so the long sequences' programs run first and the short ones fill the last wave (on mixed lengths the
+    longest sequences otherwise start anywhere and finish last). One small sort a step, graph-capturable."""
+    return torch.argsort(context_lens, descending=True, stable=True).to(torch.int32)
 
 
 def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -265,4 +300,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The `attention.decode` op: q [num_seqs, num_heads, head_dim], one token per sequence."""
     return paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale, k_scale=k_scale,
-                        v_scale=v_scale)
+                        v_scale=v_scale, seq_order=meta.seq_order)
