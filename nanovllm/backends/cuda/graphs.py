@@ -6,7 +6,7 @@ The block-table buffer is as wide as max_model_len needs, so any sequence the en
 When the plan's `sampler` kernel is graph-safe, each graph also samples after the LM head, over a static buffer
 of per-row temperatures and the runner's device seed, which the kernel advances so every replay draws fresh
 tokens; `run_and_sample` returns them (the runner uses it for plain decode steps). Other steps read the logits
-and sample outside: they also pay the in-graph draw they ignore (~25 us at batch 256 on an H200), small next to
+and sample outside: they also pay the in-graph draw they ignore (~33 us at batch 256 on an H200), small next to
 what made them other (a top-p sort, logprobs, penalties).
 """
 import torch
