@@ -110,14 +110,17 @@ def sampler_table():
     print("sampler module:", sampler.__file__)
     for b in (32, 256):
         logits = torch.randn(b, 151936, device="cuda", dtype=torch.bfloat16)
-        params = SamplingTensors(torch.full((b,), 0.6, device="cuda"))
-        sampler.sample(logits, params)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            sampler.sample(logits, params)
-        ms = do_bench(g.replay, warmup=25, rep=100, return_mode="median")
         read_us = logits.numel() * 2 / 4.3e12 * 1e6
-        print(f"sampler batch {b}: {ms * 1000:.1f} us (one read of the logits ~{read_us:.1f} us)")
+        seeds = {"a seed drawn per call": None,
+                 "a device seed (as in the decode graph)": torch.zeros(1, dtype=torch.int64, device="cuda")}
+        for how, seed in seeds.items():
+            params = SamplingTensors(torch.full((b,), 0.6, device="cuda"), seed=seed)
+            sampler.sample(logits, params)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                sampler.sample(logits, params)
+            ms = do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+            print(f"sampler batch {b}, {how}: {ms * 1000:.1f} us (one read of the logits ~{read_us:.1f} us)")
 
 
 def main():

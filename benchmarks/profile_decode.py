@@ -1,5 +1,8 @@
 """Where one decode step's time goes (GPU only): host phases, graph replay, sampler, and top kernels.
 
+Plain steps (temperature only) sample inside the decode graph: "forward" then includes the sampler and "sample"
+is ~0; the profile's last line sums the sampler's kernels per step.
+
     python benchmarks/profile_decode.py --config ../shared/models/qwen3-0.6b/config.json --batch 256 --context 1024
 """
 import argparse
@@ -36,10 +39,15 @@ def main():
         ids, pos, meta = runner.prepare(batch)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        logits = runner.execute(ids, pos, meta)
+        params = runner.graph_sampling(batch, ids, meta)
+        if params is not None:
+            tokens = runner.graphs.run_and_sample(ids, pos, meta, params)
+        else:
+            logits = runner.execute(ids, pos, meta)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        tokens = runner.sampler(logits, runner.sampling.tensors(batch.seqs))
+        if params is None:
+            tokens = runner.sampler(logits, runner.sampling.tensors(batch.seqs))
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         host = tokens.tolist()
@@ -61,6 +69,9 @@ def main():
             engine.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60))
+    names = ("_slice_stats_kernel", "_pick_kernel", "_slice_best_kernel", "randint", "distribution_elementwise")
+    sampler_us = sum(e.device_time_total for e in prof.key_averages() if any(n in e.key for n in names)) / 3
+    print(f"sampler kernels: {sampler_us:.1f} us a step ({'inside' if runner.graphs.samples else 'after'} the graph)")
 
 
 if __name__ == "__main__":

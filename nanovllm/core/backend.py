@@ -88,7 +88,14 @@ class Backend:
         return [(cache[0, i], cache[1, i]) for i in range(num_layers)]
 
     def capture_graphs(self, runner, batch_sizes: list[int]):
-        """Capture decode graphs for these batch sizes and return a replayer, or None to decline."""
+        """Capture decode graphs for these batch sizes and return a replayer, or None to decline.
+
+        The replayer has `can_run(num_seqs) -> bool` and `run(input_ids, positions, meta) -> logits`. Where the
+        plan's `sampler` kernel is graph-safe it may capture it too, after the LM head, over static per-row
+        temperatures and `runner.sampling.seed`: then `samples` is True and
+        `run_and_sample(input_ids, positions, meta, params) -> token ids` copies params.temperatures in and
+        returns the tokens; the runner calls it for decode steps whose sampling is plain
+        (`StepSampler.plain`). Otherwise `samples` is False."""
         return None
 
     def option(self, config: EngineConfig, name: str):

@@ -1,8 +1,10 @@
 """ModelRunner: prepares, launches and waits for the steps of the model on the backend's device.
 
 It builds each step's StepMetadata once, runs the model (eagerly or through the backend's captured
-graphs) and hands the logits to its StepSampler (`core/sampling/step_sampler.py`). It knows the backend only
-through the Backend interface and the KernelPlan.
+graphs) and hands the logits to its StepSampler (`core/sampling/step_sampler.py`). A decode step whose sampling
+is plain runs through a graph that also captured the plan's `sampler` kernel, when the backend captured one
+(`graphs.samples`): the graph returns the tokens. It knows the backend only through the Backend interface and
+the KernelPlan.
 
 Its start-up lives in `core/runner_setup.py`: `ModelRunner(...)` builds the model there
 (`build_model`), then `runner_setup.set_up(runner)` sizes and allocates the KV cache, warms up and
@@ -95,9 +97,20 @@ class ModelRunner:
                 input_ids[index[0]] = prev.tokens[index[1]]
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
+        params = self.graph_sampling(batch, input_ids, meta)
+        if params is not None:
+            return self.sampling.launch_sampled(batch, self.graphs.run_and_sample(input_ids, positions, meta, params))
         logits = self.execute(input_ids, positions, meta)
         logits, prompt = split_prompt_logprobs(logits, meta, batch)
         return self.sampling.launch(batch, logits, self.sampler, prompt)
+
+    def graph_sampling(self, batch: ScheduledBatch, input_ids: torch.Tensor, meta: StepMetadata):
+        """The step's SamplingTensors when a captured graph samples it in place (a decode step the graphs serve,
+        graphs that captured the sampler, plain sampling: `StepSampler.plain`), else None."""
+        if (self.graphs is None or not self.graphs.samples or meta.prefill is not None or meta.prompt_logprob_rows
+                or not self.graphs.can_run(input_ids.numel())):
+            return None
+        return self.sampling.plain(batch)
 
     def wait(self, step: LaunchedStep):
         return self.sampling.wait(step)

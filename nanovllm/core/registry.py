@@ -25,6 +25,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "kv_cache.store": ("key", "value", "k_cache", "v_cache", "slot_mapping"),
     "attention.prefill": ("q", "k", "v", "k_cache", "v_cache", "meta", "scale"),
     "attention.decode": ("q", "k_cache", "v_cache", "meta", "scale"),
+    # a graph-safe sampler is captured in decode graphs with params holding only temperatures and a seed
     "sampler": ("logits", "params"),
     # the elementwise work between a layer's matrix products (one kernel each where a backend fuses it)
     "rotary.qk": ("positions", "q", "k", "cos_sin_cache", "q_weight", "k_weight", "eps"),

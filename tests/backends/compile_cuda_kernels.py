@@ -123,12 +123,15 @@ def compile_all() -> list[tuple[str, dict]]:
                             f"d{head_dim} k={return_k}", resources(k)))
         k = elementwise._silu_mul_kernel.warmup(dtype, dtype, 3072, 6144, 3072, BLOCK=1024, num_warps=4, grid=(1,))
         out.append((f"silu and mul {dtype}", resources(k)))
-        k = sampler._slice_best_kernel.warmup(
-            dtype, 151936, torch.float32, torch.int32, torch.float32, torch.int32, 151936, 19,
-            SLICE=sampler.SLICE, BLOCK=sampler.BLOCK, FAST=True, num_warps=4, grid=(1,))
+        stats = (torch.float32, torch.float32, torch.int32)  # per slice: max, sum, first index of the max
+        k = sampler._slice_stats_kernel.warmup(
+            dtype, 151936, torch.float32, torch.int64, *stats, 151936, 19, SLICE=sampler.SLICE, FAST=True,
+            num_warps=sampler._warps(sampler.SLICE), grid=(1,))
         out.append((f"sampler slices {dtype}", resources(k)))
-    k = sampler._pick_kernel.warmup(torch.float32, torch.int32, torch.int64, 19, SLICES=32, num_warps=1, grid=(1,))
-    out.append(("sampler pick", resources(k)))
+        k = sampler._pick_kernel.warmup(
+            dtype, 151936, torch.float32, torch.int64, *stats, torch.int64, 151936, 19, SLICE=sampler.SLICE,
+            SLICES=32, BLOCK=sampler.PICK_BLOCK, FAST=True, num_warps=4, grid=(1,))
+        out.append((f"sampler pick {dtype}", resources(k)))
     from nanovllm.backends.cuda import linear
     Config = linear.Config
     # the table's configurations, and the swapped and SiLU-fused variants the sweep times

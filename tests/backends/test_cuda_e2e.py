@@ -41,6 +41,27 @@ def test_float32_greedy_equals_cpu_ref(tiny_qwen3, prompts, reference, enforce_e
     assert plan["attention.decode"] == plan["kv_cache.store"] == "cuda", plan
 
 
+def test_plain_decode_steps_sample_inside_the_graphs(tiny_qwen3, prompts, reference):
+    """Greedy decode steps take the captured sampler's tokens (equal to cpu_ref's); sampled ones draw fresh tokens
+    each step; a step whose requests ask for logprobs samples the graph's logits outside, to the same tokens."""
+    llm = LLM(tiny_qwen3, backend="cuda", dtype="float32", max_model_len=1024, num_kvcache_blocks=512,
+              max_num_seqs=16)
+    graphs = llm.engine.runner.graphs
+    assert graphs.samples
+    calls = []
+    run_and_sample = graphs.run_and_sample
+    graphs.run_and_sample = lambda *args: calls.append(len(args[0])) or run_and_sample(*args)
+    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+    assert len(calls) >= 15  # 15 decode steps for each request
+    calls.clear()
+    with_logprobs = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    assert [o["token_ids"] for o in llm.generate(prompts, with_logprobs, use_tqdm=False)] == reference
+    assert not calls
+    sampled = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    first, second = ([o["token_ids"] for o in llm.generate(prompts, sampled, use_tqdm=False)] for _ in range(2))
+    assert calls and first != second and all(len(t) == 16 for t in first + second)
+
+
 def test_bfloat16_logits_close_to_cpu_ref(tiny_qwen3, prompts):
     from tests.e2e.test_hf_parity import prefill_logits
     ref = prefill_logits(LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=256, max_model_len=1024), prompts)

@@ -346,8 +346,9 @@ def test_triton_sampler_greedy_rows_and_distribution(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_sampler_across_vocabulary_slices(device):
     """Rows cut into several slices: greedy rows take the first of tied maxima wherever they fall, and sampled rows
-    follow softmax(logits / T) across slice boundaries (chi-square, fixed seed)."""
-    from nanovllm.backends.cuda.sampler import gumbel_sample
+    follow softmax(logits / T) across slice boundaries (chi-square, fixed seed); the seed advances in place, and the
+    same seed draws the same tokens."""
+    from nanovllm.backends.cuda.sampler import split_sample
     torch.manual_seed(1)
     vocab, draws = 200, 800 if device == "cpu" else 20000
     base = torch.randn(vocab, device=device)
@@ -357,8 +358,9 @@ def test_triton_sampler_across_vocabulary_slices(device):
     logits[5, [150, 66, 199]] = 50.0  # a tie across slices: the lowest index wins, as torch.argmax
     temperatures = torch.full((draws,), 0.8, device=device)
     temperatures[:6] = 0
-    seed = torch.tensor([1234], dtype=torch.int32, device=device)
-    tokens = gumbel_sample(logits, temperatures, seed, slice_size=64, block=32)
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    tokens = split_sample(logits, temperatures, seed, slice_size=64, block=32)
+    assert seed.item() == 1235
     assert torch.equal(tokens[:6], logits[:6].argmax(-1)) and tokens[5].item() == 66
     counts = torch.bincount(tokens[6:].cpu(), minlength=vocab).double()
     expected = (base.cpu().double() / 0.8).softmax(-1) * (draws - 6)
@@ -366,8 +368,72 @@ def test_triton_sampler_across_vocabulary_slices(device):
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi-square {chi2:.1f} with {dof} degrees of freedom"
-    again = gumbel_sample(logits, temperatures, seed, slice_size=64, block=32)
+    again = split_sample(logits, temperatures, torch.tensor([1234], dtype=torch.int64, device=device), 64, 32)
     assert torch.equal(tokens, again)  # the same seed draws the same tokens
+    assert not torch.equal(tokens, split_sample(logits, temperatures, seed, 64, 32))  # the advanced one others
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_sampler_never_draws_masked_tokens(device):
+    """-inf logits (min_tokens, structured masks, allowed tokens act before the sampler) are never drawn, also when
+    whole slices are masked; the finite ones keep softmax's proportions; a row with one finite token draws it."""
+    from nanovllm.backends.cuda.sampler import split_sample
+    torch.manual_seed(2)
+    vocab, draws = 300, 600 if device == "cpu" else 20000
+    base = torch.randn(vocab, device=device)
+    allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+    allowed[[3, 5, 130, 131, 299]] = True  # slices 0, 2 and 4 of 64; slices 1 and 3 are all -inf
+    logits = base.masked_fill(~allowed, float("-inf")).expand(draws, vocab).contiguous()
+    logits[0] = float("-inf")
+    logits[0, 200] = -30.0  # the only finite token of its row
+    temperatures = torch.full((draws,), 0.5, device=device)
+    tokens = split_sample(logits, temperatures, torch.tensor([7], device=device), slice_size=64, block=32).cpu()
+    assert tokens[0].item() == 200
+    assert allowed.cpu()[tokens[1:]].all(), sorted(set(tokens[1:].tolist()) - set(allowed.nonzero().flatten().tolist()))
+    counts = torch.bincount(tokens[1:], minlength=vocab).double()[allowed.cpu()]
+    expected = (base.cpu().double()[allowed.cpu()] / 0.5).softmax(-1) * (draws - 1)
+    keep = expected > 5
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5 + 10, f"chi-square {chi2:.1f} with {dof} degrees of freedom"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or bool(TRITON_REASON), reason=TRITON_REASON or "needs a CUDA GPU")
+def test_triton_sampler_captured_in_a_graph_draws_fresh_tokens_on_every_replay():
+    """Captured with a device seed (as the decode graphs capture it), each replay advances the seed: replays draw
+    new tokens that follow softmax(logits / T), and greedy rows stay the argmax of Qwen3-sized rows."""
+    from nanovllm.backends.cuda.sampler import sample
+    from nanovllm.core.sampler import SamplingTensors
+    torch.manual_seed(3)
+    rows, vocab, replays = 64, 151936, 300
+    logits = torch.full((rows, vocab), -40.0, device="cuda")
+    base = torch.randn(40, device="cuda")
+    logits[:, 100_000:100_040] = base  # the mass in one slice but the last
+    logits[:4] = torch.randn(4, vocab, device="cuda")
+    logits = logits.bfloat16()
+    temperatures = torch.full((rows,), 0.9, device="cuda")
+    temperatures[:4] = 0
+    params = SamplingTensors(temperatures, seed=torch.tensor([11], device="cuda"))
+    sample(logits, params)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = sample(logits, params)
+    draws = []
+    for _ in range(replays):
+        graph.replay()
+        draws.append(tokens.clone())
+    draws = torch.stack(draws)
+    assert params.seed.item() == 11 + 1 + replays
+    assert torch.equal(draws[:, :4], logits[:4].argmax(-1).expand(replays, 4))
+    sampled = draws[:, 4:].flatten().cpu() - 100_000
+    assert ((sampled >= 0) & (sampled < 40)).all()
+    assert not torch.equal(draws[0, 4:], draws[1, 4:])
+    counts = torch.bincount(sampled, minlength=40).double()
+    probs = torch.cat([base.cpu().double(), torch.full((vocab - 40,), -40.0, dtype=torch.float64)])
+    expected = (probs / 0.9).softmax(-1)[:40] * sampled.numel()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 39 + 6 * (2 * 39) ** 0.5, f"chi-square {chi2:.1f} with 39 degrees of freedom"
 
 
 ELEMENTWISE_CASES = [(torch.float32, 64, 4, 2), (torch.float32, 48, 6, 3), (torch.bfloat16, 128, 16, 8)]

@@ -159,7 +159,8 @@ def register_cuda_kernels(registry) -> None:
                       check=check_torch_flash, fallback="cuda/triton_paged for batches with a cached prefix")
     registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
                       check=check_triton)
-    registry.register("sampler", BACKEND, "triton_gumbel", triton_sampler, priority=10, check=check_triton_sampler,
+    registry.register("sampler", BACKEND, "triton_split", triton_sampler, priority=10, check=check_triton_sampler,
+                      graph_safe=True,
                       fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
     registry.register("rotary.qk", BACKEND, "triton", triton_rotary_qk, priority=10, check=check_triton,
                       graph_safe=True)

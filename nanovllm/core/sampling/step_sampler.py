@@ -6,6 +6,9 @@ that use them (`core/sampling/logits_processing.py`), min_tokens suppression (EO
 before a request has min_tokens output tokens: the one place min_tokens is enforced), structured-output
 masks (`core/sampling/structured.py`), the plan's `sampler` kernel over per-row SamplingTensors (reused while the
 batch's sequences stay the same), and a host copy of the tokens started without waiting. `wait` collects it.
+
+A step whose sampling is plain (`plain`: temperatures only, nothing reads or changes the logits first) may have
+been sampled already inside the backend's captured decode graph; `launch_sampled` then only starts the host copy.
 """
 from __future__ import annotations
 
@@ -54,13 +57,25 @@ def suppress_stop_tokens(logits: torch.Tensor, seqs) -> None:
         suppress_tokens(logits, list(rows), list(token_ids))
 
 
+def touches_logits(seq) -> bool:
+    """Whether something reads or changes this sequence's logits before the sampler, whatever the step (min_tokens,
+    which acts only while the output is short, is checked per step)."""
+    p = seq.params
+    return (p.logprobs is not None or p.needs_logits_processing or p.structured is not None
+            or seq.structured is not None)
+
+
 class StepSampler:
     def __init__(self, backend: Backend, device: torch.device, label: Label = str, vocab_size: int | None = None):
         """`label` names the sampler kernel in errors about its output; `vocab_size` bounds the token ids."""
         self.backend, self.device = backend, device
         self.label, self.vocab_size = label, vocab_size
         self._key, self._tensors = None, None
+        self._plain = False  # the cached batch's sampling is plain but for min_tokens (see `plain`)
+        self._min_tokens_seqs: list = []  # its sequences whose min_tokens may suppress stop tokens
         self.logits_processor = LogitsProcessor(device)
+        # the noise seed of samplers that take one (SamplingTensors.seed): on the device, advanced by the sampler
+        self.seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(device)
 
     def tensors(self, seqs) -> SamplingTensors:
         """The step's per-row sampling settings; reused while the batch's sequences stay the same."""
@@ -76,18 +91,33 @@ class StepSampler:
         def dev(values, dtype):
             return to_device(values, dtype, self.device, self.backend.pin_memory)
         self._key = key
-        self._tensors = SamplingTensors(
+        self._tensors = t = SamplingTensors(
             temperatures=dev([p.temperature for p in params], torch.float32),
             top_k=dev(top_k, torch.int64) if any(top_k) else None,
             top_p=dev(top_p, torch.float32) if any(x < 1 for x in top_p) else None,
             min_p=dev(min_p, torch.float32) if any(min_p) else None,
             generators=gens if any(g is not None for g in gens) else None,
-            all_greedy=all(p.greedy for p in params))
+            all_greedy=all(p.greedy for p in params), seed=self.seed)
+        self._plain = (t.top_k is None and t.top_p is None and t.min_p is None and t.generators is None
+                       and not any(touches_logits(s) for s in seqs))
+        self._min_tokens_seqs = [s for s in seqs if s.params.min_tokens and s.stop_token_ids]
         return self._tensors
+
+    def plain(self, batch: ScheduledBatch) -> SamplingTensors | None:
+        """The step's SamplingTensors when its sampling is plain, else None. Plain: every sequence samples, with a
+        temperature only (no top-k, top-p, min-p or seeded generator), and nothing reads or changes its logits
+        first (no logprobs, penalties, logit bias, allowed or bad words, structured output, and no min_tokens
+        suppression due this step). A plain step may be sampled inside a captured graph; host work only."""
+        if not all(batch.sample):
+            return None
+        tensors = self.tensors(batch.seqs)
+        if not self._plain or any(s.num_output_tokens < s.params.min_tokens for s in self._min_tokens_seqs):
+            return None
+        return tensors
 
     def reset(self) -> None:
         """Forget the cached tensors (after a failed step, or a warm-up's made-up sequences)."""
-        self._key, self._tensors = None, None
+        self._key, self._tensors, self._plain, self._min_tokens_seqs = None, None, False, []
         self.logits_processor.reset()
 
     def launch(self, batch: ScheduledBatch, logits: torch.Tensor | None, sampler: Callable,
@@ -103,6 +133,16 @@ class StepSampler:
         apply_structured_masks(logits, sampled_seqs)
         tokens = check_token_ids(self.label, sampler(logits, self.tensors(sampled_seqs)), len(sampled_seqs))
         self.logits_processor.record(processed, tokens)
+        return self._to_host(batch, sampled_seqs, tokens, requested, prompt)
+
+    def launch_sampled(self, batch: ScheduledBatch, tokens: torch.Tensor) -> LaunchedStep:
+        """A plain step (see `plain`) whose tokens ([num_seqs] on the device) a captured graph already sampled
+        with the plan's `sampler` kernel: start their way to the host."""
+        tokens = check_token_ids(self.label, tokens, len(batch.seqs))
+        return self._to_host(batch, batch.seqs, tokens, None, None)
+
+    def _to_host(self, batch: ScheduledBatch, sampled_seqs: list, tokens: torch.Tensor,
+                 requested: RequestedLogprobs | None, prompt: PromptLogprobs | None) -> LaunchedStep:
         pin = self.backend.pin_memory
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
         host.copy_(tokens, non_blocking=pin)
