@@ -151,7 +151,10 @@ def warm_up_kernels(runner: ModelRunner) -> None:
         next_block += len(seq.block_table)
         seqs.append(seq)
     if len(seqs[0]) > bs:
-        seqs[0].num_computed_tokens = bs  # a cached prefix: the paged prefill path
+        # a cached prefix (the paged prefill path): compute it first, so the paged step reads K/V, not whatever
+        # the fresh cache memory holds
+        runner.execute(*runner.prepare(ScheduledBatch([seqs[0]], [bs], 1, [False])))
+        seqs[0].num_computed_tokens = bs
     everyone = [True] * len(seqs)
     prefill = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), everyone)
     for batch in (prefill, ScheduledBatch(seqs, [1] * len(seqs), 0, everyone)):

@@ -87,3 +87,18 @@ def test_full_size_steps_cover_what_a_real_generate_runs(tiny_qwen3):
     real = {(op, s) for op, s, _ in calls}
     assert {op for op, _ in real} >= {"store", "prefill", "decode", "sampler"}
     assert real <= warm, f"kernel variants first met after the warm-up: {real - warm}"
+
+
+def test_start_up_warm_up_reads_no_uninitialised_cache(tiny_qwen3):
+    """The start-up warm-up's paged prefill reads a cached prefix it computed first, not what the fresh cache memory
+    holds: with every cache filled with NaN beforehand, the sampled logits are finite."""
+    llm = LLM(tiny_qwen3, backend="cpu_ref", max_model_len=128, max_num_seqs=8, num_kvcache_blocks=64,
+              enforce_eager=True)
+    runner = llm.engine.runner
+    for attn in runner.attention_layers:
+        attn.k_cache.fill_(float("nan")), attn.v_cache.fill_(float("nan"))
+    sampled = []
+    sampler = runner.sampler
+    runner.sampler = lambda logits, params: sampled.append(logits.clone()) or sampler(logits, params)
+    warm_up_kernels(runner)
+    assert len(sampled) == 2 and all(bool(torch.isfinite(x).all()) for x in sampled)
