@@ -127,15 +127,18 @@ def test_the_cuda_backend_installs_it_for_bfloat16_layers_in_the_table():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the engine on the cuda backend)")
 def test_engine_runs_it_in_graphs_like_cublas(tmp_path, monkeypatch):
-    """A tiny Qwen3 whose o projection and LM head are put in the table: greedy tokens as with cuBLAS."""
+    """A tiny Qwen3 whose o projection and LM head are put in the table: greedy tokens as with cuBLAS, except where
+    bf16 rounding flips a near-tie. This model's bf16 logits tie often (a first token's top two are sometimes
+    equal), so the two runs may part there, and only there: up to each output's first difference the tokens are
+    equal, and at it the cuBLAS run ranked the table run's token second, within a few bf16 steps of its own."""
     from nanovllm import LLM, SamplingParams
     from nanovllm.testing.tiny_models import make_tiny_model
     from tests.conftest import random_prompts
     path = make_tiny_model(str(tmp_path / "qwen3"), "qwen3", head_dim=64)  # o_proj 256 -> 128, vocab 512
-    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = random_prompts(6, 512, (1, 40), seed=3)
     kwargs = dict(backend="cuda", dtype="bfloat16", max_model_len=256, num_kvcache_blocks=64, max_num_seqs=8)
-    want = [o["token_ids"] for o in LLM(path, **kwargs).generate(prompts, greedy, use_tqdm=False)]
+    want = LLM(path, **kwargs).generate(prompts, greedy, use_tqdm=False)
     monkeypatch.setitem(linear.TABLE, (128, 256), [(8, Config(16, 64, 64, 2, 4, 3))])
     monkeypatch.setitem(linear.TABLE, (512, 128), [(8, Config(16, 64, 64, 1, 4, 3, swap=True))])
     calls = []
@@ -143,7 +146,11 @@ def test_engine_runs_it_in_graphs_like_cublas(tmp_path, monkeypatch):
     monkeypatch.setattr(linear, "matmul", lambda *a, **k: calls.append(a[2]) or run(*a, **k))
     llm = LLM(path, **kwargs)
     assert llm.engine.runner.graphs is not None and calls  # captured into the decode graphs
-    got = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    same = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y)) / sum(map(len, want))
-    assert same >= 0.9, (got, want)
-    assert all(len(x) == 12 for x in got)
+    got = llm.generate(prompts, greedy, use_tqdm=False)
+    assert all(len(g["token_ids"]) == 12 for g in got)
+    for g, w in zip(got, want):
+        first = next((i for i, (a, b) in enumerate(zip(g["token_ids"], w["token_ids"])) if a != b), None)
+        if first is not None:
+            ranked = w["logprobs"][first]  # the cuBLAS run's top two at the first difference
+            token, theirs = g["token_ids"][first], w["token_ids"][first]
+            assert token in ranked and ranked[theirs] - ranked[token] <= 0.15, (first, token, theirs, ranked)
