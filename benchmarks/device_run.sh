@@ -2,6 +2,8 @@
 # Device runs in few calls: STEPS picks parts. Results land under $OUT (bench.jsonl, *.log, kernels.json).
 #   STEPS="bench profile"        the seed throughput benchmark twice (cold, then warm caches) and step profiles
 #   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn)
+#   STEPS="recheck"              what round four's last call did not reach: the parity matrix's cuda cells and the
+#                                rewritten Triton-GEMM-in-graphs test (tests/backends takes ~300 s now: give it that)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -20,6 +22,8 @@ for step in ${STEPS:-bench profile}; do
              python3 benchmarks/profile_steps.py --config "$CONFIG" 2>&1 | grep -v "^INFO\|WARN\|kernel\|skipped\|->" | tee "$OUT/steps.log" ;;
     flash) bash .flash-attn/build.sh .flash-attn/flash-attn-src.tgz 2>&1 | tail -3; export PYTHONPATH=/tmp/flash-attn:$PYTHONPATH ;;
     tests) python3 -m pytest -q tests/backends -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
+    recheck) python3 -m pytest -q -p no:cacheprovider tests/backends/test_parity_matrix.py \
+               tests/backends/test_cuda_linear.py -k "cuda or cublas" 2>&1 | tee "$OUT/recheck.log" | tail -4 ;;
     kernels) python3 benchmarks/kernels_cuda.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -40 "$OUT/kernels.log" ;;
   esac
 done
