@@ -1,11 +1,18 @@
 """Where the seed workload's wall time goes: steps grouped by kind and batch size (GPU only).
 
     python benchmarks/profile_steps.py --config ../shared/models/qwen3-0.6b/config.json
+
+Per bucket: wall time per step (from one launch's return to the next), and from CUDA events on the stream the
+GPU time per step (from the end of the step's host preparation to the end of its sampler) and the GPU's idle
+time before the step (from the previous step's end to this step's start: the host was late). A bucket whose
+idle time is not ~0 is host-bound.
 """
 import argparse
 import os
 import time
 from collections import defaultdict
+
+import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.commands.bench import seed_workload
@@ -22,33 +29,49 @@ def main():
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
     engine = llm.engine
-    records, last = [], [time.perf_counter()]
-    launch = engine._launch
+    records, last, prepared = [], [time.perf_counter()], []
+    launch, prepare = engine._launch, engine.runner.prepare
+
+    def event():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def timed_prepare(batch):
+        inputs = prepare(batch)
+        prepared.append(event())  # the step's device work starts here (its input copies were just enqueued)
+        return inputs
 
     def timed_launch(batch, prev=None):
         step = launch(batch, prev)
+        end = event()
         now = time.perf_counter()
         n = batch.num_tokens if batch.is_prefill else len(batch.seqs)
-        records.append(("prefill" if batch.is_prefill else "decode", n, now - last[0]))
+        records.append(("prefill" if batch.is_prefill else "decode", n, now - last[0], prepared.pop(), end))
         last[0] = now
         return step
-    engine._launch = timed_launch
+    engine._launch, engine.runner.prepare = timed_launch, timed_prepare
     if os.environ.get("TWICE"):
         llm.generate(prompts, params, use_tqdm=False)
         records.clear()
     last[0] = start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     total = time.perf_counter() - start
-    buckets = defaultdict(lambda: [0, 0.0])
-    for kind, n, dt in records:
+    torch.cuda.synchronize()
+    buckets = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    for i, (kind, n, dt, begin, end) in enumerate(records):
         key = (kind, 0 if kind == "prefill" else min(256, 1 << (n - 1).bit_length()))
-        buckets[key][0] += 1
-        buckets[key][1] += dt
+        bucket = buckets[key]
+        bucket[0] += 1
+        bucket[1] += dt
+        bucket[2] += begin.elapsed_time(end) / 1000
+        bucket[3] += records[i - 1][4].elapsed_time(begin) / 1000 if i else 0.0
     print(f"total {total:.2f} s, {len(records)} steps")
-    print("prefill steps (tokens, ms):", [(n, round(dt * 1000, 1)) for kind, n, dt in records if kind == "prefill"])
-    print(f"{'kind':>8} {'batch<=':>8} {'steps':>6} {'seconds':>8} {'ms/step':>8}")
-    for (kind, b), (count, secs) in sorted(buckets.items()):
-        print(f"{kind:>8} {b:>8} {count:>6} {secs:>8.3f} {secs / count * 1000:>8.3f}")
+    print("prefill steps (tokens, ms):", [(r[1], round(r[2] * 1000, 1)) for r in records if r[0] == "prefill"])
+    print(f"{'kind':>8} {'batch<=':>8} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'gpu ms':>8} {'idle ms':>8}")
+    for (kind, b), (count, secs, gpu, idle) in sorted(buckets.items()):
+        print(f"{kind:>8} {b:>8} {count:>6} {secs:>8.3f} {secs / count * 1000:>8.3f} {gpu / count * 1000:>8.3f} "
+              f"{idle / count * 1000:>8.3f}")
 
 
 if __name__ == "__main__":
