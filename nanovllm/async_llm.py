@@ -50,17 +50,18 @@ class AsyncLLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
         self.llm.engine.check_params(params)
-        if params.n != 1:
-            raise ValueError(f"SamplingParams.n={params.n}: generate_async yields one sample; submit n requests "
-                             f"with seeds seed + i (SamplingParams.sample_seed), as the server does for n")
         return ids, params
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,
                              request_id: str | None = None, *, stream: bool = True,
                              prompt_logprobs: int | None = None) -> AsyncIterator[StreamOutput]:
         """Generate for one prompt (text or token ids), yielding StreamOutput pieces as the engine steps (their
-        `text`, `token_ids` and `logprobs` are what the step added; the last has `finished` and `finish_reason`).
-        With `stream=False` only one piece comes, holding the whole output.
+        `text`, `token_ids` and `logprobs` are what the step added; a sample's last piece has `finished` and
+        `finish_reason`). With `stream=False` one piece comes per sample, holding its whole output.
+
+        With `params.n` > 1 the pieces of the n samples interleave, each naming its `sample_index` (sample i is
+        seeded with `params.sample_seed(i)`; the samples share the prompt's KV blocks), and the iteration ends once
+        every sample has finished.
 
         `request_id` (default: a fresh one) names the request for `abort`; it must not be in use. With
         `prompt_logprobs=N` the first piece carries one {token id: logprob} per prompt token (None for the
@@ -78,24 +79,24 @@ class AsyncLLM:
         has_tokenizer = self.tokenizer is not None
         request = EngineRequest(request_id, ids, params, stream=stream, detokenize=stream and has_tokenizer,
                                 prompt_logprobs=prompt_logprobs)
-        finished = False
+        done = False  # every sample finished
         self._running.add(request_id)
         try:
             self.llm.loop.submit(channel, [request])
-            while not finished:
+            while not done:
                 for d in await channel.get_async():
-                    finished = d.finished
+                    done = d.request_finished
                     if stream:
                         yield StreamOutput(0, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
-                                           request_id, d.prompt_logprobs, d.first_token_time)
-                    else:
+                                           request_id, d.prompt_logprobs, d.first_token_time, d.sample_index)
+                    elif d.finished:
                         seq = d.seq
                         yield StreamOutput(0, output_text(seq, self.tokenizer), seq.output_token_ids, True,
                                            seq.finish_reason, seq.logprobs if params.logprobs is not None else None,
-                                           request_id, d.prompt_logprobs, d.first_token_time)
+                                           request_id, d.prompt_logprobs, d.first_token_time, d.sample_index)
         finally:
             self._running.discard(request_id)
-            if not finished and self.llm.loop.alive:
+            if not done and self.llm.loop.alive:
                 self.llm.loop.abort([request_id], wait=False)
 
     def abort(self, request_id: str) -> None:

@@ -97,3 +97,45 @@ def test_duplicate_request_ids_are_refused(llm):
         await first.aclose()
 
     asyncio.run(main())
+
+
+def test_n_samples_equal_generates(llm):
+    """n > 1: the pieces of each sample add up to generate's sample of that index, streamed or not; the samples
+    share the prompt's blocks, and the iteration ends once all have finished."""
+    async_llm = AsyncLLM(llm=llm)
+    params = SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=8, logprobs=1)
+    expected = llm.generate(["hello world"], params, use_tqdm=False)[0]["outputs"]
+
+    async def main(stream):
+        return [p async for p in async_llm.generate_async("hello world", params, stream=stream)]
+
+    for stream in (True, False):
+        pieces = asyncio.run(main(stream))
+        assert sorted({p.sample_index for p in pieces}) == [0, 1, 2]
+        for e in expected:
+            mine = [p for p in pieces if p.sample_index == e["index"]]
+            assert sum((p.token_ids for p in mine), []) == e["token_ids"]
+            assert "".join(p.text for p in mine) == e["text"]
+            assert sum((p.logprobs for p in mine), []) == e["logprobs"]
+            assert [p.finished for p in mine] == [False] * (len(mine) - 1) + [True]
+            assert mine[-1].finish_reason == e["finish_reason"]
+        assert len(pieces) == (3 if not stream else len(pieces)) and pieces[-1].finished
+    assert len({tuple(e["token_ids"]) for e in expected}) > 1  # the seeds differ per sample
+    assert idle(llm)
+
+
+def test_abort_ends_every_sample(llm):
+    async_llm = AsyncLLM(llm=llm)
+
+    async def main():
+        pieces = []
+        async for p in async_llm.generate_async("hello", SamplingParams(n=2, max_tokens=200, ignore_eos=True),
+                                                "n-abort"):
+            pieces.append(p)
+            if len(pieces) == 3:
+                async_llm.abort("n-abort")
+        return pieces
+    pieces = asyncio.run(asyncio.wait_for(main(), 60))
+    assert {p.finish_reason for p in pieces if p.finished} == {"abort"}
+    assert sum(p.finished for p in pieces) == 2
+    assert idle(llm)
