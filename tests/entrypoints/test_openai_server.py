@@ -119,6 +119,12 @@ def test_echo_with_logprobs_scores_the_prompt(client, llm):
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert math.isclose(lp.token_logprobs[len(ids)], out["logprobs"][0][token], abs_tol=1e-4)
         assert echoed.text.startswith(llm.tokenizer.decode(ids + [token]))
+    # n > 1 with echoed logprobs: every choice scores the prompt (one engine request per choice)
+    choices = client.completions.create(model="tiny", prompt=[ids + [token]], max_tokens=1, echo=True, logprobs=1,
+                                        temperature=0, n=2).choices
+    assert [c.index for c in choices] == [0, 1]
+    for c in choices:
+        assert math.isclose(c.logprobs.token_logprobs[len(ids)], out["logprobs"][0][token], abs_tol=1e-4)
 
 
 def test_chat_equals_llm_chat(client, llm):
@@ -140,6 +146,30 @@ def test_chat_equals_llm_chat(client, llm):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["text"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected["finish_reason"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected["token_ids"])
+
+
+def test_n_chat_choices_share_the_prompt_and_equal_seeded_generates(server, client, llm):
+    """n choices are one engine request whose samples share the prompt's KV blocks (prefix-cache hits for all but
+    the first), and choice j equals a generate seeded with seed + j, streamed or not."""
+    messages = [{"role": "user", "content": " ".join(["the quick brown fox jumps over the lazy dog"] * 8)}]
+    before = server.metrics()
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=4, seed=9,
+                                              temperature=1.0)
+    after = server.metrics()
+    full_blocks = (response.usage.prompt_tokens - 1) // 16
+    assert full_blocks >= 4
+    hits = after["nanovllm:prefix_cache_hits"] - before["nanovllm:prefix_cache_hits"]
+    assert hits >= 3 * full_blocks * 16
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    for j, choice in enumerate(response.choices):
+        expected = llm.chat(messages, SamplingParams(max_tokens=6, seed=9 + j, temperature=1.0), use_tqdm=False)[0]
+        assert choice.message.content == expected["text"]
+    streamed = [""] * 4
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=4, seed=9,
+                                                temperature=1.0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == [c.message.content for c in response.choices]
 
 
 def test_64_concurrent_streams_finish(server, llm):

@@ -31,6 +31,10 @@ class ServerMetrics:
               lambda: block_manager.num_blocks - block_manager.num_free_blocks)
         gauge("nanovllm:kv_cache_blocks_total", "KV cache blocks in all.", lambda: block_manager.num_blocks)
         gauge("nanovllm:num_preemptions", "Preemptions since start.", lambda: scheduler.num_preemptions)
+        gauge("nanovllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache since start.",
+              lambda: block_manager.num_prefix_query_tokens)
+        gauge("nanovllm:prefix_cache_hits", "Prompt tokens served by the prefix cache since start.",
+              lambda: block_manager.num_prefix_hit_tokens)
         self.prompt_tokens = Counter("nanovllm:prompt_tokens", "Prompt tokens of finished requests.",
                                      list(labels), registry=registry).labels(**labels)
         self.generation_tokens = Counter("nanovllm:generation_tokens", "Generated tokens of finished requests.",

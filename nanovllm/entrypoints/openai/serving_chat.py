@@ -47,15 +47,14 @@ class OpenAIServingChat(OpenAIServing):
                              "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
         max_tokens = max_tokens or max(1, self.max_model_len - len(ids))
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        jobs = [to_sampling_params(request, max_tokens, logprobs, j) for j in range(request.n)]
-        for params in jobs:
-            self.llm.check_request(ids, params)
+        params = to_sampling_params(request, max_tokens, logprobs, n=request.n)  # the n choices: one request
+        self.llm.check_request(ids, params)
         request_id = new_id("chatcmpl")
-        streams = [self.run(ids, params, f"{request_id}-{j}", request.stream) for j, params in enumerate(jobs)]
+        streams = [self.run(ids, params, request_id, request.stream)]
         if request.stream:
             return self.stream(request, request_id, streams, len(ids))
-        finals = [None] * len(jobs)
-        async for j, out in merge(streams):
+        finals = [None] * request.n
+        async for j, out in merge(streams, [0]):
             finals[j] = out
         choices = [{"index": j, "message": {"role": "assistant", "content": out.text},
                     "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
@@ -86,12 +85,12 @@ class OpenAIServingChat(OpenAIServing):
                 body["usage"] = None
             return sse(body)
 
-        for j in range(len(streams)):
+        for j in range(request.n):
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         num_output = 0
         try:
-            async for j, out in merge(streams):
+            async for j, out in merge(streams, [0]):
                 num_output += len(out.token_ids)
                 if out.text or out.finished or (request.logprobs and out.token_ids):
                     yield chunk([{"index": j, "delta": {"content": out.text} if out.text else {},

@@ -36,31 +36,37 @@ class OpenAIServingCompletion(OpenAIServing):
         if not echo_only:
             check_max_tokens(request.max_tokens)
         prompts = self.prompts(request.prompt)
-        jobs = []
-        for text, ids in prompts:
+        # one engine request per prompt, its n samples the prompt's n choices; with echoed prompt logprobs one per
+        # choice (a request's prompt logprobs come with its first sample only)
+        per_choice = request.echo and request.logprobs is not None and request.n > 1
+        jobs = []  # (first choice index, text, ids, params)
+        for p, (text, ids) in enumerate(prompts):
             if not echo_only:
                 check_context_length(len(ids), request.max_tokens, self.max_model_len)
             max_tokens = 1 if echo_only else request.max_tokens or max(1, self.max_model_len - len(ids))
-            for j in range(request.n):
-                params = to_sampling_params(request, max_tokens, request.logprobs, j)
+            for j in range(request.n if per_choice else 1):
+                params = to_sampling_params(request, max_tokens, request.logprobs, j, 1 if per_choice else request.n)
                 self.llm.check_request(ids, params)
-                jobs.append((text, ids, params))
+                jobs.append((p * request.n + j, text, ids, params))
         return prompts, jobs, echo_only
 
     async def create(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         prompts, jobs, echo_only = self.plan(request)
         request_id = new_id("cmpl")
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        streams = [self.run(ids, params, f"{request_id}-{i}", request.stream, prompt_logprobs)
-                   for i, (_, ids, params) in enumerate(jobs)]
+        streams = [self.run(ids, params, f"{request_id}-{k}", request.stream, prompt_logprobs)
+                   for k, (_, _, ids, params) in enumerate(jobs)]
+        first_choice = [job[0] for job in jobs]
+        choice_prompts = [(text, ids) for text, ids in prompts for _ in range(request.n)]  # per choice index
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         if request.stream:
-            return self.stream(request, request_id, jobs, streams, echo_only, num_prompt_tokens)
-        finals = [None] * len(jobs)
-        async for i, out in merge(streams):
+            return self.stream(request, request_id, choice_prompts, streams, first_choice, echo_only,
+                               num_prompt_tokens)
+        finals = [None] * len(choice_prompts)
+        async for i, out in merge(streams, first_choice):
             finals[i] = out
         choices = []
-        for i, ((text, ids, _), out) in enumerate(zip(jobs, finals)):
+        for i, ((text, ids), out) in enumerate(zip(choice_prompts, finals)):
             choice_text, logprobs = self.choice_output(request, text, ids, out, echo_only, offset=0)
             choices.append(completion_choice(i, choice_text, logprobs, out.finish_reason))
         num_output = 0 if echo_only else sum(len(o.token_ids) for o in finals)
@@ -94,13 +100,14 @@ class OpenAIServingCompletion(OpenAIServing):
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": text_offset}
 
-    async def stream(self, request, request_id, jobs, streams, echo_only, num_prompt_tokens) -> AsyncIterator[str]:
+    async def stream(self, request, request_id, choice_prompts, streams, first_choice, echo_only,
+                     num_prompt_tokens) -> AsyncIterator[str]:
         created = now()
         include_usage = request.stream_options is not None and request.stream_options.include_usage
-        started, offsets, num_output = [False] * len(jobs), [0] * len(jobs), 0
+        started, offsets, num_output = [False] * len(choice_prompts), [0] * len(choice_prompts), 0
         try:
-            async for i, out in merge(streams):
-                text, ids, _ = jobs[i]
+            async for i, out in merge(streams, first_choice):
+                text, ids = choice_prompts[i]
                 piece, logprobs = self.choice_output(request, text, ids, out, echo_only, offsets[i], not started[i])
                 started[i] = True
                 offsets[i] += sum(len(t) for t in logprobs["tokens"]) if logprobs else 0

@@ -36,28 +36,32 @@ class OpenAIServing:
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool,
                   prompt_logprobs: int | None = None) -> AsyncIterator[StreamOutput]:
-        """generate_async with the request's metrics recorded when it ends (finished or aborted)."""
+        """generate_async with the metrics of each of its `params.n` samples (a choice each) recorded when the
+        request ends (finished or aborted)."""
         arrival = time.monotonic()
-        num_output, last = 0, None
+        num_output, last = [0] * params.n, [None] * params.n
         try:
             async for out in self.llm.generate_async(prompt_ids, params, request_id, stream=stream,
                                                      prompt_logprobs=prompt_logprobs):
-                num_output += len(out.token_ids)
-                last = out
+                num_output[out.sample_index] += len(out.token_ids)
+                last[out.sample_index] = out
                 yield out
         finally:
-            self.metrics.record(arrival, last.first_token_time if last else None, len(prompt_ids), num_output,
-                                last.finish_reason if last and last.finished else "abort")
+            for count, out in zip(num_output, last):
+                self.metrics.record(arrival, out.first_token_time if out else None, len(prompt_ids), count,
+                                    out.finish_reason if out and out.finished else "abort")
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
 
-def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None,
-                       seed_offset: int = 0) -> SamplingParams:
+def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
+                       n: int = 1) -> SamplingParams:
     """The request's sampling fields as SamplingParams; ValueError (HTTP 400) names any invalid one.
 
-    Choice j of a request with `seed` and n > 1 uses seed + j, so the n choices differ and each is reproducible.
+    Choice j of a request with `seed` and n > 1 uses seed + j, so the n choices differ and each is reproducible:
+    as one engine request with `n` samples (sample j is seeded seed + j, and the samples share the prompt's KV
+    blocks) or, where each choice needs its own request (echoed prompt logprobs), with `seed_offset` j.
     """
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
@@ -69,7 +73,7 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
         presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=request.logit_bias or None, allowed_token_ids=request.allowed_token_ids,
         bad_words=request.bad_words or None, structured=structured_outputs(request),
-        seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
+        seed=seed, n=n, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs)
 
 
@@ -115,9 +119,11 @@ def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_mod
                          f"in the prompt, {max_tokens} to generate); reduce the prompt or {name}")
 
 
-async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+async def merge(streams: list[AsyncIterator], first_choice: list[int] | None = None
+                ) -> AsyncIterator[tuple[int, object]]:
     """(i, item) from several async iterators as items come; if the consumer stops, the others are closed (their
-    requests aborted)."""
+    requests aborted). With `first_choice`, stream k yields StreamOutput pieces of choices first_choice[k] +
+    sample_index (a request with n samples serves n choices) and i is that choice's index."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -140,7 +146,7 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield i, item
+                yield (i if first_choice is None else first_choice[i] + item.sample_index), item
     finally:
         for task in tasks:
             task.cancel()
