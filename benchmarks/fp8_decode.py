@@ -45,7 +45,8 @@ def inputs(batch: int, context, kv_dtype: torch.dtype, block_size: int = 16, see
 def main() -> None:
     import importlib
 
-    from nanovllm.backends.cuda.attention.triton_decode import DecodeConfig, longest_first, paged_decode
+    from nanovllm.backends.cuda.attention.triton_decode import DecodeConfig, paged_decode
+    from nanovllm.core.step_metadata import longest_first
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--compare", help="a module with another paged_decode (e.g. main's kernel), timed beside this one")
@@ -60,7 +61,7 @@ def main() -> None:
     for context in (1024, "mixed"):
         for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
             q, (k_cache, v_cache), (k_scale, v_scale), meta, kv_bytes = inputs(256, context, kv_dtype)
-            order = longest_first(meta.context_lens)
+            order = torch.from_numpy(longest_first(meta.context_lens.tolist())).to(meta.context_lens.device)
             cases = [(name, fn, None, None) for name, fn in kernels.items()] + [("this", paged_decode, None, order)]
             if args.sweep and kv_dtype == torch.float8_e4m3fn:
                 cases += [("this", paged_decode, DecodeConfig(*c), order) for c in

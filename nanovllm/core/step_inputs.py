@@ -9,7 +9,7 @@ import torch
 
 from nanovllm.core.sampling.prompt_logprobs import prompt_positions
 from nanovllm.core.scheduler import ScheduledBatch
-from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata
+from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata, longest_first
 
 
 class _HostBuffers:
@@ -57,7 +57,7 @@ class StepInputBuilder:
             tables[i, :len(table)] = table
         np.subtract(context_lens, 1, out=positions)
         slots[:] = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
-        buf.order.numpy()[:n] = np.argsort(-context_lens, kind="stable")
+        buf.order.numpy()[:n] = longest_first(context_lens)
         decode = DecodeMetadata(self._to_device(buf.context_lens[:n]), self._to_device(buf.tables[:n]),
                                 int(context_lens.max()), self._to_device(buf.order[:n]))
         logits_indices = torch.arange(n, device=self.device)
@@ -114,7 +114,7 @@ class StepInputBuilder:
                                       block_table_tensor(tables[:p]) if any_cached else None)
         if len(batch.seqs) > p:
             decode = DecodeMetadata(tensor(context_lens, torch.int32), block_table_tensor(tables[p:]), max(context_lens),
-                                    tensor(np.argsort(-np.asarray(context_lens), kind="stable"), torch.int32))
+                                    tensor(longest_first(context_lens), torch.int32))
         meta = StepMetadata(tensor(slots, torch.int64), cu_q[-1], prefill, decode,
                             tensor(logits_indices + prompt_indices, torch.int64), tuple(prompt_rows))
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta

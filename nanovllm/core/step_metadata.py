@@ -5,6 +5,7 @@ on the backend's device; for CUDA graphs they are views of static buffers.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -49,3 +50,9 @@ class StepMetadata:
     # rows appended to logits_indices after the sampled ones, for prompt logprobs (core/sampling/prompt_logprobs.py):
     # (batch index, first position, number of positions) per sequence
     prompt_logprob_rows: tuple[tuple[int, int, int], ...] = ()
+
+
+def longest_first(context_lens) -> np.ndarray:
+    """DecodeMetadata.seq_order for these context lengths (host ints): the sequences longest first, ties in batch
+    order, as int32."""
+    return np.argsort(-np.asarray(context_lens), kind="stable").astype(np.int32)

@@ -210,7 +210,8 @@ def test_fp8_pair_widening_is_exact_on_every_code(device, kv_dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_in_longest_first_order_gives_the_same_output(device):
     """seq_order only changes which programs start first: every sequence's output stays where it was."""
-    from nanovllm.backends.cuda.attention.triton_decode import longest_first, paged_decode
+    from nanovllm.backends.cuda.attention.triton_decode import paged_decode
+    from nanovllm.core.step_metadata import longest_first
     g = torch.Generator().manual_seed(7)
     num_seqs, num_kv_heads, group, head_dim, block_size = 6, 2, 2, 64, 16
     k_scale, v_scale = random_scales(num_kv_heads, g, device)
@@ -228,7 +229,7 @@ def test_decode_in_longest_first_order_gives_the_same_output(device):
             scales = {}
         q = torch.randn(num_seqs, group * num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
         lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
-        order = longest_first(lens)
+        order = torch.from_numpy(longest_first(context_lens)).to(device)
         assert order.tolist() == [1, 4, 3, 5, 0, 2]  # longest first, ties in batch order
         for num_splits in (1, 2):
             plain = paged_decode(q, k_cache, v_cache, lens, block_tables.to(device), head_dim ** -0.5,

@@ -69,6 +69,7 @@ def _qk_norm_rope_store_kernel(
         tl.store(dst, encode_for_cache(value, v_scale_ptr, kv_heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
                  mask=row_mask)
 
+
 def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                     eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,

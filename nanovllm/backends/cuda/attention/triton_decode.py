@@ -228,7 +228,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     context_lens: [num_seqs] int32; block_tables: [num_seqs, max_blocks] int32 -> [num_seqs, num_heads, head_dim]
     (written into `out` when given); k_scale, v_scale: [num_kv_heads] float32 for an FP8 cache; seq_order:
     [num_seqs] int32, a permutation of the sequences in the order their programs should start (longest first,
-    see `longest_first`). Issues no host sync, so it can be captured in a CUDA graph."""
+    see `core/step_metadata.longest_first`). Issues no host sync, so it can be captured in a CUDA graph."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
@@ -246,7 +246,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          f"strides (got head_dim {head_dim}, strides {k_cache.stride()})")
     if seq_order is not None and (seq_order.shape != (num_seqs,) or seq_order.dtype != torch.int32):
         raise ValueError(f"decode: seq_order must be [num_seqs] = [{num_seqs}] int32 (a permutation, see "
-                         f"longest_first), got {tuple(seq_order.shape)} {seq_order.dtype}")
+                         f"core/step_metadata.longest_first), got {tuple(seq_order.shape)} {seq_order.dtype}")
     out = _output(out, q)
     if num_seqs == 0:
         return out
@@ -277,13 +277,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
         )
     return out
-
-
-def longest_first(context_lens: torch.Tensor) -> torch.Tensor:
-    """The sequences by context length, longest first, as `paged_decode`'s seq_order: programs start in launch
-    order, so the long sequences' programs run first and the short ones fill the last wave (on mixed lengths the
-    longest sequences otherwise start anywhere and finish last). One small sort a step, graph-capturable."""
-    return torch.argsort(context_lens, descending=True, stable=True).to(torch.int32)
 
 
 def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
