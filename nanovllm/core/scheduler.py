@@ -65,7 +65,7 @@ class Scheduler:
         with no prefill work left, decode as above."""
         if in_flight is not None:
             if in_flight.is_prefill:
-                batch = self._schedule_prefill(pending=self.block_manager.pending_keys(in_flight.seqs))
+                batch = self._schedule_prefill(in_flight.seqs)
                 if batch is None or batch.seqs:
                     return batch
             # a structured request's grammar must see its last token before its next mask is built
@@ -76,10 +76,11 @@ class Scheduler:
         batch = self._schedule_prefill()
         return batch if batch.seqs else self._schedule_decode()
 
-    def _schedule_prefill(self, pending: set[int] | None = None) -> ScheduledBatch | None:
-        """Prompt chunks of running sequences, then waiting requests, up to the token budget. `pending`: keys of
-        blocks a step in flight is computing; a request whose prefix would hit one of them waits for the commit
-        (None is returned if it is the first in line)."""
+    def _schedule_prefill(self, in_flight: list[Sequence] | None = None) -> ScheduledBatch | None:
+        """Prompt chunks of running sequences, then waiting requests, up to the token budget. `in_flight`: the
+        sequences of a step in flight; a request whose prefix would hit a block that step is computing waits for
+        the commit (None is returned if it is the first in line)."""
+        pending = None  # those blocks' keys, hashed only if a request waits
         budget = self.max_num_batched_tokens
         seqs, counts = [], []
         for seq in self.running:  # sequences whose prompt was only partly computed (chunked prefill)
@@ -89,6 +90,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if in_flight is not None and pending is None:
+                pending = self.block_manager.pending_keys(in_flight)
             if pending and self.block_manager.would_hit(seq, pending):
                 if not seqs:
                     return None
