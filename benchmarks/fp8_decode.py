@@ -21,7 +21,12 @@ DEVICE = "cuda"
 
 def inputs(batch: int, context, kv_dtype: torch.dtype, block_size: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(100, 2049, (batch,), generator=g).tolist() if context == "mixed" else [context] * batch
+    if context in ("mixed", "padded"):
+        lens = torch.randint(100, 2049, (batch,), generator=g).tolist()
+        if context == "padded":  # a graph batch with a third of its rows empty (context 0)
+            lens[batch - batch // 3:] = [0] * (batch // 3)
+    else:
+        lens = [context] * batch
     blocks = [-(-n // block_size) for n in lens]
     perm = torch.randperm(sum(blocks), generator=g)
     table = torch.zeros(batch, max(blocks), dtype=torch.int32)

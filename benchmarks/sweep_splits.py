@@ -1,37 +1,117 @@
-"""Decode split counts by batch size and context (GPU only): which num_splits reads K/V fastest, against the
-default the kernel picks from the launch shape.
+"""Decode schedules by batch size and context (GPU only): the split kernel (its default split count, other tile
+configs) beside the load-balanced schedule (programs per SM, tile configs), bf16 and FP8 caches, as the fraction of
+copy bandwidth at which K/V are read.
 
-    python benchmarks/sweep_splits.py [--batches 16,32,64,128,256 --contexts 1200,mixed --splits 1,2,3,4,6,8]
+    python benchmarks/sweep_splits.py [--batches 1,2,4,8,16,32,48,64,96,128,256 --contexts 1200,mixed,padded]
+                                      [--kv-dtypes bfloat16,float8_e4m3fn --json FILE]
+
+Each variant is timed as the engine runs it: captured in one CUDA graph, calls back to back over two input sets
+(each larger than L2), sequences in longest-first order (`graph` columns). The default split kernel is also timed
+with `triton.testing.do_bench` (`--flush`), which zeroes a 256 MB buffer before every call, so the kernel first
+writes back the dirty L2 lines: a fixed ~10 us that the engine does not pay.
 """
 import argparse
+import json
+import statistics
 
 import torch
 
-from benchmarks.kernels_cuda import HEAD_DIM, NUM_KV_HEADS, bench, copy_bandwidth, decode_inputs
-from nanovllm.backends.cuda.attention.triton_decode import choose_num_splits, paged_decode
+from benchmarks.fp8_decode import inputs
+from benchmarks.kernels_cuda import HEAD_DIM, NUM_KV_HEADS, bench, copy_bandwidth
+from nanovllm.backends.cuda.attention.triton_decode import DecodeConfig, choose_num_splits, paged_decode
+from nanovllm.core.step_metadata import longest_first
+
+SPLIT_CONFIGS = [DecodeConfig(128, 8, 3), DecodeConfig(64, 4, 4)]
+BALANCED = [(2, None), (3, None), (4, None), (2, DecodeConfig(128, 8, 3)), (3, DecodeConfig(32, 4, 4))]
+
+
+def graph_seconds(calls, repeats: int = 10) -> float:
+    """Seconds per call of `calls` captured in one CUDA graph, run in turn `repeats` times (median of 5 replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            for call in calls:
+                call()
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del graph
+    return statistics.median(times) / (repeats * len(calls))
+
+
+def decode_call(case, **kwargs):
+    q, (k_cache, v_cache), (k_scale, v_scale), meta, _ = case
+    order = torch.from_numpy(longest_first(meta.context_lens.tolist())).to(q.device)
+    out = torch.empty_like(q)
+    return lambda: paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, HEAD_DIM ** -0.5,
+                                out=out, k_scale=k_scale, v_scale=v_scale, seq_order=order, **kwargs)
+
+
+def variants(batch: int, num_sms: int) -> list[tuple[str, dict]]:
+    """(name, paged_decode arguments): `plan` is the kernel's own choice, `split` main's (choose_num_splits with
+    decode_config), `split B,W,S` the split kernel with another tile config, `bal xK` the balanced schedule with K
+    programs a SM (and a tile config)."""
+    splits = choose_num_splits(batch, NUM_KV_HEADS, torch.device("cuda"))
+    out = [("plan", {}), ("split", dict(num_splits=splits))]
+    out += [(f"split {c.block_n},{c.num_warps},{c.num_stages}", dict(num_splits=splits, config=c))
+            for c in SPLIT_CONFIGS]
+    for per_sm, c in BALANCED:
+        name = f"bal x{per_sm}" + (f" {c.block_n},{c.num_warps},{c.num_stages}" if c else "")
+        out.append((name, dict(num_programs=-(-per_sm * num_sms // NUM_KV_HEADS), config=c)))
+    return out
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--batches", default="16,32,64,96,128,192")
-    p.add_argument("--contexts", default="1200", help="tokens per sequence, or 'mixed' (100-2048)")
-    p.add_argument("--splits", default="1,2,3,4,6,8")
+    p.add_argument("--batches", default="1,2,4,8,16,32,48,64,96,128,256")
+    p.add_argument("--contexts", default="1200,mixed,padded",
+                   help="tokens per sequence, 'mixed' (100-2048) or 'padded' (mixed, the last third of rows 0)")
+    p.add_argument("--kv-dtypes", default="bfloat16,float8_e4m3fn")
+    p.add_argument("--flush", action="store_true", help="also time main's default with do_bench (L2 flushed)")
+    p.add_argument("--json")
     args = p.parse_args()
     bw = copy_bandwidth()
-    g = torch.Generator().manual_seed(0)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; fraction of it read per split count")
-    for context in args.contexts.split(","):
-        context = context if context == "mixed" else int(context)
-        for batch in map(int, args.batches.split(",")):
-            q, k_cache, v_cache, meta, kv_bytes = decode_inputs(batch, context, 16, g)
-            row = []
-            for splits in map(int, args.splits.split(",")):
-                s = bench(lambda: paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables,
-                                               HEAD_DIM ** -0.5, num_splits=splits))
-                row.append(f"{splits}:{kv_bytes / s / bw:.3f}")
-            default = choose_num_splits(batch, NUM_KV_HEADS, q.device)
-            print(f"context {context} batch {batch:>4} (default {default}): " + "  ".join(row))
-            del k_cache, v_cache
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}, {num_sms} SMs, copy bandwidth {bw / 1e9:.0f} GB/s; "
+          "fraction of it at which K/V are read")
+    rows = []
+    for kv_name in args.kv_dtypes.split(","):
+        kv_dtype = getattr(torch, kv_name)
+        for context in args.contexts.split(","):
+            context = context if context in ("mixed", "padded") else int(context)
+            for batch in map(int, args.batches.split(",")):
+                cases = [inputs(batch, context, kv_dtype, seed=seed) for seed in (0, 1)]
+                kv_bytes = sum(case[-1] for case in cases) / len(cases)
+                row = dict(kv_dtype=kv_name, context=context, batch=batch,
+                           default_splits=choose_num_splits(batch, NUM_KV_HEADS, torch.device("cuda")))
+                if args.flush:
+                    row["split flush"] = round(kv_bytes / bench(decode_call(cases[0])) / bw, 3)
+                for name, kwargs in variants(batch, num_sms):
+                    try:
+                        seconds = graph_seconds([decode_call(case, **kwargs) for case in cases])
+                        row[name] = round(kv_bytes / seconds / bw, 3)
+                    except Exception as e:  # a config that does not compile: say so, keep sweeping
+                        row[name] = f"error {type(e).__name__}"
+                rows.append(row)
+                best = max((k for k in row if isinstance(row[k], float) and k != "split flush"), key=row.get)
+                print(f"{kv_name} ctx {context} batch {batch}: split {row['split']} "
+                      f"plan {row['plan']} best {best} {row[best]}", flush=True)
+                del cases
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw / 1e9, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def resources(kernel) -> dict:
 
 def compile_all() -> list[tuple[str, dict]]:
     from nanovllm.backends.cuda import elementwise, kv_store, rotary_store, sampler
-    from nanovllm.backends.cuda.attention import triton_decode as dec, triton_prefill as pre
+    from nanovllm.backends.cuda.attention import triton_decode as dec, triton_decode_balanced as bal
+    from nanovllm.backends.cuda.attention import triton_prefill as pre
     from nanovllm.backends.cuda.attention.triton_common import dot_precision, fp8_dot_dtype, padded_head_dim
     out = []
     for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 48)]:
@@ -75,6 +76,15 @@ def compile_all() -> list[tuple[str, dict]]:
                         DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=split,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                     out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
+                k = bal._balanced_decode_kernel.warmup(
+                    dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, torch.float32,
+                    torch.float32, torch.int32, 0.1, torch.float32, torch.float32, 24,
+                    3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
+                    GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
+                    BLOCK_N=cfg.block_n, SEQS_PAD=256, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
+                    DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=True,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                out.append((f"balanced decode {dtype} kv {kv} d{head_dim} page{block_size}", resources(k)))
                 cfg = pre.prefill_config(pad, dtype)
                 for paged in (False, True) if not fp8 else (True,):
                     k = pre._prefill_kernel.warmup(

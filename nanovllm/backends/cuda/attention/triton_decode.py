@@ -1,19 +1,12 @@
-"""Paged decode attention in Triton, flash-decoding style.
+"""Paged decode attention in Triton, flash-decoding style, and the choice of schedule for a launch shape.
 
-Grid (num_kv_heads, num_seqs, num_splits). A program serves every query head of one KV head's group at
-once (the group padded to >= 16 rows so the scores are one `tl.dot`), so each K/V tile is read from
-memory once per KV head. Splits divide each sequence's context so that small batches still fill the
-GPU; every program derives its token range from its own context length, so the launch depends only on
-the batch and head counts and one captured CUDA graph serves every replay. With more than one split,
-partial outputs and their log-sum-exp go to scratch and a small second kernel combines them.
-An FP8 cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, and one
-native conversion on sm_89+, where widening to bfloat16 goes through float32), with the dots in float16;
-its per-KV-head scales are folded into the score scale (K) and the output (V), so dequantising costs two
-multiplies per program, not one per element. FP8 K and V are read as 16-bit words of two dims
-(`widen_fp8_pairs`), even and odd dims in two dots each: P x V reads V transposed, which Triton 3.6 does a byte
-at a time for an 8-bit tile; as words it is `ldmatrix.trans`. For q x K^T, a K tile widened from bytes takes a
-q operand that Triton reloads from shared memory and re-packs every tile (16 loads + ~57 moves a warp on
-sm_90); split into even and odd dims, q's two halves load with `ldmatrix` like any 16-bit operand.
+Grid (num_kv_heads, num_seqs, num_splits). A program serves every query head of one KV head's group at once
+(`triton_decode_tiles`, shared with the balanced schedule), so each K/V tile is read from memory once per KV
+head. Splits divide each sequence's context so that small batches still fill the GPU; every program derives its
+token range from its own context length, so the launch depends only on the batch and head counts and one
+captured CUDA graph serves every replay. With more than one split, partial outputs and their log-sum-exp go to
+scratch and a small second kernel combines them. `decode_plan` picks this kernel's tile config and split count,
+or the load-balanced schedule (`triton_decode_balanced`), from the launch shape alone.
 """
 from dataclasses import dataclass
 from functools import cache
@@ -22,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, aligned_paged_row_offsets, dot_precision,
-                                                           fp8_dot_dtype, head_dim_mask, padded_head_dim,
-                                                           paged_row_offsets, widen_fp8_pairs)
+from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
+                                                           padded_head_dim)
+from nanovllm.backends.cuda.attention.triton_decode_balanced import balanced_decode
+from nanovllm.backends.cuda.attention.triton_decode_tiles import attend_range, load_query, normalise
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import DecodeMetadata
 
@@ -59,12 +53,58 @@ def decode_config(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfl
 
 
 @cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 16 under the interpreter (enough to exercise every schedule)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 16
+
+
 def num_programs_target(device: torch.device) -> int:
     """How many (KV head, sequence, split) programs the split rule aims for: one per SM, so a batch is split
     only while its unsplit programs would leave SMs idle."""
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 16  # the interpreter: enough to exercise splitting in tests
+    return PROGRAMS_PER_SM * num_sms(device)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Which schedule serves a launch shape: the split kernel with num_splits splits a sequence, or (num_programs
+    set) the balanced schedule with that many programs a KV head; with its tile config."""
+    config: DecodeConfig
+    num_splits: int = 1
+    num_programs: int | None = None
+
+
+WIDE_TILES = DecodeConfig(128, 8, 3)  # twice the bytes in flight a program: for SMs that hold few programs
+DEEP_PIPELINE = DecodeConfig(64, 4, 4)  # two programs a SM (not three) over one more stage each
+
+
+def decode_plan(num_seqs: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                kv_dtype: torch.dtype, device: torch.device) -> DecodePlan:
+    """The schedule for a launch shape (never the context lengths: one CUDA graph per batch size replays any),
+    by (KV head, sequence) programs a SM. Measured on an H200 at head_dim 128 and 16-token pages, timed in CUDA
+    graphs as the engine runs them, on uniform, mixed and padded (a third of rows empty) batches
+    (`benchmarks/sweep_splits.py`, benchmarks/RESULTS.md): where few programs share an SM, wider tiles (FP8 from a
+    fifth of a program a SM to two, bf16 from a quarter to a half) or, for bf16 from a half to one a SM, the
+    balanced schedule (mixed and padded batches leave most of the split kernel's SMs idle behind the longest
+    sequence); at three to four a SM (bf16) a deeper pipeline over two programs a SM rather than 1.3 waves of
+    three. Other shapes, and everything not measured better: `decode_config`, split while there is less than one
+    program a SM."""
+    config = decode_config(padded_head_dim(head_dim), block_size, dtype, kv_dtype)
+    splits = choose_num_splits(num_seqs, num_kv_heads, device)
+    if config != DecodeConfig(64, 4, 3) or padded_head_dim(head_dim) != 128 or block_size > 32:
+        return DecodePlan(config, num_splits=splits)
+    sms = num_sms(device)
+    per_sm = num_seqs * num_kv_heads / sms
+    if kv_dtype.itemsize == 1:
+        return DecodePlan(WIDE_TILES if 0.2 < per_sm <= 2 else config, num_splits=splits)
+    if 0.25 < per_sm <= 0.5:
+        return DecodePlan(WIDE_TILES, num_splits=splits)
+    if 0.5 < per_sm <= 1:
+        return DecodePlan(config, num_programs=-(-2 * sms // num_kv_heads))
+    if 3 < per_sm <= 4:
+        return DecodePlan(DEEP_PIPELINE, num_splits=splits)
+    return DecodePlan(config, num_splits=splits)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -75,17 +115,6 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) ->
     # sweep_splits.py, context 1200), one split reads K/V fastest from 16 sequences x 8 KV heads upwards
     # (0.59 of copy bandwidth against 0.30 with two splits at batch 16; 0.92 against 0.88 at batch 128)
     return max(1, min(MAX_SPLITS, num_programs_target(device) // programs))
-
-
-@triton.jit
-def _tile_rows(block_table_ptr, tile_start, end, stride_block, stride_row, PAGE_SIZE: tl.constexpr,
-               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr):
-    """FP8 tiles of whole pages take the aligned lookup: fewer integer instructions per byte matter twice as much
-    with 1-byte K/V (on sm_90: 18% fewer instructions in the loop)."""
-    if KV_FP8 and (PAGE_SIZE & (PAGE_SIZE - 1)) == 0 and BLOCK_N % PAGE_SIZE == 0:
-        return aligned_paged_row_offsets(block_table_ptr, tile_start, end, stride_block, stride_row, PAGE_SIZE, BLOCK_N)
-    else:
-        return paged_row_offsets(block_table_ptr, tile_start, end, stride_block, stride_row, PAGE_SIZE, BLOCK_N)
 
 
 @triton.jit
@@ -110,89 +139,30 @@ def _decode_split_kernel(
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, context_len)
 
+    q, q_even, q_odd = load_query(q_ptr, seq, kv_head, stride_q_seq, stride_q_head, GROUP, GROUP_PAD, HEAD_DIM,
+                                  HEAD_DIM_PAD, KV_FP8, DOT_DTYPE)
+    if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+    else:
+        v_scale = 1.0
+    acc, l_i, m_i = attend_range(
+        q, q_even, q_odd, qk_scale, k_cache_ptr + kv_head * stride_cache_head,
+        v_cache_ptr + kv_head * stride_cache_head, block_tables_ptr + seq.to(tl.int64) * stride_bt_seq, start, end, stride_cache_block, stride_cache_row,
+        GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM)
+    part, lse = normalise(acc, l_i, m_i, v_scale)
+
     group_rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group_rows
     head_mask = group_rows < GROUP
     dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-                mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
-    # FP8: K and V read as 16-bit words of two dims (see widen_fp8_pairs); q's even and odd dims apart
-    pairs = tl.arange(0, HEAD_DIM_PAD // 2)
-    pair_mask = head_dim_mask(HEAD_DIM // 2, HEAD_DIM_PAD // 2)
-    if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
-        v_scale = tl.load(v_scale_ptr + kv_head)
-        q = q.to(DOT_DTYPE)
-        q_pair_ptr = q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + 2 * pairs[None, :]
-        q_pair_mask = head_mask[:, None] & pair_mask[None, :]
-        q_even = tl.load(q_pair_ptr, mask=q_pair_mask, other=0.0).to(DOT_DTYPE)
-        q_odd = tl.load(q_pair_ptr + 1, mask=q_pair_mask, other=0.0).to(DOT_DTYPE)
-    else:
-        v_scale = 1.0
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    # the softmax denominator is summed per token column and reduced once after the loop: warps split a tile's
-    # tokens, so a per-tile row sum is a cross-warp reduction through shared memory (two barriers) each tile
-    l_cols = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-    k_base = k_cache_ptr + kv_head * stride_cache_head
-    v_base = v_cache_ptr + kv_head * stride_cache_head
-    k_words = k_base.to(tl.pointer_type(tl.uint16))
-    v_words = v_base.to(tl.pointer_type(tl.uint16))
-    acc_even = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], tl.float32)
-    acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], tl.float32)
-    # the next tile's rows are looked up one iteration ahead, so its K/V addresses do not wait on a
-    # block-table load: that lets the compiler keep num_stages - 1 tiles in flight while this one computes
-    rows = _tile_rows(block_table_ptr, start, end, stride_cache_block, stride_cache_row, PAGE_SIZE, BLOCK_N, KV_FP8)
-    for tile_start in range(start, end, BLOCK_N):
-        next_rows = _tile_rows(block_table_ptr, tile_start + BLOCK_N, end, stride_cache_block, stride_cache_row,
-                               PAGE_SIZE, BLOCK_N, KV_FP8)
-        token_mask = tile_start + tl.arange(0, BLOCK_N) < end
-        kv_mask = token_mask[:, None] & dim_mask[None, :]
-        if KV_FP8:  # dims 2i and 2i+1 in two dots (no reordering of K's operand); see widen_fp8_pairs
-            words = tl.load(k_words + (rows >> 1)[:, None] + pairs[None, :],
-                            mask=token_mask[:, None] & pair_mask[None, :], other=0)
-            k_even, k_odd = widen_fp8_pairs(words, k_cache_ptr.dtype.element_ty, ASM)
-            s = tl.dot(q_even, tl.trans(k_even.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-            s = tl.dot(q_odd, tl.trans(k_odd.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
-        else:
-            k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        # scores in log2 units are s * qk_scale (> 0): the scale goes into the row max once and into the
-        # exponent's fused multiply-add, not a multiply per score
-        s = tl.where(token_mask[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        l_cols = l_cols * alpha[:, None] + p
-        if KV_FP8:
-            words = tl.load(v_words + (rows >> 1)[:, None] + pairs[None, :],
-                            mask=token_mask[:, None] & pair_mask[None, :], other=0)
-            v_even, v_odd = widen_fp8_pairs(words, v_cache_ptr.dtype.element_ty, ASM)
-            p = p.to(DOT_DTYPE)
-            acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-            acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        else:
-            v = tl.load(v_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-        rows = next_rows
-
-    # an empty range (short context, or context_len 0 in a padded graph batch) contributes nothing
-    if KV_FP8:  # dims 2i and 2i+1 back side by side
-        acc = tl.reshape(tl.join(acc_even, acc_odd), [GROUP_PAD, HEAD_DIM_PAD])
-    l_i = tl.sum(l_cols, 1)
-    has_tokens = l_i > 0
-    part = tl.where(has_tokens[:, None], acc * (v_scale / tl.where(has_tokens, l_i, 1.0))[:, None], 0.0)
     if not SPLIT:
         tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
-                 part.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
+                 part.to(out_ptr.dtype.element_ty),
+                 mask=head_mask[:, None] & head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)[None, :])
     else:
         # scratch: part_out [num_seqs, num_heads, num_splits, HEAD_DIM_PAD], part_lse [num_seqs, num_heads, num_splits]
         slot = (seq.to(tl.int64) * tl.num_programs(0) * GROUP + heads) * num_splits + split
-        lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + slot, lse, mask=head_mask)
         tl.store(part_out_ptr + slot[:, None] * HEAD_DIM_PAD + dims[None, :], part, mask=head_mask[:, None])
 
@@ -223,12 +193,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
                  config: DecodeConfig | None = None, out: torch.Tensor | None = None,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                 seq_order: torch.Tensor | None = None, num_programs: int | None = None) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
     context_lens: [num_seqs] int32; block_tables: [num_seqs, max_blocks] int32 -> [num_seqs, num_heads, head_dim]
     (written into `out` when given); k_scale, v_scale: [num_kv_heads] float32 for an FP8 cache; seq_order:
     [num_seqs] int32, a permutation of the sequences in the order their programs should start (longest first,
-    see `core/step_metadata.longest_first`). Issues no host sync, so it can be captured in a CUDA graph."""
+    see `core/step_metadata.longest_first`). num_splits picks the split kernel with that many splits a sequence,
+    num_programs the balanced schedule (`triton_decode_balanced`) with that many programs a KV head; neither:
+    `decode_plan` picks from the launch shape. Issues no host sync, so it can be captured in a CUDA graph."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
@@ -250,12 +222,21 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = _output(out, q)
     if num_seqs == 0:
         return out
+    if num_splits is None and num_programs is None:
+        plan = decode_plan(num_seqs, num_kv_heads, head_dim, block_size, q.dtype, k_cache.dtype, q.device)
+        config = config or plan.config
+        num_splits, num_programs = (None, plan.num_programs) if plan.num_programs else (plan.num_splits, None)
+    config = config or decode_config(padded_head_dim(head_dim), block_size, q.dtype, k_cache.dtype)
+    if num_programs is not None and num_splits is None:
+        if num_programs < 1:
+            raise ValueError(f"decode: num_programs {num_programs} must be at least 1")
+        return balanced_decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_programs,
+                               config.block_n, config.num_warps, config.num_stages, k_scale if kv_fp8 else None,
+                               v_scale if kv_fp8 else None, seq_order)
     group = num_heads // num_kv_heads
     head_dim_pad = padded_head_dim(head_dim)
-    num_splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"decode: num_splits {num_splits} is not in [1, {MAX_SPLITS}]")
-    config = config or decode_config(head_dim_pad, block_size, q.dtype, k_cache.dtype)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
