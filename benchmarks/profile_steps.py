@@ -24,16 +24,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
     p.add_argument("--sync", action="store_true")
-    p.add_argument("--unfreeze", action="store_true", help="give start-up's objects back to the garbage collector "
-                   "(gc.unfreeze), to measure what the engine's gc.freeze saves")
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
               skip_tokenizer_init=True, async_scheduling=not args.sync)
     prompts, max_tokens = seed_workload()
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
-    if args.unfreeze:
-        gc.unfreeze()
     engine = llm.engine
     records, last, prepared = [], [time.perf_counter()], []
     launch, prepare = engine._launch, engine.runner.prepare

@@ -1,8 +1,6 @@
 """Engine: validates and queues requests, and steps scheduler -> model runner -> scheduler until done."""
 from collections.abc import Callable
 from contextlib import closing
-import gc
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +65,6 @@ class Engine:
         self._structured: StructuredCompiler | None = None
         self.stats = StepStats()
         self._in_flight = None  # the launched step whose tokens are not committed yet (pipelined decode)
-        self._frozen = _freeze_startup_objects()
 
     @property
     def kernel_plan(self) -> KernelPlan:
@@ -98,9 +95,6 @@ class Engine:
         refuses work with a RuntimeError."""
         if self.closed_reason is None:
             self.closed_reason = "close() was called"
-        if getattr(self, "_frozen", False):
-            self._frozen = False
-            _unfreeze()
         if self.workers is not None:
             self.workers.close(graceful)
         if self.comm is not None:
@@ -286,32 +280,6 @@ class Engine:
                 progress.advance(output_tokens - counted, sum(s.num_prompt_tokens for s in finished),
                                  [planned[s.seq_id] - s.num_output_tokens for s in finished])
                 counted = output_tokens
-
-
-_num_frozen_engines = 0
-_freeze_lock = threading.Lock()
-
-
-def _freeze_startup_objects() -> bool:
-    """Everything start-up made (modules, compiled graphs, kernels: ~10^5-10^6 objects) lives as long as the engine:
-    move it out of the garbage collector's reach (`gc.freeze`, as vLLM does), or each full collection walks it
-    between two steps, ~0.1 s a time with the GPU idle meanwhile (seen as idle time before steps by
-    `benchmarks/profile_steps.py`). Garbage is collected first, and the last engine to close gives everything
-    back, so a closed engine's reference cycles are freed."""
-    global _num_frozen_engines
-    with _freeze_lock:
-        gc.collect()
-        gc.freeze()
-        _num_frozen_engines += 1
-    return True
-
-
-def _unfreeze() -> None:
-    global _num_frozen_engines
-    with _freeze_lock:
-        _num_frozen_engines -= 1
-        if _num_frozen_engines == 0:
-            gc.unfreeze()
 
 
 def eos_token_ids(hf_config) -> set[int]:
