@@ -1,6 +1,6 @@
 """Decode attention with a bf16 vs an FP8 KV cache (GPU only): K/V bytes read per second against copy bandwidth.
 
-    python benchmarks/fp8_decode.py [--sweep] [--compare MODULE] [--json FILE]
+    python benchmarks/fp8_decode.py [--sweep [--configs '64,4,3 32,2,4']] [--compare MODULE] [--json FILE]
 
 Batch 256 x context 1024 (and the mixed lengths of the seed workload), Qwen3-0.6B's heads (16/8, head_dim 128),
 block size 16. `--sweep` also times FP8 tile configurations (block_n, num_warps, num_stages); every kernel is also
@@ -55,8 +55,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--compare", help="a module with another paged_decode (e.g. main's kernel), timed beside this one")
+    p.add_argument("--configs", default="64,4,3 128,4,3 128,4,2 128,8,3 64,8,4 32,4,4 64,2,4",
+                   help="FP8 tile configurations for --sweep: block_n,num_warps,num_stages separated by spaces")
     p.add_argument("--json")
     args = p.parse_args()
+    sweep = [tuple(map(int, c.split(","))) for c in args.configs.split()]
     kernels = {"this": paged_decode}
     if args.compare:
         kernels = {"compared": importlib.import_module(args.compare).paged_decode, **kernels}
@@ -69,8 +72,7 @@ def main() -> None:
             order = torch.from_numpy(longest_first(meta.context_lens.tolist())).to(meta.context_lens.device)
             cases = [(name, fn, None, None) for name, fn in kernels.items()] + [("this", paged_decode, None, order)]
             if args.sweep and kv_dtype == torch.float8_e4m3fn:
-                cases += [("this", paged_decode, DecodeConfig(*c), order) for c in
-                          [(64, 4, 3), (128, 4, 3), (128, 4, 2), (128, 8, 3), (64, 8, 4), (32, 4, 4), (64, 2, 4)]]
+                cases += [("this", paged_decode, DecodeConfig(*c), order) for c in sweep]
             for name, fn, config, seq_order in cases:
                 extra = dict(seq_order=seq_order) if seq_order is not None else {}
                 s = bench(lambda: fn(q, k_cache, v_cache, meta.context_lens, meta.block_tables, HEAD_DIM ** -0.5,

@@ -5,9 +5,11 @@
 Per bucket: wall time per step (from one launch's return to the next), and from CUDA events on the stream the
 GPU time per step (from the end of the step's host preparation to the end of its sampler) and the GPU's idle
 time before the step (from the previous step's end to this step's start: the host was late). A bucket whose
-idle time is not ~0 is host-bound.
+idle time is not ~0 is host-bound. Then the largest idle gaps one by one, and the garbage collector's pauses
+during the run (count and milliseconds per generation).
 """
 import argparse
+import gc
 import os
 import time
 from collections import defaultdict
@@ -54,9 +56,18 @@ def main():
     if os.environ.get("TWICE"):
         llm.generate(prompts, params, use_tqdm=False)
         records.clear()
+    pauses = defaultdict(list)  # generation -> pause seconds
+
+    def on_gc(phase, info, t0=[0.0]):
+        if phase == "start":
+            t0[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - t0[0])
+    gc.callbacks.append(on_gc)
     last[0] = start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     total = time.perf_counter() - start
+    gc.callbacks.remove(on_gc)
     torch.cuda.synchronize()
     buckets = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     for i, (kind, n, dt, begin, end) in enumerate(records):
@@ -72,6 +83,12 @@ def main():
     for (kind, b), (count, secs, gpu, idle) in sorted(buckets.items()):
         print(f"{kind:>8} {b:>8} {count:>6} {secs:>8.3f} {secs / count * 1000:>8.3f} {gpu / count * 1000:>8.3f} "
               f"{idle / count * 1000:>8.3f}")
+    idle = sorted(((records[i - 1][4].elapsed_time(r[3]), i) for i, r in enumerate(records) if i), reverse=True)
+    print("largest idle gaps (ms, step index, kind, batch or tokens):",
+          [(round(ms, 2), i, records[i][0], records[i][1]) for ms, i in idle[:12]])
+    print(f"idle in total {sum(ms for ms, _ in idle):.1f} ms; gaps over 1 ms: {sum(ms > 1 for ms, _ in idle)}")
+    print("garbage collector during the run:", {g: f"{len(p)} pauses, {sum(p) * 1000:.1f} ms (max {max(p) * 1000:.1f})"
+                                              for g, p in sorted(pauses.items())})
 
 
 if __name__ == "__main__":
