@@ -91,7 +91,8 @@ def compiled_variants() -> dict[str, int]:
     import importlib
     from triton.runtime.jit import JITFunction
     counts = {}
-    for name in ("kv_store", "elementwise", "sampler", "attention.triton_prefill", "attention.triton_decode"):
+    for name in ("kv_store", "elementwise", "sampler", "attention.triton_prefill", "attention.triton_decode",
+                 "attention.triton_decode_balanced"):
         module = importlib.import_module(f"nanovllm.backends.cuda.{name}")
         for attr, fn in vars(module).items():
             if isinstance(fn, JITFunction):

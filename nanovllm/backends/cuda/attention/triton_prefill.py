@@ -5,7 +5,7 @@ the chunk is the last len_q positions of a context of len_k tokens, so row r sit
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
 Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, an FP8
-cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, see triton_decode), its
+cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, see triton_decode_tiles), its
 per-KV-head scales folded into the score scale (K) and the output (V): the scores are then the exact products
 of q with the stored values, as in the reference's float32 math on the dequantised cache.
 """
