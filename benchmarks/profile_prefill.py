@@ -21,6 +21,8 @@ def main():
     p.add_argument("--len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--backend", default="cuda")
+    p.add_argument("--host", action="store_true", help="also profile the host side of one step's launch (cProfile): "
+                   "what enqueueing a prefill step costs the CPU")
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend=args.backend, load_format="dummy",
               skip_tokenizer_init=True, max_model_len=4096)
@@ -42,6 +44,24 @@ def main():
 
     times = [prefill_step() for _ in range(args.steps)]
     print(f"prefill of {args.seqs} x {args.len} tokens: " + ", ".join(f"{t * 1000:.1f}" for t in times) + " ms")
+    if args.host:
+        import cProfile
+        import pstats
+        launch, spent = engine.runner.launch, []
+
+        def timed(batch, prev=None):
+            start = time.perf_counter()
+            with cProfile.Profile() as host:
+                step = launch(batch, prev)
+            spent.append((time.perf_counter() - start, batch.num_tokens, host))
+            return step
+        engine.runner.launch = timed
+        prefill_step()
+        engine.runner.launch = launch
+        seconds, tokens, host = max(spent, key=lambda x: x[1])
+        print(f"host time of launching the {tokens}-token step: {seconds * 1000:.1f} ms (profiled)")
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
+        pstats.Stats(host).sort_stats("cumulative").print_stats(30)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         prefill_step()

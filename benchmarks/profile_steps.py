@@ -12,7 +12,9 @@ import argparse
 import gc
 import os
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 
 import torch
 
@@ -24,6 +26,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
     p.add_argument("--sync", action="store_true")
+    p.add_argument("--sync-check", action="store_true", help="report where the timed run makes host syncs "
+                   "(torch.cuda.set_sync_debug_mode), counted by the innermost nanovllm frame")
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
               skip_tokenizer_init=True, async_scheduling=not args.sync)
@@ -45,11 +49,13 @@ def main():
         return inputs
 
     def timed_launch(batch, prev=None):
+        begin = time.perf_counter()
         step = launch(batch, prev)
         end = event()
         now = time.perf_counter()
         n = batch.num_tokens if batch.is_prefill else len(batch.seqs)
-        records.append(("prefill" if batch.is_prefill else "decode", n, now - last[0], prepared.pop(), end))
+        records.append(("prefill" if batch.is_prefill else "decode", n, now - last[0], prepared.pop(), end,
+                        now - begin))
         last[0] = now
         return step
     engine._launch, engine.runner.prepare = timed_launch, timed_prepare
@@ -64,25 +70,45 @@ def main():
         else:
             pauses[info["generation"]].append(time.perf_counter() - t0[0])
     gc.callbacks.append(on_gc)
+    syncs = Counter()
+    if args.sync_check:
+        shown = warnings.showwarning
+
+        def on_warning(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack() if "/nanovllm/" in f.filename]
+            where = f"{frames[-1].filename.split('/nanovllm/')[-1]}:{frames[-1].lineno} {frames[-1].name}" \
+                if frames else f"{filename}:{lineno}"
+            syncs[where] += 1
+        warnings.showwarning = on_warning
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(1)
     last[0] = start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     total = time.perf_counter() - start
     gc.callbacks.remove(on_gc)
+    if args.sync_check:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = shown
+        print("host syncs in the timed run (innermost nanovllm frame: count):")
+        for where, count in syncs.most_common(15):
+            print(f"  {count:>6}  {where}")
     torch.cuda.synchronize()
-    buckets = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
-    for i, (kind, n, dt, begin, end) in enumerate(records):
+    buckets = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0])
+    for i, (kind, n, dt, begin, end, host) in enumerate(records):
         key = (kind, 0 if kind == "prefill" else min(256, 1 << (n - 1).bit_length()))
         bucket = buckets[key]
         bucket[0] += 1
         bucket[1] += dt
         bucket[2] += begin.elapsed_time(end) / 1000
         bucket[3] += records[i - 1][4].elapsed_time(begin) / 1000 if i else 0.0
+        bucket[4] += host
     print(f"total {total:.2f} s, {len(records)} steps")
     print("prefill steps (tokens, ms):", [(r[1], round(r[2] * 1000, 1)) for r in records if r[0] == "prefill"])
-    print(f"{'kind':>8} {'batch<=':>8} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'gpu ms':>8} {'idle ms':>8}")
-    for (kind, b), (count, secs, gpu, idle) in sorted(buckets.items()):
+    print(f"{'kind':>8} {'batch<=':>8} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'gpu ms':>8} {'idle ms':>8} "
+          f"{'launch ms':>9}")
+    for (kind, b), (count, secs, gpu, idle, host) in sorted(buckets.items()):
         print(f"{kind:>8} {b:>8} {count:>6} {secs:>8.3f} {secs / count * 1000:>8.3f} {gpu / count * 1000:>8.3f} "
-              f"{idle / count * 1000:>8.3f}")
+              f"{idle / count * 1000:>8.3f} {host / count * 1000:>9.3f}")
     idle = sorted(((records[i - 1][4].elapsed_time(r[3]), i) for i, r in enumerate(records) if i), reverse=True)
     print("largest idle gaps (ms, step index, kind, batch or tokens):",
           [(round(ms, 2), i, records[i][0], records[i][1]) for ms, i in idle[:12]])
