@@ -20,9 +20,11 @@ def main():
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--kv-cache-dtype", default="auto")
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
-              skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=args.batch)
+              skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=args.batch,
+              kv_cache_dtype=args.kv_cache_dtype)
     engine, runner, sched = llm.engine, llm.engine.runner, llm.engine.scheduler
     g = torch.Generator().manual_seed(0)
     for _ in range(args.batch):
@@ -64,14 +66,30 @@ def main():
     torch.cuda.synchronize()
     print(f"synchronous engine.step: {(time.perf_counter() - t) * 1000 / args.steps:.3f} ms/step")
     from torch.profiler import ProfilerActivity, profile
+    kv_bytes = []  # K/V bytes the decode kernels read in the profiled steps (context lengths as each step runs)
+    cache = runner.attention_layers[0].k_cache
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
+            kv_bytes.append(sum(s.num_computed_tokens + 1 for s in sched.running))
             engine.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60))
     names = ("_slice_stats_kernel", "_pick_kernel", "_slice_best_kernel", "randint", "distribution_elementwise")
     sampler_us = sum(e.device_time_total for e in prof.key_averages() if any(n in e.key for n in names)) / 3
     print(f"sampler kernels: {sampler_us:.1f} us a step ({'inside' if runner.graphs.samples else 'after'} the graph)")
+    decode = [e for e in prof.key_averages() if "decode" in e.key and "kernel" in e.key and "combine" not in e.key]
+    if decode:
+        from benchmarks.kernels_cuda import copy_bandwidth
+        hf = llm.config.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        per_token = 2 * hf.num_key_value_heads * head_dim * cache.element_size()
+        calls = sum(e.count for e in decode)
+        us = sum(e.device_time_total for e in decode) / calls
+        read = sum(kv_bytes) * per_token / 3  # one layer's call
+        bw = copy_bandwidth()
+        print(f"decode attention kernel ({', '.join(e.key for e in decode)}): {us:.1f} us a layer, "
+              f"{read / 1e6:.0f} MB of {cache.dtype} K/V: {read / us / 1e3:.0f} GB/s = {read / us / 1e3 / (bw / 1e9):.3f}"
+              f" of copy bandwidth ({bw / 1e9:.0f} GB/s)")
 
 
 if __name__ == "__main__":
