@@ -1,6 +1,6 @@
 """Per-op timings of a decode step's non-attention work on the GPU, to choose what to write.
 
-    python benchmarks/bench_ops.py [--gemm] [--sampler]
+    python benchmarks/bench_ops.py [--gemm] [--sampler]   (--sampler also times top-k 20 + top-p 0.95 steps)
 
 GEMMs: the Qwen3-0.6B projections at small M through cuBLAS (PyTorch's default and cuBLASLt) and a plain
 Triton kernel over a few tile shapes (split-K writes fp32 partials, as a fused reduce would read them).
@@ -121,6 +121,13 @@ def sampler_table():
                 sampler.sample(logits, params)
             ms = do_bench(g.replay, warmup=25, rep=100, return_mode="median")
             print(f"sampler batch {b}, {how}: {ms * 1000:.1f} us (one read of the logits ~{read_us:.1f} us)")
+        # Qwen3's generation_config: top_k 20, top_p 0.95 on every row (not graph-captured: eager, as the engine)
+        from nanovllm.core import sampler as reference
+        filtered = SamplingTensors(torch.full((b,), 0.6, device="cuda"), top_k=torch.full((b,), 20, device="cuda"),
+                                   top_p=torch.full((b,), 0.95, device="cuda"), top_k_bound=20)
+        for name, fn in (("reference (sort)", reference.sample), ("cuda (candidates)", sampler.sample)):
+            ms = do_bench(lambda: fn(logits, filtered), warmup=25, rep=100, return_mode="median")
+            print(f"sampler batch {b}, top_k 20 + top_p 0.95, {name}: {ms * 1000:.1f} us")
 
 
 def main():

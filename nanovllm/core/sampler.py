@@ -19,6 +19,9 @@ class SamplingTensors:
     min_p: torch.Tensor | None = None  # [B] float32, 0 = off
     generators: list | None = None  # [B] torch.Generator or None, for seeded requests; None when none is seeded
     all_greedy: bool = False
+    # the step's largest top_k when every sampling row has top-k on, else None (host-side: a backend may then
+    # sample from that many candidates, `core/sampling/topk_candidates.py`, instead of sorting the vocabulary)
+    top_k_bound: int | None = None
     # [1] int64 on the device: a sampler that draws its own noise may take its seed here and advance it in place
     # (a captured graph then draws fresh tokens on every replay without a host step); None: it draws a seed
     seed: torch.Tensor | None = None

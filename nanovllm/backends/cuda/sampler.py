@@ -13,8 +13,10 @@ Here a token costs a conversion, a max, a fused multiply-add, one fast exp2 and 
 exact in distribution; its only rounding is the uniform's 24 bits against a token's share of its slice.
 
 The seed is a [1] int64 device tensor the first kernel advances by one on every call, so a captured graph
-draws fresh tokens on each replay with no host step. Batches that use top-k, top-p, min-p or per-request
-seeds go to the reference sampler.
+draws fresh tokens on each replay with no host step. Steps whose sampling rows all use top-k (k <= 1,024; then
+top-p and min-p among the survivors) draw from each row's k largest logits (`core/sampling/topk_candidates.py`:
+a `topk`, no vocabulary sort, no host sync); other steps with top-p or min-p, and steps with per-request seeds,
+go to the reference sampler.
 """
 import os
 
@@ -23,8 +25,10 @@ import triton
 import triton.language as tl
 
 from nanovllm.core import sampler as reference
+from nanovllm.core.sampling import topk_candidates
 from nanovllm.core.sampler import SamplingTensors
 
+MAX_CANDIDATES = 1024  # the largest step top_k sampled from candidates (a topk of this many per row)
 SLICE = 8192  # tokens per program of the first kernel (all in registers at once: one max and one sum a slice)
 PICK_BLOCK = 2048  # tokens per loop iteration of the second kernel's scan of the drawn slice
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -157,6 +161,9 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
 
     Graph-safe for what a captured decode graph hands it (temperatures and a seed, no filters): no host sync,
     the same two launches whatever the temperatures."""
+    bound = params.top_k_bound
+    if params.top_k is not None and not params.generators and bound is not None and bound <= MAX_CANDIDATES:
+        return topk_candidates.sample(logits, params, bound)
     if params.top_k is not None or params.top_p is not None or params.min_p is not None or params.generators:
         return reference.sample(logits, params)
     if params.all_greedy:

@@ -23,6 +23,7 @@ from nanovllm.core.sampling.logits_processing import LogitsProcessor
 from nanovllm.core.sampling.logprobs import RequestedLogprobs, StepLogprobs
 from nanovllm.core.sampling.prompt_logprobs import PromptLogprobs
 from nanovllm.core.sampling.structured import apply_structured_masks
+from nanovllm.core.sampling.topk_candidates import top_k_bound
 from nanovllm.core.sampler import SamplingTensors, suppress_tokens
 
 if TYPE_CHECKING:
@@ -97,7 +98,8 @@ class StepSampler:
             top_p=dev(top_p, torch.float32) if any(x < 1 for x in top_p) else None,
             min_p=dev(min_p, torch.float32) if any(min_p) else None,
             generators=gens if any(g is not None for g in gens) else None,
-            all_greedy=all(p.greedy for p in params), seed=self.seed)
+            all_greedy=all(p.greedy for p in params), seed=self.seed,
+            top_k_bound=top_k_bound(top_k, [p.temperature == 0 for p in params]))
         self._plain = (t.top_k is None and t.top_p is None and t.min_p is None and t.generators is None
                        and not any(touches_logits(s) for s in seqs))
         self._min_tokens_seqs = [s for s in seqs if s.params.min_tokens and s.stop_token_ids]
