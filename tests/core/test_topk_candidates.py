@@ -133,3 +133,15 @@ def test_on_cuda_the_kept_distribution_and_draws_match_the_reference():
     assert_kept_by_value(tokens, scaled.cpu(), SamplingTensors(*(t.cpu() for t in (params.temperatures,
                                                                                      params.top_k, params.top_p,
                                                                                      params.min_p))))
+
+
+def test_rows_of_minus_infinity_past_the_candidates_draw_only_finite_tokens():
+    """A row whose k-th value is -inf (fewer finite logits than k, e.g. masked by structured output): the -inf
+    tokens form a tie block of weight 0 and are never drawn."""
+    scaled = torch.full((3, 64), -torch.inf)
+    scaled[:, :3] = torch.tensor([2.0, 1.0, 0.5])
+    params = SamplingTensors(torch.ones(3), top_k=torch.tensor([10, 10, 10]), top_p=torch.tensor([1.0, 0.9, 0.5]))
+    c = tc.filter_candidates(scaled, params, 10)
+    assert bool((c.tie_count >= 0).all())
+    tokens = tc.draw(tc.Candidates(*(t.repeat_interleave(500, 0) for t in c)), torch.rand(1500))
+    assert bool((tokens < 3).all())

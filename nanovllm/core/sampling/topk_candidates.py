@@ -63,7 +63,7 @@ def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candida
         # tie block: its i-th token is kept while the mass before it, candidates' + i x its share, is below top_p
         left = params.top_p - probs.sum(-1)
         share = tie_weight / total
-        fits = torch.ceil(left / share.clamp_min(torch.finfo(share.dtype).tiny)).clamp(min=0)
+        fits = torch.ceil(left / share.clamp_min(torch.finfo(share.dtype).tiny)).clamp(0, vocab_size)
         tie_count = torch.where(params.top_p < 1, torch.minimum(tie_count, fits.long()), tie_count)
     if params.min_p is not None:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
         floor = top + torch.log(params.min_p.clamp_min(1e-30)).unsqueeze(-1)
