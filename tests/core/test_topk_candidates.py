@@ -145,3 +145,17 @@ def test_rows_of_minus_infinity_past_the_candidates_draw_only_finite_tokens():
     assert bool((c.tie_count >= 0).all())
     tokens = tc.draw(tc.Candidates(*(t.repeat_interleave(500, 0) for t in c)), torch.rand(1500))
     assert bool((tokens < 3).all())
+
+
+def test_step_tensors_carry_the_top_k_bound_of_their_sampling_rows():
+    from nanovllm import SamplingParams
+    from nanovllm.core.backend import Backend
+    from nanovllm.core.sampling.step_sampler import StepSampler
+    from nanovllm.core.sequence import Sequence
+
+    def bound(*params):
+        return StepSampler(Backend(), torch.device("cpu")).tensors([Sequence([1, 2], p) for p in params]).top_k_bound
+    qwen3 = SamplingParams(temperature=0.6, top_k=20, top_p=0.95)
+    assert bound(qwen3, SamplingParams(temperature=0.7, top_k=50), SamplingParams(temperature=0)) == 50
+    assert bound(qwen3, SamplingParams(temperature=0.7, top_p=0.9)) is None  # a nucleus over the vocabulary
+    assert bound(SamplingParams(temperature=0.7)) is None
