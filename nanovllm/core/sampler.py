@@ -86,6 +86,17 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     return torch.where(params.temperatures == 0, greedy, sampled)
 
 
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights [B, N] >= 0, u [B] in [0, 1) -> per row the first index whose cumulative weight exceeds u * total:
+    one with weight, since the target is kept below the total (rounding could otherwise put u * total on it, past
+    the last weighted entry). A row of NaN weights (e.g. logits of a warm-up step over uninitialised cache blocks)
+    gets the last index, as argmax would give some index: never one past the row."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max_(weights.shape[-1] - 1)
+
+
 def suppress_tokens(logits: torch.Tensor, rows: list[int], token_ids: list[int]) -> None:
     """Set logits[rows[i], token_ids[i]] to -inf in place (EOS and stop tokens of requests below min_tokens)."""
     index = torch.tensor([rows, token_ids], dtype=torch.int64).to(logits.device, non_blocking=True)

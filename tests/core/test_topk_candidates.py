@@ -11,9 +11,7 @@ def dense(c: tc.Candidates, vocab_size: int) -> torch.Tensor:
     """[B, V] probabilities the candidates and tie block stand for (tied tokens kept by lowest id)."""
     probs = torch.zeros(len(c.ids), vocab_size)
     probs.scatter_(-1, c.ids, c.weights)
-    outside = c.tied.clone().scatter_(-1, c.ids, False)
-    rank = outside.cumsum(-1)
-    keep = outside & (rank <= c.tie_count.unsqueeze(-1))
+    keep = c.tied & (c.tied.cumsum(-1) <= c.tie_count.unsqueeze(-1))
     probs += keep * c.tie_weight.unsqueeze(-1)
     return probs / probs.sum(-1, keepdim=True)
 

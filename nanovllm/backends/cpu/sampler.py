@@ -18,7 +18,7 @@ vocabulary entry; on a CPU those cost more than the rest of the step's sampling 
 """
 import torch
 
-from nanovllm.core.sampler import SamplingTensors, apply_min_p, apply_top_k_top_p
+from nanovllm.core.sampler import SamplingTensors, apply_min_p, apply_top_k_top_p, inverse_cdf
 
 # How many of its largest logits a filtered row considers, tier by tier, before the whole vocabulary: 256 hold the
 # kept set of a trained model's usual rows (one topk of 16 x 49k: 1 ms); 4,096 the flat rows of random-token
@@ -33,17 +33,6 @@ def uniform(num_rows: int, generators: list | None) -> torch.Tensor:
         if gen is not None:
             u[row] = torch.rand(1, generator=gen)[0]
     return u
-
-
-def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the first index whose cumulative weight exceeds u * total: one with weight, since the target is
-    kept below the total (rounding could otherwise put u * total on it, past the last weighted entry). A row of
-    NaN logits (e.g. a warm-up step over uninitialised cache blocks) gets the last index, as argmax would give
-    some index: never one outside the vocabulary."""
-    cdf = weights.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max_(weights.shape[-1] - 1)
 
 
 def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candidates: int):
@@ -81,7 +70,7 @@ def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candida
 def sample_full(scaled: torch.Tensor, params: SamplingTensors, u: torch.Tensor) -> torch.Tensor:
     """The reference's filters over the whole vocabulary, drawn by inverse CDF."""
     masked = apply_min_p(apply_top_k_top_p(scaled, params.top_k, params.top_p), params.min_p)
-    return draw(masked.softmax(dim=-1), u)
+    return inverse_cdf(masked.softmax(dim=-1), u)
 
 
 def rows(params: SamplingTensors, index: torch.Tensor) -> SamplingTensors:
@@ -100,7 +89,7 @@ def sample_filtered(scaled: torch.Tensor, params: SamplingTensors, u: torch.Tens
         sub, sub_params = (scaled[pending], rows(params, pending)) if some else (scaled, params)
         values, ids, kept, resolved = filter_candidates(sub, sub_params, min(size, scaled.shape[-1]))
         weights = (values - values[:, :1]).exp().masked_fill(~kept, 0.0)
-        picks = ids.gather(-1, draw(weights, u[pending]).unsqueeze(-1)).squeeze(-1)
+        picks = ids.gather(-1, inverse_cdf(weights, u[pending]).unsqueeze(-1)).squeeze(-1)
         sampled[pending[resolved]] = picks[resolved]
         pending = pending[~resolved]
     if len(pending):

@@ -161,7 +161,8 @@ def register_cuda_kernels(registry) -> None:
                       check=check_triton)
     registry.register("sampler", BACKEND, "triton_split", triton_sampler, priority=10, check=check_triton_sampler,
                       graph_safe=True,
-                      fallback="cpu_ref/torch for batches with top-k, top-p, min-p or a seeded request")
+                      fallback="core/sampling/topk_candidates for top-k batches, cpu_ref/torch for other "
+                               "top-p or min-p batches and for seeded requests")
     registry.register("rotary.qk", BACKEND, "triton", triton_rotary_qk, priority=10, check=check_triton,
                       graph_safe=True)
     registry.register("rotary.qk_store", BACKEND, "triton", triton_rotary_qk_store, priority=10,

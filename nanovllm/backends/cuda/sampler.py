@@ -161,9 +161,8 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
 
     Graph-safe for what a captured decode graph hands it (temperatures and a seed, no filters): no host sync,
     the same two launches whatever the temperatures."""
-    bound = params.top_k_bound
-    if params.top_k is not None and not params.generators and bound is not None and bound <= MAX_CANDIDATES:
-        return topk_candidates.sample(logits, params, bound)
+    if not params.generators and params.top_k_bound is not None and params.top_k_bound <= MAX_CANDIDATES:
+        return topk_candidates.sample(logits, params, params.top_k_bound)
     if params.top_k is not None or params.top_p is not None or params.min_p is not None or params.generators:
         return reference.sample(logits, params)
     if params.all_greedy:

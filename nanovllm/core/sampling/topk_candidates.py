@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanovllm.core.sampler import SamplingTensors
+from nanovllm.core.sampler import SamplingTensors, inverse_cdf
 
 
 class Candidates(NamedTuple):
@@ -28,7 +28,7 @@ class Candidates(NamedTuple):
     tie_value: torch.Tensor  # [B, 1] float32: the k-th largest scaled logit (the tie block's value)
     tie_count: torch.Tensor  # [B] int64: tied tokens kept outside the candidates
     tie_weight: torch.Tensor  # [B] float32: exp(tie_value - row max), each
-    tied: torch.Tensor  # [B, V] bool: the row's tokens tied with the k-th value (candidates among them)
+    tied: torch.Tensor  # [B, V] bool: the row's tokens tied with the k-th value, outside the candidates
 
 
 def top_k_bound(top_k: list[int], greedy: list[bool]) -> int | None:
@@ -49,8 +49,8 @@ def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candida
     kth = values.gather(-1, k - 1)
     kept = values >= kth
     # survivors outside the candidates: tokens tied with the k-th value (one pass over the row)
-    tied = scaled == kth
-    tie_count = tied.sum(-1) - (values == kth).sum(-1)
+    tied = (scaled == kth).scatter_(-1, ids, False)
+    tie_count = tied.sum(-1)
     top = values[:, :1]
     weights = (values - top).exp().masked_fill_(~kept, 0.0)
     tie_weight = (kth - top).exp().squeeze(-1)
@@ -75,20 +75,17 @@ def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candida
 
 def draw(c: Candidates, u: torch.Tensor) -> torch.Tensor:
     """One token per row by inverse CDF over the kept candidates and then the tie block, u [B] in [0, 1)."""
-    cdf = c.weights.cumsum(-1)
-    in_candidates = cdf[:, -1]
-    total = in_candidates + c.tie_count * c.tie_weight
-    # kept below the total: rounding must not put the target past the last kept entry
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    slot = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).clamp_max_(cdf.shape[-1] - 1)
-    from_candidates = c.ids.gather(-1, slot).squeeze(-1)
-    # a target in the tie block: its j-th tied token outside the candidates, by token id
-    j = ((target - in_candidates) / c.tie_weight.clamp_min(torch.finfo(total.dtype).tiny)).long()
-    j = torch.minimum(j.clamp_min(0), (c.tie_count - 1).clamp_min(0))
-    count = c.tied.scatter_(-1, c.ids, False).cumsum(-1, dtype=torch.int32)
+    block = c.tie_count * c.tie_weight
+    slot = inverse_cdf(torch.cat([c.weights, block.unsqueeze(-1)], dim=-1), u)
+    num_candidates = c.ids.shape[-1]
+    from_candidates = c.ids.gather(-1, slot.clamp_max(num_candidates - 1).unsqueeze(-1)).squeeze(-1)
+    # in the tie block (it has weight, so tie_count >= 1): its j-th tied token by token id, j from u's place in it
+    in_candidates = c.weights.sum(-1)
+    j = ((u * (in_candidates + block) - in_candidates) / c.tie_weight.clamp_min(torch.finfo(block.dtype).tiny))
+    j = torch.minimum(j.long().clamp_min(0), (c.tie_count - 1).clamp_min(0))
+    count = c.tied.cumsum(-1, dtype=torch.int32)
     from_ties = torch.searchsorted(count, (j + 1).to(torch.int32).unsqueeze(-1)).squeeze(-1)
-    from_ties = from_ties.clamp_max_(count.shape[-1] - 1)
-    return torch.where((target >= in_candidates) & (c.tie_count > 0), from_ties, from_candidates)
+    return torch.where(slot == num_candidates, from_ties.clamp_max_(count.shape[-1] - 1), from_candidates)
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors, num_candidates: int) -> torch.Tensor:
