@@ -30,7 +30,30 @@ def engine_options(args) -> dict:
     for name in ("kernels", "kernel_plan", "verify_kernels"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
+    options.update(backend_options(args))
     return options
+
+
+def backend_options(args) -> dict:
+    """The `--backend-option NAME=VALUE` pairs as LLM options; VALUE is read as an int, else a float, else text."""
+    options = {}
+    for pair in getattr(args, "backend_option", None) or ():
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--backend-option {pair!r}: expected NAME=VALUE, e.g. gpu_memory_utilization=0.8")
+        for cast in (int, float, str):
+            try:
+                options[name.strip()] = cast(text)
+                break
+            except ValueError:
+                pass
+    return options
+
+
+def add_backend_option_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend-option", action="append", metavar="NAME=VALUE",
+                   help="an option its backend declares (`nanovllm backends` lists them), e.g. "
+                        "gpu_memory_utilization=0.8; repeatable (default: none)")
 
 
 def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,3 +97,4 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     p.add_argument("--enforce-eager", action="store_true", help="no device graphs (CUDA graphs)")
     add_kernel_arguments(p)
+    add_backend_option_argument(p)

@@ -54,7 +54,9 @@ def main(args) -> int:
         print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
         query = KernelQuery(backend.device_type, backend.default_dtype, shape["head_dim"], shape["num_heads"],
                             shape["num_kv_heads"], backend.default_block_size, kv_cache_dtype(args))
-        print(f"  kernels for {query.describe()}:")
+        for option, spec in backend.options.items():
+            print(f"  option {option} (default {spec.default}): {spec.help}")
+        print("  kernels:")  # the table's first line names the query
         registry_logger = logging.getLogger("nanovllm.core.registry")
         level = registry_logger.level
         registry_logger.setLevel(logging.ERROR)  # a listing: the table already shows every fallback and reason

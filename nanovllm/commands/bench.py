@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.checkpoint.folder import config_folder
-from nanovllm.commands.arguments import add_threads_argument
+from nanovllm.commands.arguments import add_backend_option_argument, add_threads_argument, backend_options
 from nanovllm.core.logging import get_logger
 from nanovllm.models.decoder import head_dim_of
 
@@ -140,6 +140,7 @@ def run(args) -> dict:
                  "kv_cache_scale"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
+    options.update(backend_options(args))
     llm = LLM(model, backend=args.backend, **options)
     device = llm.engine.runner.device
     defaults = WORKLOADS["cpu" if device.type == "cpu" else "accelerator"]
@@ -166,6 +167,7 @@ def run(args) -> dict:
                     if llm.engine.kernel_plan.calls(op)},  # the kernels that ran (a fused op's parts, or it)
         "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
         "enforce_eager": args.enforce_eager, "compile": not args.no_compile, "async_scheduling": not args.sync,
+        "backend_options": llm.config.backend_options,
     })
     try:
         import triton
@@ -233,6 +235,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also send the workload as concurrent HTTP requests to a local server on the same engine "
                         "(needs the serve extra) and report its throughput and the ratio to the offline one")
     p.add_argument("--json", metavar="FILE", help="append the result as a JSON line to this file (default: none)")
+    add_backend_option_argument(p)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from nanovllm import cli
 from nanovllm.commands import generate
-from nanovllm.commands.arguments import HelpFormatter
+from nanovllm.commands.arguments import HelpFormatter, backend_options
 
 
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -47,10 +47,12 @@ def test_version(capsys):
 def test_bench_on_random_weights_of_a_config(tiny_qwen3, capsys):
     args = ["bench", "--config", f"{tiny_qwen3}/config.json", "--backend", "cpu", "--num-prompts", "3",
             "--input-len", "12", "--output-len", "5", "--fixed-lengths", "--max-model-len", "64", "--no-floor",
-            "--no-progress"]
+            "--no-progress", "--backend-option", "cpu_memory_fraction=0.2", "--backend-option",
+            "gpu_memory_utilization=0.8"]
     assert cli.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["output_tokens"] == 15 and result["num_prompts"] == 3 and "floor_s" not in result
+    assert result["backend_options"] == {"cpu_memory_fraction": 0.2, "gpu_memory_utilization": 0.8}
     assert 0 < result["ttft_s"] <= result["seconds"]
 
 
@@ -85,3 +87,9 @@ def test_stream_reports_time_to_first_token(tiny_qwen3, capsys):
     assert "time to first token" in err and "4 output tokens" in err
     assert cli.main(args + ["--no-progress"]) == 0
     assert "time to first token" not in capsys.readouterr().err
+
+
+def test_backend_option_needs_name_and_value():
+    args = cli.build_parser().parse_args(["bench", "--backend-option", "gpu_memory_utilization"])
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        backend_options(args)
