@@ -12,6 +12,7 @@ import time
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.commands.arguments import add_backend_option_argument, backend_options
 
 
 def main():
@@ -21,10 +22,11 @@ def main():
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kv-cache-dtype", default="auto")
+    add_backend_option_argument(p)
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
               skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=args.batch,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, **backend_options(args))
     engine, runner, sched = llm.engine, llm.engine.runner, llm.engine.scheduler
     g = torch.Generator().manual_seed(0)
     for _ in range(args.batch):
@@ -83,9 +85,8 @@ def main():
         hf = llm.config.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         per_token = 2 * hf.num_key_value_heads * head_dim * cache.element_size()
-        calls = sum(e.count for e in decode)
-        us = sum(e.device_time_total for e in decode) / calls
-        read = sum(kv_bytes) * per_token / 3  # one layer's call
+        us = sum(e.device_time_total for e in decode) / (3 * len(runner.attention_layers))  # a layer, both halves
+        read = sum(kv_bytes) * per_token / 3  # one layer's reads
         bw = copy_bandwidth()
         print(f"decode attention kernel ({', '.join(e.key for e in decode)}): {us:.1f} us a layer, "
               f"{read / 1e6:.0f} MB of {cache.dtype} K/V: {read / us / 1e3:.0f} GB/s = {read / us / 1e3 / (bw / 1e9):.3f}"

@@ -23,6 +23,8 @@ def main():
     p.add_argument("--backend", default="cuda")
     p.add_argument("--host", action="store_true", help="also profile the host side of one step's launch (cProfile): "
                    "what enqueueing a prefill step costs the CPU")
+    p.add_argument("--host-split", action="store_true", help="also time the host side of each launch part (no "
+                   "profiler: perf_counter around the runner's and the layers' calls), summed over a step")
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend=args.backend, load_format="dummy",
               skip_tokenizer_init=True, max_model_len=4096)
@@ -31,7 +33,7 @@ def main():
     g = torch.Generator().manual_seed(0)
 
     def prefill_step():
-        [engine.add_request(torch.randint(0, 100_000, (args.len,), generator=g).tolist(),
+        [engine.add_request(torch.randint(0, min(100_000, llm.config.hf_config.vocab_size), (args.len,), generator=g).tolist(),
                                    SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1))
                 for _ in range(args.seqs)]
         sync()
@@ -44,6 +46,8 @@ def main():
 
     times = [prefill_step() for _ in range(args.steps)]
     print(f"prefill of {args.seqs} x {args.len} tokens: " + ", ".join(f"{t * 1000:.1f}" for t in times) + " ms")
+    if args.host_split:
+        host_split(engine, prefill_step)
     if args.host:
         import cProfile
         import pstats
@@ -66,6 +70,21 @@ def main():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         prefill_step()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+
+
+def host_split(engine, prefill_step):
+    """Host milliseconds of each part of one prefill step's launch (benchmarks/host_split.py), and the caching
+    allocator's device calls in the step."""
+    from benchmarks.host_split import HostSplit
+    split = HostSplit(engine.runner)
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+    stats = torch.cuda.memory_stats if torch.cuda.is_available() else dict
+    before = {k: stats().get(k, 0) for k in keys}
+    seconds = prefill_step()
+    after = stats()
+    print(f"host split of one prefill step ({seconds * 1000:.1f} ms wall), ms summed over its calls:")
+    split.print("prefill")
+    print("caching allocator in the step:", {k: after.get(k, 0) - before[k] for k in keys})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.commands.arguments import add_backend_option_argument, backend_options
 from nanovllm.commands.bench import seed_workload
 
 
@@ -28,9 +29,12 @@ def main():
     p.add_argument("--sync", action="store_true")
     p.add_argument("--sync-check", action="store_true", help="report where the timed run makes host syncs "
                    "(torch.cuda.set_sync_debug_mode), counted by the innermost nanovllm frame")
+    p.add_argument("--host-split", action="store_true", help="also sum the host time of each launch part per kind "
+                   "of step (benchmarks/host_split.py)")
+    add_backend_option_argument(p)
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
-              skip_tokenizer_init=True, async_scheduling=not args.sync)
+              skip_tokenizer_init=True, async_scheduling=not args.sync, **backend_options(args))
     prompts, max_tokens = seed_workload()
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -59,6 +63,9 @@ def main():
         last[0] = now
         return step
     engine._launch, engine.runner.prepare = timed_launch, timed_prepare
+    if args.host_split:
+        from benchmarks.host_split import HostSplit
+        split = HostSplit(engine.runner)
     if os.environ.get("TWICE"):
         llm.generate(prompts, params, use_tqdm=False)
         records.clear()
@@ -82,9 +89,14 @@ def main():
         warnings.showwarning = on_warning
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode(1)
+    memory_keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    memory_before = {k: torch.cuda.memory_stats().get(k, 0) for k in memory_keys}
     last[0] = start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     total = time.perf_counter() - start
+    memory_after = torch.cuda.memory_stats()
+    # cudaMalloc/cudaFree inside a step (an allocator retry frees cached blocks) block the host until the GPU is idle
+    print("caching allocator during the run:", {k: memory_after.get(k, 0) - memory_before[k] for k in memory_keys})
     gc.callbacks.remove(on_gc)
     if args.sync_check:
         torch.cuda.set_sync_debug_mode(0)
@@ -113,6 +125,9 @@ def main():
     print("largest idle gaps (ms, step index, kind, batch or tokens):",
           [(round(ms, 2), i, records[i][0], records[i][1]) for ms, i in idle[:12]])
     print(f"idle in total {sum(ms for ms, _ in idle):.1f} ms; gaps over 1 ms: {sum(ms > 1 for ms, _ in idle)}")
+    if args.host_split:
+        split.print("prefill")
+        split.print("decode")
     print("garbage collector during the run:", {g: f"{len(p)} pauses, {sum(p) * 1000:.1f} ms (max {max(p) * 1000:.1f})"
                                               for g, p in sorted(pauses.items())})
 
