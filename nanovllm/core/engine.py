@@ -7,6 +7,7 @@ import torch
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
+from nanovllm.core.gc_freeze import freeze_after_start_up, release_on_close
 from nanovllm.core.sampling.generation_config import read_generation_config
 from nanovllm.core.request_checks import bad_word_token_ids, check_request_params
 from nanovllm.core.sampling.structured import StructuredCompiler
@@ -65,6 +66,8 @@ class Engine:
         self._structured: StructuredCompiler | None = None
         self.stats = StepStats()
         self._in_flight = None  # the launched step whose tokens are not committed yet (pipelined decode)
+        freeze_after_start_up()  # no full collection of start-up's objects in the middle of a step
+        self._frozen = True
 
     @property
     def kernel_plan(self) -> KernelPlan:
@@ -95,6 +98,9 @@ class Engine:
         refuses work with a RuntimeError."""
         if self.closed_reason is None:
             self.closed_reason = "close() was called"
+        if getattr(self, "_frozen", False):
+            self._frozen = False
+            release_on_close()
         if self.workers is not None:
             self.workers.close(graceful)
         if self.comm is not None:
