@@ -92,11 +92,11 @@ def compile_all(configs: list[Config], workers: int, glu: bool = False) -> set[C
     t = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
         failed = [f for part in pool.map(_compile, chunks) for f in part]
-    for (c, _), why in failed:
+    for c, why in failed:  # _compile reports (config tuple, why)
         print(f"  config {c} failed: {why}")
     print(f"compiled {len(configs)} configurations{' (gate/up + SiLU)' if glu else ''} in {time.time() - t:.0f} s",
           flush=True)
-    return {Config(*c) for (c, _), _ in failed}
+    return {Config(*c) for c, _ in failed}
 
 
 def graph_us(fn, calls: int) -> float:
