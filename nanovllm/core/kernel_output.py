@@ -38,10 +38,11 @@ def check_shape(label: Label, op: str, out, shape, dtype: torch.dtype) -> torch.
     return out
 
 
-def check_pair_like(label: Label, op: str, out, first: torch.Tensor, second: torch.Tensor):
-    """`out` must be a pair of tensors like (`first`, `second`) (rotary.qk returns the new q and k)."""
+def check_pair_like(label: Label, op: str, out, first: torch.Tensor, second: torch.Tensor, names: str = "(q, k)"):
+    """`out` must be a pair of tensors like (`first`, `second`) (rotary.qk returns the new q and k, norm.add_rms the
+    normed sum and the sum); `names` says what the pair holds."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise bad_output(label, op, f"a {type(out).__name__}, not a pair of tensors (q, k)")
+        raise bad_output(label, op, f"a {type(out).__name__}, not a pair of tensors {names}")
     return check_like(label, op, out[0], first), check_like(label, op, out[1], second)
 
 

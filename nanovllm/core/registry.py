@@ -30,6 +30,8 @@ OPS: dict[str, tuple[str, ...]] = {
     # the elementwise work between a layer's matrix products (one kernel each where a backend fuses it)
     "rotary.qk": ("positions", "q", "k", "cos_sin_cache", "q_weight", "k_weight", "eps"),
     "act.silu_mul": ("x",),
+    # the residual add and RMSNorm between sub-layers: returns (rms_norm(x + residual) * weight, x + residual)
+    "norm.add_rms": ("x", "residual", "weight", "eps"),
     # rotary.qk then kv_cache.store in one kernel: returns (q, k) rotated, K and V stored through the slot
     # mapping; with return_k False the second may be None (decode reads K from the cache, not from k)
     "rotary.qk_store": ("positions", "q", "k", "v", "cos_sin_cache", "q_weight", "k_weight", "eps", "k_cache",

@@ -109,8 +109,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(config, ctx, opts)
         self.mlp = MLP(config, ctx, opts)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        add_rms = plan_kernel(ctx, "norm.add_rms")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, add_rms, ctx.kernel_label)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, add_rms, ctx.kernel_label)
 
     def forward(self, positions, hidden, residual, meta):
         if residual is None:
@@ -127,7 +128,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx)
         self.layers = nn.ModuleList(DecoderLayer(config, ctx, opts) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan_kernel(ctx, "norm.add_rms"), ctx.kernel_label)
 
     def forward(self, input_ids, positions, meta):
         hidden, residual = self.embed_tokens(input_ids), None

@@ -4,7 +4,8 @@ RMSNorm (with its residual add), the q/k norm + rotary of attention, and SiLU-an
 tiny kernels eagerly: at decode batch sizes each launch costs more than its work. Compiled, each chain
 becomes one kernel (or a few). The matrix products and attention stay as they are (library and registry
 kernels), and so does the elementwise work the kernel plan gives to a backend's own fused kernel
-(`rotary.qk`, `act.silu_mul` served by anything but the reference).
+(`rotary.qk`, `act.silu_mul`, `norm.add_rms` served by anything but the reference; an RMSNorm's calls without a
+residual, which `norm.add_rms` does not serve, are still compiled).
 """
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ def fuse_small_ops(model: nn.Module, plan: KernelPlan | None = None) -> int:
                 count += 1
         elif isinstance(module, SiluAndMul) and native(plan, "act.silu_mul"):
             continue
+        elif isinstance(module, RMSNorm) and native(plan, "norm.add_rms") and id(module) not in inside_qk_transform:
+            module.torch_forward = torch.compile(module.torch_forward, dynamic=True)  # the calls without a residual
+            count += 1
         elif isinstance(module, (RMSNorm, SiluAndMul)) and id(module) not in inside_qk_transform:
             module.forward = torch.compile(module.forward, dynamic=True)
             count += 1

@@ -42,6 +42,7 @@ REFERENCE = {
     "rotary.qk": ref_elementwise.rotary_qk,
     "act.silu_mul": ref_elementwise.silu_mul,
     "rotary.qk_store": ref_elementwise.rotary_qk_store,
+    "norm.add_rms": ref_elementwise.add_rms_norm,
 }
 
 
@@ -331,6 +332,21 @@ def check_silu_mul(fn, case: ParityCase, device, generator) -> None:
         _close(fn(x), REFERENCE["act.silu_mul"](x), case.dtype, f"silu(gate) * up of shape {shape}")
 
 
+def check_add_rms_norm(fn, case: ParityCase, device, generator) -> None:
+    for shape in ((7, 8 * case.head_dim), (2, 3, 4 * case.head_dim + 24)):
+        x, residual = (torch.randn(shape, generator=generator).to(case.dtype).to(device) for _ in range(2))
+        weight = (1 + torch.randn(shape[-1], generator=generator) / 4).to(case.dtype).to(device)
+        before = (x.clone(), residual.clone())
+        out = fn(x, residual, weight, 1e-6)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise AssertionError(f"returned {type(out).__name__}, expected a pair (normed, sum)")
+        want = REFERENCE["norm.add_rms"](x, residual, weight, 1e-6)
+        assert_close(out[1], want[1], 0, 0, f"x + residual of shape {shape} (rounded once, as torch adds)")
+        _close(out[0], want[0], case.dtype, f"rms_norm(x + residual) * weight of shape {shape}")
+        assert_close(x, before[0], 0, 0, "x after norm.add_rms (inputs must not be modified)")
+        assert_close(residual, before[1], 0, 0, "residual after norm.add_rms (inputs must not be modified)")
+
+
 CHECKS = {
     "kv_cache.store": [("store", check_kv_store)],
     "attention.prefill": [("whole prompts", check_prefill_whole), ("chunks after a cached prefix", check_prefill_chunked)],
@@ -339,4 +355,5 @@ CHECKS = {
     "rotary.qk": [("q/k norm and rotary", check_rotary_qk)],
     "act.silu_mul": [("silu and mul", check_silu_mul)],
     "rotary.qk_store": [("q/k norm, rotary and KV store", check_rotary_qk_store)],
+    "norm.add_rms": [("residual add and RMSNorm", check_add_rms_norm)],
 }

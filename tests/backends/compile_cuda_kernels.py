@@ -133,6 +133,9 @@ def compile_all() -> list[tuple[str, dict]]:
                             f"d{head_dim} k={return_k}", resources(k)))
         k = elementwise._silu_mul_kernel.warmup(dtype, dtype, 3072, 6144, 3072, BLOCK=1024, num_warps=4, grid=(1,))
         out.append((f"silu and mul {dtype}", resources(k)))
+        k = elementwise._add_rms_norm_kernel.warmup(dtype, dtype, dtype, dtype, dtype, 1024, 1e-6, 1024, 1024,
+                                                    BLOCK=1024, num_warps=4, grid=(1,))
+        out.append((f"residual add + RMSNorm {dtype}", resources(k)))
         stats = (torch.float32, torch.float32, torch.int32)  # per slice: max, sum, first index of the max
         k = sampler._slice_stats_kernel.warmup(
             dtype, 151936, torch.float32, torch.int64, *stats, 151936, 19, SLICE=sampler.SLICE, FAST=True,

@@ -440,11 +440,11 @@ ELEMENTWISE_CASES = [(torch.float32, 64, 4, 2), (torch.float32, 48, 6, 3), (torc
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["rotary.qk", "act.silu_mul", "rotary.qk_store"])
+@pytest.mark.parametrize("op", ["rotary.qk", "act.silu_mul", "rotary.qk_store", "norm.add_rms"])
 @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv_heads", ELEMENTWISE_CASES)
 def test_elementwise_kernels_match_reference(device, op, dtype, head_dim, num_heads, num_kv_heads):
-    """The fused q/k norm + rotary (+ KV store) and SiLU-and-mul kernels against their cpu_ref twins (the parity
-    checks: prefill- and decode-shaped, slots -1 skipped)."""
+    """The fused q/k norm + rotary (+ KV store), SiLU-and-mul and residual add + RMSNorm kernels against their cpu_ref
+    twins (the parity checks: prefill- and decode-shaped, slots -1 skipped; rows not a power of two wide)."""
     from nanovllm.testing.layouts import ParityCase
     from nanovllm.testing.parity import CHECKS
     if dtype not in dtypes_for(device):

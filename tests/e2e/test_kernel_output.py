@@ -53,9 +53,13 @@ def no_halving(x):
     return x.clone()
 
 
+def only_the_sum(x, residual, weight, eps):
+    return x + residual
+
+
 BROKEN = {"sampler": [negative_ids, past_the_vocabulary, float_ids, one_id_too_many, not_a_tensor],
           "attention.prefill": [half_the_heads], "attention.decode": [as_float16], "rotary.qk": [only_q],
-          "act.silu_mul": [no_halving]}
+          "act.silu_mul": [no_halving], "norm.add_rms": [only_the_sum]}
 
 
 @pytest.fixture
@@ -80,6 +84,7 @@ CASES = [("sampler", negative_ids, r"token id -1, outside the vocabulary \[0, 51
          ("attention.prefill", half_the_heads, r"shape \(\d+, 2, 48\) torch.float32; expected \(\d+, 4, 48\)"),
          ("rotary.qk", only_q, r"a Tensor, not a pair of tensors \(q, k\)"),
          ("act.silu_mul", no_halving, r"shape \(\d+, 768\) torch.float32; expected \(\d+, 384\) torch.float32"),
+         ("norm.add_rms", only_the_sum, r"a Tensor, not a pair of tensors \(normed, sum\)"),
          ("attention.decode", as_float16, r"shape \(\d+, 4, 48\) torch.float16; expected \(\d+, 4, 48\) torch.float32")]
 
 

@@ -33,7 +33,7 @@ def test_cpu_device_uses_mps_kernels_float32_and_default_budget(tiny_qwen3):
     assert runner.dtype == torch.float32 and runner.device == torch.device("cpu")
     for op, choice in llm.engine.kernel_plan.choices.items():
         # mps has no fused elementwise kernels: those ops run the reference (torch) code, as before they were ops
-        expected = "cpu_ref" if op in ("rotary.qk", "act.silu_mul", "rotary.qk_store") else "mps"
+        expected = "cpu_ref" if op in ("rotary.qk", "act.silu_mul", "rotary.qk_store", "norm.add_rms") else "mps"
         assert choice.impl.backend == expected, f"{op} resolved to {choice.impl.backend}/{choice.impl.name}"
     # no fused q/k + store kernel on mps: the model runs rotary.qk then mps's own store, and the plan says so
     assert not llm.engine.kernel_plan.calls("rotary.qk_store")

@@ -75,7 +75,7 @@ def test_verification_is_off_by_default_and_read_from_the_environment(tiny_qwen3
     monkeypatch.setenv("NANOVLLM_VERIFY_KERNELS", "5")
     _, llm = generate(tiny_qwen3)
     assert set(llm.kernel_plan().wrappers) == {"kv_cache.store", "attention.prefill", "attention.decode", "sampler",
-                                               "rotary.qk", "act.silu_mul", "rotary.qk_store"}
+                                               "rotary.qk", "act.silu_mul", "rotary.qk_store", "norm.add_rms"}
     monkeypatch.setenv("NANOVLLM_VERIFY_KERNELS", "often")
     with pytest.raises(ValueError, match="NANOVLLM_VERIFY_KERNELS='often' is invalid"):
         generate(tiny_qwen3)

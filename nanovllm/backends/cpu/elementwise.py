@@ -14,6 +14,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * weight
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and RMSNorm between sub-layers: (rms_norm(x + residual) * weight, x + residual)."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
 def rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
               q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float):
     """Per-head RMSNorm of q and k (where the weights are given, as Qwen3) then neox rotary.

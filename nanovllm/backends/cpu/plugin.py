@@ -85,3 +85,4 @@ def nanovllm_register_kernels(registry):
     registry.register("sampler", "cpu", "torch_cdf", sampler.sample, check=check_query)
     registry.register("rotary.qk", "cpu", "torch_joint", elementwise.rotary_qk, check=check_query)
     registry.register("act.silu_mul", "cpu", "torch", elementwise.silu_mul, check=check_query)
+    registry.register("norm.add_rms", "cpu", "torch", elementwise.add_rms_norm, check=check_query)

@@ -16,6 +16,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x.to(dtype) * weight
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The `norm.add_rms` op: x and residual [..., n], weight [n] -> (rms_norm(x + residual), x + residual), the
+    sum rounded to x's dtype first, as RMSNorm(x, residual) computes them."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
 def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, neox style: the two halves of each head rotate together."""
     x1, x2 = x.float().chunk(2, dim=-1)

@@ -56,4 +56,5 @@ def nanovllm_register_kernels(registry):
     registry.register("sampler", "cpu_ref", "torch", sampler.sample)
     registry.register("rotary.qk", "cpu_ref", "torch", elementwise.rotary_qk, graph_safe=True)
     registry.register("act.silu_mul", "cpu_ref", "torch", elementwise.silu_mul, graph_safe=True)
+    registry.register("norm.add_rms", "cpu_ref", "torch", elementwise.add_rms_norm, graph_safe=True)
     registry.register("rotary.qk_store", "cpu_ref", "torch", elementwise.rotary_qk_store)

@@ -3,7 +3,10 @@
 `rotary.qk`: per-head RMSNorm of q and k (Qwen3) and neox rotary in one pass over the q/k/v projection's
 output; torch.compile made six kernels of it (two reductions, two normalise-and-rotate, two copies),
 ~12 us a layer at decode batch 256 on an H200. `act.silu_mul`: SiLU(gate) * up, one read and one
-write. Both round where their references (backends/cpu_ref/elementwise.py) round, so float32 runs match.
+write. `norm.add_rms`: the residual add and RMSNorm between sub-layers, one program a row; torch.compile fuses
+it as well on the GPU, but an eager (prefill) call of the compiled function costs the host ~80-160 us in
+dynamo's wrappers against one Triton launch here, and a 16,384-token prefill step makes 56 of them. All round
+where their references (backends/cpu_ref/elementwise.py) round, so float32 runs match.
 """
 import torch
 import triton
@@ -107,3 +110,42 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](rows, out, d, rows.stride(0), out.stride(0),
                                                                  BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], d)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n, eps, stride_x, stride_r,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    summed = (x + r).to(dtype)
+    tl.store(sum_ptr + row * n + cols, summed, mask=mask)
+    s = summed.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(s * s, 0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n + cols, ((s * rstd).to(dtype).to(tl.float32) * w).to(dtype), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The `norm.add_rms` op: x, residual [..., n] and weight [n] of one dtype -> (normed, x + residual)."""
+    n = x.shape[-1]
+    if residual.shape != x.shape or tuple(weight.shape) != (n,) or not x.dtype == residual.dtype == weight.dtype:
+        raise ValueError(f"norm.add_rms: x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
+                         f"{residual.dtype} and weight {tuple(weight.shape)} {weight.dtype} need one shape [..., n], "
+                         f"a weight [n] and one dtype")
+    rows_x, rows_r = x.reshape(-1, n), residual.reshape(-1, n)
+    if rows_x.stride(-1) != 1:
+        rows_x = rows_x.contiguous()
+    if rows_r.stride(-1) != 1:
+        rows_r = rows_r.contiguous()
+    out = torch.empty(rows_x.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out)
+    if rows_x.shape[0]:
+        block = triton.next_power_of_2(n)
+        _add_rms_norm_kernel[(rows_x.shape[0],)](rows_x, rows_r, weight, out, summed, n, eps, rows_x.stride(0),
+                                                 rows_r.stride(0), BLOCK=block,
+                                                 num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
+    return out.view(x.shape), summed.view(x.shape)

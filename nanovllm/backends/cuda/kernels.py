@@ -70,6 +70,10 @@ def triton_silu_mul(x: torch.Tensor) -> torch.Tensor:
     return _module("elementwise").silu_mul(x)
 
 
+def triton_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    return _module("elementwise").add_rms_norm(x, residual, weight, eps)
+
+
 def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
                         scale: float, k_scale: torch.Tensor | None = None,
                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,6 +172,8 @@ def register_cuda_kernels(registry) -> None:
     registry.register("rotary.qk_store", BACKEND, "triton", triton_rotary_qk_store, priority=10,
                       check=check_triton, graph_safe=True)
     registry.register("act.silu_mul", BACKEND, "triton", triton_silu_mul, priority=10,
+                      check=check_triton, graph_safe=True)
+    registry.register("norm.add_rms", BACKEND, "triton", triton_add_rms_norm, priority=10,
                       check=check_triton, graph_safe=True)
     registry.register("attention.decode", BACKEND, "flash_attn", flash_attn_decode, priority=30,
                       check=check_flash_attn, graph_safe=True)
