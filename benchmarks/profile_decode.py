@@ -85,7 +85,7 @@ def main():
         hf = llm.config.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         per_token = 2 * hf.num_key_value_heads * head_dim * cache.element_size()
-        us = sum(e.device_time_total for e in decode) / (3 * len(runner.attention_layers))  # a layer, both halves
+        us = sum(e.device_time_total for e in decode) / (3 * len(runner.attention_layers))  # one layer's call
         read = sum(kv_bytes) * per_token / 3  # one layer's reads
         bw = copy_bandwidth()
         print(f"decode attention kernel ({', '.join(e.key for e in decode)}): {us:.1f} us a layer, "

@@ -31,11 +31,12 @@ def main():
     engine = llm.engine
     sync = torch.cuda.synchronize if args.backend == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
+    vocab = min(100_000, llm.config.hf_config.vocab_size)
 
     def prefill_step():
-        [engine.add_request(torch.randint(0, min(100_000, llm.config.hf_config.vocab_size), (args.len,), generator=g).tolist(),
-                                   SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1))
-                for _ in range(args.seqs)]
+        [engine.add_request(torch.randint(0, vocab, (args.len,), generator=g).tolist(),
+                            SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1))
+         for _ in range(args.seqs)]
         sync()
         start = time.perf_counter()
         while engine.has_unfinished():
