@@ -7,7 +7,7 @@ import torch
 
 from nanovllm.core.config import EngineConfig
 from nanovllm.core.detokenizer import IncrementalDetokenizer
-from nanovllm.core.gc_freeze import freeze_after_start_up, release_on_close
+from nanovllm.core.gc_freeze import START_UP_FREEZE
 from nanovllm.core.sampling.generation_config import read_generation_config
 from nanovllm.core.request_checks import bad_word_token_ids, check_request_params
 from nanovllm.core.sampling.structured import StructuredCompiler
@@ -66,8 +66,8 @@ class Engine:
         self._structured: StructuredCompiler | None = None
         self.stats = StepStats()
         self._in_flight = None  # the launched step whose tokens are not committed yet (pipelined decode)
-        freeze_after_start_up()  # no full collection of start-up's objects in the middle of a step
-        self._frozen = True
+        self._gc_freeze = START_UP_FREEZE  # kept: close() may run at exit, after module globals are cleared
+        self._gc_freeze.freeze()  # no full collection of start-up's objects in the middle of a step
 
     @property
     def kernel_plan(self) -> KernelPlan:
@@ -98,9 +98,9 @@ class Engine:
         refuses work with a RuntimeError."""
         if self.closed_reason is None:
             self.closed_reason = "close() was called"
-        if getattr(self, "_frozen", False):
-            self._frozen = False
-            release_on_close()
+        freeze, self._gc_freeze = getattr(self, "_gc_freeze", None), None
+        if freeze is not None:
+            freeze.release()
         if self.workers is not None:
             self.workers.close(graceful)
         if self.comm is not None:

@@ -1,35 +1,48 @@
-"""Start-up's objects are frozen out of full collections while an engine is open, and given back when the last
-engine closes."""
+"""Start-up's objects are frozen out of full collections while an engine is open, given back when the last
+engine closes, and an engine left open at exit closes without an error."""
 import gc
+import subprocess
+import sys
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.core import gc_freeze
+from nanovllm.core.gc_freeze import StartUpFreeze
 
 
-def test_the_last_engine_to_close_unfreezes(monkeypatch):
-    monkeypatch.setattr(gc_freeze, "_open_engines", 0)
+def test_the_last_engine_to_close_unfreezes():
+    freeze = StartUpFreeze()
     try:
-        gc_freeze.freeze_after_start_up()
+        freeze.freeze()
         assert gc.get_freeze_count() > 0
-        gc_freeze.freeze_after_start_up()  # a second engine: everything is collected and frozen again
-        gc_freeze.release_on_close()
+        freeze.freeze()  # a second engine: everything is collected and frozen again
+        freeze.release()
         assert gc.get_freeze_count() > 0  # one engine is still open
-        gc_freeze.release_on_close()
+        freeze.release()
         assert gc.get_freeze_count() == 0
-        gc_freeze.release_on_close()  # a close too many changes nothing
-        assert gc_freeze._open_engines == 0
+        freeze.release()  # a close too many changes nothing
+        assert freeze.open_engines == 0
     finally:
         gc.unfreeze()
 
 
 def test_an_engine_freezes_after_start_up_and_releases_on_close(tiny_qwen3, monkeypatch):
-    monkeypatch.setattr(gc_freeze, "_open_engines", 0)
+    from nanovllm.core import engine
+    freeze = StartUpFreeze()
+    monkeypatch.setattr(engine, "START_UP_FREEZE", freeze)
     try:
         llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=64, max_model_len=256)
-        assert gc_freeze._open_engines == 1 and gc.get_freeze_count() > 0
+        assert freeze.open_engines == 1 and gc.get_freeze_count() > 0
         assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)[0]["token_ids"]) == 3
         llm.close()
         llm.close()  # twice: released once
-        assert gc_freeze._open_engines == 0 and gc.get_freeze_count() == 0
+        assert freeze.open_engines == 0 and gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_an_engine_open_at_exit_closes_quietly(tiny_qwen3):
+    script = (f"from nanovllm import LLM, SamplingParams\n"
+              f"llm = LLM({tiny_qwen3!r}, backend='cpu_ref', num_kvcache_blocks=64, max_model_len=256)\n"
+              f"print(llm.generate([[1, 2]], SamplingParams(max_tokens=2), use_tqdm=False)[0]['token_ids'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr

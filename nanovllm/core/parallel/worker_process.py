@@ -23,7 +23,7 @@ def worker_main(config: EngineConfig, spec: PinnedPlan, rank: int, world_size: i
     report = Reporter(conn)
     comm = None
     try:
-        from nanovllm.core.gc_freeze import freeze_after_start_up
+        from nanovllm.core.gc_freeze import START_UP_FREEZE
         from nanovllm.core.model_runner import ModelRunner
         from nanovllm.core.runner_setup import set_up
         from nanovllm.core.parallel.step_transport import step_to_device, unpack_step
@@ -36,7 +36,7 @@ def worker_main(config: EngineConfig, spec: PinnedPlan, rank: int, world_size: i
         comm = resolved.backend.communicator(rank, world_size, init_method)
         runner = ModelRunner(config, resolved, comm)
         set_up(runner)
-        freeze_after_start_up()  # as rank 0's engine: no full collection of start-up's objects inside a step
+        START_UP_FREEZE.freeze()  # as rank 0's engine: no full collection of start-up's objects inside a step
         while True:
             try:
                 payload = conn.recv_bytes()
