@@ -93,3 +93,17 @@ def test_backend_option_needs_name_and_value():
     args = cli.build_parser().parse_args(["bench", "--backend-option", "gpu_memory_utilization"])
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
         backend_options(args)
+
+
+def test_backends_lists_each_backends_options(capsys):
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "option gpu_memory_utilization (default 0.9): the share of the GPU's memory" in out
+    assert "option cpu_memory_fraction (default 0.3)" in out
+    assert out.count("  for ") == out.count("  kernels:")  # each backend's query printed once
+
+
+def test_backend_option_values_are_read_as_numbers_where_they_are():
+    args = cli.build_parser().parse_args(["bench", "--backend-option", "a=2", "--backend-option", "b=0.5",
+                                          "--backend-option", "c=fast"])
+    assert backend_options(args) == {"a": 2, "b": 0.5, "c": "fast"}
