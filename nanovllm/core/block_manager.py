@@ -63,13 +63,27 @@ class BlockManager:
         if wants_prompt_logprobs(seq):  # a cached prefix has no logits: recompute the prompt
             return hits
         for i in range((len(seq) - 1) // self.block_size):
-            tokens = seq.block_tokens(i, self.block_size)
-            prefix_hash = compute_block_hash(tokens, prefix_hash)
-            block_id = self.hash_to_block_id.get(prefix_hash)
-            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+            block_id = self.hash_to_block_id.get(self.block_key(seq, i))
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.block_tokens(i, self.block_size)):
                 break
             hits.append(block_id)
         return hits
+
+    def block_key(self, seq: Sequence, i: int) -> int:
+        """The prefix-cache key of the sequence's full block i: the hash of its tokens chained with block i - 1's
+        key. A key over known tokens never changes, so it is computed once per sequence (admission asks for the
+        same keys up to three times: would_hit, can_allocate, allocate); keys over pending tokens are not kept."""
+        keys, bs = seq.block_keys, self.block_size
+        known = len(seq.token_ids) - seq.num_pending
+        while len(keys) <= i:
+            j = len(keys)
+            key = compute_block_hash(seq.block_tokens(j, bs), keys[j - 1] if j else None)
+            if (j + 1) * bs > known:  # holds a pending token: computed on, not kept
+                for k in range(j + 1, i + 1):
+                    key = compute_block_hash(seq.block_tokens(k, bs), key)
+                return key
+            keys.append(key)
+        return keys[i]
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._prefix_hits(seq)
@@ -130,9 +144,7 @@ class BlockManager:
         for i in range(seq.num_hashed_blocks, known // bs):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i else None
-                tokens = tuple(seq.block_tokens(i, bs))
-                block.hash, block.token_ids = compute_block_hash(tokens, prefix_hash), tokens
+                block.hash, block.token_ids = self.block_key(seq, i), tuple(seq.block_tokens(i, bs))
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
             seq.num_hashed_blocks = i + 1
 
@@ -144,11 +156,7 @@ class BlockManager:
             if seq.is_finished or not seq.block_table:
                 continue
             known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending)
-            first = seq.num_hashed_blocks
-            key = self.blocks[seq.block_table[first - 1]].hash if first else None
-            for i in range(first, known // bs):
-                key = compute_block_hash(seq.block_tokens(i, bs), key)
-                keys.add(key)
+            keys.update(self.block_key(seq, i) for i in range(seq.num_hashed_blocks, known // bs))
         return keys
 
     def would_hit(self, seq: Sequence, keys: set[int]) -> bool:
@@ -159,8 +167,7 @@ class BlockManager:
         i = len(hits)
         if i >= (len(seq) - 1) // self.block_size:
             return False
-        key = self.blocks[hits[-1]].hash if hits else None
-        return compute_block_hash(seq.block_tokens(i, self.block_size), key) in keys
+        return self.block_key(seq, i) in keys
 
     def reclaim_all(self) -> None:
         """Free every block, whatever the bookkeeping says (after a failed step, once every sequence is aborted, so

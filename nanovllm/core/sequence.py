@@ -32,6 +32,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of the prompt, served by the prefix cache at the last admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0
+        self.block_keys: list[int] = []  # prefix-cache keys of its leading full, known blocks (BlockManager.block_key)
         self.num_pending = 0  # trailing PENDING_TOKEN placeholders
         self.params = params
         self.finish_reason: str | None = None  # "stop" or "length" (or "abort")

@@ -2,7 +2,7 @@ import pytest
 
 from nanovllm.core import block_manager as bm_module
 from nanovllm.core.block_manager import BlockManager
-from nanovllm.core.sequence import Sequence
+from nanovllm.core.sequence import PENDING_TOKEN, Sequence
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -98,3 +98,23 @@ def test_append_slots_grows_by_whole_blocks():
     assert len(a.block_table) == 2
     with pytest.raises(AssertionError):
         bm.allocate(a)
+
+
+def test_block_keys_are_computed_once_and_never_over_pending_tokens(monkeypatch):
+    """Admission asks for a sequence's keys up to three times: each is hashed once. A block holding a pending
+    placeholder is hashed on demand but not kept, so its key after the token lands is the real one."""
+    bm = BlockManager(16, 4)
+    seq = Sequence(list(range(10)), SamplingParams())
+    calls = []
+    hash_block = bm_module.compute_block_hash
+    monkeypatch.setattr(bm_module, "compute_block_hash", lambda t, p: calls.append(tuple(t)) or hash_block(t, p))
+    chain = [hash_block(range(4), None)]
+    chain.append(hash_block(range(4, 8), chain[0]))
+    assert [bm.block_key(seq, 1), bm.block_key(seq, 0), bm.block_key(seq, 1)] == [chain[1], chain[0], chain[1]]
+    assert len(calls) == 2
+    seq.token_ids += [PENDING_TOKEN, PENDING_TOKEN]  # block 2 = tokens 8, 9 and two in flight
+    seq.num_pending = 2
+    bm.block_key(seq, 2)
+    assert len(seq.block_keys) == 2
+    seq.token_ids[10:], seq.num_pending = [10, 11], 0
+    assert bm.block_key(seq, 2) == hash_block([8, 9, 10, 11], chain[1]) and len(seq.block_keys) == 3
