@@ -39,11 +39,12 @@ def backend_options(args) -> dict:
     options = {}
     for pair in getattr(args, "backend_option", None) or ():
         name, sep, text = pair.partition("=")
+        name = name.strip()
         if not sep or not name:
             raise ValueError(f"--backend-option {pair!r}: expected NAME=VALUE, e.g. gpu_memory_utilization=0.8")
         for cast in (int, float, str):
             try:
-                options[name.strip()] = cast(text)
+                options[name] = cast(text)
                 break
             except ValueError:
                 pass

@@ -90,9 +90,10 @@ def test_stream_reports_time_to_first_token(tiny_qwen3, capsys):
 
 
 def test_backend_option_needs_name_and_value():
-    args = cli.build_parser().parse_args(["bench", "--backend-option", "gpu_memory_utilization"])
-    with pytest.raises(ValueError, match="expected NAME=VALUE"):
-        backend_options(args)
+    for pair in ("gpu_memory_utilization", " =0.8"):
+        args = cli.build_parser().parse_args(["bench", "--backend-option", pair])
+        with pytest.raises(ValueError, match="expected NAME=VALUE"):
+            backend_options(args)
 
 
 def test_backends_lists_each_backends_options(capsys):
