@@ -39,8 +39,7 @@ class CompileOnlyDriver:
 
 def resources(kernel) -> dict:
     """Registers and spill bytes from the cubin (via the cuobjdump Triton ships), shared memory in bytes."""
-    found = dict(smem=kernel.metadata.shared, regs=None, spill=None,
-                 waits=kernel.asm["ptx"].count("griddepcontrol.wait"))
+    found = dict(smem=kernel.metadata.shared, regs=None, spill=None)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(tool):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -54,20 +53,16 @@ def resources(kernel) -> dict:
     return found
 
 
-def compile_all(pdl: bool = False) -> list[tuple[str, dict]]:
-    """Every kernel variant the engine can launch; with `pdl`, the bfloat16 variants of a decode step, launched as
-    programmatic dependent launches (backends/cuda/pdl.py), and no linear kernels."""
+def compile_all() -> list[tuple[str, dict]]:
     from nanovllm.backends.cuda import elementwise, kv_store, rotary_store, sampler
     from nanovllm.backends.cuda.attention import triton_decode as dec, triton_decode_balanced as bal
     from nanovllm.backends.cuda.attention import triton_prefill as pre
     from nanovllm.backends.cuda.attention.triton_common import dot_precision, fp8_dot_dtype, padded_head_dim
     out = []
-    pdl_kw, tag = (dict(PDL=True, launch_pdl=True), "pdl ") if pdl else ({}, "")
-    for dtype, head_dim in [(torch.bfloat16, 128)] if pdl else [(torch.bfloat16, 128), (torch.float16, 64),
-                                                                (torch.float32, 48)]:
+    for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 48)]:
         pad = padded_head_dim(head_dim)
         row = NUM_KV_HEADS * head_dim  # cache row stride
-        for block_size in (PAGE,) if pdl else (PAGE, 256):
+        for block_size in (PAGE, 256):
             for kv_dtype in (dtype, *FP8_DTYPES) if dtype == torch.bfloat16 else (dtype,):
                 fp8, kv = kv_dtype != dtype, str(kv_dtype).removeprefix("torch.")
                 cfg = dec.decode_config(pad, block_size, dtype, kv_dtype)
@@ -79,8 +74,8 @@ def compile_all(pdl: bool = False) -> list[tuple[str, dict]]:
                         GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                         BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
                         DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=split,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,), **pdl_kw)
-                    out.append((tag + f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                    out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
                 k = bal._balanced_decode_kernel.warmup(
                     dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, torch.float32,
                     torch.float32, torch.int32, 0.1, torch.float32, torch.float32, 24,
@@ -88,8 +83,8 @@ def compile_all(pdl: bool = False) -> list[tuple[str, dict]]:
                     GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                     BLOCK_N=cfg.block_n, SEQS_PAD=256, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
                     DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=True,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,), **pdl_kw)
-                out.append((tag + f"balanced decode {dtype} kv {kv} d{head_dim} page{block_size}", resources(k)))
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                out.append((f"balanced decode {dtype} kv {kv} d{head_dim} page{block_size}", resources(k)))
                 cfg = pre.prefill_config(pad, dtype)
                 for paged in (False, True) if not fp8 else (True,):
                     k = pre._prefill_kernel.warmup(
@@ -98,12 +93,12 @@ def compile_all(pdl: bool = False) -> list[tuple[str, dict]]:
                         block_size * row, row, head_dim, block_size * row, row, head_dim, 64,
                         GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
-                        DOT_DTYPE=fp8_dot_dtype(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,), **pdl_kw)
-                    out.append((tag + f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged}", resources(k)))
+                        DOT_DTYPE=fp8_dot_dtype(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                    out.append((f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged}", resources(k)))
         k = dec._decode_combine_kernel.warmup(
             torch.float32, torch.float32, dtype, GROUP * row, head_dim, 3, SPLITS_PAD=dec.MAX_SPLITS,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, num_warps=4, grid=(1,), **pdl_kw)
-        out.append((tag + f"decode combine {dtype} d{head_dim}", resources(k)))
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, num_warps=4, grid=(1,))
+        out.append((f"decode combine {dtype} d{head_dim}", resources(k)))
         for kv_dtype in (dtype, *FP8_DTYPES):
             fp8 = kv_dtype != dtype
             k = kv_store._store_kv_kernel.warmup(
@@ -112,16 +107,16 @@ def compile_all(pdl: bool = False) -> list[tuple[str, dict]]:
                 PAGE * row, row, head_dim, PAGE * row, row, head_dim,
                 NUM_KV_HEADS=NUM_KV_HEADS, HEADS_PAD=NUM_KV_HEADS, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=PAGE,
                 FP8=fp8, FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0,
-                num_warps=kv_store._num_warps(NUM_KV_HEADS, head_dim), grid=(1,), **pdl_kw)
-            out.append((tag + f"kv store {dtype} kv {str(kv_dtype).removeprefix('torch.')} d{head_dim}", resources(k)))
+                num_warps=kv_store._num_warps(NUM_KV_HEADS, head_dim), grid=(1,))
+            out.append((f"kv store {dtype} kv {str(kv_dtype).removeprefix('torch.')} d{head_dim}", resources(k)))
         half = head_dim // 2
         k = elementwise._qk_norm_rope_kernel.warmup(
             dtype, dtype, dtype, dtype, torch.int64, torch.float32, dtype, dtype, 1e-6,
             3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim, head_dim,
             NUM_HEADS=GROUP * NUM_KV_HEADS, HEADS_PAD=GROUP * NUM_KV_HEADS, NUM_KV_HEADS=NUM_KV_HEADS,
             KV_PAD=NUM_KV_HEADS, HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=True, num_warps=4,
-            grid=(1,), **pdl_kw)
-        out.append((tag + f"q/k norm + rotary {dtype} d{head_dim}", resources(k)))
+            grid=(1,))
+        out.append((f"q/k norm + rotary {dtype} d{head_dim}", resources(k)))
         for kv_dtype in (dtype, *FP8_DTYPES):
             fp8 = kv_dtype != dtype
             for return_k in (False, True):
@@ -133,25 +128,23 @@ def compile_all(pdl: bool = False) -> list[tuple[str, dict]]:
                     NUM_HEADS=GROUP * NUM_KV_HEADS, HEADS_PAD=GROUP * NUM_KV_HEADS, NUM_KV_HEADS=NUM_KV_HEADS,
                     KV_PAD=NUM_KV_HEADS, HALF=half, HALF_PAD=triton.next_power_of_2(half), HEAD_DIM_PAD=pad,
                     HAS_NORM=True, RETURN_K=return_k, BLOCK_SIZE=PAGE, FP8=fp8,
-                    FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0, num_warps=4, grid=(1,), **pdl_kw)
-                out.append((tag + f"q/k norm + rotary + store {dtype} kv {str(kv_dtype).removeprefix('torch.')} "
+                    FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0, num_warps=4, grid=(1,))
+                out.append((f"q/k norm + rotary + store {dtype} kv {str(kv_dtype).removeprefix('torch.')} "
                             f"d{head_dim} k={return_k}", resources(k)))
-        k = elementwise._silu_mul_kernel.warmup(dtype, dtype, 3072, 6144, 3072, BLOCK=1024, num_warps=4, grid=(1,), **pdl_kw)
-        out.append((tag + f"silu and mul {dtype}", resources(k)))
+        k = elementwise._silu_mul_kernel.warmup(dtype, dtype, 3072, 6144, 3072, BLOCK=1024, num_warps=4, grid=(1,))
+        out.append((f"silu and mul {dtype}", resources(k)))
         k = elementwise._add_rms_norm_kernel.warmup(dtype, dtype, dtype, dtype, dtype, 1024, 1e-6, 1024, 1024,
-                                                    BLOCK=1024, num_warps=4, grid=(1,), **pdl_kw)
-        out.append((tag + f"residual add + RMSNorm {dtype}", resources(k)))
+                                                    BLOCK=1024, num_warps=4, grid=(1,))
+        out.append((f"residual add + RMSNorm {dtype}", resources(k)))
         stats = (torch.float32, torch.float32, torch.int32)  # per slice: max, sum, first index of the max
         k = sampler._slice_stats_kernel.warmup(
             dtype, 151936, torch.float32, torch.int64, *stats, 151936, 19, SLICE=sampler.SLICE, FAST=True,
-            num_warps=sampler._warps(sampler.SLICE), grid=(1,), **pdl_kw)
-        out.append((tag + f"sampler slices {dtype}", resources(k)))
+            num_warps=sampler._warps(sampler.SLICE), grid=(1,))
+        out.append((f"sampler slices {dtype}", resources(k)))
         k = sampler._pick_kernel.warmup(
             dtype, 151936, torch.float32, torch.int64, *stats, torch.int64, 151936, 19, SLICE=sampler.SLICE,
-            SLICES=32, BLOCK=sampler.PICK_BLOCK, FAST=True, num_warps=4, grid=(1,), **pdl_kw)
-        out.append((tag + f"sampler pick {dtype}", resources(k)))
-    if pdl:
-        return out
+            SLICES=32, BLOCK=sampler.PICK_BLOCK, FAST=True, num_warps=4, grid=(1,))
+        out.append((f"sampler pick {dtype}", resources(k)))
     from nanovllm.backends.cuda import linear
     Config = linear.Config
     # the table's configurations, and the swapped and SiLU-fused variants the sweep times
@@ -176,14 +169,12 @@ def main() -> int:
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", 90, 32)))
     failures = 0
     print(f"triton {triton.__version__}, target sm_90")
-    for name, r in compile_all() + compile_all(pdl=True):
+    for name, r in compile_all():
         problems = []
         if r["smem"] > SM90_SHARED_MEMORY:
             problems.append("too much shared memory")
         if r["spill"]:
             problems.append("spills registers")
-        if name.startswith("pdl ") != bool(r["waits"]):  # enter(PDL) emits the wait exactly when asked
-            problems.append(f"{r['waits']} griddepcontrol.wait in its PTX")
         failures += bool(problems)
         print(f"  {name:<48} regs {r['regs']}  spill {r['spill']}  smem {r['smem']:>6}  {'; '.join(problems)}")
     return 1 if failures else 0

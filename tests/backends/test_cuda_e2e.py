@@ -41,29 +41,6 @@ def test_float32_greedy_equals_cpu_ref(tiny_qwen3, prompts, reference, enforce_e
     assert plan["attention.decode"] == plan["kv_cache.store"] == "cuda", plan
 
 
-def test_programmatic_launch_changes_no_token(tiny_qwen3, prompts, reference):
-    """The Triton kernels as programmatic dependent launches (programmatic_launch, sm_90+) and plainly:
-    float32 greedy tokens equal cpu_ref's either way, in graphs and eagerly; bfloat16 with an FP8 cache gives the
-    same tokens both ways."""
-    from nanovllm.backends.cuda import pdl
-    sm90 = torch.cuda.get_device_capability()[0] >= 9
-    try:
-        for on in (True, False):
-            for eager in (False, True):
-                with LLM(tiny_qwen3, backend="cuda", dtype="float32", enforce_eager=eager, max_model_len=1024,
-                         num_kvcache_blocks=512, max_num_seqs=16, programmatic_launch=on) as llm:
-                    assert pdl.enabled(torch.device("cuda")) == (on and sm90)
-                    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
-            with LLM(tiny_qwen3, backend="cuda", max_model_len=1024, num_kvcache_blocks=512, max_num_seqs=16,
-                     kv_cache_dtype="fp8", programmatic_launch=on) as llm:
-                fp8 = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-            if on:
-                fp8_with = fp8
-        assert fp8 == fp8_with
-    finally:
-        pdl.configure(False)
-
-
 def test_plain_decode_steps_sample_inside_the_graphs(tiny_qwen3, prompts, reference):
     """Greedy decode steps take the captured sampler's tokens (equal to cpu_ref's); sampled ones draw fresh tokens
     each step; a step whose requests ask for logprobs samples the graph's logits outside, to the same tokens."""

@@ -289,25 +289,6 @@ def test_kernels_compile_for_h100_without_spills():
 
 
 # ---- registration and checks (no GPU or triton needed) ---------------------------------------------
-def test_programmatic_launch_is_off_where_it_cannot_run(monkeypatch):
-    """PDL launches only on a CUDA device of sm_90+ with the option on (off by default), never under the
-    interpreter."""
-    from nanovllm.backends.cuda import pdl
-    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
-    pdl.supported.cache_clear()
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    try:
-        assert pdl.supported(0) == (False, "Triton's interpreter runs the kernels")
-    finally:
-        pdl.supported.cache_clear()
-    assert not pdl.enabled(torch.device("cuda"))  # the option's default
-    pdl.configure(True)
-    try:
-        assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
-    finally:
-        pdl.configure(False)
-
-
 def test_registers_every_kernel_with_a_check():
     registry = KernelRegistry()
     register_cuda_kernels(registry)

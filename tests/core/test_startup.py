@@ -57,12 +57,7 @@ def test_memory_knobs_are_backend_options_checked_at_start_up():
     resolved = resolve(portable, everything)  # another backend's option is checked, then unused
     assert resolved.backend.option(portable, "cpu_memory_fraction") == 0.2
     assert resolved.backend.option(EngineConfig(model="", hf_config=HF), "cpu_memory_fraction") == 0.3
-    for on in (True, False, 0, 1):  # a switch: --backend-option programmatic_launch=0 gives the int
-        resolve(EngineConfig(model="", hf_config=HF, backend_options={"programmatic_launch": on}), everything)
     for options, message in [({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5 is invalid.*\(0, 1\]"),
-                              ({"programmatic_launch": 2}, r"programmatic_launch=2 is invalid.*on or off"),
-                              ({"programmatic_launch": "yes"}, r"programmatic_launch='yes' is invalid"),
-                              ({"programmatic_launch": 1.0}, r"programmatic_launch=1.0 is invalid"),
                               ({"max_len": 5}, "unknown engine option.*max_len.*gpu_memory_utilization")]:
         with pytest.raises(ValueError, match=message):
             resolve(EngineConfig(model="", hf_config=HF, backend_options=options), everything)

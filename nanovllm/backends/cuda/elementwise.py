@@ -12,9 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda import pdl
-from nanovllm.backends.cuda.pdl import enter
-
 
 @triton.jit
 def norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dtype_ptr,
@@ -54,9 +51,7 @@ def _norm_rope_heads(src, stride_head, dst, w_ptr, cos, sin, cols, eps,
 def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cache_ptr, q_w_ptr, k_w_ptr, eps,
                          stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cache,
                          NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                         KV_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
-                         PDL: tl.constexpr = False):
-    enter(PDL)
+                         KV_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, HALF_PAD)
@@ -87,13 +82,12 @@ def rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin
         eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), NUM_KV_HEADS=num_kv_heads,
         KV_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        HAS_NORM=has_norm, num_warps=4, **pdl.launch_options(q.device))
+        HAS_NORM=has_norm, num_warps=4)
     return q_out, k_out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    enter(PDL)
+def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -114,15 +108,13 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         block = min(1024, triton.next_power_of_2(d))
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](rows, out, d, rows.stride(0), out.stride(0),
-                                                                 BLOCK=block, num_warps=4,
-                                                                 **pdl.launch_options(x.device))
+                                                                 BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], d)
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n, eps, stride_x, stride_r,
-                         BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    enter(PDL)
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -155,6 +147,5 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         block = triton.next_power_of_2(n)
         _add_rms_norm_kernel[(rows_x.shape[0],)](rows_x, rows_r, weight, out, summed, n, eps, rows_x.stride(0),
                                                  rows_r.stride(0), BLOCK=block,
-                                                 num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
-                                                 **pdl.launch_options(x.device))
+                                                 num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
     return out.view(x.shape), summed.view(x.shape)

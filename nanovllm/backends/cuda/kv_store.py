@@ -9,8 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda import pdl
-from nanovllm.backends.cuda.pdl import enter
 from nanovllm.core.kv_quant import fp8_max, is_fp8
 
 
@@ -20,9 +18,8 @@ def _store_kv_kernel(
     stride_key_token, stride_key_head, stride_value_token, stride_value_head,
     stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head,
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
-    enter(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -88,5 +85,5 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
         FP8=fp8, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0,
-        num_warps=_num_warps(num_kv_heads, head_dim), **pdl.launch_options(key.device),
+        num_warps=_num_warps(num_kv_heads, head_dim),
     )

@@ -9,7 +9,7 @@ import importlib.util
 import torch
 
 import nanovllm
-from nanovllm.core.backend import Backend, Fraction, Switch
+from nanovllm.core.backend import Backend, Fraction
 from nanovllm.core.logging import get_logger
 
 logger = get_logger(__name__)
@@ -29,10 +29,7 @@ class CudaBackend(Backend):
     compile_small_ops = True
     dist_backend = "nccl"
     block_table_multiple = 16  # Triton specialises on a stride's divisibility by 16: a fixed multiple, one variant
-    options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use"),
-               "programmatic_launch": Switch(False, "launch the Triton kernels as programmatic dependent launches "
-                                                   "(sm_90+; one setting a process; measured no faster on an "
-                                                   "H200, see backends/cuda/pdl.py)")}
+    options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -58,15 +55,6 @@ class CudaBackend(Backend):
                                f"lower tensor_parallel_size")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
-
-    def configure_process(self, config) -> None:
-        super().configure_process(config)
-        from nanovllm.backends.cuda import pdl
-        pdl.configure(self.option(config, "programmatic_launch"))
-        if torch.cuda.is_available():
-            why = pdl.supported(torch.cuda.current_device())[1] or ("" if pdl.enabled(torch.device("cuda"))
-                                                                    else "programmatic_launch is off")
-            logger.debug("cuda backend: programmatic dependent launch %s", f"off ({why})" if why else "on")
 
     def prepare_model(self, model, dtype: torch.dtype) -> None:
         """Layers whose product the Triton decode GEMM does faster at some batch sizes (its table) get it there."""

@@ -10,9 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda import pdl
 from nanovllm.backends.cuda.elementwise import norm_rope
-from nanovllm.backends.cuda.pdl import enter
 from nanovllm.backends.cuda.kv_store import encode_for_cache
 from nanovllm.core.kv_quant import fp8_max, is_fp8
 
@@ -26,9 +24,7 @@ def _qk_norm_rope_store_kernel(
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
     RETURN_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, HALF_PAD)
@@ -108,6 +104,5 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), NUM_KV_HEADS=num_kv_heads,
         KV_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_NORM=has_norm, RETURN_K=bool(return_k),
-        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0, num_warps=4,
-        **pdl.launch_options(q.device))
+        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0, num_warps=4)
     return q_out, k_out

@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda import pdl
-from nanovllm.backends.cuda.pdl import enter
 from nanovllm.core import sampler as reference
 from nanovllm.core.sampling import topk_candidates
 from nanovllm.core.sampler import SamplingTensors
@@ -64,8 +62,7 @@ def _uniform(bits):
 
 @triton.jit
 def _slice_stats_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, max_ptr, sum_ptr, index_ptr,
-                        vocab_size, num_slices, SLICE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = False):
-    enter(PDL)
+                        vocab_size, num_slices, SLICE: tl.constexpr, FAST: tl.constexpr):
     row = tl.program_id(0)
     part = tl.program_id(1)
     if (row == 0) & (part == 0):  # nothing else reads the seed in this kernel: the pick kernel uses the new one
@@ -88,8 +85,7 @@ def _slice_stats_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, max_
 @triton.jit
 def _pick_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, max_ptr, sum_ptr, index_ptr, out_ptr,
                  vocab_size, num_slices, SLICE: tl.constexpr, SLICES: tl.constexpr, BLOCK: tl.constexpr,
-                 FAST: tl.constexpr, PDL: tl.constexpr = False):
-    enter(PDL)
+                 FAST: tl.constexpr):
     row = tl.program_id(0)
     temperature = tl.load(temperatures_ptr + row)
     part = tl.arange(0, SLICES)
@@ -143,13 +139,12 @@ def split_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.T
     indices = torch.empty(num_rows, num_slices, dtype=torch.int32, device=logits.device)
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     fast = not _interpreting()
-    launch = pdl.launch_options(logits.device)
     _slice_stats_kernel[(num_rows, num_slices)](logits, logits.stride(0), temperatures, seed, maxima, sums, indices,
                                                 vocab_size, num_slices, SLICE=slice_size, FAST=fast,
-                                                num_warps=_warps(slice_size), **launch)
+                                                num_warps=_warps(slice_size))
     _pick_kernel[(num_rows,)](logits, logits.stride(0), temperatures, seed, maxima, sums, indices, out, vocab_size,
                               num_slices, SLICE=slice_size, SLICES=triton.next_power_of_2(num_slices),
-                              BLOCK=min(block, slice_size), FAST=fast, num_warps=4, **launch)
+                              BLOCK=min(block, slice_size), FAST=fast, num_warps=4)
     return out
 
 

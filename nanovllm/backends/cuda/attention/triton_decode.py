@@ -15,12 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda import pdl
 from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
                                                            padded_head_dim)
 from nanovllm.backends.cuda.attention.triton_decode_balanced import balanced_decode
 from nanovllm.backends.cuda.attention.triton_decode_tiles import attend_range, load_query, normalise
-from nanovllm.backends.cuda.pdl import enter
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import DecodeMetadata
 
@@ -128,9 +126,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, ORDERED: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    enter(PDL)
     kv_head = tl.program_id(0)  # fastest: the KV heads of a token, adjacent in the cache, are read together
     if ORDERED:  # programs start in launch order: the longest sequences first leave the shortest for the tail
         seq = tl.load(seq_order_ptr + tl.program_id(1))
@@ -175,9 +171,7 @@ def _decode_split_kernel(
 def _decode_combine_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_o_seq, stride_o_head,
     num_splits, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    enter(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -256,13 +250,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=block_size, BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
         KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype), ASM=q.device.type == "cuda", ORDERED=seq_order is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(q.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
         _decode_combine_kernel[(num_heads, num_seqs)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
             num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
-            **pdl.launch_options(q.device),
         )
     return out
 

@@ -16,9 +16,7 @@ import triton.language as tl
 
 from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
                                                            padded_head_dim)
-from nanovllm.backends.cuda import pdl
 from nanovllm.backends.cuda.attention.triton_decode_tiles import attend_range, load_query, normalise
-from nanovllm.backends.cuda.pdl import enter
 
 
 @triton.jit
@@ -91,9 +89,7 @@ def _balanced_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEQS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, ORDERED: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    enter(PDL)
     kv_head = tl.program_id(0)  # fastest: the KV heads of a tile range, adjacent in the cache, are read together
     prog = tl.program_id(1)
     num_progs = tl.num_programs(1)
@@ -194,6 +190,5 @@ def balanced_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=block_size, BLOCK_N=block_n,
         SEQS_PAD=max(256, triton.next_power_of_2(num_seqs)),  # one compiled kernel for every batch up to 256
         DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
-        ASM=q.device.type == "cuda", ORDERED=seq_order is not None, num_warps=num_warps, num_stages=num_stages,
-        **pdl.launch_options(q.device))
+        ASM=q.device.type == "cuda", ORDERED=seq_order is not None, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -17,8 +17,6 @@ import triton.language as tl
 
 from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
                                                            padded_head_dim, paged_row_offsets)
-from nanovllm.backends.cuda import pdl
-from nanovllm.backends.cuda.pdl import enter
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import PrefillMetadata
 
@@ -83,9 +81,8 @@ def _prefill_kernel(
     stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head, stride_bt_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr = False,
+    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    enter(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1)
     tile = tl.num_programs(2) - 1 - tl.program_id(2)
@@ -198,7 +195,6 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size, PAGED=paged,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8,
         DOT_DTYPE=fp8_dot_dtype(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
-        **pdl.launch_options(q.device),
     )
     return out
 
