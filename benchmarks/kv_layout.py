@@ -2,7 +2,8 @@
 ([blocks, block_size, kv_heads, head_dim]: a page holds each token's KV heads side by side), against head-major
 pages ([blocks, kv_heads, block_size, head_dim]: each KV head's tokens of a page contiguous, 2 KiB of FP8 or 4 KiB
 of bf16 at head_dim 128 and 16-token pages). The kernels take the cache's strides, so the same kernel reads both;
-the head-major cache is passed as a permuted view of the same logical shape.
+the head-major cache is passed as a permuted view of the same logical shape. Measured on an H200 and not adopted
+(benchmarks/RESULTS.md, round seven).
 
     python benchmarks/kv_layout.py [--batches 64,128,256] [--contexts 1024,mixed]
 
@@ -14,9 +15,8 @@ import argparse
 
 import torch
 
-from benchmarks.fp8_decode import inputs
 from benchmarks.kernels_cuda import copy_bandwidth
-from benchmarks.sweep_splits import decode_call, graph_seconds
+from benchmarks.sweep_splits import decode_call, graph_seconds, sweep_cases
 
 
 def head_major(case):
@@ -35,25 +35,17 @@ def main():
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s; fraction of it at which K/V are "
           f"read: token-major / head-major pages")
-    for kv_name in args.kv_dtypes.split(","):
-        kv_dtype = getattr(torch, kv_name)
-        for context in args.contexts.split(","):
-            context = context if context in ("mixed", "padded") else int(context)
-            for batch in map(int, args.batches.split(",")):
-                cases = [inputs(batch, context, kv_dtype, seed=seed) for seed in (0, 1)]
-                moved = [head_major(c) for c in cases]
-                kv_bytes = sum(c[-1] for c in cases) / len(cases)
-                a, b = decode_call(cases[0]), decode_call(moved[0])
-                same = torch.equal(a(), b())
-                times = {}
-                for _ in range(2):  # alternated
-                    for name, cs in (("token", cases), ("head", moved)):
-                        t = graph_seconds([decode_call(c) for c in cs])
-                        times[name] = min(times.get(name, t), t)
-                print(f"{kv_name:>14} ctx {context!s:>5} batch {batch:3d}: token-major "
-                      f"{kv_bytes / times['token'] / bw:.3f}  head-major {kv_bytes / times['head'] / bw:.3f}  "
-                      f"outputs equal: {same}", flush=True)
-                del cases, moved
+    for kv_name, context, batch, cases, kv_bytes in sweep_cases(args):
+        moved = [head_major(c) for c in cases]
+        same = torch.equal(decode_call(cases[0])(), decode_call(moved[0])())
+        times = {}
+        for _ in range(2):  # alternated
+            for name, cs in (("token", cases), ("head", moved)):
+                t = graph_seconds([decode_call(c) for c in cs])
+                times[name] = min(times.get(name, t), t)
+        print(f"{kv_name:>14} ctx {context!s:>5} batch {batch:3d}: token-major "
+              f"{kv_bytes / times['token'] / bw:.3f}  head-major {kv_bytes / times['head'] / bw:.3f}  "
+              f"outputs equal: {same}", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,18 @@ def variants(batch: int, num_sms: int) -> list[tuple[str, dict]]:
     return out
 
 
+def sweep_cases(args):
+    """(kv dtype name, context, batch, two input sets, their mean K/V bytes) over the --kv-dtypes, --contexts and
+    --batches of `args` (a context is a token count, 'mixed' or 'padded': see fp8_decode.inputs)."""
+    for kv_name in args.kv_dtypes.split(","):
+        kv_dtype = getattr(torch, kv_name)
+        for context in args.contexts.split(","):
+            context = context if context in ("mixed", "padded") else int(context)
+            for batch in map(int, args.batches.split(",")):
+                cases = [inputs(batch, context, kv_dtype, seed=seed) for seed in (0, 1)]
+                yield kv_name, context, batch, cases, sum(case[-1] for case in cases) / len(cases)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="1,2,4,8,16,32,48,64,96,128,256")
@@ -87,28 +99,21 @@ def main():
     print(f"{torch.cuda.get_device_name()}, {num_sms} SMs, copy bandwidth {bw / 1e9:.0f} GB/s; "
           "fraction of it at which K/V are read")
     rows = []
-    for kv_name in args.kv_dtypes.split(","):
-        kv_dtype = getattr(torch, kv_name)
-        for context in args.contexts.split(","):
-            context = context if context in ("mixed", "padded") else int(context)
-            for batch in map(int, args.batches.split(",")):
-                cases = [inputs(batch, context, kv_dtype, seed=seed) for seed in (0, 1)]
-                kv_bytes = sum(case[-1] for case in cases) / len(cases)
-                row = dict(kv_dtype=kv_name, context=context, batch=batch,
-                           default_splits=choose_num_splits(batch, NUM_KV_HEADS, torch.device("cuda")))
-                if args.flush:
-                    row["split flush"] = round(kv_bytes / bench(decode_call(cases[0])) / bw, 3)
-                for name, kwargs in variants(batch, num_sms):
-                    try:
-                        seconds = graph_seconds([decode_call(case, **kwargs) for case in cases])
-                        row[name] = round(kv_bytes / seconds / bw, 3)
-                    except Exception as e:  # a config that does not compile: say so, keep sweeping
-                        row[name] = f"error {type(e).__name__}"
-                rows.append(row)
-                best = max((k for k in row if isinstance(row[k], float) and k != "split flush"), key=row.get)
-                print(f"{kv_name} ctx {context} batch {batch}: split {row['split']} "
-                      f"plan {row['plan']} best {best} {row[best]}", flush=True)
-                del cases
+    for kv_name, context, batch, cases, kv_bytes in sweep_cases(args):
+        row = dict(kv_dtype=kv_name, context=context, batch=batch,
+                   default_splits=choose_num_splits(batch, NUM_KV_HEADS, torch.device("cuda")))
+        if args.flush:
+            row["split flush"] = round(kv_bytes / bench(decode_call(cases[0])) / bw, 3)
+        for name, kwargs in variants(batch, num_sms):
+            try:
+                seconds = graph_seconds([decode_call(case, **kwargs) for case in cases])
+                row[name] = round(kv_bytes / seconds / bw, 3)
+            except Exception as e:  # a config that does not compile: say so, keep sweeping
+                row[name] = f"error {type(e).__name__}"
+        rows.append(row)
+        best = max((k for k in row if isinstance(row[k], float) and k != "split flush"), key=row.get)
+        print(f"{kv_name} ctx {context} batch {batch}: split {row['split']} "
+              f"plan {row['plan']} best {best} {row[best]}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw / 1e9, rows=rows), f, indent=1)
