@@ -235,8 +235,9 @@ class Engine:
 
         Steps are pipelined one deep: step N+1 is scheduled and launched before step N's tokens are committed
         (see `Scheduler.schedule` for what may run behind what), so host work overlaps device work
-        (`async_scheduling=False` turns this off). With nothing left to launch, the step in flight is committed. If anything raises, every unfinished request is aborted
-        first (see `_recover`), leaving the engine idle and usable, and the exception propagates.
+        (`async_scheduling=False` turns this off). With nothing left to launch, the step in flight is committed.
+        If anything raises, every unfinished request is aborted first (see `_recover`), leaving the engine idle and
+        usable, and the exception propagates.
         """
         self.check_open()
         in_flight = self._in_flight

@@ -148,7 +148,8 @@ def _decode_split_kernel(
         v_scale = 1.0
     acc, l_i, m_i = attend_range(
         q, q_even, q_odd, qk_scale, k_cache_ptr + kv_head * stride_cache_head,
-        v_cache_ptr + kv_head * stride_cache_head, block_tables_ptr + seq.to(tl.int64) * stride_bt_seq, start, end, stride_cache_block, stride_cache_row,
+        v_cache_ptr + kv_head * stride_cache_head, block_tables_ptr + seq.to(tl.int64) * stride_bt_seq, start, end,
+        stride_cache_block, stride_cache_row,
         GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM)
     part, lse = normalise(acc, l_i, m_i, v_scale)
 
