@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +21,9 @@ class StreamOptions(OpenAIModel):
 
 
 class SamplingFields(OpenAIModel):
-    """The fields completions and chat completions share."""
+    """The fields completions and chat completions share. Unknown fields are kept (`model_extra`) so that the
+    serving code can refuse the OpenAI / vLLM features nanovllm does not implement (serving_engine)."""
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -49,6 +51,7 @@ class SamplingFields(OpenAIModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: dict | None = None  # vLLM >= 0.11's name: {"json" | "regex" | "choice" | ...: ...}
 
 
 class CompletionRequest(SamplingFields):
@@ -70,15 +73,22 @@ class ChatMessage(OpenAIModel):
     content: str | list[ContentPart] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(OpenAIModel):
+    """vLLM's chat-template options (shared by chat completions and /tokenize)."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+    model_config = SamplingFields.model_config
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

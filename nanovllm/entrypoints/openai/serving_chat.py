@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, chat_response, new_id, now,
-                                                  sse, usage)
+from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
+                                                  chat_response, new_id, now, sse, usage)
 from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
                                                         check_n, merge,
                                                         to_sampling_params)
@@ -17,32 +17,54 @@ def message_text(i: int, message: ChatMessage) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
+    for j, part in enumerate(content):
+        if part.type != "text":
             raise ValueError(f"messages[{i}].content has a part of type {part.type!r}; nanovllm serves text "
                              f"models: give text parts only")
+        if part.text is None:
+            raise ValueError(f"messages[{i}].content[{j}] is a text part without `text`: give its text")
         texts.append(part.text)
     return "".join(texts)
 
 
+# apply_chat_template's own arguments, which chat_template_kwargs (the template's variables) may not set
+RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "chat_template", "tools", "documents", "return_dict",
+                            "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length",
+                            "tokenizer_kwargs"}
+
+
+def template_kwargs(request: ChatTemplateFields) -> dict:
+    """The chat template's variables: add_generation_prompt and continue_final_message, then chat_template_kwargs
+    (which win, as in vLLM)."""
+    kwargs = {"add_generation_prompt": request.add_generation_prompt,
+              "continue_final_message": request.continue_final_message, **(request.chat_template_kwargs or {})}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs sets {', '.join(reserved)}, an argument of the template call itself: "
+                         f"give only the template's variables")
+    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
+        raise ValueError("continue_final_message=true continues the last message, add_generation_prompt=true starts "
+                         "a new one: set add_generation_prompt=false")
+    return kwargs
+
+
 class OpenAIServingChat(OpenAIServing):
-    def prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def prompt_ids(self, messages: list[ChatMessage], options: ChatTemplateFields) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
         conversation = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(messages)]
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **template_kwargs(options))
         return self.token_ids(self.tokenizer.encode(text, add_special_tokens=False))
 
     async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
-        self.check_model(request.model)
+        self.check_fields(request)
         check_n(request.n)
         max_tokens = request.max_completion_tokens or request.max_tokens
         check_max_tokens(request.max_completion_tokens, "max_completion_tokens")
         check_max_tokens(request.max_tokens)
         if request.top_logprobs is not None and not request.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        ids = self.prompt_ids(request.messages, request.add_generation_prompt)
+        ids = self.prompt_ids(request.messages, request)
         check_context_length(len(ids), max_tokens, self.max_model_len,
                              "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
         max_tokens = max_tokens or max(1, self.max_model_len - len(ids))

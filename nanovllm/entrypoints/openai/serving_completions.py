@@ -24,7 +24,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def plan(self, request: CompletionRequest):
         """Every (prompt, params) of the request, checked in full before anything runs."""
-        self.check_model(request.model)
+        self.check_fields(request)
         check_n(request.n)
         if request.suffix:
             raise ValueError("suffix is not supported by nanovllm; leave it unset")

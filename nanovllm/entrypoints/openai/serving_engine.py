@@ -3,6 +3,7 @@ request on the engine with its metrics, merging several requests' streams, and t
 from __future__ import annotations
 
 import asyncio
+import reprlib
 import time
 from collections.abc import AsyncIterator
 
@@ -10,9 +11,19 @@ from nanovllm.entrypoints.openai.metrics import ServerMetrics
 from nanovllm.entrypoints.openai.protocol import SamplingFields
 from nanovllm.outputs import StreamOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_outputs import StructuredOutputs
 
 MAX_LOGPROBS = 20  # OpenAI's bound on logprobs / top_logprobs
 MAX_N = 128
+# Fields of OpenAI's and vLLM's APIs that change what a request returns and that nanovllm does not implement, with
+# the values that mean "off" (clients send those explicitly): any other value is a 400, never served as if unset.
+UNSUPPORTED_FIELDS = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "echo": (None, False),  # chat completions' (completions implement theirs)
+    "chat_template": (None,), "use_beam_search": (None, False), "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True), "prompt_logprobs": (None,), "return_tokens_as_token_ids": (None, False),
+    "truncate_prompt_tokens": (None,), "logits_processors": (None, []), "priority": (None, 0),
+}
 
 
 class ModelNotFound(LookupError):
@@ -29,6 +40,16 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise ModelNotFound(f"The model `{model}` does not exist; this server serves `{self.model_name}`")
+
+    def check_fields(self, request: SamplingFields) -> None:
+        """The model, and ValueError for a field nanovllm does not implement set to anything but "off"."""
+        self.check_model(request.model)
+        for name, value in (request.model_extra or {}).items():
+            if name in UNSUPPORTED_FIELDS and not any(value == off and type(value) is type(off)
+                                                      for off in UNSUPPORTED_FIELDS[name]):
+                raise ValueError(f"{name}={reprlib.repr(value)} is not supported by nanovllm; leave it unset")
+        if request.stream_options is not None and not request.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
 
     def token_ids(self, prompt) -> list[int]:
         """A prompt (text or token ids) as checked token ids, the way LLM.generate checks them."""
@@ -77,12 +98,14 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
         stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs)
 
 
-def structured_outputs(request: SamplingFields) -> dict | None:
-    """OpenAI's response_format, or vLLM's guided_json / guided_regex / guided_choice / guided_grammar, as
-    SamplingParams.structured (None when the request sets none; ValueError when it sets several)."""
+def structured_outputs(request: SamplingFields) -> dict | StructuredOutputs | None:
+    """OpenAI's response_format, vLLM's structured_outputs, or its older guided_json / guided_regex / guided_choice /
+    guided_grammar, as SamplingParams.structured (None when the request sets none; ValueError when it sets several)."""
     given = {kind: value for kind, value in (("json", request.guided_json), ("regex", request.guided_regex),
                                              ("choice", request.guided_choice), ("grammar", request.guided_grammar))
              if value is not None}
+    if request.structured_outputs is not None:
+        given["structured_outputs"] = StructuredOutputs.coerce(request.structured_outputs, "structured_outputs")
     fmt = request.response_format
     if fmt is not None and fmt.get("type") not in (None, "text"):
         if fmt.get("type") == "json_object":
@@ -96,7 +119,10 @@ def structured_outputs(request: SamplingFields) -> dict | None:
             raise ValueError(f"response_format type {fmt.get('type')!r} is invalid: expected 'text', 'json_object' "
                              f"or 'json_schema'")
     if len(given) > 1:
-        raise ValueError(f"response_format and guided_* set {len(given)} constraints ({', '.join(given)}); give one")
+        raise ValueError(f"response_format, structured_outputs and guided_* set {len(given)} constraints "
+                         f"({', '.join(given)}); give one")
+    if "structured_outputs" in given:
+        return given["structured_outputs"]
     return given or None
 
 

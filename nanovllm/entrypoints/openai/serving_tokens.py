@@ -11,7 +11,7 @@ class OpenAIServingTokens(OpenAIServingChat):
         if (request.prompt is None) == (request.messages is None):
             raise ValueError("give exactly one of prompt (a string) or messages (a conversation)")
         if request.messages is not None:
-            ids = self.prompt_ids(request.messages)
+            ids = self.prompt_ids(request.messages, request)
         else:
             ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}

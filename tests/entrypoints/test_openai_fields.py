@@ -1,0 +1,103 @@
+"""Request fields a vLLM or OpenAI client sends that go beyond the basics: vLLM's current `structured_outputs`, chat
+template options, and the fields nanovllm does not implement (each a 400 naming it, never silently ignored)."""
+import json
+import re
+
+import httpx
+import pytest
+
+from tests.entrypoints.server import ServerProcess
+
+ENGINE = ["--backend", "cpu_ref", "--num-kvcache-blocks", "64", "--kvcache-block-size", "16",
+          "--max-model-len", "128", "--max-num-seqs", "8"]
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3):
+    server = ServerProcess(tiny_qwen3, *ENGINE, "--served-model-name", "tiny", "--shutdown-timeout", "3")
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=60)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_structured_outputs_constrains_the_output(server, path):
+    """vLLM >= 0.11 sends `structured_outputs` (its guided_* fields are gone): it must constrain, not be ignored."""
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": MESSAGES}
+    for seed in range(3):
+        for constraint, ok in (({"choice": ["left", "right"]}, lambda t: t in ("left", "right")),
+                               ({"regex": "[0-9]{3}"}, lambda t: re.fullmatch("[0-9]{3}", t)),
+                               ({"json": {"type": "object", "properties": {"a": {"type": "boolean"}},
+                                          "required": ["a"], "additionalProperties": False}, "backend": "xgrammar"},
+                                lambda t: json.loads(t) in ({"a": True}, {"a": False}))):
+            response = post(server, path, {**body, "max_tokens": 12, "seed": seed, "structured_outputs": constraint})
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            text = choice["text"] if "text" in choice else choice["message"]["content"]
+            assert ok(text), (constraint, text)
+
+
+@pytest.mark.parametrize("path, extra, field", [
+    ("/v1/completions", {"structured_outputs": {"choice": ["a"]}, "guided_regex": "b"}, "2 constraints"),
+    ("/v1/completions", {"structured_outputs": {"structural_tag": "{}"}}, "structural_tag"),
+    ("/v1/completions", {"structured_outputs": {}}, "structured"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"chat_template": "{{ 'x' }}"}, "chat_template"),
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ("/v1/completions", {"skip_special_tokens": False}, "skip_special_tokens"),
+    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {"truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_unsupported_fields_get_400_naming_them(server, path, extra, field):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": MESSAGES}
+    response = post(server, path, {**body, "max_tokens": 2, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert field in error["message"] and error["type"] == "BadRequestError"
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server):
+    """Clients (LangChain, vLLM's own benchmarks) send the defaults explicitly: those are not refused."""
+    neutral = {"tools": [], "tool_choice": "none", "use_beam_search": False, "include_stop_str_in_output": False,
+               "skip_special_tokens": True, "prompt_logprobs": None, "echo": False, "chat_template": None,
+               "parallel_tool_calls": False, "stream_options": None}
+    response = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, **neutral})
+    assert response.status_code == 200, response.text
+
+
+def test_chat_template_options_reach_the_template(server):
+    """continue_final_message continues the last (assistant) message; chat_template_kwargs are the template's
+    variables; both count in /tokenize as in /v1/chat/completions."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the capital"}]
+    plain = post(server, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()["tokens"]
+    continued = post(server, "/tokenize", {"messages": messages, "add_generation_prompt": False,
+                                           "continue_final_message": True}).json()["tokens"]
+    detok = post(server, "/detokenize", {"tokens": continued}).json()["prompt"]
+    assert detok.endswith("the capital") and len(continued) < len(plain)
+    body = {"messages": messages, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 2}
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == len(continued)
+    both = post(server, "/v1/chat/completions", {**body, "add_generation_prompt": True})
+    assert both.status_code == 400 and "continue_final_message" in both.json()["error"]["message"]
+    # chat_template_kwargs are the template's variables and win over the request's own fields, as in vLLM (the tiny
+    # model's template reads add_generation_prompt); keys the server sets itself are refused
+    prompted = post(server, "/tokenize", {"messages": MESSAGES}).json()["tokens"]
+    kwargs = post(server, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False,
+                                        "chat_template_kwargs": {"add_generation_prompt": True}})
+    assert kwargs.json()["tokens"] == prompted
+    chat = post(server, "/v1/chat/completions", {"messages": MESSAGES, "add_generation_prompt": False, "max_tokens": 1,
+                                                 "chat_template_kwargs": {"add_generation_prompt": True}})
+    assert chat.json()["usage"]["prompt_tokens"] == len(prompted)
+    reserved = post(server, "/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}})
+    assert reserved.status_code == 400 and "tokenize" in reserved.json()["error"]["message"]
