@@ -69,7 +69,8 @@ class OpenAIServingChat(OpenAIServing):
                              "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
         max_tokens = max_tokens or max(1, self.max_model_len - len(ids))
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = to_sampling_params(request, max_tokens, logprobs, n=request.n)  # the n choices: one request
+        params = to_sampling_params(request, max_tokens, logprobs, n=request.n,  # the n choices: one request
+                                    logprobs_name="top_logprobs")
         self.llm.check_request(ids, params)
         request_id = new_id("chatcmpl")
         streams = [self.run(ids, params, request_id, request.stream)]

@@ -20,7 +20,7 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt = [prompt]
         if not prompt:
             raise ValueError("prompt is empty: give a string, a list of strings, token ids or lists of token ids")
-        return [(p if isinstance(p, str) else None, self.token_ids(p)) for p in prompt]
+        return [(p if isinstance(p, str) else None, self.token_ids(p, i)) for i, p in enumerate(prompt)]
 
     def plan(self, request: CompletionRequest):
         """Every (prompt, params) of the request, checked in full before anything runs."""

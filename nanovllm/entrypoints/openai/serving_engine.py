@@ -51,9 +51,10 @@ class OpenAIServing:
         if request.stream_options is not None and not request.stream:
             raise ValueError("stream_options is only allowed with stream=true")
 
-    def token_ids(self, prompt) -> list[int]:
-        """A prompt (text or token ids) as checked token ids, the way LLM.generate checks them."""
-        return self.llm.check_request(prompt, None)[0]
+    def token_ids(self, prompt, index: int = 0) -> list[int]:
+        """A prompt (text or token ids) as checked token ids, the way LLM.generate checks them (errors name it
+        prompts[index])."""
+        return self.llm.check_request(prompt, None, index)[0]
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool,
                   prompt_logprobs: int | None = None) -> AsyncIterator[StreamOutput]:
@@ -77,7 +78,7 @@ class OpenAIServing:
 
 
 def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
-                       n: int = 1) -> SamplingParams:
+                       n: int = 1, logprobs_name: str = "logprobs") -> SamplingParams:
     """The request's sampling fields as SamplingParams; ValueError (HTTP 400) names any invalid one.
 
     Choice j of a request with `seed` and n > 1 uses seed + j, so the n choices differ and each is reproducible:
@@ -85,7 +86,7 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
     blocks) or, where each choice needs its own request (echoed prompt logprobs), with `seed_offset` j.
     """
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise ValueError(f"logprobs={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
+        raise ValueError(f"{logprobs_name}={logprobs} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
     seed = SamplingParams(seed=request.seed).sample_seed(seed_offset)  # seed + j, wrapped into the seed range
     # temperature, top_p, top_k, min_p and repetition_penalty left unset take the model's generation_config.json
     return SamplingParams(
