@@ -8,7 +8,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-"
                                             "Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (0: any free one)")
     p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: NANOVLLM_API_KEY, else no key)")
     p.add_argument("--served-model-name", help="the name clients give as `model` (default: the model path)")
@@ -17,6 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the HTTP server's log level")
     add_engine_arguments(p)
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: expected an integer in [0, 65535]")
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number: expected an integer in [0, 65535]")
+    return port
 
 
 def check_serve_extra() -> None:
@@ -35,12 +45,15 @@ def main(args: argparse.Namespace) -> int:
     from nanovllm.async_llm import AsyncLLM
     from nanovllm.commands.arguments import engine_options
     from nanovllm.core.logging import get_logger
-    from nanovllm.entrypoints.openai.api_server import run_server
-    llm = AsyncLLM(args.model, args.backend, **engine_options(args))
-    name = args.served_model_name or (args.model or os.path.basename(llm.config.model))
-    get_logger(__name__).info("serving %s as %r on http://%s:%d", llm.config.model, name, args.host, args.port)
-    try:
-        run_server(llm, name, args.host, args.port, args.api_key, args.shutdown_timeout, args.log_level)
-    finally:
-        llm.close()
+    from nanovllm.entrypoints.openai.api_server import bind_socket, run_server
+    sock = bind_socket(args.host, args.port)  # before loading the model, which can take minutes
+    with sock:
+        llm = AsyncLLM(args.model, args.backend, **engine_options(args))
+        name = args.served_model_name or (args.model or os.path.basename(llm.config.model))
+        port = sock.getsockname()[1]
+        get_logger(__name__).info("serving %s as %r on http://%s:%d", llm.config.model, name, args.host, port)
+        try:
+            run_server(llm, name, args.host, port, args.api_key, args.shutdown_timeout, args.log_level, sock=sock)
+        finally:
+            llm.close()
     return 0

@@ -108,3 +108,26 @@ def test_backend_option_values_are_read_as_numbers_where_they_are():
     args = cli.build_parser().parse_args(["bench", "--backend-option", "a=2", "--backend-option", "b=0.5",
                                           "--backend-option", "c=fast"])
     assert backend_options(args) == {"a": 2, "b": 0.5, "c": "fast"}
+
+
+def test_serve_checks_its_port_before_loading_the_model(tiny_qwen3, monkeypatch, capsys):
+    """A port out of range is a usage error; a port in use is refused before the engine is built (loading a large
+    model first would take minutes only to fail at bind)."""
+    import socket
+
+    import nanovllm.async_llm
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was built before the port was checked")
+    monkeypatch.setattr(nanovllm.async_llm, "AsyncLLM", no_engine)
+    for port in ("99999", "-1", "http"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", tiny_qwen3, "--port", port])
+        assert "--port" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", tiny_qwen3, "--backend", "cpu_ref", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import re
+import socket
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -137,10 +139,27 @@ class ApiKeyCheck:
         await self.app(scope, receive, send)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for run_server; RuntimeError naming the address when it cannot be bound (in
+    use, or not an address of this machine)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not over a listener: only past TIME_WAITs
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "the port is in use (by another server?)" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise RuntimeError(f"cannot listen on {host}:{port}: {why}; choose another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               shutdown_timeout: float = 10.0, log_level: str = "info") -> None:
+               shutdown_timeout: float = 10.0, log_level: str = "info", sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM: then stop accepting, let in-flight requests finish for up to
-    `shutdown_timeout` seconds, abort the rest, and return (the process exits 0)."""
+    `shutdown_timeout` seconds, abort the rest, and return (the process exits 0). With `sock` (from bind_socket),
+    serve on it; host and port are then only what the log says."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -152,4 +171,4 @@ def run_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
 
     config = uvicorn.Config(build_app(llm, model_name, api_key), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout, access_log=False)
-    Server(config).run()
+    Server(config).run(sockets=[sock] if sock is not None else None)
