@@ -17,6 +17,7 @@ from nanovllm.core.logging import get_logger
 from nanovllm.checkpoint.folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
+from nanovllm.chat_template import content_text, template_kwargs
 from nanovllm.requests import check_text, params_per_prompt, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
 
@@ -24,7 +25,8 @@ logger = get_logger(__name__)
 
 
 def as_conversations(messages) -> list[list[dict]]:
-    """A user message, one conversation, or a list of either -> a list of conversations; ValueError otherwise."""
+    """A user message, one conversation, or a list of either -> a list of conversations (each message's content one
+    string: OpenAI's text parts are joined); ValueError otherwise."""
     if isinstance(messages, str):
         messages = [messages]
     if isinstance(messages, list):
@@ -33,17 +35,24 @@ def as_conversations(messages) -> list[list[dict]]:
         messages = [messages]
 
     def is_message(m) -> bool:
-        return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
 
     if not isinstance(messages, list) or not messages or not all(
             isinstance(c, list) and c and all(map(is_message, c)) for c in messages):
         raise ValueError("messages must be a conversation (a non-empty list of {'role': str, 'content': str} dicts) "
                          "or a list of conversations")
+    conversations = []
     for i, conversation in enumerate(messages):
+        conversations.append([])
         for j, m in enumerate(conversation):
+            text = content_text(f"conversation {i}, message {j}", m["content"])
+            if text is None:
+                raise ValueError(f"conversation {i}, message {j} has content of {m['content']!r:.80}: give a string "
+                                 f"or a list of {{'type': 'text', 'text': str}} parts")
             check_text(f"conversation {i}, message {j} (role)", m["role"])
-            check_text(f"conversation {i}, message {j}", m["content"])
-    return messages
+            check_text(f"conversation {i}, message {j}", text)
+            conversations[-1].append({**m, "content": text})
+    return conversations
 
 
 class LLM:
@@ -180,19 +189,29 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool | Callable = True) -> list[dict]:
+             use_tqdm: bool | Callable = True, *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[dict]:
         """`generate` for one conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's
-        chat template (with the assistant's generation prompt)."""
-        return self.generate(self.apply_chat_template(messages), sampling_params, use_tqdm)
+        chat template (by default with the assistant's generation prompt; the keywords are vLLM's: see
+        apply_chat_template)."""
+        ids = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message,
+                                       chat_template_kwargs=chat_template_kwargs)
+        return self.generate(ids, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, messages: list[dict] | list[list[dict]]) -> list[list[int]]:
-        """The prompt token ids of each conversation, as `chat` sends them."""
+    def apply_chat_template(self, messages: list[dict] | list[list[dict]], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False,
+                            chat_template_kwargs: dict | None = None) -> list[list[int]]:
+        """The prompt token ids of each conversation, as `chat` sends them. `add_generation_prompt` starts the
+        assistant's turn; `continue_final_message` instead leaves the last message open, for the model to continue;
+        `chat_template_kwargs` are more variables for the template (e.g. {"enable_thinking": False}), winning over
+        the two before, as in vLLM."""
+        options = template_kwargs(add_generation_prompt, continue_final_message, chat_template_kwargs)
         conversations = as_conversations(messages)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {self.config.model!r} has no chat template; use generate() with "
                              f"a formatted prompt instead")
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations]
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, **options) for c in conversations]
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None

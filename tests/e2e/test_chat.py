@@ -29,3 +29,25 @@ def test_chat_without_a_template_is_refused(llm, monkeypatch):
     monkeypatch.setattr(llm.tokenizer, "chat_template", None)
     with pytest.raises(ValueError, match="has no chat template"):
         llm.chat_prompt("hello")
+
+
+def test_chat_takes_vllms_template_options_and_text_parts(llm):
+    """vLLM's LLM.chat keywords: add_generation_prompt, continue_final_message, chat_template_kwargs (the
+    template's variables, which win); OpenAI-style text content parts are joined."""
+    decode = llm.tokenizer.decode
+    assert decode(llm.apply_chat_template("hi", add_generation_prompt=False)[0]) == "<|im_start|>user\nhi<|im_end|>\n"
+    continued = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the capital"}]
+    ids = llm.apply_chat_template(continued, add_generation_prompt=False, continue_final_message=True)[0]
+    assert decode(ids).endswith("<|im_start|>assistant\nthe capital")
+    out = llm.chat(continued, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
+    assert out[0]["prompt_token_ids"] == ids
+    assert llm.apply_chat_template("hi", add_generation_prompt=False,
+                                   chat_template_kwargs={"add_generation_prompt": True}) == [llm.chat_prompt("hi")]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]}]
+    assert llm.chat_prompt(parts) == llm.chat_prompt("hello world")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.apply_chat_template(continued, continue_final_message=True)  # add_generation_prompt is True
+    with pytest.raises(ValueError, match="tokenize"):
+        llm.apply_chat_template("hi", chat_template_kwargs={"tokenize": True})
+    with pytest.raises(ValueError, match="image_url"):
+        llm.chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])

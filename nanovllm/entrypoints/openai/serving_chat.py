@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from nanovllm.chat_template import template_kwargs
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
 from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
@@ -27,33 +28,14 @@ def message_text(i: int, message: ChatMessage) -> str:
     return "".join(texts)
 
 
-# apply_chat_template's own arguments, which chat_template_kwargs (the template's variables) may not set
-RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "chat_template", "tools", "documents", "return_dict",
-                            "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length",
-                            "tokenizer_kwargs"}
-
-
-def template_kwargs(request: ChatTemplateFields) -> dict:
-    """The chat template's variables: add_generation_prompt and continue_final_message, then chat_template_kwargs
-    (which win, as in vLLM)."""
-    kwargs = {"add_generation_prompt": request.add_generation_prompt,
-              "continue_final_message": request.continue_final_message, **(request.chat_template_kwargs or {})}
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
-    if reserved:
-        raise ValueError(f"chat_template_kwargs sets {', '.join(reserved)}, an argument of the template call itself: "
-                         f"give only the template's variables")
-    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
-        raise ValueError("continue_final_message=true continues the last message, add_generation_prompt=true starts "
-                         "a new one: set add_generation_prompt=false")
-    return kwargs
-
-
 class OpenAIServingChat(OpenAIServing):
     def prompt_ids(self, messages: list[ChatMessage], options: ChatTemplateFields) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
         conversation = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(messages)]
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **template_kwargs(options))
+        kwargs = template_kwargs(options.add_generation_prompt, options.continue_final_message,
+                                 options.chat_template_kwargs)
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
         return self.token_ids(self.tokenizer.encode(text, add_special_tokens=False))
 
     async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:

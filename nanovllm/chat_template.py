@@ -1,0 +1,44 @@
+"""What LLM.chat and the server's chat endpoint hand to a tokenizer's chat template: vLLM's template options and
+OpenAI-style message contents, checked (ValueError naming the problem) before the template runs."""
+
+# apply_chat_template's own arguments, which chat_template_kwargs (the template's variables) may not set
+RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "chat_template", "tools", "documents", "return_dict",
+                            "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length",
+                            "tokenizer_kwargs"}
+
+
+def template_kwargs(add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    chat_template_kwargs: dict | None = None) -> dict:
+    """The template's variables: add_generation_prompt and continue_final_message, then chat_template_kwargs
+    (which win, as in vLLM)."""
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise ValueError(f"chat_template_kwargs must be a dict of the template's variables; got "
+                         f"{type(chat_template_kwargs).__name__}")
+    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+              **(chat_template_kwargs or {})}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs sets {', '.join(reserved)}, an argument of the template call itself: "
+                         f"give only the template's variables")
+    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
+        raise ValueError("continue_final_message=True continues the last message, add_generation_prompt=True starts "
+                         "a new one: set add_generation_prompt=False")
+    return kwargs
+
+
+def content_text(where: str, content) -> str | None:
+    """A message's content as one string: a string, or OpenAI's text parts ({"type": "text", "text": ...}) joined;
+    None when it is neither (the caller says what a message is); ValueError for a part that is not text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        return None
+    texts = []
+    for j, part in enumerate(content):
+        if part.get("type") != "text":
+            raise ValueError(f"{where} has a part of type {part.get('type')!r}; nanovllm serves text models: give "
+                             f"text parts only")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}, part {j}, is a text part without a `text` string: give its text")
+        texts.append(part["text"])
+    return "".join(texts)
