@@ -14,6 +14,7 @@ once. Efficiency = floor / time.
 """
 import argparse
 import json
+import os
 import platform
 import random
 import time
@@ -23,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.checkpoint.folder import config_folder
-from nanovllm.commands.arguments import add_backend_option_argument, add_threads_argument, backend_options
+from nanovllm.commands.arguments import (add_backend_option_argument, add_threads_argument, backend_options,
+                                         positive_int)
 from nanovllm.core.logging import get_logger
 from nanovllm.models.decoder import head_dim_of
 
@@ -126,8 +128,20 @@ def workload_floor(hf, prompts, max_tokens, dtype_bytes: int = 2, kv_dtype_bytes
     return {"bytes": bytes_moved, "prefill_flops": prefill_flops, "weight_bytes": weight_bytes}
 
 
+def check_arguments(args) -> None:
+    """What argparse cannot see, checked before the model loads (a bench can run for minutes)."""
+    if args.model and args.config:
+        raise ValueError("give one of --model or --config (random weights of a config's shape), not both")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--json {args.json}: the folder {folder} does not exist; create it or choose another "
+                             f"file")
+
+
 def run(args) -> dict:
     from nanovllm import LLM, SamplingParams
+    check_arguments(args)
     model = args.model or (config_folder(None, args.config) if args.config else None)  # None: the default model
     options = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                    max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
@@ -209,11 +223,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "SmolLM2-135M-Instruct)")
     p.add_argument("--config", metavar="CONFIG_JSON", help="a model's config.json: random weights of that shape, "
                                                            "no checkpoint needed (default: none, use --model)")
-    p.add_argument("--num-prompts", "--num-seqs", type=int, metavar="N",
+    p.add_argument("--num-prompts", "--num-seqs", type=positive_int, metavar="N",
                    help="prompts in the workload (default: 256 on an accelerator, 16 on a CPU)")
-    p.add_argument("--input-len", "--max-input-len", type=int, metavar="N",
+    p.add_argument("--input-len", "--max-input-len", type=positive_int, metavar="N",
                    help="prompt length: drawn from [min(100, N), N] (default: 1024 on an accelerator, 128 on a CPU)")
-    p.add_argument("--output-len", "--max-output-len", type=int, metavar="N",
+    p.add_argument("--output-len", "--max-output-len", type=positive_int, metavar="N",
                    help="output tokens per prompt: drawn from [min(100, N), N] (default: 1024 on an accelerator, "
                         "64 on a CPU)")
     p.add_argument("--fixed-lengths", action="store_true", help="every prompt exactly --input-len tokens and every "

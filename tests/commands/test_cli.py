@@ -131,3 +131,25 @@ def test_serve_checks_its_port_before_loading_the_model(tiny_qwen3, monkeypatch,
         assert cli.main(["serve", tiny_qwen3, "--backend", "cpu_ref", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err
+
+
+def test_bench_refuses_an_empty_workload_and_conflicting_or_unwritable_options(tiny_qwen3, monkeypatch, capsys,
+                                                                              tmp_path):
+    """0 or negative workload sizes were replaced by the defaults (or crashed with a TypeError); --config beside
+    --model was ignored; a --json file in a missing folder failed only after the whole run."""
+    for flag in ("--num-prompts", "--input-len", "--output-len"):
+        for value in ("0", "-1"):
+            with pytest.raises(SystemExit):
+                cli.build_parser().parse_args(["bench", flag, value])
+            assert flag in capsys.readouterr().err
+
+    import nanovllm
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was built before the options were checked")
+    monkeypatch.setattr(nanovllm, "LLM", no_engine)
+    assert cli.main(["bench", "--model", tiny_qwen3, "--config", f"{tiny_qwen3}/config.json"]) == 2
+    assert "--model or --config" in capsys.readouterr().err
+    missing = tmp_path / "missing" / "bench.jsonl"
+    assert cli.main(["bench", "--model", tiny_qwen3, "--json", str(missing)]) == 2
+    assert str(missing.parent) in capsys.readouterr().err
