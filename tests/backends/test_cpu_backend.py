@@ -170,3 +170,20 @@ def test_the_second_tier_of_candidates_resolves_what_the_first_cannot():
     got = torch.zeros(5000)
     got[ids[0]] = (values[0] - values[0, 0]).exp().masked_fill(~kept[0], 0)
     assert torch.allclose(got / got.sum(), apply_top_k_top_p(logits, None, params.top_p).softmax(-1)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [200, 512, 4096])
+def test_an_unfiltered_seeded_row_samples_the_same_beside_filtered_rows_in_a_small_vocabulary(vocab):
+    """A vocabulary within a candidate tier (tiny models: 512 entries) made that tier hold every token, and the
+    tier 'resolved' every row, an unfiltered one too: beside a top-k or top-p row, a row without filters drew in
+    rank order, alone in vocabulary order, so a seeded request's tokens changed with what else was in the batch."""
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randn(vocab, generator=gen)
+    other = torch.randn(vocab, generator=gen)
+    for seed in range(20):
+        alone = sampler.sample(target.unsqueeze(0), SamplingTensors(torch.ones(1), generators=[
+            torch.Generator().manual_seed(seed)]))
+        for top_k, top_p in ((5, 1.0), (0, 0.8)):
+            params = SamplingTensors(torch.ones(2), top_k=torch.tensor([0, top_k]), top_p=torch.tensor([1.0, top_p]),
+                                     generators=[torch.Generator().manual_seed(seed), None])
+            assert sampler.sample(torch.stack([target, other]), params)[0] == alone[0], (seed, top_k, top_p)

@@ -51,9 +51,11 @@ def filter_candidates(scaled: torch.Tensor, params: SamplingTensors, num_candida
         kept &= ~((values < kth) & k_on.unsqueeze(-1))
         # nothing outside ties with the k-th (top-k past the candidates always takes the full path)
         k_inside = ~k_on | ((k <= num_candidates) & (values[:, -1] < kth.squeeze(-1))) | everything
-    resolved = (k_on & k_inside) | everything
+    p_on = params.top_p < 1 if params.top_p is not None else torch.zeros(len(scaled), dtype=torch.bool)
+    # A row with neither filter takes the full path even when the candidates hold the whole vocabulary: alone (in
+    # a batch without filters) it draws there, in vocabulary order, and its token must not depend on the batch.
+    resolved = (k_on & k_inside) | (everything & (k_on | p_on))
     if params.top_p is not None:
-        p_on = params.top_p < 1
         candidates = values.masked_fill(~kept, float("-inf"))
         # top-p's mass is over the top-k survivors (all among the candidates) or, without top-k, the vocabulary
         normaliser = torch.where(k_on, candidates.logsumexp(dim=-1), scaled.logsumexp(dim=-1)).unsqueeze(-1)
