@@ -18,8 +18,9 @@ from nanovllm.checkpoint.folder import check_hf_config, check_model_folder, chec
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
 from nanovllm.chat_template import content_text, template_kwargs
-from nanovllm.requests import check_text, params_per_prompt, prompts_to_ids
+from nanovllm.requests import params_per_prompt, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.text import check_text
 
 logger = get_logger(__name__)
 

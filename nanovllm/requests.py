@@ -6,6 +6,7 @@ refused as a whole and the engine never holds part of a refused call.
 from numbers import Integral
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.text import check_text
 
 
 def is_token_id(t) -> bool:
@@ -49,16 +50,6 @@ def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int
         raise ValueError(f"prompts[{i}] has {len(prompt)} tokens; with max_model_len={max_model_len} at most "
                          f"{max_model_len - 1} leave room for one output token: shorten it or raise max_model_len")
     return [int(t) for t in prompt]
-
-
-def check_text(where: str, text: str) -> None:
-    """ValueError when `text` cannot be encoded as UTF-8 (an unpaired surrogate, e.g. from a bad JSON escape or
-    a file read with errors="surrogateescape"): the tokenizer would fail with a TypeError naming nothing."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{where} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} is an "
-                         f"unpaired surrogate; fix the text (e.g. decode its bytes with errors='replace')") from None
 
 
 def params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:

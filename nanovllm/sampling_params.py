@@ -4,6 +4,7 @@ import math
 from dataclasses import KW_ONLY, dataclass, field
 
 from nanovllm.structured_outputs import StructuredOutputs
+from nanovllm.text import check_text
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 MAX_TOP_K = 2**31 - 1
@@ -186,6 +187,8 @@ def _stop_strings(stop) -> tuple[str, ...]:
         stop = [] if stop is None else [stop]
     if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
         _invalid("stop", stop, "expected None, a non-empty string or a list of non-empty strings")
+    for i, s in enumerate(stop):
+        check_text(f"SamplingParams.stop[{i}]", s)
     return tuple(stop)
 
 
@@ -223,4 +226,7 @@ def _bad_words(words) -> list[str | list[int]] | None:
         for w in words)
     if not ok:
         _invalid("bad_words", words, "expected None or a list of non-empty strings or non-empty token-id lists")
+    for i, w in enumerate(words):
+        if isinstance(w, str):
+            check_text(f"SamplingParams.bad_words[{i}]", w)
     return [w if isinstance(w, str) else list(w) for w in words] or None

@@ -6,6 +6,8 @@ is submitted, and a constraint that cannot be compiled is refused then, before a
 import json
 from dataclasses import dataclass
 
+from nanovllm.text import check_text
+
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 IGNORED_VLLM_KEYS = {"backend", "whitespace_pattern", "disable_fallback", "disable_any_whitespace",
                      "disable_additional_properties"}  # vLLM options about its own backends: nothing to do here
@@ -46,6 +48,11 @@ class StructuredOutputs:
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.json_object not in (None, True, False):
             raise ValueError(f"structured json_object must be True; got {self.json_object!r}")
+        texts = {"json": [self.json] if isinstance(self.json, str) else [], "regex": [self.regex or ""],
+                 "grammar": [self.grammar or ""], "choice": list(self.choice or ())}
+        for kind, values in texts.items():
+            for value in values:
+                check_text(f"structured {kind}", value)
 
     @property
     def kind(self) -> str:

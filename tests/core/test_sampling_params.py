@@ -85,3 +85,15 @@ def test_sample_seeds_are_seed_plus_index_wrapped():
     assert [SamplingParams(seed=5).sample_seed(i) for i in range(3)] == [5, 6, 7]
     assert SamplingParams(seed=2**64 - 1).sample_seed(1) == 0
     assert SamplingParams().sample_seed(2) is None
+
+
+@pytest.mark.parametrize("name, value, where", [
+    ("stop", ["ok", "a\ud800"], "stop"), ("bad_words", ["\udcff"], "bad_words"),
+    ("structured", {"choice": ["yes", "n\ud800"]}, "choice"), ("structured", {"regex": "\ud800+"}, "regex"),
+    ("structured", {"grammar": "root ::= \"\ud800\""}, "grammar"), ("structured", {"json": "{\"\ud800\": 1}"}, "json"),
+])
+def test_text_fields_with_an_unpaired_surrogate_are_refused(name, value, where):
+    """A bad JSON escape (\\ud800) in a stop string, bad word or constraint reached the tokenizer or the grammar
+    compiler: a bad word failed with a TypeError naming nothing (HTTP 500), a stop string or choice never matched."""
+    with pytest.raises(ValueError, match=rf"{where}.*unpaired surrogate"):
+        SamplingParams(**{name: value})

@@ -266,6 +266,12 @@ def test_a_non_streaming_client_that_gives_up_frees_its_blocks(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url"),
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
     ("/detokenize", {"tokens": [-1]}, "vocabulary"),
+    ("/tokenize", {"prompt": "a\ud800"}, "unpaired surrogate"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": ["\ud800"]}, "unpaired surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user\ud800", "content": "x"}]}, "unpaired surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x\ud800"}]}, "unpaired surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "unpaired surrogate"),
 ])
 def test_bad_requests_get_400_naming_the_problem(server, path, body, field):
     response = post(server, path, body)

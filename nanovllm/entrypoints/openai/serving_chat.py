@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from nanovllm.chat_template import template_kwargs
+from nanovllm.text import check_text
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
 from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
@@ -33,6 +34,9 @@ class OpenAIServingChat(OpenAIServing):
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
         conversation = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(messages)]
+        for i, m in enumerate(conversation):
+            check_text(f"messages[{i}].role", m["role"])
+            check_text(f"messages[{i}].content", m["content"])
         kwargs = template_kwargs(options.add_generation_prompt, options.continue_final_message,
                                  options.chat_template_kwargs)
         text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)

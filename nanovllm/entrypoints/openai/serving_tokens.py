@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from nanovllm.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest, now
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from nanovllm.text import check_text
 
 
 class OpenAIServingTokens(OpenAIServingChat):
@@ -13,6 +14,7 @@ class OpenAIServingTokens(OpenAIServingChat):
         if request.messages is not None:
             ids = self.prompt_ids(request.messages, request)
         else:
+            check_text("prompt", request.prompt)
             ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
