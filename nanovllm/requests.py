@@ -14,24 +14,47 @@ def is_token_id(t) -> bool:
 
 
 def prompts_to_ids(prompts, tokenizer, vocab_size: int, max_model_len: int) -> list[list[int]]:
-    """Strings or token-id lists (or one of either) -> token-id lists, each non-empty, inside the vocabulary and
-    leaving room for at least one output token."""
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and is_token_id(prompts[0])):
+    """Strings or token-id lists (or one of either; vLLM's {"prompt": text} and {"prompt_token_ids": ids} too) ->
+    token-id lists, each non-empty, inside the vocabulary and leaving room for at least one output token."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                            and is_token_id(prompts[0])):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; "
-                         f"got {type(prompts).__name__}")
+        raise ValueError(f"prompts must be a string, a list of token ids, or a list of those (or of vLLM's prompt "
+                         f"dicts); got {type(prompts).__name__}")
     return [prompt_to_ids(i, p, tokenizer, vocab_size, max_model_len) for i, p in enumerate(prompts)]
 
 
+def unwrap_prompt_dict(i: int, prompt: dict):
+    """vLLM's TextPrompt {"prompt": str} or TokensPrompt {"prompt_token_ids": [int, ...]} -> the text or the ids."""
+    given = [key for key in ("prompt", "prompt_token_ids") if key in prompt]
+    others = sorted(set(map(str, prompt)) - {"prompt", "prompt_token_ids"})
+    if others:
+        raise ValueError(f"prompts[{i}] has {', '.join(others)}: nanovllm takes {{'prompt': text}} or "
+                         f"{{'prompt_token_ids': ids}} only (text models, no multi-modal data)")
+    if len(given) != 1:
+        raise ValueError(f"prompts[{i}] must hold one of prompt or prompt_token_ids; got "
+                         f"{'both' if given else 'neither'}")
+    value = prompt[given[0]]
+    if given[0] == "prompt" and not isinstance(value, str):
+        raise ValueError(f"prompts[{i}]['prompt'] must be a string; got {type(value).__name__}")
+    if given[0] == "prompt_token_ids" and not isinstance(value, (list, tuple)):
+        raise ValueError(f"prompts[{i}]['prompt_token_ids'] must be a list of int token ids; got "
+                         f"{type(value).__name__}")
+    return value
+
+
 def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+    if isinstance(prompt, dict):
+        prompt = unwrap_prompt_dict(i, prompt)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError(f"prompts[{i}] is text, but skip_tokenizer_init=True: pass token ids")
         check_text(f"prompts[{i}]", prompt)
         prompt = tokenizer.encode(prompt)
     elif not isinstance(prompt, (list, tuple)):
-        raise ValueError(f"prompts[{i}] must be a string or a list of int token ids; got {type(prompt).__name__}")
+        raise ValueError(f"prompts[{i}] must be a string or a list of int token ids (or vLLM's {{'prompt': text}} /"
+                         f" {{'prompt_token_ids': ids}}); got {type(prompt).__name__}")
     # Fast path for plain ints (C-level passes; the per-token checks below cost ~0.1 s for the seed benchmark's
     # 143k prompt tokens, inside the timed call): same outcome, the slow path names the first bad token.
     if prompt and set(map(type, prompt)) == {int} and 0 <= min(prompt) and max(prompt) < vocab_size \

@@ -94,3 +94,20 @@ def test_cli_generate_stream_prints_the_same_text(tiny_qwen3, capsys):
 def test_cli_reports_invalid_sampling_values(capsys):
     assert main(["generate", "--top-p", "1.5", "hi"]) == 2
     assert "SamplingParams.top_p=1.5 is invalid" in capsys.readouterr().err
+
+
+def test_vllm_prompt_dicts_are_accepted(llm):
+    """vLLM's prompt forms, {"prompt": text} (TextPrompt) and {"prompt_token_ids": ids} (TokensPrompt), alone or in
+    a list, give what the plain text / ids give; a dict with neither, both or other keys names the problem."""
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    expected = [o["token_ids"] for o in llm.generate([PROMPTS[0], ids, PROMPTS[1]], greedy, use_tqdm=False)]
+    dicts = [{"prompt": PROMPTS[0]}, {"prompt_token_ids": ids}, PROMPTS[1]]
+    assert [o["token_ids"] for o in llm.generate(dicts, greedy, use_tqdm=False)] == expected
+    assert llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)[0]["token_ids"] == expected[1]
+    assert "".join(p.text for p in llm.stream({"prompt": PROMPTS[0]}, greedy)) == llm.tokenizer.decode(expected[0])
+    for bad, match in (({}, "prompt or prompt_token_ids"), ({"prompt": "a", "prompt_token_ids": [1]}, "both"),
+                       ({"prompt": "a", "multi_modal_data": {}}, "multi_modal_data"),
+                       ({"prompt_token_ids": "a"}, r"prompts\[1\]")):
+        with pytest.raises(ValueError, match=match):
+            llm.generate(["x", bad], greedy, use_tqdm=False)
