@@ -20,7 +20,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                                                        "--num-heads and --num-kv-heads")
     b.add_argument("--model", help="with --plan: a checkpoint folder whose shapes the plan is resolved for (default: "
                                    "the model generate uses without --model)")
-    b.add_argument("--backend", help="with --plan: the backend (default: the first available)")
+    b.add_argument("--backend", help="with --plan: the backend (default: the first available); without: list only "
+                                     "this backend (default: all)")
     b.add_argument("--save-plan", metavar="FILE", help="with --plan: write the plan as TOML (default: not written)")
     b.add_argument("--kernel-plan", metavar="FILE", help="with --plan: check that a saved plan can be replayed "
                                                          "(default: none)")
@@ -48,8 +49,16 @@ def main(args) -> int:
         print(f"kernels: named per op by {source}: {text}")
     if args.plan:
         return print_plan(args, plugins, kernels)
+    for flag in ("model", "save_plan", "kernel_plan"):
+        option = "--" + flag.replace("_", "-")
+        if getattr(args, flag) is not None:
+            raise ValueError(f"{option} needs --plan: nanovllm backends --plan {option} ...")
+    if args.backend is not None and args.backend not in plugins.backends:
+        plugins.select(args.backend)  # raises: unknown backend, with suggestions and the known ones
     shape = {name: getattr(args, name) or default for name, default in SHAPE_DEFAULTS.items()}
     for name, backend in plugins.backends.items():
+        if args.backend is not None and name != args.backend:
+            continue
         ok, reason = backend_availability(backend)
         print(f"{name} (plugin {plugins.plugin_of_backend[name]}): {'available' if ok else 'unavailable: ' + reason}")
         query = KernelQuery(backend.device_type, backend.default_dtype, shape["head_dim"], shape["num_heads"],

@@ -153,3 +153,16 @@ def test_bench_refuses_an_empty_workload_and_conflicting_or_unwritable_options(t
     missing = tmp_path / "missing" / "bench.jsonl"
     assert cli.main(["bench", "--model", tiny_qwen3, "--json", str(missing)]) == 2
     assert str(missing.parent) in capsys.readouterr().err
+
+
+def test_backends_lists_the_named_backend_and_refuses_plan_options_without_plan(tiny_qwen3, capsys):
+    """`--backend NAME` without --plan was ignored (every backend listed, even for an unknown name); --model,
+    --save-plan and --kernel-plan without --plan were ignored too."""
+    assert cli.main(["backends", "--backend", "cpu_ref"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cpu_ref (plugin cpu_ref): available") and "cuda (plugin" not in out
+    assert cli.main(["backends", "--backend", "nope"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+    for flag, value in (("--model", tiny_qwen3), ("--save-plan", "plan.toml"), ("--kernel-plan", "plan.toml")):
+        assert cli.main(["backends", flag, value]) == 2
+        assert f"{flag} needs --plan" in capsys.readouterr().err
