@@ -6,8 +6,8 @@ them again into their static buffers. Here each array is a fixed view into one b
 its record's views, one copy moves the used bytes onto the device record, and the device record's views are
 the tensors of the step (and the static inputs a backend's graphs capture), so a graph replays with no copy.
 
-The scalar arrays are laid out for max_seqs rows each, the block tables last, so a step of `rows` rows (padding
-included) needs the bytes up to its last table row: `nbytes(rows)`.
+The scalar arrays are laid out for max_seqs rows each, the block tables last, so a step of n sequences needs the
+bytes up to its last table row, `nbytes(n)`: its padding rows (a graph's batch size beyond n) are scalars only.
 """
 import torch
 
@@ -16,7 +16,7 @@ _FIELDS = (  # name, dtype, rows per sequence
     ("ids", torch.int64, 1),
     ("positions", torch.int64, 1),
     ("slots", torch.int64, 1),
-    ("pending", torch.int64, 2),  # [2, max_seqs]: input rows to fill from the step in flight, its token rows
+    ("pending", torch.int64, 2),  # the k input rows to fill from the step in flight, then its k token rows
     ("context_lens", torch.int32, 1),
     ("order", torch.int32, 1),
 )
@@ -25,7 +25,7 @@ _FIELDS = (  # name, dtype, rows per sequence
 class DecodeRecord:
     def __init__(self, max_seqs: int, max_blocks: int, device: torch.device, pin: bool = False):
         self.max_seqs, self.max_blocks = max_seqs, max_blocks
-        sizes = [(name, dtype, (rows, max_seqs) if rows > 1 else (max_seqs,)) for name, dtype, rows in _FIELDS]
+        sizes = [(name, dtype, (rows * max_seqs,)) for name, dtype, rows in _FIELDS]
         sizes.append(("tables", torch.int32, (max_seqs, max_blocks)))
         offsets, total = [], 0
         for _, dtype, shape in sizes:
@@ -43,6 +43,10 @@ class DecodeRecord:
         self.bytes.zero_()
         self.slots.fill_(-1)
         torch.arange(self.max_seqs, out=self.order)
+
+    def pending_index(self, k: int) -> torch.Tensor:
+        """The [2, k] pending-token index (contiguous): rows of the step, rows of the step in flight's tokens."""
+        return self.pending[:2 * k].view(2, k)
 
     def nbytes(self, rows: int) -> int:
         """Bytes from the record's start through block-table row `rows` - 1 (all scalar arrays included)."""

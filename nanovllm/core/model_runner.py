@@ -59,14 +59,12 @@ class ModelRunner:
         self.sampling.reset()
 
     # ---- one step -------------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-        """The step's inputs and metadata, built once on the host and copied to the device.
+    def prepare(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
+        """The step's input ids, positions, metadata and pending-token index (see `StepInputBuilder.build`), built
+        once on the host and copied to the device.
 
         Under TP rank 0 also sends the host copy to the workers here.
         """
-        return self._prepare(batch)[:3]
-
-    def _prepare(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
         if self.workers is None:
             return self.inputs.build(batch, pending)
         host = self.inputs.build(batch, pending)
@@ -88,7 +86,7 @@ class ModelRunner:
         Sequences whose input token was sampled by `prev` (still in flight) read it from prev's device
         tensor, so the host never waits for it.
         """
-        input_ids, positions, meta, pending = self._prepare(batch, self._pending_rows(batch, prev))
+        input_ids, positions, meta, pending = self.prepare(batch, self._pending_rows(batch, prev))
         if pending is not None:
             input_ids[pending[0]] = prev.tokens[pending[1]]
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`

@@ -2,7 +2,8 @@
 
 The decode path (the hot one: every step after the prompts) is vectorised with numpy over a host
 DecodeRecord (pinned where the backend asks), moved to the device record in one asynchronous copy
-(`core/decode_record.py`); the step's tensors are views of the device record. Two host records
+(`core/decode_record.py`) where the backend's graphs capture it; the step's tensors are views of the device
+record. Two host records
 alternate, so building step N+1 never overwrites what step N's copy is still reading.
 """
 from collections.abc import Sequence
@@ -19,18 +20,23 @@ Pending = tuple[Sequence[int], Sequence[int]]  # (rows of the batch, rows of the
 Step = tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor | None]
 
 
+def _in_place(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class StepInputBuilder:
     def __init__(self, device: torch.device, block_size: int, max_num_seqs: int, max_blocks_per_seq: int, pin: bool,
-                 table_multiple: int = 1):
+                 table_multiple: int = 1, device_record: bool = False):
         """`table_multiple`: block tables are padded to a width that is a multiple of it (the backend's
-        `block_table_multiple`)."""
+        `block_table_multiple`). `device_record`: decode steps are views of one record on the device, moved there
+        by one copy (for backends whose graphs capture it); otherwise each tensor is copied on its own."""
         self.device, self.block_size = device, block_size
         self.pin, self.table_multiple = pin, table_multiple
         self.host = [DecodeRecord(max_num_seqs, max_blocks_per_seq, torch.device("cpu"), pin) for _ in range(2)]
         self.turn = 0
-        # the decode steps' tensors are views of this record (a backend's graphs may capture them as their inputs);
-        # on the host they are views of the host records themselves
-        self.record = None if device.type == "cpu" else DecodeRecord(max_num_seqs, max_blocks_per_seq, device)
+        # the decode steps' tensors are views of this record (a backend's graphs may capture them as their inputs)
+        self.record = (DecodeRecord(max_num_seqs, max_blocks_per_seq, device)
+                       if device_record and device.type != "cpu" else None)
         # decode steps are padded to the smallest of these sizes that holds them (the captured graphs' batch sizes):
         # padding rows store nothing (slot -1), attend to nothing (context length 0) and come last in the order
         self.pad_sizes: list[int] = []
@@ -49,7 +55,7 @@ class StepInputBuilder:
 
     def build_decode(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
         """One token per sequence: the last of its tokens, at position context_len - 1. Filled into a host record,
-        copied to the device record in one copy."""
+        copied to the device record in one copy (`device_record`), padded to the graphs' size."""
         seqs, n, bs = batch.seqs, len(batch.seqs), self.block_size
         rows = next((size for size in self.pad_sizes if size >= n), n)
         host = self.host[self.turn]
@@ -69,14 +75,15 @@ class StepInputBuilder:
         order[n:rows] = np.arange(n, rows)
         k = len(pending[0])
         if k:
-            host.pending.numpy()[:, :k] = pending
-        r = host
+            host.pending.numpy()[:2 * k] = np.concatenate(pending)
+        r, dev = host, self._to_device  # without a device record: each tensor copied on its own (none on the CPU)
         if self.record is not None:
-            self.record.copy_from(host, rows)
-            r = self.record
-        decode = DecodeMetadata(r.context_lens[:n], r.tables[:n], int(context_lens[:n].max()), r.order[:n])
-        meta = StepMetadata(r.slots[:n], 0, None, decode, self.iota[:n])
-        return r.ids[:n], r.positions[:n], meta, r.pending[:, :k] if k else None
+            self.record.copy_from(host, n)  # padding rows: their scalars (all rows are copied), no table rows
+            r, dev = self.record, _in_place
+        decode = DecodeMetadata(dev(r.context_lens[:n]), dev(r.tables[:n]), int(context_lens[:n].max()),
+                                dev(r.order[:n]))
+        meta = StepMetadata(dev(r.slots[:n]), 0, None, decode, self.iota[:n])
+        return dev(r.ids[:n]), dev(r.positions[:n]), meta, dev(r.pending_index(k)) if k else None
 
     def build_general(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
         """Prefill chunks first, then decodes; numpy per sequence (prefill steps are few and large)."""

@@ -73,7 +73,7 @@ def test_a_device_record_holds_the_same_step_as_the_host_buffers(pad_sizes):
         n = len(batch_seqs)
         assert torch.equal(meta.decode.block_tables[:, :3], want.decode.block_tables[:, :3])
         assert meta.logits_indices.tolist() == list(range(n))
-        assert pending.tolist() == [[1], [0]]
+        assert pending.tolist() == [[1], [0]] and pending.is_contiguous()
 
 
 def test_padding_rows_store_nothing_attend_to_nothing_and_come_last():
