@@ -100,3 +100,36 @@ def test_one_copy_moves_the_used_rows_and_nothing_past_them():
         assert torch.equal(getattr(device, name), getattr(host, name)), name  # every scalar array, all rows
     assert torch.equal(device.tables[:2], host.tables[:2])
     assert device.tables[2:].eq(0).all()
+
+
+def test_random_batches_in_a_record_match_the_host_buffers_and_pad_to_the_graph_sizes():
+    """300 decode steps of random sizes (growing and shrinking) and random pending rows: the record holds what the
+    per-tensor path holds, and rows up to the graph size are padding (slot -1, context 0, the order a permutation)."""
+    import random
+    from nanovllm.core.runner_setup import graph_sizes
+    rng = random.Random(0)
+    max_seqs, max_blocks, bs = 40, 6, 16
+    b = StepInputBuilder(torch.device("cpu"), bs, max_seqs, max_blocks, pin=False)
+    b.record, b.pad_sizes = DecodeRecord(max_seqs, max_blocks, torch.device("cpu")), graph_sizes(max_seqs)
+    ref = StepInputBuilder(torch.device("cpu"), bs, max_seqs, max_blocks, pin=False)
+    for _ in range(300):
+        n = rng.randint(1, max_seqs)
+        seqs = []
+        for _ in range(n):
+            length = rng.randint(2, max_blocks * bs - 1)
+            seq = Sequence(list(range(length)), SamplingParams(temperature=0.0, max_tokens=4))
+            seq.block_table, seq.num_computed_tokens = rng.sample(range(1000), -(-length // bs)), length - 1
+            seqs.append(seq)
+        dst = sorted(rng.sample(range(n), rng.randint(0, n)))
+        src = [rng.randint(0, 50) for _ in dst]
+        ids, positions, meta, pending = b.build(decode_batch(seqs), (dst, src))
+        want_ids, want_positions, want, _ = ref.build(decode_batch(seqs))
+        assert ids.tolist() == want_ids.tolist() and positions.tolist() == want_positions.tolist()
+        assert meta.slot_mapping.tolist() == want.slot_mapping.tolist()
+        assert meta.decode.seq_order.tolist() == want.decode.seq_order.tolist()
+        assert (pending.tolist() if dst else pending) == ([dst, src] if dst else None)
+        for i, seq in enumerate(seqs):
+            assert meta.decode.block_tables[i, :len(seq.block_table)].tolist() == seq.block_table
+        size, r = next(s for s in b.pad_sizes if s >= n), b.record
+        assert (r.slots[n:size] == -1).all() and (r.context_lens[n:size] == 0).all()
+        assert sorted(r.order[:size].tolist()) == list(range(size))
