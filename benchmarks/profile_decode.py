@@ -40,7 +40,7 @@ def main():
         t0 = time.perf_counter()
         batch = sched.schedule()
         t1 = time.perf_counter()
-        ids, pos, meta = runner.prepare(batch)
+        ids, pos, meta, _ = runner.prepare(batch)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         params = runner.graph_sampling(batch, ids, meta)

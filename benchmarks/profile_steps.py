@@ -47,8 +47,8 @@ def main():
         e.record()
         return e
 
-    def timed_prepare(batch):
-        inputs = prepare(batch)
+    def timed_prepare(batch, *pending):
+        inputs = prepare(batch, *pending)
         prepared.append(event())  # the step's device work starts here (its input copies were just enqueued)
         return inputs
 

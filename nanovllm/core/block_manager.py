@@ -59,7 +59,7 @@ class BlockManager:
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the sequence's leading full blocks; at least one token is left to compute."""
-        hits, prefix_hash = [], None
+        hits = []
         if wants_prompt_logprobs(seq):  # a cached prefix has no logits: recompute the prompt
             return hits
         for i in range((len(seq) - 1) // self.block_size):

@@ -24,8 +24,8 @@ from nanovllm.core.runner_setup import build_model
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import PENDING_TOKEN
 from nanovllm.core.startup import Resolved
-from nanovllm.core.step_inputs import StepInputBuilder
-from nanovllm.core.sampling.step_sampler import LaunchedStep, StepSampler, to_device
+from nanovllm.core.step_inputs import Pending, Step, StepInputBuilder
+from nanovllm.core.sampling.step_sampler import LaunchedStep, StepSampler
 from nanovllm.core.step_metadata import StepMetadata
 from nanovllm.core.parallel.step_transport import pack_step, step_to_device
 
@@ -59,15 +59,16 @@ class ModelRunner:
         self.sampling.reset()
 
     # ---- one step -------------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-        """The step's inputs and metadata, built once on the host and copied to the device.
+    def prepare(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
+        """The step's input ids, positions, metadata and pending-token index (see `StepInputBuilder.build`), built
+        once on the host and copied to the device.
 
         Under TP rank 0 also sends the host copy to the workers here.
         """
         if self.workers is None:
-            return self.inputs.build(batch)
-        host = self.inputs.build(batch)
-        self.workers.send_step(pack_step(host))
+            return self.inputs.build(batch, pending)
+        host = self.inputs.build(batch, pending)
+        self.workers.send_step(pack_step(host[:3]))
         return step_to_device(host, self.device)
 
     @torch.inference_mode()
@@ -85,16 +86,9 @@ class ModelRunner:
         Sequences whose input token was sampled by `prev` (still in flight) read it from prev's device
         tensor, so the host never waits for it.
         """
-        input_ids, positions, meta = self.prepare(batch)
-        if prev is not None and prev.rows:
-            dst, src = [], []
-            for i, seq in enumerate(batch.seqs):
-                row = prev.rows.get(seq.seq_id)
-                if row is not None and seq.token_ids[seq.num_computed_tokens] == PENDING_TOKEN:
-                    dst.append(i), src.append(row)
-            if dst:
-                index = to_device([dst, src], torch.int64, self.device, self.backend.pin_memory)
-                input_ids[index[0]] = prev.tokens[index[1]]
+        input_ids, positions, meta, pending = self.prepare(batch, self._pending_rows(batch, prev))
+        if pending is not None:
+            input_ids[pending[0]] = prev.tokens[pending[1]]
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
         params = self.graph_sampling(batch, input_ids, meta)
@@ -103,6 +97,17 @@ class ModelRunner:
         logits = self.execute(input_ids, positions, meta)
         logits, prompt = split_prompt_logprobs(logits, meta, batch)
         return self.sampling.launch(batch, logits, self.sampler, prompt)
+
+    @staticmethod
+    def _pending_rows(batch: ScheduledBatch, prev: LaunchedStep | None) -> Pending:
+        """(rows of `batch`, rows of prev's tokens) for the sequences whose input token `prev` is still sampling."""
+        dst, src = [], []
+        if prev is not None and prev.rows:
+            for i, seq in enumerate(batch.seqs):
+                row = prev.rows.get(seq.seq_id)
+                if row is not None and seq.token_ids[seq.num_computed_tokens] == PENDING_TOKEN:
+                    dst.append(i), src.append(row)
+        return dst, src
 
     def graph_sampling(self, batch: ScheduledBatch, input_ids: torch.Tensor, meta: StepMetadata):
         """The step's SamplingTensors when a captured graph samples it in place (a decode step the graphs serve,

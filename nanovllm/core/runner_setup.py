@@ -153,7 +153,7 @@ def warm_up_kernels(runner: ModelRunner) -> None:
     if len(seqs[0]) > bs:
         # a cached prefix (the paged prefill path): compute it first, so the paged step reads K/V, not whatever
         # the fresh cache memory holds
-        runner.execute(*runner.prepare(ScheduledBatch([seqs[0]], [bs], 1, [False])))
+        runner.execute(*runner.prepare(ScheduledBatch([seqs[0]], [bs], 1, [False]))[:3])
         seqs[0].num_computed_tokens = bs
     everyone = [True] * len(seqs)
     prefill = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), everyone)
@@ -161,7 +161,7 @@ def warm_up_kernels(runner: ModelRunner) -> None:
         if batch is not prefill:
             for s in seqs:
                 s.num_computed_tokens = len(s) - 1
-        logits = runner.execute(*runner.prepare(batch))
+        logits = runner.execute(*runner.prepare(batch)[:3])
         tokens = check_token_ids(runner.kernel_label, runner.sampler(logits, runner.sampling.tensors(seqs)), len(seqs))
         check_token_range(runner.kernel_label, tokens.tolist(), runner.hf_config.vocab_size)
     runner.sampling.reset()
@@ -197,7 +197,8 @@ def allocate_kv_cache(runner: ModelRunner, num_blocks: int) -> None:
     build_device = runner.device if runner.comm.world_size == 1 else torch.device("cpu")
     runner.inputs = StepInputBuilder(build_device, runner.block_size, config.max_num_seqs,
                                      runner.max_num_blocks_per_seq, pin=runner.backend.pin_memory,
-                                     table_multiple=runner.backend.block_table_multiple)
+                                     table_multiple=runner.backend.block_table_multiple,
+                                     device_record=runner.backend.supports_graphs)
     logger.info("KV cache: %d blocks of %d tokens, %s (%.2f GiB)", num_blocks, runner.block_size,
                 str(runner.kv_dtype).removeprefix("torch."), num_blocks * bytes_per_block(runner) / 2**30)
     if is_fp8(runner.kv_dtype):

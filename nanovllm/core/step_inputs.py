@@ -1,70 +1,91 @@
 """StepInputBuilder: turns a ScheduledBatch into the step's device tensors and StepMetadata.
 
-The decode path (the hot one: every step after the prompts) is vectorised with numpy over persistent
-host buffers (pinned where the backend asks), copied to the device asynchronously. Two sets of host
-buffers alternate, so building step N+1 never overwrites what step N's copies are still reading.
+The decode path (the hot one: every step after the prompts) is vectorised with numpy over a host
+DecodeRecord (pinned where the backend asks), moved to the device record in one asynchronous copy
+(`core/decode_record.py`) where the backend's graphs capture it; the step's tensors are views of the device
+record. Two host records
+alternate, so building step N+1 never overwrites what step N's copy is still reading.
 """
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from nanovllm.core.decode_record import DecodeRecord
 from nanovllm.core.sampling.prompt_logprobs import prompt_positions
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata, longest_first
 
+Pending = tuple[Sequence[int], Sequence[int]]  # (rows of the batch, rows of the step in flight)
+Step = tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor | None]
 
-class _HostBuffers:
-    def __init__(self, max_seqs: int, max_blocks: int, pin: bool):
-        def buf(shape, dtype):
-            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
-        self.ids = buf((max_seqs,), torch.int64)
-        self.positions = buf((max_seqs,), torch.int64)
-        self.slots = buf((max_seqs,), torch.int64)
-        self.context_lens = buf((max_seqs,), torch.int32)
-        self.order = buf((max_seqs,), torch.int32)
-        self.tables = buf((max_seqs, max_blocks), torch.int32)
+
+def _in_place(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class StepInputBuilder:
     def __init__(self, device: torch.device, block_size: int, max_num_seqs: int, max_blocks_per_seq: int, pin: bool,
-                 table_multiple: int = 1):
+                 table_multiple: int = 1, device_record: bool = False):
         """`table_multiple`: block tables are padded to a width that is a multiple of it (the backend's
-        `block_table_multiple`)."""
+        `block_table_multiple`). `device_record`: decode steps are views of one record on the device, moved there
+        by one copy (for backends whose graphs capture it); otherwise each tensor is copied on its own."""
         self.device, self.block_size = device, block_size
         self.pin, self.table_multiple = pin, table_multiple
-        self.buffers = [_HostBuffers(max_num_seqs, max_blocks_per_seq, pin) for _ in range(2)]
+        self.host = [DecodeRecord(max_num_seqs, max_blocks_per_seq, torch.device("cpu"), pin) for _ in range(2)]
         self.turn = 0
+        # the decode steps' tensors are views of this record (a backend's graphs may capture them as their inputs)
+        self.record = (DecodeRecord(max_num_seqs, max_blocks_per_seq, device)
+                       if device_record and device.type != "cpu" else None)
+        # decode steps are padded to the smallest of these sizes that holds them (the captured graphs' batch sizes):
+        # padding rows store nothing (slot -1), attend to nothing (context length 0) and come last in the order
+        self.pad_sizes: list[int] = []
+        self.iota = torch.arange(max_num_seqs, device=device)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=True)
 
-    def build(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+    def build(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
+        """The step's input ids, positions, metadata and pending-token index: `pending` = (rows of this batch,
+        rows of the step in flight) for the sequences whose input token that step is still sampling; the index is
+        the pair as a [2, k] int64 device tensor (None when k = 0)."""
         if batch.num_prefill_seqs == 0:
-            return self.build_decode(batch)
-        return self.build_general(batch)
+            return self.build_decode(batch, pending)
+        return self.build_general(batch, pending)
 
-    def build_decode(self, batch: ScheduledBatch):
-        """One token per sequence: the last of its tokens, at position context_len - 1."""
+    def build_decode(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
+        """One token per sequence: the last of its tokens, at position context_len - 1. Filled into a host record,
+        copied to the device record in one copy (`device_record`), padded to the graphs' size."""
         seqs, n, bs = batch.seqs, len(batch.seqs), self.block_size
-        buf = self.buffers[self.turn]
+        rows = next((size for size in self.pad_sizes if size >= n), n)
+        host = self.host[self.turn]
         self.turn ^= 1
-        ids, positions, slots = buf.ids.numpy()[:n], buf.positions.numpy()[:n], buf.slots.numpy()[:n]
-        context_lens = buf.context_lens.numpy()[:n]
-        tables = buf.tables.numpy()[:n]  # whole rows: a contiguous slice copies without a host-side gather
+        ids, positions, slots = host.ids.numpy(), host.positions.numpy(), host.slots.numpy()
+        context_lens, order = host.context_lens.numpy(), host.order.numpy()
+        tables = host.tables.numpy()[:n]  # whole rows: a contiguous slice copies without a host-side gather
         for i, s in enumerate(seqs):
             ids[i] = s.token_ids[s.num_computed_tokens]
             context_lens[i] = s.num_computed_tokens + 1
             table = s.block_table
             tables[i, :len(table)] = table
-        np.subtract(context_lens, 1, out=positions)
-        slots[:] = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
-        buf.order.numpy()[:n] = longest_first(context_lens)
-        decode = DecodeMetadata(self._to_device(buf.context_lens[:n]), self._to_device(buf.tables[:n]),
-                                int(context_lens.max()), self._to_device(buf.order[:n]))
-        logits_indices = torch.arange(n, device=self.device)
-        meta = StepMetadata(self._to_device(buf.slots[:n]), 0, None, decode, logits_indices)
-        return self._to_device(buf.ids[:n]), self._to_device(buf.positions[:n]), meta
+        np.subtract(context_lens[:n], 1, out=positions[:n])
+        slots[:n] = tables[np.arange(n), positions[:n] // bs].astype(np.int64) * bs + positions[:n] % bs
+        order[:n] = longest_first(context_lens[:n])
+        ids[n:rows], positions[n:rows], slots[n:rows], context_lens[n:rows] = 0, 0, -1, 0
+        order[n:rows] = np.arange(n, rows)
+        k = len(pending[0])
+        if k:
+            host.pending.numpy()[:2 * k] = np.concatenate(pending)
+        r, dev = host, self._to_device  # without a device record: each tensor copied on its own (none on the CPU)
+        if self.record is not None:
+            self.record.copy_from(host, n)  # padding rows: their scalars (all rows are copied), no table rows
+            r, dev = self.record, _in_place
+        decode = DecodeMetadata(dev(r.context_lens[:n]), dev(r.tables[:n]), int(context_lens[:n].max()),
+                                dev(r.order[:n]))
+        meta = StepMetadata(dev(r.slots[:n]), 0, None, decode, self.iota[:n])
+        return dev(r.ids[:n]), dev(r.positions[:n]), meta, dev(r.pending_index(k)) if k else None
 
-    def build_general(self, batch: ScheduledBatch):
+    def build_general(self, batch: ScheduledBatch, pending: Pending = ((), ())) -> Step:
         """Prefill chunks first, then decodes; numpy per sequence (prefill steps are few and large)."""
         bs = self.block_size
         input_ids, positions, slots, logits_indices = [], [], [], []
@@ -117,4 +138,5 @@ class StepInputBuilder:
                                     tensor(longest_first(context_lens), torch.int32))
         meta = StepMetadata(tensor(slots, torch.int64), cu_q[-1], prefill, decode,
                             tensor(logits_indices + prompt_indices, torch.int64), tuple(prompt_rows))
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
+        return (tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta,
+                tensor(pending, torch.int64) if pending[0] else None)

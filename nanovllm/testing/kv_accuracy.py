@@ -31,9 +31,9 @@ def teacher_forced_logprobs(llm, prompt_ids: list[int], continuation_ids: list[i
         raise RuntimeError(f"teacher forcing needs {needed} free KV blocks, the engine has {blocks.num_free_blocks}")
     seq.block_table = [blocks._take_free_block() for _ in range(needed)]
     try:
-        runner.execute(*runner.prepare(ScheduledBatch([seq], [len(prompt_ids)], 1, [False])))
+        runner.execute(*runner.prepare(ScheduledBatch([seq], [len(prompt_ids)], 1, [False]))[:3])
         seq.num_computed_tokens = len(prompt_ids)
-        input_ids, positions, meta = runner.prepare(ScheduledBatch([seq], [len(continuation_ids)], 1, [True]))
+        input_ids, positions, meta, _ = runner.prepare(ScheduledBatch([seq], [len(continuation_ids)], 1, [True]))
         hidden = runner.model(input_ids, positions, meta)
         return runner.model.compute_logits(hidden).float().log_softmax(-1).cpu()
     finally:

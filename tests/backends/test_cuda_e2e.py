@@ -62,6 +62,24 @@ def test_plain_decode_steps_sample_inside_the_graphs(tiny_qwen3, prompts, refere
     assert calls and first != second and all(len(t) == 16 for t in first + second)
 
 
+def test_decode_steps_arrive_in_the_graphs_inputs_in_place(tiny_qwen3, prompts, reference):
+    """The graphs capture the step builder's device record (core/decode_record.py): every graphed decode step is
+    built in place, padded to a captured size, and replayed without copying its inputs in; tokens equal cpu_ref's
+    (12 requests finishing at different steps: batches between the captured sizes are padded)."""
+    llm = LLM(tiny_qwen3, backend="cuda", dtype="float32", max_model_len=1024, num_kvcache_blocks=512,
+              max_num_seqs=16)
+    runner = llm.engine.runner
+    graphs = runner.graphs
+    assert graphs.record is runner.inputs.record and runner.inputs.pad_sizes == graphs.batch_sizes
+    copied, replays = [], []
+    graphs._copy_in = lambda *args: copied.append(args[3])
+    replay = graphs._replay
+    graphs._replay = lambda *args: replays.append(len(args[0])) or replay(*args)
+    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+    assert len(replays) >= 15 and not copied
+    assert set(replays) - set(graphs.batch_sizes), replays  # some steps ran padded
+
+
 def test_bfloat16_logits_close_to_cpu_ref(tiny_qwen3, prompts):
     from tests.e2e.test_hf_parity import prefill_logits
     ref = prefill_logits(LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=256, max_model_len=1024), prompts)

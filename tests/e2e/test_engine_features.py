@@ -1,7 +1,9 @@
 """Prefix caching, chunked prefill and preemption give the same greedy tokens as an unconstrained run."""
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.core.decode_record import DecodeRecord
 from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -86,6 +88,25 @@ def test_pipelined_steps_equal_synchronous_steps(tiny_qwen3, prompts):
         llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=128, max_model_len=512, async_scheduling=mode)
         outs[mode] = llm.generate(prompts + prompts[:1], params, use_tqdm=False)
         assert llm.engine.scheduler.block_manager.num_free_blocks == 128
+    assert outs[True] == outs[False]
+
+
+def test_decode_steps_built_in_a_device_record_change_nothing(tiny_qwen3, prompts):
+    """Decode steps built as on a device (into a record of their own through one copy, padded to the graphs'
+    sizes, the pending-token index inside it; core/decode_record.py), pipelined, with preemption: same tokens."""
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[t]) for t in (7, 100, 300, 42)] * 2
+    params += [SamplingParams(temperature=0.8, seed=5, max_tokens=9)]
+    outs = {}
+    for in_record in (True, False):
+        llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=24, max_model_len=256, async_scheduling=True)
+        inputs = llm.engine.runner.inputs
+        if in_record:
+            inputs.record = DecodeRecord(llm.engine.config.max_num_seqs, llm.engine.runner.max_num_blocks_per_seq,
+                                         torch.device("cpu"))
+            inputs.pad_sizes = [1, 2, 4, 8, 16]
+        outs[in_record] = llm.generate(prompts + prompts[:1], params, use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.scheduler.block_manager.num_free_blocks == 24
     assert outs[True] == outs[False]
 
 

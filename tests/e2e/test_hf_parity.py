@@ -43,7 +43,7 @@ def prefill_logits(llm, prompts):
     seqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=1)) for p in prompts]
     batch = engine.scheduler.schedule()
     assert batch.is_prefill and batch.seqs == seqs
-    input_ids, positions, meta = engine.runner.prepare(batch)
+    input_ids, positions, meta, _ = engine.runner.prepare(batch)
     logits = engine.runner.execute(input_ids, positions, meta)
     engine.scheduler.postprocess(batch, [0] * len(seqs))  # max_tokens=1: every sequence finishes
     assert not engine.has_unfinished()

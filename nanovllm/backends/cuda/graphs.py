@@ -1,7 +1,10 @@
 """CUDA graphs for decode steps: one graph per batch size, replayed over static input buffers.
 
-The block-table buffer is as wide as max_model_len needs, so any sequence the engine accepts fits
-(a narrower buffer is a known nano-vllm bug). Padding rows store nothing (slot -1) and attend to nothing.
+The static inputs are a DecodeRecord (`core/decode_record.py`): the step builder's own device record, so a
+decode step arrives in place with one host-to-device copy and the replay copies nothing (under tensor
+parallelism, where steps are built on the host, a record of the graphs' own that each step is copied into).
+Its block tables are as wide as max_model_len needs, so any sequence the engine accepts fits (a narrower
+buffer is a known nano-vllm bug). Padding rows store nothing (slot -1) and attend to nothing.
 
 When the plan's `sampler` kernel is graph-safe, each graph also samples after the LM head, over a static buffer
 of per-row temperatures and the runner's device seed, which the kernel advances so every replay draws fresh
@@ -11,6 +14,7 @@ what made them other (a top-p sort, logprobs, penalties).
 """
 import torch
 
+from nanovllm.core.decode_record import DecodeRecord
 from nanovllm.core.logging import get_logger
 from nanovllm.core.sampler import SamplingTensors
 from nanovllm.core.step_metadata import DecodeMetadata, StepMetadata
@@ -23,14 +27,21 @@ class CudaGraphRunner:
         self.batch_sizes = sorted(batch_sizes)
         self.max_batch_size = self.batch_sizes[-1]
         n, width, dev = self.max_batch_size, runner.max_num_blocks_per_seq, runner.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        # The static inputs are the step builder's device record when it builds on this device: its decode steps
+        # then arrive in place, padded to the graphs' sizes. Under tensor parallelism steps are built on the host:
+        # the graphs keep a record of their own and copy each step in.
+        record = runner.inputs.record
+        if record is not None and record.bytes.device == torch.device(dev) and record.max_seqs == n:
+            runner.inputs.pad_sizes = self.batch_sizes
+        else:
+            record = DecodeRecord(n, width, dev)
+        record.clear()  # the warm-up steps wrote real rows: replayed as padding they would store K/V
+        self.record = record
+        self.input_ids, self.positions, self.slot_mapping = record.ids, record.positions, record.slots
+        self.context_lens, self.block_tables = record.context_lens, record.tables
         # longest-first order of the real rows, then the padding rows in place (DecodeMetadata.seq_order)
+        self.seq_order = record.order
         self.iota = torch.arange(n, dtype=torch.int32, device=dev)
-        self.seq_order = self.iota.clone()
         self.temperatures = torch.ones(n, dtype=torch.float32, device=dev)
         self._temperatures_from = None  # the SamplingTensors.temperatures last copied in (reused per batch)
         # Two instances per size: launching a graph exec that is still running blocks the host until it ends,
@@ -89,6 +100,13 @@ class CudaGraphRunner:
     def _replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> int:
         n = input_ids.numel()
         bs = next(b for b in self.batch_sizes if b >= n)
+        if input_ids.data_ptr() != self.input_ids.data_ptr():  # not built in place: copy the step in, pad it
+            self._copy_in(input_ids, positions, meta, n, bs)
+        self.turn ^= 1
+        self.graphs[bs, self.turn].replay()
+        return bs
+
+    def _copy_in(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, n: int, bs: int):
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
@@ -102,6 +120,3 @@ class CudaGraphRunner:
         self.seq_order[n:bs].copy_(self.iota[n:bs])  # a larger batch's order may be left there
         width = meta.decode.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.decode.block_tables)
-        self.turn ^= 1
-        self.graphs[bs, self.turn].replay()
-        return bs
