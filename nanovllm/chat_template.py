@@ -1,5 +1,6 @@
-"""What LLM.chat and the server's chat endpoint hand to a tokenizer's chat template: vLLM's template options and
-OpenAI-style message contents, checked (ValueError naming the problem) before the template runs."""
+"""What LLM.chat and the server's chat endpoint hand to a tokenizer's chat template (vLLM's template options and
+OpenAI-style message contents, checked before the template runs) and the template call itself: every problem a
+ValueError naming it."""
 
 # apply_chat_template's own arguments, which chat_template_kwargs (the template's variables) may not set
 RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "chat_template", "tools", "documents", "return_dict",
@@ -42,3 +43,13 @@ def content_text(where: str, content) -> str | None:
             raise ValueError(f"{where}, part {j}, is a text part without a `text` string: give its text")
         texts.append(part["text"])
     return "".join(texts)
+
+
+def render(tokenizer, conversation: list[dict], kwargs: dict) -> str:
+    """The conversation through the tokenizer's chat template (kwargs from template_kwargs). A template that
+    refuses it (many raise_exception() on roles that do not alternate) is a ValueError with its message."""
+    from jinja2 import TemplateError  # transformers' dependency, as the templates are jinja
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+    except TemplateError as e:
+        raise ValueError(f"the model's chat template refused the conversation: {e}") from None

@@ -17,7 +17,7 @@ from nanovllm.core.logging import get_logger
 from nanovllm.checkpoint.folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
 from nanovllm.outputs import StreamOutput, request_output
-from nanovllm.chat_template import content_text, template_kwargs
+from nanovllm.chat_template import content_text, render, template_kwargs
 from nanovllm.requests import params_per_prompt, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.text import check_text
@@ -212,7 +212,7 @@ class LLM:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {self.config.model!r} has no chat template; use generate() with "
                              f"a formatted prompt instead")
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, **options) for c in conversations]
+        texts = [render(self.tokenizer, c, options) for c in conversations]
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None

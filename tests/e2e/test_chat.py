@@ -51,3 +51,15 @@ def test_chat_takes_vllms_template_options_and_text_parts(llm):
         llm.apply_chat_template("hi", chat_template_kwargs={"tokenize": True})
     with pytest.raises(ValueError, match="image_url"):
         llm.chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_a_template_that_refuses_the_conversation_is_a_value_error(llm, monkeypatch):
+    """Many models' templates (Llama 2, Mistral, Gemma) raise_exception() on roles that do not alternate: a jinja2
+    TemplateError, which reached users as itself (an HTTP 500 on the server) instead of a ValueError."""
+    strict = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+              "{{ m['content'] }}{% endfor %}")
+    monkeypatch.setattr(llm.tokenizer, "chat_template", strict)
+    assert llm.chat_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(ValueError, match="chat template.*roles must alternate"):
+        llm.chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], GREEDY, use_tqdm=False)

@@ -2,6 +2,7 @@
 template options, and the fields nanovllm does not implement (each a 400 naming it, never silently ignored)."""
 import json
 import re
+import shutil
 
 import httpx
 import pytest
@@ -13,9 +14,21 @@ ENGINE = ["--backend", "cpu_ref", "--num-kvcache-blocks", "64", "--kvcache-block
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+# the tiny model's template, plus the check many models' templates make (Llama 2, Mistral, Gemma)
+STRICT_TEMPLATE = """{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}\
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}\
+<|im_start|>{{ m['role'] }}
+{{ m['content'] }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
 @pytest.fixture(scope="module")
-def server(tiny_qwen3):
-    server = ServerProcess(tiny_qwen3, *ENGINE, "--served-model-name", "tiny", "--shutdown-timeout", "3")
+def server(tiny_qwen3, tmp_path_factory):
+    model = tmp_path_factory.mktemp("strict") / "model"
+    shutil.copytree(tiny_qwen3, model)
+    (model / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    server = ServerProcess(str(model), *ENGINE, "--served-model-name", "tiny", "--shutdown-timeout", "3")
     yield server
     assert server.stop() == 0, server.output()
 
@@ -101,3 +114,12 @@ def test_chat_template_options_reach_the_template(server):
     assert chat.json()["usage"]["prompt_tokens"] == len(prompted)
     reserved = post(server, "/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}})
     assert reserved.status_code == 400 and "tokenize" in reserved.json()["error"]["message"]
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400(server):
+    body = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "max_tokens": 2}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        response = post(server, path, body)
+        assert response.status_code == 400, response.text
+        assert "roles must alternate" in response.json()["error"]["message"]
+    assert post(server, "/v1/chat/completions", {**body, "messages": body["messages"][:1]}).status_code == 200

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from nanovllm.chat_template import template_kwargs
+from nanovllm.chat_template import render, template_kwargs
 from nanovllm.text import check_text
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
@@ -39,7 +39,7 @@ class OpenAIServingChat(OpenAIServing):
             check_text(f"messages[{i}].content", m["content"])
         kwargs = template_kwargs(options.add_generation_prompt, options.continue_final_message,
                                  options.chat_template_kwargs)
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+        text = render(self.tokenizer, conversation, kwargs)
         return self.token_ids(self.tokenizer.encode(text, add_special_tokens=False))
 
     async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
