@@ -11,7 +11,11 @@ from dataclasses import fields
 from nanovllm.sampling_params import SamplingParams
 
 PROMPT_COLUMNS = ("prompt", "messages", "prompt_token_ids")
-SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init and f.name != "logprobs")
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
+# SamplingParams fields whose results the output columns cannot hold (one text per row, no logprobs)
+UNSERVED_FIELDS = {"n": "a row gives one output: repeat the row (with different seeds) for more samples",
+                   "logprobs": "the output columns hold no logprobs: use LLM.generate for them",
+                   "prompt_logprobs": "the output columns hold no logprobs: use LLM.generate for them"}
 OUTPUT_COLUMNS = ("generated_text", "token_ids", "finish_reason", "num_prompt_tokens", "num_generated_tokens",
                   "error")
 
@@ -31,6 +35,9 @@ def row_sampling_params(row: dict, defaults: dict) -> SamplingParams:
     unknown = sorted(set(chosen) - set(SAMPLING_FIELDS))
     if unknown:
         raise RowError(f"unknown sampling field(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_FIELDS)}")
+    for name, why in UNSERVED_FIELDS.items():
+        if chosen.get(name) not in (None, 1 if name == "n" else None):
+            raise RowError(f"{name}={chosen[name]!r} is not supported in a batch row: {why}")
     try:
         return SamplingParams(**chosen)
     except ValueError as e:

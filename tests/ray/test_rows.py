@@ -120,3 +120,12 @@ def test_replica_runs_preprocess_and_postprocess_around_a_batch(tiny_qwen3, llm)
     assert [o["q"] for o in out] == ["the ", "", "hello "] and set(out[0]) == {"q", "answer", "error"}
     assert [out[0]["answer"], out[2]["answer"]] == [e["text"] for e in expected]
     assert out[1]["answer"] is None and "empty" in out[1]["error"]
+
+
+@pytest.mark.parametrize("row, field", [({"n": 3}, "n=3"), ({"sampling_params": {"n": 2}}, "n=2"),
+                                        ({"logprobs": 1}, "logprobs"), ({"prompt_logprobs": 0}, "prompt_logprobs")])
+def test_row_fields_the_output_columns_cannot_hold_are_refused(field, row):
+    """A row's output is one text: n > 1 kept the first sample and dropped the others without a word, and logprobs
+    / prompt_logprobs were computed (or, as a column, ignored) with nowhere to go."""
+    with pytest.raises(ValueError, match=field):
+        row_sampling_params({"prompt": "x", **row}, {})
