@@ -54,3 +54,19 @@ def test_a_constraint_that_cannot_compile_is_refused_before_any_work(llm, struct
     with pytest.raises(ValueError, match=match):
         llm.generate(["x", "y"], [SamplingParams(), SamplingParams(structured=structured)], use_tqdm=False)
     assert not llm.engine.has_unfinished() and llm.engine.stats.num_prefill_tokens == prefill_tokens
+
+
+def test_compiled_grammars_are_cached_within_a_bound(llm, monkeypatch):
+    """A server sees a new schema or regex per client: the cache of compiled grammars (and xgrammar's own) grew
+    without bound, holding every constraint ever seen. Now it keeps the most recently used ones."""
+    from nanovllm.core.sampling import structured
+    monkeypatch.setattr(structured, "MAX_CACHED_GRAMMARS", 8)
+    compiler = structured.StructuredCompiler(llm.tokenizer, llm.config.hf_config.vocab_size, {0})
+    specs = [StructuredOutputs(regex=f"a{{{i}}}b") for i in range(1, 30)]
+    first = compiler.compile(specs[0])
+    for spec in specs[1:]:
+        compiler.compile(spec)
+        assert compiler.compile(specs[0]) is first  # in use: kept
+    assert len(compiler._cache) == 8
+    assert compiler.compile(specs[-1]) is compiler.compile(specs[-1])
+    assert compiler._compiler is not None and compiler.compile(specs[1]) is not None  # evicted: compiled again

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -20,6 +22,9 @@ from nanovllm.core.logging import get_logger
 from nanovllm.structured_outputs import StructuredOutputs
 
 logger = get_logger(__name__)
+# Compiled grammars kept, least recently used dropped first: a server meets a new schema or regex per client, and
+# each compiled grammar holds token masks over the whole vocabulary (megabytes for a large one).
+MAX_CACHED_GRAMMARS = 128
 
 
 def _xgrammar():
@@ -36,24 +41,31 @@ class StructuredCompiler:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
         self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, sorted(stop_token_ids)
         self._compiler = None
-        self._cache: dict[tuple[str, str], object] = {}
+        self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._lock = threading.Lock()  # callers' threads submit (and so compile) at once
 
     def compile(self, spec: StructuredOutputs):
         """The compiled grammar of `spec`; ValueError naming the constraint when it cannot be compiled."""
         key = spec.key()
-        compiled = self._cache.get(key)
-        if compiled is None:
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
             xgr = _xgrammar()
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids or None)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-            try:
-                compiled = self._compile(spec)
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise ValueError(f"SamplingParams.structured {spec.kind} cannot be compiled: {_reason(e)} "
-                                 f"(fix the {spec.kind}, or drop the constraint)") from None
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # ours is bounded
+        try:
+            compiled = self._compile(spec)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"SamplingParams.structured {spec.kind} cannot be compiled: {_reason(e)} "
+                             f"(fix the {spec.kind}, or drop the constraint)") from None
+        with self._lock:
             self._cache[key] = compiled
+            while len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
         return compiled
 
     def _compile(self, spec: StructuredOutputs):
