@@ -52,7 +52,7 @@ def build_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict:
-        return tokens.tokenize(request)
+        return await tokens.tokenize_async(request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> dict:

@@ -2,9 +2,11 @@
 whole message, `finish_reason`, `usage` (and `stream_options.include_usage`), logprobs in the chat format."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from nanovllm.chat_template import render, template_kwargs
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.text import check_text
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
@@ -42,7 +44,9 @@ class OpenAIServingChat(OpenAIServing):
         text = render(self.tokenizer, conversation, kwargs)
         return self.token_ids(self.tokenizer.encode(text, add_special_tokens=False))
 
-    async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+    def plan(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the params, checked in full before anything runs (in a worker thread: the
+        chat template and the tokenizer take CPU time the event loop needs for every stream)."""
         self.check_fields(request)
         check_n(request.n)
         max_tokens = request.max_completion_tokens or request.max_tokens
@@ -58,6 +62,10 @@ class OpenAIServingChat(OpenAIServing):
         params = to_sampling_params(request, max_tokens, logprobs, n=request.n,  # the n choices: one request
                                     logprobs_name="top_logprobs")
         self.llm.check_request(ids, params)
+        return ids, params
+
+    async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        ids, params = await asyncio.to_thread(self.plan, request)
         request_id = new_id("chatcmpl")
         streams = [self.run(ids, params, request_id, request.stream)]
         if request.stream:

@@ -3,6 +3,7 @@ logprobs (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) and `echo` 
 what lm-eval's `local-completions` reads for log-likelihoods)."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from nanovllm.entrypoints.openai.protocol import (CompletionRequest, completion_choice, completion_response, new_id,
@@ -51,7 +52,8 @@ class OpenAIServingCompletion(OpenAIServing):
         return prompts, jobs, echo_only
 
     async def create(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
-        prompts, jobs, echo_only = self.plan(request)
+        # in a worker thread: tokenizing long prompts (and compiling grammars) would stall every stream
+        prompts, jobs, echo_only = await asyncio.to_thread(self.plan, request)
         request_id = new_id("cmpl")
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         streams = [self.run(ids, params, f"{request_id}-{k}", request.stream, prompt_logprobs)

@@ -1,6 +1,8 @@
 """POST /tokenize, POST /detokenize and GET /v1/models."""
 from __future__ import annotations
 
+import asyncio
+
 from nanovllm.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest, now
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from nanovllm.text import check_text
@@ -17,6 +19,10 @@ class OpenAIServingTokens(OpenAIServingChat):
             check_text("prompt", request.prompt)
             ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    async def tokenize_async(self, request: TokenizeRequest) -> dict:
+        """tokenize in a worker thread (a long prompt would stall every stream on the event loop)."""
+        return await asyncio.to_thread(self.tokenize, request)
 
     def detokenize(self, request: DetokenizeRequest) -> dict:
         self.check_model(request.model)
