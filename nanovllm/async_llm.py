@@ -32,6 +32,10 @@ class AsyncLLM:
     def tokenizer(self):
         return self.llm.tokenizer
 
+    async def get_tokenizer(self):
+        """The model's tokenizer, awaited as vLLM's AsyncLLM.get_tokenizer is (also `self.tokenizer`)."""
+        return self.tokenizer
+
     @property
     def config(self):
         return self.llm.config

@@ -96,6 +96,10 @@ class LLM:
         self.engine = Engine(self.config, tokenizer=self.tokenizer)
         self.loop = EngineLoop(self.engine)
 
+    def get_tokenizer(self):
+        """The model's tokenizer (vLLM's name for it; also `self.tokenizer`)."""
+        return self.tokenizer
+
     def kernel_plan(self) -> KernelPlan:
         """The kernels this engine runs: per op the chosen implementation, its plugin and version, why, and every
         rejected candidate with its reasons (`print(llm.kernel_plan().table())`). Shows shadow-verification

@@ -111,3 +111,12 @@ def test_vllm_prompt_dicts_are_accepted(llm):
                        ({"prompt_token_ids": "a"}, r"prompts\[1\]")):
         with pytest.raises(ValueError, match=match):
             llm.generate(["x", bad], greedy, use_tqdm=False)
+
+
+def test_get_tokenizer_as_in_vllm(llm):
+    """vLLM scripts build prompts with llm.get_tokenizer() (AsyncLLM: await engine.get_tokenizer())."""
+    import asyncio
+
+    from nanovllm import AsyncLLM
+    assert llm.get_tokenizer() is llm.tokenizer
+    assert asyncio.run(AsyncLLM(llm=llm).get_tokenizer()) is llm.tokenizer
