@@ -6,13 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from nanovllm.chat_template import render, template_kwargs
-from nanovllm.sampling_params import SamplingParams
-from nanovllm.text import check_text
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
 from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
                                                         check_n, merge,
                                                         to_sampling_params)
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.text import check_text
 
 
 def message_text(i: int, message: ChatMessage) -> str:
