@@ -1,5 +1,6 @@
 """The `nanovllm` command: one module per subcommand in nanovllm/commands/."""
 import argparse
+import os
 import sys
 
 
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # the reader of our output went away (`nanovllm generate ... | head -1`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again
+        return 1
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"nanovllm: error: {e}", file=sys.stderr)
         return 2

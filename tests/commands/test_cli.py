@@ -166,3 +166,21 @@ def test_backends_lists_the_named_backend_and_refuses_plan_options_without_plan(
     for flag, value in (("--model", tiny_qwen3), ("--save-plan", "plan.toml"), ("--kernel-plan", "plan.toml")):
         assert cli.main(["backends", flag, value]) == 2
         assert f"{flag} needs --plan" in capsys.readouterr().err
+
+
+def test_generate_into_a_closed_pipe_exits_quietly(tiny_qwen3):
+    """`nanovllm generate ... | head -1` closed the pipe under the output: a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        run = subprocess.run([sys.executable, "-m", "nanovllm.cli", "generate", "--model", tiny_qwen3, "--backend",
+                              "cpu_ref", "--max-model-len", "64", "--num-kvcache-blocks", "16", "--no-progress",
+                              "--max-tokens", "2", "hello"], stdout=write, stderr=subprocess.PIPE, text=True,
+                             timeout=120, env={**os.environ, "NANOVLLM_LOG_LEVEL": "WARNING"})
+    finally:
+        os.close(write)
+    assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
+    assert run.returncode == 1
