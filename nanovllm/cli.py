@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C: the engine already aborted the call's requests
+        print("nanovllm: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader of our output went away (`nanovllm generate ... | head -1`)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again

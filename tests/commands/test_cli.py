@@ -184,3 +184,22 @@ def test_generate_into_a_closed_pipe_exits_quietly(tiny_qwen3):
         os.close(write)
     assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
     assert run.returncode == 1
+
+
+def test_ctrl_c_during_generate_exits_130_without_a_traceback(tiny_qwen3):
+    import os
+    import signal
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "nanovllm.cli", "generate", "--model", tiny_qwen3, "--backend", "cpu_ref",
+               "--max-model-len", "256", "--num-kvcache-blocks", "128", "--no-progress", "--stream",
+               "--max-tokens", "250", "--temperature", "0", *[f"p{i}" for i in range(8)]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "NANOVLLM_LOG_LEVEL": "WARNING"})
+    try:
+        assert process.stdout.readline().startswith("--- 'p0'")  # the stream has begun: 2,000 tokens to go
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err and "nanovllm: interrupted" in err, err
