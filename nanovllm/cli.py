@@ -48,8 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def backend_option_hint(unknown: list[str], argv: list[str]) -> str:
+    """For a backend's option given as a flag (vLLM's --gpu-memory-utilization 0.8): how to give it here."""
+    from nanovllm.core.plugins import load_plugins
+    known = {name for backend in load_plugins().backends.values() for name in backend.options}
+    for arg in unknown:
+        flag, _, value = arg.partition("=")
+        name = flag.lstrip("-").replace("-", "_")
+        if arg.startswith("--") and name in known:
+            after = argv.index(arg) + 1  # its value may have been taken as a positional argument
+            value = value or (argv[after] if after < len(argv) else "VALUE")
+            return f"; {name} is a backend option: give it as --backend-option {name}={value}"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{backend_option_hint(unknown, argv)}")
     try:
         return args.fn(args)
     except KeyboardInterrupt:  # Ctrl-C: the engine already aborted the call's requests

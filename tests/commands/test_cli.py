@@ -203,3 +203,18 @@ def test_ctrl_c_during_generate_exits_130_without_a_traceback(tiny_qwen3):
     finally:
         process.kill()
     assert process.returncode == 130 and "Traceback" not in err and "nanovllm: interrupted" in err, err
+
+
+def test_a_backend_option_given_as_a_flag_is_pointed_to_backend_option(capsys):
+    """vLLM users type --gpu-memory-utilization 0.8: it is a backend option here, and the error says how to give
+    it (it said only 'unrecognized arguments')."""
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--gpu-memory-utilization", "0.8"])
+    err = capsys.readouterr().err
+    assert "--backend-option gpu_memory_utilization=0.8" in err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--cpu-memory-fraction=0.5", "hi"])
+    assert "--backend-option cpu_memory_fraction=0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--no-such-flag", "hi"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
