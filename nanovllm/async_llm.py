@@ -46,14 +46,15 @@ class AsyncLLM:
         return self.llm.engine
 
     def check_request(self, prompt, params: SamplingParams | None, index: int = 0) -> tuple[list[int], SamplingParams]:
-        """The prompt's token ids and the params, validated as `generate` validates them (ValueError otherwise,
-        naming the prompt as prompts[index])."""
+        """The prompt's token ids and a snapshot of the params (SamplingParams.clone), validated as `generate`
+        validates them (ValueError otherwise, naming the prompt as prompts[index])."""
         self.llm.engine.check_open()
         config = self.llm.config
         ids = prompt_to_ids(index, prompt, self.tokenizer, config.hf_config.vocab_size, config.max_model_len)
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
+        params = params.clone()  # the request keeps these values whatever the caller reassigns later
         self.llm.engine.check_params(params)
         return ids, params
 

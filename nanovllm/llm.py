@@ -133,8 +133,9 @@ class LLM:
         """Validate every prompt and every SamplingParams before anything is queued (see nanovllm/requests.py)."""
         self.engine.check_open()
         ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len)
-        params = params_per_prompt(sampling_params, len(ids))
-        for p in params:
+        clones = {}  # one snapshot per distinct object: the caller may reassign its fields while these run
+        params = [clones.setdefault(id(p), p.clone()) for p in params_per_prompt(sampling_params, len(ids))]
+        for p in clones.values():
             self.engine.check_params(p, detokenize=stream)
         return ids, params
 

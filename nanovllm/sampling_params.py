@@ -166,6 +166,14 @@ class SamplingParams:
         params.validate()
         return params
 
+    def clone(self) -> "SamplingParams":
+        """A validated copy sharing no list or dict with self: what a submitted request keeps, so that reassigning
+        or mutating the caller's object afterwards (for its next call, or from another thread) changes nothing
+        that runs. ValueError as `validate`."""
+        params = copy.copy(self)
+        params.validate()  # rebuilds stop_strings, the token-id lists, logit_bias and bad_words
+        return params
+
     def sample_seed(self, index: int) -> int | None:
         """The seed of sample `index` of an n > 1 request: seed + index, wrapped into [-2**63, 2**64)."""
         if self.seed is None:

@@ -161,3 +161,28 @@ def test_close_ends_waiting_callers(tiny_qwen3):
             future.result(timeout=60)
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate([[1, 2, 3]], params, use_tqdm=False)
+
+
+def test_params_reassigned_after_submission_do_not_reach_running_requests(llm):
+    """The engine held the caller's SamplingParams object: reassigning a field for the next call (or from another
+    thread) changed requests already running (max_tokens 200 -> 3 stopped one mid-way)."""
+    import asyncio
+
+    from nanovllm import AsyncLLM
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    pieces = llm.stream(["hello"], params)
+    params.max_tokens, params.stop = 3, ["e"]  # after the call: its requests keep what was submitted
+    tokens = []
+    for piece in pieces:
+        tokens += piece.token_ids
+        params.max_tokens, params.ignore_eos = 2, False  # while they run
+    assert len(tokens) == 200
+
+    async def run_async() -> int:
+        shared = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+        count = 0
+        async for out in AsyncLLM(llm=llm).generate_async("hello", shared):
+            count += len(out.token_ids)
+            shared.max_tokens = 1
+        return count
+    assert asyncio.run(run_async()) == 120
