@@ -61,6 +61,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: false for a prompt that already holds its BOS
 
 
 class ContentPart(OpenAIModel):
@@ -86,6 +87,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    add_special_tokens: bool = False  # vLLM's: the chat template already writes the special tokens
 
 
 class TokenizeRequest(ChatTemplateFields):

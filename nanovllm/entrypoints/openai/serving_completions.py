@@ -12,16 +12,24 @@ from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_con
                                                         check_n, merge,
                                                         to_sampling_params)
 from nanovllm.requests import is_token_id
+from nanovllm.text import check_text
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    def prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+    def prompts(self, prompt, add_special_tokens: bool = True) -> list[tuple[str | None, list[int]]]:
         """(text or None, token ids) per prompt of the request."""
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and is_token_id(prompt[0])):
             prompt = [prompt]
         if not prompt:
             raise ValueError("prompt is empty: give a string, a list of strings, token ids or lists of token ids")
-        return [(p if isinstance(p, str) else None, self.token_ids(p, i)) for i, p in enumerate(prompt)]
+        out = []
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                check_text(f"prompts[{i}]", p)
+                out.append((p, self.token_ids(self.tokenizer.encode(p, add_special_tokens=add_special_tokens), i)))
+            else:
+                out.append((None, self.token_ids(p, i)))
+        return out
 
     def plan(self, request: CompletionRequest):
         """Every (prompt, params) of the request, checked in full before anything runs."""
@@ -36,7 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise ValueError("max_tokens=0 is invalid without echo=true: expected an integer >= 1")
         if not echo_only:
             check_max_tokens(request.max_tokens)
-        prompts = self.prompts(request.prompt)
+        prompts = self.prompts(request.prompt, request.add_special_tokens)
         # one engine request per prompt, its n samples the prompt's n choices; with echoed prompt logprobs one per
         # choice (a request's prompt logprobs come with its first sample only)
         per_choice = request.echo and request.logprobs is not None and request.n > 1
