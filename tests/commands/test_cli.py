@@ -28,6 +28,10 @@ def test_every_option_has_help_that_shows_its_default():
             assert action.help, f"{where} has no help text"
             if action.option_strings:
                 assert "default" in formatter._get_help_string(action), f"{where} does not show its default"
+            if action.option_strings and action.default not in (None, False):
+                value, text = action.default, formatter._expand_help(action)
+                shown = {str(value), f"{value:g}"} if isinstance(value, float) else {str(value)}
+                assert any(v in text for v in shown), f"{where} does not show its default {value!r}: {text!r}"
 
 
 def test_bench_help_names_no_repository_path_and_has_vllm_names():
@@ -108,3 +112,13 @@ def test_backend_option_values_are_read_as_numbers_where_they_are():
     args = cli.build_parser().parse_args(["bench", "--backend-option", "a=2", "--backend-option", "b=0.5",
                                           "--backend-option", "c=fast"])
     assert backend_options(args) == {"a": 2, "b": 0.5, "c": "fast"}
+
+
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_batch_refuses_a_batch_size_below_one_before_touching_the_output(tmp_path, capsys, size):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"prompt": "hi"}\n')
+    target.write_text("kept\n")
+    assert cli.main(["batch", str(source), str(target), "--batch-size", size]) == 2
+    assert f"--batch-size {size} is invalid: expected an integer >= 1" in capsys.readouterr().err
+    assert target.read_text() == "kept\n"
