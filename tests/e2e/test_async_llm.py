@@ -2,6 +2,7 @@
 its blocks; async and threaded callers share one engine."""
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -17,8 +18,15 @@ def llm(tiny_qwen3):
     return LLM(tiny_qwen3, **OPTIONS)
 
 
-def idle(llm) -> bool:
-    return llm.loop.run(lambda e: not e.has_work() and e.scheduler.block_manager.num_free_blocks == 64)
+def idle(llm, timeout: float = 10.0) -> bool:
+    """Whether the engine becomes idle with every block free within `timeout` s: an abort returns at once, and the
+    loop may still hold the aborted request's step in flight when the caller's stream has already ended."""
+    deadline = time.monotonic() + timeout
+    while not llm.loop.run(lambda e: not e.has_work() and e.scheduler.block_manager.num_free_blocks == 64):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 async def collect(async_llm, prompt, params, request_id=None):
