@@ -32,16 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="a Ray cluster's address (e.g. ray://head:10001 or auto); runs on Ray "
                                      "(default: none: a local Ray with --replicas > 1, else no Ray)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per LLM.generate call (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="default for rows without one (0: greedy)")
-    p.add_argument("--max-tokens", type=int, default=64, help="default for rows without one")
+    p.add_argument("--temperature", type=float, default=0.0, help="the temperature of rows without one "
+                                                                  "(default: 0, greedy)")
+    p.add_argument("--max-tokens", type=int, default=64, help="the max_tokens of rows without one (default: 64)")
     add_engine_arguments(p)
 
 
 def main(args) -> int:
+    for option, value in (("--replicas", args.replicas), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{option} {value} is invalid: expected an integer >= 1")
     rows = read_jsonl(args.input)
     defaults = {"temperature": args.temperature, "max_tokens": args.max_tokens}
-    if args.replicas < 1:
-        raise ValueError(f"--replicas {args.replicas} is invalid: expected an integer >= 1")
     options = engine_options(args)
     on_ray = args.replicas > 1 or args.address is not None
     results = (on_ray_rows if on_ray else in_process_rows)(rows, args, options, defaults)

@@ -11,7 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (0: any free one)")
     p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: NANOVLLM_API_KEY, else no key)")
-    p.add_argument("--served-model-name", help="the name clients give as `model` (default: the model path)")
+    p.add_argument("--served-model-name", help="the name clients give as `model` (default: the model path as "
+                                               "given, or SmolLM2-135M-Instruct for the embedded model)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGTERM/SIGINT, seconds in-flight requests may finish before they are aborted")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

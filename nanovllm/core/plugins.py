@@ -63,8 +63,9 @@ def check_api_version(declared) -> str | None:
         return f"NANOVLLM_PLUGIN_API={declared!r} is not a (major, minor) pair"
     if major != PLUGIN_API[0] or minor > PLUGIN_API[1]:
         newer = "upgrade nanovllm" if (major, minor) > PLUGIN_API else "upgrade the plugin"
+        release = f"for {PLUGIN_API[0]}.x" if major != PLUGIN_API[0] else f"built for {core} or older"
         return (f"built for plugin API {major}.{minor}, this nanovllm speaks {core}: {newer} "
-                f"or install a plugin release for {PLUGIN_API[0]}.x")
+                f"or install a plugin release {release}")
     return None
 
 

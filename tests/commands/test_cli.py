@@ -28,6 +28,10 @@ def test_every_option_has_help_that_shows_its_default():
             assert action.help, f"{where} has no help text"
             if action.option_strings:
                 assert "default" in formatter._get_help_string(action), f"{where} does not show its default"
+            if action.option_strings and action.default not in (None, False):
+                value, text = action.default, formatter._expand_help(action)
+                shown = {str(value), f"{value:g}"} if isinstance(value, float) else {str(value)}
+                assert any(v in text for v in shown), f"{where} does not show its default {value!r}: {text!r}"
 
 
 def test_bench_help_names_no_repository_path_and_has_vllm_names():

@@ -117,6 +117,13 @@ def test_incompatible_plugin_is_listed_with_both_versions_and_the_fix(monkeypatc
     assert nanovllm.PLUGIN_API == (1, 0)
 
 
+def test_a_plugin_for_a_newer_minor_is_told_which_release_to_install():
+    """A 1.9 plugin is a 1.x release already: the fix names the minor this nanovllm speaks."""
+    plugins = load_plugins(SETTINGS, modules={"v": plugin_module("v", [NullBackend()], api=(1, 9))})
+    assert plugins.failures["v"] == ("built for plugin API 1.9, this nanovllm speaks 1.0: upgrade nanovllm or "
+                                     "install a plugin release built for 1.0 or older")
+
+
 class RaisingBackend(Backend):
     name = "raising"
 
