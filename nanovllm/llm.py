@@ -134,7 +134,11 @@ class LLM:
         self.engine.check_open()
         ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len)
         clones = {}  # one snapshot per distinct object: the caller may reassign its fields while these run
-        params = [clones.setdefault(id(p), p.clone()) for p in params_per_prompt(sampling_params, len(ids))]
+        given = params_per_prompt(sampling_params, len(ids))
+        for p in given:
+            if id(p) not in clones:
+                clones[id(p)] = p.clone()
+        params = [clones[id(p)] for p in given]
         for p in clones.values():
             self.engine.check_params(p, detokenize=stream)
         return ids, params
