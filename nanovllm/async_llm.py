@@ -102,8 +102,8 @@ class AsyncLLM:
                                            request_id, d.prompt_logprobs, d.first_token_time, d.sample_index)
         finally:
             self._running.discard(request_id)
-            if not done and self.llm.loop.alive:
-                self.llm.loop.abort([request_id], wait=False)
+            if not done and self.llm.loop.alive:  # only this call's request: its id may be another's if refused
+                self.llm.loop.abort([request_id], wait=False, channel=channel)
 
     def abort(self, request_id: str) -> None:
         """Abort a running request (no-op for one that finished or is unknown); returns at once, and the engine

@@ -97,11 +97,12 @@ class EngineLoop:
         """Queue a call's requests; their deltas go to `channel`. Atomic: the loop takes all of them at once."""
         self._send(("submit", channel, requests))
 
-    def abort(self, request_ids: list[str], wait: bool = True) -> None:
+    def abort(self, request_ids: list[str], wait: bool = True, channel: OutputChannel | None = None) -> None:
         """Abort these requests (those still in the engine), freeing their KV blocks. With `wait`, return once
-        the loop has done it; otherwise at once (an asyncio caller must not block)."""
+        the loop has done it; otherwise at once (an asyncio caller must not block). With `channel`, only requests
+        submitted through it (a caller cleaning up its own, whose id may have been refused as in use)."""
         done = threading.Event() if wait else None
-        self._send(("abort", list(request_ids), done))
+        self._send(("abort", list(request_ids), done, channel))
         if done is not None:
             while not done.wait(0.5):
                 if not self._thread.is_alive():
@@ -167,7 +168,7 @@ class EngineLoop:
             if kind == "submit":
                 self._add(message[1], message[2])
             elif kind == "abort":
-                self._abort(message[1])
+                self._abort(message[1], message[3])
                 if message[2] is not None:
                     message[2].set()
             elif kind == "call":
@@ -183,6 +184,8 @@ class EngineLoop:
         added = []
         try:
             for r in requests:
+                if r.request_id in self._by_id:  # one id, one request: abort(id) and the outputs must know which
+                    raise ValueError(f"request_id {r.request_id!r} is already running; give each request its own id")
                 params = r.params
                 if r.prompt_logprobs is not None and params.prompt_logprobs != r.prompt_logprobs:
                     params = copy.copy(params)
@@ -200,11 +203,14 @@ class EngineLoop:
                 self.engine.scheduler.abort(live.seq)
             channel.fail(e)
 
-    def _abort(self, request_ids: list[str]) -> None:
-        """Abort each request still in the engine; its channel gets a last delta with finish_reason "abort"."""
+    def _abort(self, request_ids: list[str], channel: OutputChannel | None = None) -> None:
+        """Abort each request still in the engine (submitted through `channel`, if given); its channel gets a last
+        delta with finish_reason "abort"."""
         out: dict[int, tuple[OutputChannel, list[RequestDelta]]] = {}
         for request_id in request_ids:
             for live in list(self._by_id.get(request_id, ())):
+                if channel is not None and live.channel is not channel:
+                    continue
                 self._forget(live)
                 seq = live.seq
                 self.engine.scheduler.abort(seq)

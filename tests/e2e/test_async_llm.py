@@ -107,6 +107,22 @@ def test_duplicate_request_ids_are_refused(llm):
     asyncio.run(main())
 
 
+def test_duplicate_request_ids_are_refused_across_wrappers_of_one_llm(llm):
+    """Two AsyncLLMs on one LLM share its engine: the engine loop refuses an id in use, so abort(id) stays one
+    request's."""
+    first_llm, second_llm = AsyncLLM(llm=llm), AsyncLLM(llm=llm)
+
+    async def main():
+        first = first_llm.generate_async("hello", LONG, "shared")
+        await first.__anext__()
+        with pytest.raises(ValueError, match="already running"):
+            await second_llm.generate_async("hello", LONG, "shared").__anext__()
+        pieces = [p async for p in first]  # the first request is untouched: it runs to its end
+        assert pieces[-1].finished and pieces[-1].finish_reason == "length"
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert idle(llm)
+
+
 def test_n_samples_equal_generates(llm):
     """n > 1: the pieces of each sample add up to generate's sample of that index, streamed or not; the samples
     share the prompt's blocks, and the iteration ends once all have finished."""
