@@ -313,6 +313,18 @@ def test_models_tokenize_detokenize_and_metrics(server, client, llm):
     assert m["nanovllm:generation_tokens_total"] > 0 and m["nanovllm:time_to_first_token_seconds_count"] > 0
 
 
+def test_metrics_count_a_prompt_once_whatever_n(server, client, llm):
+    """n choices share one prompt (its blocks, one prefill): prompt_tokens grows by the prompt's length once, while
+    generation_tokens counts every choice's tokens."""
+    before = server.metrics()
+    response = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=3, n=3, seed=1)
+    after = server.metrics()
+    grown = after["nanovllm:prompt_tokens_total"] - before.get("nanovllm:prompt_tokens_total", 0)
+    assert grown == response.usage.prompt_tokens == len(llm.tokenizer.encode(PROMPTS[0]))
+    generated = after["nanovllm:generation_tokens_total"] - before.get("nanovllm:generation_tokens_total", 0)
+    assert generated == response.usage.completion_tokens
+
+
 LOGLIKELIHOOD_TASK = [  # (context, continuation): a small log-likelihood task of our own
     ("paris is the capital of", " france"), ("the quick brown fox jumps over the", " lazy dog"),
     ("hello", " world!"), ("numbers 0 1 2 3", " 4 5 6"), ("a small engine runs large models fast on a", " gpu"),

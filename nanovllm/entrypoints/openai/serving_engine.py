@@ -69,9 +69,9 @@ class OpenAIServing:
                 last[out.sample_index] = out
                 yield out
         finally:
-            for count, out in zip(num_output, last):
-                self.metrics.record(arrival, out.first_token_time if out else None, len(prompt_ids), count,
-                                    out.finish_reason if out and out.finished else "abort")
+            for i, (count, out) in enumerate(zip(num_output, last)):  # the n samples share one prompt (one prefill)
+                self.metrics.record(arrival, out.first_token_time if out else None, len(prompt_ids) if i == 0 else 0,
+                                    count, out.finish_reason if out and out.finished else "abort")
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
