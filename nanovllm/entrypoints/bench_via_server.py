@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -23,12 +22,14 @@ def run_via_server(llm, prompts: list[list[int]], max_tokens: list[int], tempera
     import uvicorn
 
     from nanovllm.async_llm import AsyncLLM
-    from nanovllm.entrypoints.openai.api_server import build_app
-    port = free_port()
+    from nanovllm.entrypoints.openai.api_server import bind_socket, build_app
+    sock = bind_socket("127.0.0.1", 0)  # a free port, held from now on (no window for another process to take it)
+    port = sock.getsockname()[1]
     app = build_app(AsyncLLM(llm=llm), "bench")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False))
-    thread = threading.Thread(target=server.run, name="nanovllm-bench-server", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nanovllm-bench-server",
+                              daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -52,12 +53,6 @@ def run_via_server(llm, prompts: list[list[int]], max_tokens: list[int], tempera
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def send_all(url: str, prompts, max_tokens, temperature: float) -> dict:
