@@ -17,15 +17,23 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {default})"
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a usage error naming the value otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 1")
-    return value
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper bound when high is None); a usage error naming the
+    value otherwise."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer: expected {expected}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is invalid: expected {expected}")
+        return value
+    return parse
+
+
+positive_int = int_in(1)
 
 
 def engine_options(args) -> dict:

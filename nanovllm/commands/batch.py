@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from nanovllm.commands.arguments import add_engine_arguments, engine_options
+from nanovllm.commands.arguments import add_engine_arguments, engine_options, positive_int
 from nanovllm.core.logging import get_logger
 from nanovllm.ray.rows import OUTPUT_COLUMNS
 
@@ -27,11 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="JSONL file to write: each input object with the output fields added, in order")
     p.add_argument("--model", help="a Hugging Face checkpoint folder, readable on every node (default: the "
                                    "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--replicas", type=int, default=1, help="engine replicas on Ray (default 1: no Ray unless "
+    p.add_argument("--replicas", type=positive_int, default=1, help="engine replicas on Ray (default 1: no Ray unless "
                                                            "--address is given)")
     p.add_argument("--address", help="a Ray cluster's address (e.g. ray://head:10001 or auto); runs on Ray "
                                      "(default: none: a local Ray with --replicas > 1, else no Ray)")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per LLM.generate call (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per LLM.generate call (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="the temperature of rows without one "
                                                                   "(default: 0, greedy)")
     p.add_argument("--max-tokens", type=int, default=64, help="the max_tokens of rows without one (default: 64)")
@@ -39,9 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    for option, value in (("--replicas", args.replicas), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{option} {value} is invalid: expected an integer >= 1")
     rows = read_jsonl(args.input)
     defaults = {"temperature": args.temperature, "max_tokens": args.max_tokens}
     options = engine_options(args)

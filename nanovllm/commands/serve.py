@@ -4,11 +4,11 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from nanovllm.commands.arguments import add_engine_arguments
+    from nanovllm.commands.arguments import add_engine_arguments, int_in
     p.add_argument("model", nargs="?", help="a Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-"
                                             "Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (0: any free one)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="TCP port to listen on (0: any free one)")
     p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: NANOVLLM_API_KEY, else no key)")
     p.add_argument("--served-model-name", help="the name clients give as `model` (default: the model path as "
@@ -18,16 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the HTTP server's log level")
     add_engine_arguments(p)
-
-
-def port_number(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: expected an integer in [0, 65535]")
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number: expected an integer in [0, 65535]")
-    return port
 
 
 def check_serve_extra() -> None:
