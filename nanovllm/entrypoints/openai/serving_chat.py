@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from nanovllm.chat_template import render, template_kwargs
+from nanovllm.chat_template import content_text, render, template_kwargs
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
 from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
@@ -16,19 +16,12 @@ from nanovllm.text import check_text
 
 
 def message_text(i: int, message: ChatMessage) -> str:
-    """A message's content as one string: text parts joined; other parts (images, audio) are refused."""
+    """A message's content as one string (OpenAI's text parts joined, as LLM.chat joins them)."""
     content = message.content
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for j, part in enumerate(content):
-        if part.type != "text":
-            raise ValueError(f"messages[{i}].content has a part of type {part.type!r}; nanovllm serves text "
-                             f"models: give text parts only")
-        if part.text is None:
-            raise ValueError(f"messages[{i}].content[{j}] is a text part without `text`: give its text")
-        texts.append(part.text)
-    return "".join(texts)
+    if content is None:
+        return ""
+    parts = content if isinstance(content, str) else [part.model_dump() for part in content]
+    return content_text(f"messages[{i}].content", parts)
 
 
 class OpenAIServingChat(OpenAIServing):
