@@ -1,9 +1,8 @@
 """StepInputBuilder: turns a ScheduledBatch into the step's device tensors and StepMetadata.
 
 The decode path (the hot one: every step after the prompts) is vectorised with numpy over a host
-DecodeRecord (pinned where the backend asks), moved to the device record in one asynchronous copy
-(`core/decode_record.py`) where the backend's graphs capture it; the step's tensors are views of the device
-record. Two host records
+DecodeRecord (pinned where the backend asks). Where the backend's graphs capture it, one asynchronous copy moves
+it to the device record (`core/decode_record.py`), whose views are the step's tensors. Two host records
 alternate, so building step N+1 never overwrites what step N's copy is still reading.
 """
 from collections.abc import Sequence

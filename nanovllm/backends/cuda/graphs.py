@@ -31,10 +31,12 @@ class CudaGraphRunner:
         # then arrive in place, padded to the graphs' sizes. Under tensor parallelism steps are built on the host:
         # the graphs keep a record of their own and copy each step in.
         record = runner.inputs.record
-        if record is not None and record.bytes.device == torch.device(dev) and record.max_seqs == n:
-            runner.inputs.pad_sizes = self.batch_sizes
-        else:
+        if record is None:
             record = DecodeRecord(n, width, dev)
+        elif record.max_seqs != n:
+            raise RuntimeError(f"the step builder's record holds {record.max_seqs} rows, the largest graph {n}")
+        else:
+            runner.inputs.pad_sizes = self.batch_sizes
         record.clear()  # the warm-up steps wrote real rows: replayed as padding they would store K/V
         self.record = record
         self.input_ids, self.positions, self.slot_mapping = record.ids, record.positions, record.slots
