@@ -4,6 +4,7 @@ copy bandwidth at which K/V are read.
 
     python benchmarks/sweep_splits.py [--batches 1,2,4,8,16,32,48,64,96,128,256 --contexts 1200,mixed,padded]
                                       [--kv-dtypes bfloat16,float8_e4m3fn --json FILE]
+                                      [--configs '128,8,3 64,4,4' --split-factors 1,2 --no-balanced]
 
 Each variant is timed as the engine runs it: captured in one CUDA graph, calls back to back over two input sets
 (each larger than L2), sequences in longest-first order (`graph` columns). The default split kernel is also timed
@@ -18,7 +19,7 @@ import torch
 
 from benchmarks.fp8_decode import inputs
 from benchmarks.kernels_cuda import HEAD_DIM, NUM_KV_HEADS, bench, copy_bandwidth
-from nanovllm.backends.cuda.attention.triton_decode import DecodeConfig, choose_num_splits, paged_decode
+from nanovllm.backends.cuda.attention.triton_decode import MAX_SPLITS, DecodeConfig, choose_num_splits, paged_decode
 from nanovllm.core.step_metadata import longest_first
 
 SPLIT_CONFIGS = [DecodeConfig(128, 8, 3), DecodeConfig(64, 4, 4)]
@@ -59,15 +60,21 @@ def decode_call(case, **kwargs):
                                 out=out, k_scale=k_scale, v_scale=v_scale, seq_order=order, **kwargs)
 
 
-def variants(batch: int, num_sms: int) -> list[tuple[str, dict]]:
+def variants(batch: int, num_sms: int, configs=tuple(SPLIT_CONFIGS), split_factors=(1,),
+             balanced: bool = True) -> list[tuple[str, dict]]:
     """(name, paged_decode arguments): `plan` is the kernel's own choice, `split` main's (choose_num_splits with
-    decode_config), `split B,W,S` the split kernel with another tile config, `bal xK` the balanced schedule with K
-    programs a SM (and a tile config)."""
+    decode_config), `split B,W,S` the split kernel with another tile config, `xF` after it F times main's split
+    count, `bal xK` the balanced schedule with K programs a SM (and a tile config)."""
     splits = choose_num_splits(batch, NUM_KV_HEADS, torch.device("cuda"))
     out = [("plan", {}), ("split", dict(num_splits=splits))]
-    out += [(f"split {c.block_n},{c.num_warps},{c.num_stages}", dict(num_splits=splits, config=c))
-            for c in SPLIT_CONFIGS]
-    for per_sm, c in BALANCED:
+    for factor in split_factors:
+        n = min(MAX_SPLITS, splits * factor)
+        suffix = f" x{factor}" if factor != 1 else ""
+        if factor != 1:
+            out.append((f"split{suffix}", dict(num_splits=n)))
+        out += [(f"split {c.block_n},{c.num_warps},{c.num_stages}{suffix}", dict(num_splits=n, config=c))
+                for c in configs]
+    for per_sm, c in BALANCED if balanced else ():
         name = f"bal x{per_sm}" + (f" {c.block_n},{c.num_warps},{c.num_stages}" if c else "")
         out.append((name, dict(num_programs=-(-per_sm * num_sms // NUM_KV_HEADS), config=c)))
     return out
@@ -92,8 +99,15 @@ def main():
                    help="tokens per sequence, 'mixed' (100-2048) or 'padded' (mixed, the last third of rows 0)")
     p.add_argument("--kv-dtypes", default="bfloat16,float8_e4m3fn")
     p.add_argument("--flush", action="store_true", help="also time main's default with do_bench (L2 flushed)")
+    p.add_argument("--configs", help="split-kernel tile configs to time, 'B,W,S B,W,S' (default: "
+                   + " ".join(f"{c.block_n},{c.num_warps},{c.num_stages}" for c in SPLIT_CONFIGS) + ")")
+    p.add_argument("--split-factors", default="1", help="also time each config with F times main's split count")
+    p.add_argument("--no-balanced", action="store_true", help="leave out the balanced schedule")
     p.add_argument("--json")
     args = p.parse_args()
+    configs = ([DecodeConfig(*map(int, c.split(","))) for c in args.configs.split()] if args.configs
+               else SPLIT_CONFIGS)
+    split_factors = [int(f) for f in args.split_factors.split(",")]
     bw = copy_bandwidth()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, {num_sms} SMs, copy bandwidth {bw / 1e9:.0f} GB/s; "
@@ -104,7 +118,7 @@ def main():
                    default_splits=choose_num_splits(batch, NUM_KV_HEADS, torch.device("cuda")))
         if args.flush:
             row["split flush"] = round(kv_bytes / bench(decode_call(cases[0])) / bw, 3)
-        for name, kwargs in variants(batch, num_sms):
+        for name, kwargs in variants(batch, num_sms, configs, split_factors, not args.no_balanced):
             try:
                 seconds = graph_seconds([decode_call(case, **kwargs) for case in cases])
                 row[name] = round(kv_bytes / seconds / bw, 3)
