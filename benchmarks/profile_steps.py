@@ -1,6 +1,6 @@
 """Where the seed workload's wall time goes: steps grouped by kind and batch size (GPU only).
 
-    python benchmarks/profile_steps.py --config ../shared/models/qwen3-0.6b/config.json
+    python benchmarks/profile_steps.py --config ../shared/models/qwen3-0.6b/config.json [--kv-cache-dtype fp8]
 
 Per bucket: wall time per step (from one launch's return to the next), and from CUDA events on the stream the
 GPU time per step (from the end of the step's host preparation to the end of its sampler) and the GPU's idle
@@ -31,10 +31,12 @@ def main():
                    "(torch.cuda.set_sync_debug_mode), counted by the innermost nanovllm frame")
     p.add_argument("--host-split", action="store_true", help="also sum the host time of each launch part per kind "
                    "of step (benchmarks/host_split.py)")
+    p.add_argument("--kv-cache-dtype", default="auto")
     add_backend_option_argument(p)
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
-              skip_tokenizer_init=True, async_scheduling=not args.sync, **backend_options(args))
+              skip_tokenizer_init=True, async_scheduling=not args.sync, kv_cache_dtype=args.kv_cache_dtype,
+              **backend_options(args))
     prompts, max_tokens = seed_workload()
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
