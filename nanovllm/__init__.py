@@ -19,7 +19,8 @@ from nanovllm.core.plugins import PLUGIN_API
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured_outputs import StructuredOutputs
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "hookimpl", "PLUGIN_API"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput", "hookimpl",
+           "PLUGIN_API"]
 
 
 def __getattr__(name):
@@ -29,4 +30,7 @@ def __getattr__(name):
     if name == "AsyncLLM":
         from nanovllm.async_llm import AsyncLLM
         return AsyncLLM
+    if name in ("RequestOutput", "CompletionOutput"):  # what generate returns (vLLM's names)
+        from nanovllm import outputs
+        return getattr(outputs, name)
     raise AttributeError(f"module 'nanovllm' has no attribute {name!r}")

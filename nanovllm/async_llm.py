@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from nanovllm.core.engine_loop import EngineRequest, new_request_id
 from nanovllm.core.output_channel import AsyncOutputChannel
-from nanovllm.outputs import StreamOutput, output_text
+from nanovllm.outputs import StreamOutput, delta_stop_reason, output_text
 from nanovllm.requests import prompt_to_ids
 from nanovllm.sampling_params import SamplingParams
 
@@ -94,12 +94,14 @@ class AsyncLLM:
                     done = d.request_finished
                     if stream:
                         yield StreamOutput(0, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
-                                           request_id, d.prompt_logprobs, d.first_token_time, d.sample_index)
+                                           request_id, d.prompt_logprobs, d.first_token_time, d.sample_index,
+                                           delta_stop_reason(d))
                     elif d.finished:
                         seq = d.seq
                         yield StreamOutput(0, output_text(seq, self.tokenizer), seq.output_token_ids, True,
                                            seq.finish_reason, seq.logprobs if params.logprobs is not None else None,
-                                           request_id, d.prompt_logprobs, d.first_token_time, d.sample_index)
+                                           request_id, d.prompt_logprobs, d.first_token_time, d.sample_index,
+                                           delta_stop_reason(d))
         finally:
             self._running.discard(request_id)
             if not done and self.llm.loop.alive:  # only this call's request: its id may be another's if refused

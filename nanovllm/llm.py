@@ -16,9 +16,9 @@ from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
 from nanovllm.checkpoint.folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
-from nanovllm.outputs import StreamOutput, request_output
+from nanovllm.outputs import RequestOutput, StreamOutput, delta_stop_reason, request_output
 from nanovllm.chat_template import content_text, render, template_kwargs
-from nanovllm.requests import params_per_prompt, prompts_to_ids
+from nanovllm.requests import params_per_prompt, prompt_texts, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.text import check_text
 
@@ -144,22 +144,31 @@ class LLM:
         return ids, params
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool | Callable = True) -> list[dict]:
-        """Generate for every prompt (strings or token-id lists); returns one dict per prompt, in input order.
+                 use_tqdm: bool | Callable = True) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); returns one RequestOutput per prompt, in input
+        order: a dict whose keys also read as attributes, so both `out["text"]` and vLLM's `out.outputs[0].text`
+        work.
 
-        Each dict has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text,
-        token_ids, finish_reason, logprobs, cumulative_logprob}; `prompt_token_ids`; `prompt_logprobs` (None unless
-        asked); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
-        token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
-        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys.
+        Each has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text, token_ids,
+        finish_reason, stop_reason, logprobs, cumulative_logprob}; `prompt` (the text, when given as text; for
+        `chat`, the rendered template); `prompt_token_ids`; `prompt_logprobs` (None unless asked); `finished` (True); and the first
+        sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop token, a stop string or
+        a completed structured output; "length" for max_tokens or max_model_len), `stop_reason` (as vLLM: the stop
+        string or stop_token_ids entry that ended it, else None), `logprobs` and `cumulative_logprob` (None unless
+        logprobs were asked) as flat keys; and the attribute `request_id` (not a key: equal requests give equal
+        outputs).
         `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
         ids, params = self._requests(prompts, sampling_params)
+        return self._generate(ids, params, use_tqdm, prompt_texts(prompts))
+
+    def _generate(self, ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool | Callable,
+                  texts: list[str | None]) -> list[RequestOutput]:
         requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
         planned = [sp.n * self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
         progress = GenerationProgress(sum(planned), sum(sp.n for sp in params), sum(map(len, ids)), use_tqdm)
-        outputs: list[dict | None] = [None] * len(requests)
+        outputs: list[RequestOutput | None] = [None] * len(requests)
         received: dict[tuple[int, int], int] = {}  # output tokens counted per (request, sample)
         # With a bar shown, samples report every step's tokens (not detokenized); else only their end.
         with closing(progress), closing(self._run(requests, stream=progress.per_step, detokenize=False)) as deltas:
@@ -172,7 +181,8 @@ class LLM:
                 unused = [planned[delta.index] // delta.seq.params.n - received[key]] if delta.finished else []
                 progress.advance(new_tokens, len(ids[delta.index]) if first else 0, unused)
                 if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
-                    outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer)
+                    outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer, delta.request_id,
+                                                          texts[delta.index])
         return outputs
 
     def _run(self, requests: list[EngineRequest], stream: bool, detokenize: bool | None = None):
@@ -204,10 +214,10 @@ class LLM:
         """`generate` for one conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's
         chat template (by default with the assistant's generation prompt; the keywords are vLLM's: see
         apply_chat_template)."""
-        ids = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                       continue_final_message=continue_final_message,
-                                       chat_template_kwargs=chat_template_kwargs)
-        return self.generate(ids, sampling_params, use_tqdm)
+        texts, ids = self._render_chats(messages, add_generation_prompt, continue_final_message,
+                                        chat_template_kwargs)
+        ids, params = self._requests(ids, sampling_params)
+        return self._generate(ids, params, use_tqdm, texts)
 
     def apply_chat_template(self, messages: list[dict] | list[list[dict]], *, add_generation_prompt: bool = True,
                             continue_final_message: bool = False,
@@ -216,13 +226,18 @@ class LLM:
         assistant's turn; `continue_final_message` instead leaves the last message open, for the model to continue;
         `chat_template_kwargs` are more variables for the template (e.g. {"enable_thinking": False}), winning over
         the two before, as in vLLM."""
+        return self._render_chats(messages, add_generation_prompt, continue_final_message, chat_template_kwargs)[1]
+
+    def _render_chats(self, messages, add_generation_prompt: bool, continue_final_message: bool,
+                      chat_template_kwargs: dict | None) -> tuple[list[str], list[list[int]]]:
+        """Each conversation's prompt text through the chat template, and its token ids."""
         options = template_kwargs(add_generation_prompt, continue_final_message, chat_template_kwargs)
         conversations = as_conversations(messages)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {self.config.model!r} has no chat template; use generate() with "
                              f"a formatted prompt instead")
         texts = [render(self.tokenizer, c, options) for c in conversations]
-        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return texts, [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StreamOutput]:
@@ -237,7 +252,8 @@ class LLM:
         with closing(self._run(requests, stream=True)) as deltas:
             for d in deltas:
                 yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
-                                   prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index)
+                                   prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index,
+                                   stop_reason=delta_stop_reason(d))
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the

@@ -1,4 +1,8 @@
-"""What LLM returns: one dict per request from `generate`/`chat`, and StreamOutput pieces from `stream`."""
+"""What LLM returns: one RequestOutput per request from `generate`/`chat`, and StreamOutput pieces from `stream`.
+
+RequestOutput and CompletionOutput are dicts (nano-vllm's shape: `out["text"]`, `out["token_ids"]`) whose keys also
+read as attributes, so vLLM's shape works as well: `out.prompt`, `out.outputs[0].text`, `out.request_id`.
+"""
 from dataclasses import dataclass
 
 from nanovllm.core.detokenizer import decode
@@ -19,6 +23,12 @@ class StreamOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None  # on a request's first piece, when asked for
     first_token_time: float | None = None  # AsyncLLM: time.monotonic() at the first token (on the last piece)
     sample_index: int = 0  # which of the request's n samples (SamplingParams.n) this piece belongs to
+    stop_reason: int | str | None = None  # on the last piece: as CompletionOutput.stop_reason
+
+
+def delta_stop_reason(delta) -> int | str | None:
+    """stop_reason of an engine-loop delta: set on a sample's finished delta, None on the others (and on aborts)."""
+    return stop_reason(delta.seq) if delta.finished and delta.seq is not None else None
 
 
 def output_text(seq: Sequence, tokenizer) -> str:
@@ -33,24 +43,70 @@ def output_text(seq: Sequence, tokenizer) -> str:
     return decode(tokenizer, ids)
 
 
-def completion_output(seq: Sequence, tokenizer) -> dict:
-    """One sample: {index, text, token_ids, finish_reason, logprobs, cumulative_logprob}. logprobs is None unless
-    the request asked, else one {token id: logprob} per output token (the top N, then the sampled token), and
-    cumulative_logprob is then the sum of the sampled tokens' log-probabilities (None otherwise)."""
+class _KeysAsAttributes(dict):
+    """A dict whose keys also read as attributes (read-only that way: assign through the keys)."""
+    __slots__ = ()
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no attribute or key {name!r} (it has: "
+                                 f"{', '.join(self)})") from None
+
+    def __dir__(self):
+        return [*super().__dir__(), *self]
+
+
+class CompletionOutput(_KeysAsAttributes):
+    """One sample of a request: index, text, token_ids, finish_reason, stop_reason, logprobs, cumulative_logprob
+    (see completion_output); as vLLM's CompletionOutput, also as a dict."""
+    __slots__ = ()
+
+
+class RequestOutput(_KeysAsAttributes):
+    """One request's result (see request_output): prompt, prompt_token_ids, prompt_logprobs, outputs (its
+    CompletionOutputs), finished, and the first sample's fields as flat keys; as vLLM's RequestOutput, also as a
+    dict. `request_id` is an attribute only, so two runs of the same request compare equal."""
+    __slots__ = ("request_id",)
+
+    def __init__(self, *args, request_id: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request_id = request_id
+
+
+def stop_reason(seq: Sequence):
+    """As vLLM: the stop string or the stop_token_ids entry that ended the sample; None when it ended otherwise
+    (EOS, max_tokens, max_model_len, a completed structured output)."""
+    reason = seq.stop_reason
+    if isinstance(reason, int) and reason not in (seq.params.stop_token_ids or ()):
+        return None  # the EOS token
+    return reason
+
+
+def completion_output(seq: Sequence, tokenizer) -> CompletionOutput:
+    """One sample: {index, text, token_ids, finish_reason, stop_reason, logprobs, cumulative_logprob}. logprobs is
+    None unless the request asked, else one {token id: logprob} per output token (the top N, then the sampled
+    token), and cumulative_logprob is then the sum of the sampled tokens' log-probabilities (None otherwise)."""
     asked = seq.params.logprobs is not None
     cumulative = sum(step[t] for t, step in zip(seq.output_token_ids, seq.logprobs)) if asked else None
-    return {"index": seq.sample_index, "text": output_text(seq, tokenizer), "token_ids": seq.output_token_ids,
-            "finish_reason": seq.finish_reason, "logprobs": seq.logprobs if asked else None,
-            "cumulative_logprob": cumulative}
+    return CompletionOutput(index=seq.sample_index, text=output_text(seq, tokenizer),
+                            token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
+                            stop_reason=stop_reason(seq), logprobs=seq.logprobs if asked else None,
+                            cumulative_logprob=cumulative)
 
 
-def request_output(seq: Sequence, tokenizer) -> dict:
-    """One request (`seq` is its first sample): {prompt_token_ids, prompt_logprobs, outputs} where `outputs` lists
-    its n samples (see completion_output), plus the first sample's text, token_ids, finish_reason, logprobs and
-    cumulative_logprob as flat keys (the shape before n existed). prompt_logprobs is None unless asked, else one
-    entry per prompt token: None for the first, then {token id: logprob} (the top N, then the prompt token)."""
+def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prompt: str | None = None
+                   ) -> RequestOutput:
+    """One request (`seq` is its first sample): {prompt, prompt_token_ids, prompt_logprobs, outputs, finished}
+    (and the attribute request_id) where `outputs` lists its n samples (see completion_output), plus the first sample's text,
+    token_ids, finish_reason, stop_reason, logprobs and cumulative_logprob as flat keys (the shape before n
+    existed). `prompt` is the prompt's text when it was given as text (else None); prompt_logprobs is None unless
+    asked, else one entry per prompt token: None for the first, then {token id: logprob} (the top N, then the
+    prompt token)."""
     outputs = [completion_output(sample, tokenizer) for sample in seq.group]
     flat = {k: v for k, v in outputs[0].items() if k != "index"}
-    return {**flat, "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens],
-            "prompt_logprobs": seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
-            "outputs": outputs}
+    return RequestOutput(**flat, request_id=request_id, prompt=prompt,
+                         prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+                         prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+                         outputs=outputs, finished=True)

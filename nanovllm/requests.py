@@ -44,6 +44,20 @@ def unwrap_prompt_dict(i: int, prompt: dict):
     return value
 
 
+def prompt_texts(prompts) -> list[str | None]:
+    """The text of each prompt as given (a string or vLLM's {"prompt": text}), None for token ids; call it after
+    prompts_to_ids has accepted `prompts`."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                            and is_token_id(prompts[0])):
+        prompts = [prompts]
+    texts = []
+    for p in prompts:
+        if isinstance(p, dict):
+            p = p.get("prompt")
+        texts.append(p if isinstance(p, str) else None)
+    return texts
+
+
 def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
     if isinstance(prompt, dict):
         prompt = unwrap_prompt_dict(i, prompt)

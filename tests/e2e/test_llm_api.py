@@ -1,7 +1,7 @@
 """LLM.stream, LLM.chat and `nanovllm generate`: streamed pieces add up to generate's outputs."""
 import pytest
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, CompletionOutput, RequestOutput, SamplingParams
 from nanovllm.cli import main
 
 PROMPTS = ["paris is the capital of", "hello world", "the quick"]
@@ -120,3 +120,44 @@ def test_get_tokenizer_as_in_vllm(llm):
     from nanovllm import AsyncLLM
     assert llm.get_tokenizer() is llm.tokenizer
     assert asyncio.run(AsyncLLM(llm=llm).get_tokenizer()) is llm.tokenizer
+
+
+def test_outputs_read_as_vllm_request_outputs_and_as_dicts(llm):
+    """vLLM's quickstart loop (`output.prompt`, `output.outputs[0].text`) works on generate's results, which stay
+    the dicts nano-vllm returns; stop_reason is vLLM's: the stop string or stop token id, None for EOS/length."""
+    greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)[0]
+    stop_id = greedy["token_ids"][3]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id]),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=6, n=2)]
+    outs = llm.generate([PROMPTS[0], {"prompt": PROMPTS[0]}, {"prompt_token_ids": greedy["prompt_token_ids"]}],
+                        params, use_tqdm=False)
+    for out in outs:
+        assert out.outputs[0].text == out["text"] == out["outputs"][0]["text"]
+        assert out.prompt_token_ids == greedy["prompt_token_ids"] and out.finished is True
+        assert isinstance(out, RequestOutput) and isinstance(out.outputs[0], CompletionOutput)
+        assert isinstance(out.request_id, str) and "request_id" not in out
+    assert [o.prompt for o in outs] == [PROMPTS[0], PROMPTS[0], None]
+    assert outs[0] == greedy and outs[0].request_id != greedy.request_id  # equal requests, equal outputs
+    assert (outs[0].outputs[0].finish_reason, outs[0].outputs[0].stop_reason) == ("length", None)
+    first = greedy["token_ids"].index(stop_id)
+    assert outs[1].outputs[0].token_ids == greedy["token_ids"][:first + 1]
+    assert (outs[1].finish_reason, outs[1].stop_reason) == ("stop", stop_id)
+    assert [s.index for s in outs[2].outputs] == [0, 1]
+    with pytest.raises(AttributeError, match="no attribute or key 'nope'"):
+        outs[0].nope
+    stopped = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                      stop=greedy["text"][2:5]), use_tqdm=False)[0]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", greedy["text"][2:5])
+    eos = llm.tokenizer.eos_token_id
+    ended = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0}),
+                         use_tqdm=False)[0]
+    assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([eos], "stop", None)
+
+
+def test_chat_outputs_carry_the_rendered_prompt(llm):
+    conversation = [{"role": "user", "content": "hello"}]
+    out = llm.chat(conversation, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
+    assert out.prompt == llm.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert llm.tokenizer.encode(out.prompt, add_special_tokens=False) == out.prompt_token_ids

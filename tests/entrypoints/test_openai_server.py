@@ -104,6 +104,19 @@ def test_completions_token_prompts_n_stop_and_logprobs(client, llm):
     stopped = client.completions.create(model="tiny", prompt=[ids], max_tokens=8, temperature=0, stop=[stop],
                                         extra_body={"ignore_eos": True})
     assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+    # vLLM's stop_reason: the stop string that ended a choice, None when max_tokens did; in streams on the last chunk
+    assert stopped.choices[0].stop_reason == stop and response.choices[0].stop_reason is None
+    chunks = list(client.completions.create(model="tiny", prompt=[ids], max_tokens=8, temperature=0, stop=[stop],
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert [c.choices[0].stop_reason for c in chunks if c.choices] == [None] * (len(chunks) - 1) + [stop]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    chat_text = chat.choices[0].message.content
+    assert chat.choices[0].stop_reason is None and chat.choices[0].finish_reason == "length"
+    chat_stop = chat_text[2:4]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=8, temperature=0, stop=chat_stop, extra_body={"ignore_eos": True})
+    assert (chat.choices[0].finish_reason, chat.choices[0].stop_reason) == ("stop", chat_stop)
 
 
 def test_echo_with_logprobs_scores_the_prompt(client, llm):

@@ -69,7 +69,8 @@ class OpenAIServingChat(OpenAIServing):
             finals[j] = out
         choices = [{"index": j, "message": {"role": "assistant", "content": out.text},
                     "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
-                    "finish_reason": out.finish_reason} for j, out in enumerate(finals)]
+                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+                   for j, out in enumerate(finals)]
         return chat_response(request_id, self.model_name, choices,
                              usage(len(ids), sum(len(o.token_ids) for o in finals)), now())
 
@@ -98,7 +99,7 @@ class OpenAIServingChat(OpenAIServing):
 
         for j in range(request.n):
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+                          "finish_reason": None, "stop_reason": None}])
         num_output = 0
         try:
             async for j, out in merge(streams, [0]):
@@ -106,7 +107,8 @@ class OpenAIServingChat(OpenAIServing):
                 if out.text or out.finished or (request.logprobs and out.token_ids):
                     yield chunk([{"index": j, "delta": {"content": out.text} if out.text else {},
                                   "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
-                                  "finish_reason": out.finish_reason if out.finished else None}])
+                                  "finish_reason": out.finish_reason if out.finished else None,
+                                  "stop_reason": out.stop_reason if out.finished else None}])
             if include_usage:
                 yield chunk([], usage(num_prompt_tokens, num_output))
         except (ValueError, RuntimeError) as e:

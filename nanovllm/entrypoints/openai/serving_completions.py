@@ -78,7 +78,7 @@ class OpenAIServingCompletion(OpenAIServing):
         choices = []
         for i, ((text, ids), out) in enumerate(zip(choice_prompts, finals)):
             choice_text, logprobs = self.choice_output(request, text, ids, out, echo_only, offset=0)
-            choices.append(completion_choice(i, choice_text, logprobs, out.finish_reason))
+            choices.append(completion_choice(i, choice_text, logprobs, out.finish_reason, out.stop_reason))
         num_output = 0 if echo_only else sum(len(o.token_ids) for o in finals)
         return completion_response(request_id, self.model_name, choices, usage(num_prompt_tokens, num_output), now())
 
@@ -123,7 +123,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 offsets[i] += sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
                 num_output += len(out.token_ids)
                 if piece or logprobs or out.finished:
-                    choice = completion_choice(i, piece, logprobs, out.finish_reason if out.finished else None)
+                    choice = completion_choice(i, piece, logprobs, out.finish_reason if out.finished else None,
+                                               out.stop_reason if out.finished else None)
                     body = completion_response(request_id, self.model_name, [choice], None, created)
                     if include_usage:
                         body["usage"] = None
