@@ -2,7 +2,9 @@
 
     llm = AsyncLLM(model)
     async for out in llm.generate_async("Hello", SamplingParams(max_tokens=32), request_id="r1"):
-        print(out.text, end="")
+        print(out.text, end="")                     # each step's new text
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=32), "r2"):
+        print(out.outputs[0].text)                  # vLLM's API: the whole RequestOutput so far
 
 It is a client of the same EngineLoop as `LLM` (and can share one: `AsyncLLM(llm=existing_llm)`), so sync and
 async callers may use one engine at once. Outputs arrive through an AsyncOutputChannel: the loop thread wakes the
@@ -11,11 +13,12 @@ awaiting task once per step, never blocking the event loop.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from nanovllm.core.engine_loop import EngineRequest, new_request_id
 from nanovllm.core.output_channel import AsyncOutputChannel
-from nanovllm.outputs import StreamOutput, delta_stop_reason, output_text
-from nanovllm.requests import prompt_to_ids
+from nanovllm.outputs import CompletionOutput, RequestOutput, StreamOutput, delta_stop_reason, output_text
+from nanovllm.requests import prompt_texts, prompt_to_ids
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -75,6 +78,47 @@ class AsyncLLM:
         (`aclose()`), aborts the request and frees its KV blocks.
         """
         ids, params = self.check_request(prompt, params)
+        async with aclosing(self._pieces(ids, params, request_id, stream, prompt_logprobs)) as pieces:
+            async for piece in pieces:  # closing this iterator closes `pieces` at once: its request is aborted
+                yield piece
+
+    async def generate(self, prompt, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """vLLM's `AsyncLLM.generate`: yields the request's RequestOutput (see `LLM.generate`) each time it
+        advances, cumulative as vLLM's default output kind: every sample's whole text, token ids and logprobs so
+        far (`outputs[i]`, one per SamplingParams.n), `finished` True on the last one only. An aborted request's
+        last output has finish_reason "abort". Cancelling or closing the iteration aborts the request, as with
+        `generate_async`, whose per-step pieces this is built from."""
+        ids, params = self.check_request(prompt, sampling_params)
+        request_id = request_id if request_id is not None else new_request_id("async")
+        text = prompt_texts(prompt)[0]
+        samples = [CompletionOutput(index=i, text="", token_ids=[], finish_reason=None, stop_reason=None,
+                                    logprobs=[] if params.logprobs is not None else None,
+                                    cumulative_logprob=0.0 if params.logprobs is not None else None)
+                   for i in range(params.n)]
+        prompt_logprobs, unfinished = None, params.n
+        async with aclosing(self._pieces(ids, params, request_id, True, None)) as pieces:
+            async for piece in pieces:
+                sample = samples[piece.sample_index]
+                sample["text"] += piece.text
+                # new lists, not appends: the outputs already yielded keep what they held
+                sample["token_ids"] = sample["token_ids"] + piece.token_ids
+                if piece.logprobs is not None:
+                    sample["logprobs"] = sample["logprobs"] + piece.logprobs
+                    sample["cumulative_logprob"] += sum(lp[t] for t, lp in zip(piece.token_ids, piece.logprobs))
+                if piece.prompt_logprobs is not None:
+                    prompt_logprobs = piece.prompt_logprobs
+                if piece.finished:
+                    sample["finish_reason"], sample["stop_reason"] = piece.finish_reason, piece.stop_reason
+                    unfinished -= 1
+                outputs = [CompletionOutput(s) for s in samples]
+                flat = {k: v for k, v in outputs[0].items() if k != "index"}
+                yield RequestOutput(**flat, request_id=request_id, prompt=text, prompt_token_ids=ids,
+                                    prompt_logprobs=prompt_logprobs, outputs=outputs, finished=unfinished == 0)
+
+    async def _pieces(self, ids: list[int], params: SamplingParams, request_id: str | None, stream: bool,
+                      prompt_logprobs: int | None) -> AsyncIterator[StreamOutput]:
+        """generate_async for validated token ids and params (check_request)."""
         if prompt_logprobs is not None and not (isinstance(prompt_logprobs, int) and prompt_logprobs >= 0):
             raise ValueError(f"prompt_logprobs={prompt_logprobs!r} is invalid: expected None or an integer >= 0")
         request_id = request_id if request_id is not None else new_request_id("async")

@@ -163,3 +163,61 @@ def test_abort_ends_every_sample(llm):
     assert {p.finish_reason for p in pieces if p.finished} == {"abort"}
     assert sum(p.finished for p in pieces) == 2
     assert idle(llm)
+
+
+def close_logprobs(got, want) -> bool:
+    """Two logprobs lists ([{token id: logprob} or None, ...] or None): the same ids, values within 1e-4."""
+    if got is None or want is None:
+        return got is want
+    return len(got) == len(want) and all(
+        (g is None and w is None) or (g is not None and w is not None and list(g) == list(w)
+                                      and all(abs(g[t] - w[t]) < 1e-4 for t in g))
+        for g, w in zip(got, want))
+
+
+def test_vllm_style_generate_yields_cumulative_request_outputs(llm):
+    """AsyncLLM.generate (vLLM's API): each output holds every sample's whole output so far, the last one equals
+    LLM.generate's result, earlier ones are prefixes and stay unchanged after later steps; closing it aborts."""
+    async_llm = AsyncLLM(llm=llm)
+    cases = [("paris is", SamplingParams(temperature=0, max_tokens=9, logprobs=1, prompt_logprobs=1)),
+             ([5, 6, 7, 8], SamplingParams(temperature=0.8, seed=4, max_tokens=6, n=2)),
+             ("hello world", SamplingParams(temperature=0.7, seed=4, max_tokens=8, stop="e"))]
+
+    async def run(prompt, params, request_id):
+        outs = []
+        async for out in async_llm.generate(prompt, params, request_id):
+            outs.append((out, [list(s.token_ids) for s in out.outputs]))
+        return outs
+
+    async def main():
+        return await asyncio.gather(*(run(p, sp, f"v{i}") for i, (p, sp) in enumerate(cases)))
+
+    for (prompt, params), outs in zip(cases, asyncio.run(main())):
+        expected = llm.generate([prompt], params, use_tqdm=False)[0]
+        last = outs[-1][0]
+        assert [o.finished for o, _ in outs] == [False] * (len(outs) - 1) + [True]
+        assert last.request_id == outs[0][0].request_id and last.prompt == (prompt if isinstance(prompt, str)
+                                                                              else None)
+        assert last.prompt_token_ids == expected.prompt_token_ids
+        exact = ("text", "token_ids", "finish_reason", "stop_reason", "index")
+        assert set(last) == set(expected) and last.finished and last.text == expected.text
+        for got, want in zip(last.outputs, expected.outputs, strict=True):  # logprobs: the batches differed
+            assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
+            assert close_logprobs(got.logprobs, want.logprobs)
+            assert (got.cumulative_logprob is None) == (want.cumulative_logprob is None)
+            assert got.cumulative_logprob is None or abs(got.cumulative_logprob - want.cumulative_logprob) < 1e-4
+        assert close_logprobs(last.prompt_logprobs, expected.prompt_logprobs)
+        for out, snapshot in outs:  # prefixes, and unchanged by the steps after them
+            assert [s.token_ids for s in out.outputs] == snapshot
+            for s, final in zip(out.outputs, last.outputs):
+                assert final.token_ids[:len(s.token_ids)] == s.token_ids and final.text.startswith(s.text)
+    assert idle(llm)
+
+    async def close_early():
+        outputs = async_llm.generate("hello", LONG, "v-closed")
+        first = await outputs.__anext__()
+        await outputs.aclose()
+        return first
+
+    assert not asyncio.run(close_early()).finished
+    assert idle(llm)
