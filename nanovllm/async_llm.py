@@ -84,11 +84,14 @@ class AsyncLLM:
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """vLLM's `AsyncLLM.generate`: yields the request's RequestOutput (see `LLM.generate`) each time it
-        advances, cumulative as vLLM's default output kind: every sample's whole text, token ids and logprobs so
-        far (`outputs[i]`, one per SamplingParams.n), `finished` True on the last one only. An aborted request's
-        last output has finish_reason "abort". Cancelling or closing the iteration aborts the request, as with
-        `generate_async`, whose per-step pieces this is built from."""
+        """vLLM's `AsyncLLM.generate`: yields the request's RequestOutput (see `LLM.generate`) each time one of
+        its samples advances (with n > 1, up to n outputs a step), cumulative as vLLM's default output kind: each
+        sample's whole text, token ids and logprobs so far. Unlike vLLM, whose cumulative outputs hold only the
+        sample that advanced, every output holds all n samples (`outputs[i]`, some perhaps not started yet);
+        `finished` is True on the last output only. An aborted request's last output has finish_reason "abort".
+        Cancelling or closing the iteration aborts the request, as with `generate_async`, whose per-step pieces
+        this is built from. vLLM's `output_kind` (DELTA, FINAL_ONLY) is not a SamplingParams field here: use
+        `generate_async` for per-step pieces."""
         ids, params = self.check_request(prompt, sampling_params)
         request_id = request_id if request_id is not None else new_request_id("async")
         text = prompt_texts(prompt)[0]

@@ -151,12 +151,12 @@ class LLM:
 
         Each has `outputs`, a list of the request's n samples (SamplingParams.n), each {index, text, token_ids,
         finish_reason, stop_reason, logprobs, cumulative_logprob}; `prompt` (the text, when given as text; for
-        `chat`, the rendered template); `prompt_token_ids`; `prompt_logprobs` (None unless asked); `finished` (True); and the first
-        sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop token, a stop string or
-        a completed structured output; "length" for max_tokens or max_model_len), `stop_reason` (as vLLM: the stop
-        string or stop_token_ids entry that ended it, else None), `logprobs` and `cumulative_logprob` (None unless
-        logprobs were asked) as flat keys; and the attribute `request_id` (not a key: equal requests give equal
-        outputs).
+        `chat`, the rendered template); `prompt_token_ids`; `prompt_logprobs` (None unless asked); `finished`
+        (True); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
+        token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
+        `stop_reason` (as vLLM: the stop string or stop_token_ids entry that ended it, else None, EOS included),
+        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys; and the attribute
+        `request_id` (not a key: equal requests give equal outputs).
         `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
@@ -210,7 +210,7 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool | Callable = True, *, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[dict]:
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """`generate` for one conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's
         chat template (by default with the assistant's generation prompt; the keywords are vLLM's: see
         apply_chat_template)."""
@@ -242,8 +242,9 @@ class LLM:
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StreamOutput]:
         """Generate for every prompt, yielding StreamOutput pieces (request index, new text, new token ids, finished,
-        and the sample index when n > 1) as the engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are
-        checked at once; requests are queued when iteration starts and dropped if it stops early."""
+        and the sample index when n > 1; a sample's last piece also its finish_reason and stop_reason) as the
+        engine steps. Each request's pieces concatenate to what `generate` returns. Prompts and params are checked
+        at once; requests are queued when iteration starts and dropped if it stops early."""
         ids, params = self._requests(prompts, sampling_params, stream=True)
         return self._stream(ids, params)
 

@@ -3,6 +3,7 @@
 RequestOutput and CompletionOutput are dicts (nano-vllm's shape: `out["text"]`, `out["token_ids"]`) whose keys also
 read as attributes, so vLLM's shape works as well: `out.prompt`, `out.outputs[0].text`, `out.request_id`.
 """
+import copy
 from dataclasses import dataclass
 
 from nanovllm.core.detokenizer import decode
@@ -44,7 +45,7 @@ def output_text(seq: Sequence, tokenizer) -> str:
 
 
 class _KeysAsAttributes(dict):
-    """A dict whose keys also read as attributes (read-only that way: assign through the keys)."""
+    """A dict whose keys also read and assign as attributes (`out.text = ...` sets out["text"])."""
     __slots__ = ()
 
     def __getattr__(self, name: str):
@@ -54,14 +55,32 @@ class _KeysAsAttributes(dict):
             raise AttributeError(f"{type(self).__name__} has no attribute or key {name!r} (it has: "
                                  f"{', '.join(self)})") from None
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in self:
+            self[name] = value
+            return
+        try:
+            super().__setattr__(name, value)  # a slot (request_id)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no key {name!r} to assign (it has: {', '.join(self)});"
+                                 f" add one with out[{name!r}] = ...") from None
+
     def __dir__(self):
         return [*super().__dir__(), *self]
+
+    def copy(self):
+        """A shallow copy of the same type (dict.copy would return a plain dict)."""
+        return copy.copy(self)
 
 
 class CompletionOutput(_KeysAsAttributes):
     """One sample of a request: index, text, token_ids, finish_reason, stop_reason, logprobs, cumulative_logprob
     (see completion_output); as vLLM's CompletionOutput, also as a dict."""
     __slots__ = ()
+
+    def finished(self) -> bool:
+        """Whether the sample has ended (vLLM's method)."""
+        return self["finish_reason"] is not None
 
 
 class RequestOutput(_KeysAsAttributes):
@@ -77,11 +96,9 @@ class RequestOutput(_KeysAsAttributes):
 
 def stop_reason(seq: Sequence):
     """As vLLM: the stop string or the stop_token_ids entry that ended the sample; None when it ended otherwise
-    (EOS, max_tokens, max_model_len, a completed structured output)."""
-    reason = seq.stop_reason
-    if isinstance(reason, int) and reason not in (seq.params.stop_token_ids or ()):
-        return None  # the EOS token
-    return reason
+    (EOS, also when listed in stop_token_ids, as vLLM checks it first; max_tokens, max_model_len, a completed
+    structured output)."""
+    return None if seq.stopped_by_eos else seq.stop_reason
 
 
 def completion_output(seq: Sequence, tokenizer) -> CompletionOutput:
@@ -99,11 +116,11 @@ def completion_output(seq: Sequence, tokenizer) -> CompletionOutput:
 def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prompt: str | None = None
                    ) -> RequestOutput:
     """One request (`seq` is its first sample): {prompt, prompt_token_ids, prompt_logprobs, outputs, finished}
-    (and the attribute request_id) where `outputs` lists its n samples (see completion_output), plus the first sample's text,
-    token_ids, finish_reason, stop_reason, logprobs and cumulative_logprob as flat keys (the shape before n
-    existed). `prompt` is the prompt's text when it was given as text (else None); prompt_logprobs is None unless
-    asked, else one entry per prompt token: None for the first, then {token id: logprob} (the top N, then the
-    prompt token)."""
+    (and the attribute request_id) where `outputs` lists its n samples (see completion_output), plus the first
+    sample's text, token_ids, finish_reason, stop_reason, logprobs and cumulative_logprob as flat keys (the shape
+    before n existed). `prompt` is the prompt's text when it was given as text (else None); prompt_logprobs is
+    None unless asked, else one entry per prompt token: None for the first, then {token id: logprob} (the top N,
+    then the prompt token)."""
     outputs = [completion_output(sample, tokenizer) for sample in seq.group]
     flat = {k: v for k, v in outputs[0].items() if k != "index"}
     return RequestOutput(**flat, request_id=request_id, prompt=prompt,

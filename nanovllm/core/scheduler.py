@@ -208,6 +208,7 @@ class Scheduler:
         num_output = length - seq.num_prompt_tokens
         if token_id in seq.stop_token_ids:
             seq.stop_reason = token_id
+            seq.stopped_by_eos = not seq.params.ignore_eos and token_id in self.eos_token_ids  # EOS is checked first
             return "stop"
         if seq.structured is not None and structured_stop(seq, token_id):
             return "stop"

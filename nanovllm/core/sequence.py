@@ -37,6 +37,7 @@ class Sequence:
         self.params = params
         self.finish_reason: str | None = None  # "stop" or "length" (or "abort")
         self.stop_reason: int | str | None = None  # the stop token id or stop string that finished it
+        self.stopped_by_eos = False  # that token was EOS (not ignored): vLLM reports no stop_reason then
         self.stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and params.stop_token_ids
         self.generator = None  # torch.Generator of a seeded request
         self.detokenizer = None  # IncrementalDetokenizer, for streamed requests and requests with stop strings

@@ -29,6 +29,11 @@ def idle(llm, timeout: float = 10.0) -> bool:
     return True
 
 
+def blocks_in_use(llm) -> int:
+    """KV blocks in use, read by the engine loop after every message already queued (an abort included)."""
+    return llm.loop.run(lambda e: e.scheduler.block_manager.num_blocks - e.scheduler.block_manager.num_free_blocks)
+
+
 async def collect(async_llm, prompt, params, request_id=None):
     pieces = [p async for p in async_llm.generate_async(prompt, params, request_id)]
     return sum((p.token_ids for p in pieces), []), "".join(p.text for p in pieces), pieces
@@ -65,6 +70,18 @@ def test_abort_and_cancellation_free_blocks(llm):
         assert pieces[-1].finish_reason == "abort" and len(token_ids) < 200
         with pytest.raises(asyncio.CancelledError):
             await cancelled
+        # cancelled right after its first piece: the abort is queued before this look, so no block is left in use
+        first_piece = asyncio.Event()
+
+        async def consume():
+            async for _ in async_llm.generate_async("again", LONG, "to-cancel-2"):
+                first_piece.set()
+        task = asyncio.ensure_future(consume())
+        await first_piece.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert blocks_in_use(llm) == 0
         with pytest.raises(ValueError, match="vocabulary"):
             await collect(async_llm, [10**6], LONG)
 
@@ -179,9 +196,13 @@ def test_vllm_style_generate_yields_cumulative_request_outputs(llm):
     """AsyncLLM.generate (vLLM's API): each output holds every sample's whole output so far, the last one equals
     LLM.generate's result, earlier ones are prefixes and stay unchanged after later steps; closing it aborts."""
     async_llm = AsyncLLM(llm=llm)
+    greedy = llm.generate(["hello world"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)[0]
     cases = [("paris is", SamplingParams(temperature=0, max_tokens=9, logprobs=1, prompt_logprobs=1)),
              ([5, 6, 7, 8], SamplingParams(temperature=0.8, seed=4, max_tokens=6, n=2)),
-             ("hello world", SamplingParams(temperature=0.7, seed=4, max_tokens=8, stop="e"))]
+             ("hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=greedy.text[2:5])),
+             ("hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                            stop_token_ids=[greedy.token_ids[4]]))]
 
     async def run(prompt, params, request_id):
         outs = []
@@ -192,7 +213,9 @@ def test_vllm_style_generate_yields_cumulative_request_outputs(llm):
     async def main():
         return await asyncio.gather(*(run(p, sp, f"v{i}") for i, (p, sp) in enumerate(cases)))
 
-    for (prompt, params), outs in zip(cases, asyncio.run(main())):
+    results = asyncio.run(main())
+    assert [r[-1][0].stop_reason for r in results] == [None, None, greedy.text[2:5], greedy.token_ids[4]]
+    for (prompt, params), outs in zip(cases, results):
         expected = llm.generate([prompt], params, use_tqdm=False)[0]
         last = outs[-1][0]
         assert [o.finished for o, _ in outs] == [False] * (len(outs) - 1) + [True]
@@ -217,7 +240,19 @@ def test_vllm_style_generate_yields_cumulative_request_outputs(llm):
         outputs = async_llm.generate("hello", LONG, "v-closed")
         first = await outputs.__anext__()
         await outputs.aclose()
-        return first
+        return first, blocks_in_use(llm)
 
-    assert not asyncio.run(close_early()).finished
-    assert idle(llm)
+    first, in_use = asyncio.run(close_early())
+    assert not first.finished and in_use == 0  # closing aborted it at once
+
+    async def aborted():
+        outs = []
+        async for out in async_llm.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True, n=2), "v-ab"):
+            outs.append(out)
+            if len(outs) == 3:
+                async_llm.abort("v-ab")
+        return outs
+
+    outs = asyncio.run(aborted())
+    assert outs[-1].finished and [s.finish_reason for s in outs[-1].outputs] == ["abort", "abort"]
+    assert all(len(s.token_ids) < 200 for s in outs[-1].outputs) and idle(llm)

@@ -151,9 +151,21 @@ def test_outputs_read_as_vllm_request_outputs_and_as_dicts(llm):
                                                       stop=greedy["text"][2:5]), use_tqdm=False)[0]
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", greedy["text"][2:5])
     eos = llm.tokenizer.eos_token_id
-    ended = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0}),
-                         use_tqdm=False)[0]
-    assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([eos], "stop", None)
+    for listed in ([], [eos]):  # EOS, also when listed in stop_token_ids: no stop_reason (vLLM checks EOS first)
+        ended = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0},
+                                                        stop_token_ids=listed), use_tqdm=False)[0]
+        assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([eos], "stop", None)
+    ignored = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0},
+                                                      stop_token_ids=[eos], ignore_eos=True), use_tqdm=False)[0]
+    assert (ignored.token_ids, ignored.stop_reason) == ([eos], eos)  # with ignore_eos only the listed id stops it
+    assert ignored.text == "" and ignored.outputs[0].finished()
+    # vLLM code assigns through attributes and copies: both keep the dict and its type in step
+    copied = ignored.copy()
+    copied.outputs[0].text = "edited"
+    assert type(copied) is RequestOutput and copied.request_id == ignored.request_id
+    assert copied["outputs"][0]["text"] == "edited" == ignored.outputs[0].text  # a shallow copy, as dict.copy
+    with pytest.raises(AttributeError, match="no key 'nope' to assign"):
+        copied.nope = 1
 
 
 def test_chat_outputs_carry_the_rendered_prompt(llm):

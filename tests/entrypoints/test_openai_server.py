@@ -117,6 +117,14 @@ def test_completions_token_prompts_n_stop_and_logprobs(client, llm):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
                                           max_tokens=8, temperature=0, stop=chat_stop, extra_body={"ignore_eos": True})
     assert (chat.choices[0].finish_reason, chat.choices[0].stop_reason) == ("stop", chat_stop)
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                 max_tokens=8, temperature=0, stop=chat_stop, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    assert [c.choices[0].stop_reason for c in chunks] == [None] * (len(chunks) - 1) + [chat_stop]
+    stop_id = expected["token_ids"][2]  # a stop token id: an int stop_reason
+    by_id = client.completions.create(model="tiny", prompt=[ids], max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]})
+    assert (by_id.choices[0].finish_reason, by_id.choices[0].stop_reason) == ("stop", stop_id)
 
 
 def test_echo_with_logprobs_scores_the_prompt(client, llm):
