@@ -155,8 +155,9 @@ class LLM:
         (True); and the first sample's `text`, `token_ids` (the output), `finish_reason` ("stop" for EOS, a stop
         token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
         `stop_reason` (as vLLM: the stop string or stop_token_ids entry that ended it, else None, EOS included),
-        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys; and the attribute
-        `request_id` (not a key: equal requests give equal outputs).
+        `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys; and the attributes
+        `request_id` and `num_cached_tokens` (prompt tokens the prefix cache served; not keys: equal requests give
+        equal outputs).
         `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """

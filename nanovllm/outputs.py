@@ -86,12 +86,13 @@ class CompletionOutput(_KeysAsAttributes):
 class RequestOutput(_KeysAsAttributes):
     """One request's result (see request_output): prompt, prompt_token_ids, prompt_logprobs, outputs (its
     CompletionOutputs), finished, and the first sample's fields as flat keys; as vLLM's RequestOutput, also as a
-    dict. `request_id` is an attribute only, so two runs of the same request compare equal."""
-    __slots__ = ("request_id",)
+    dict. `request_id` and `num_cached_tokens` (prompt tokens the prefix cache served) are attributes only, so
+    two runs of the same request compare equal."""
+    __slots__ = ("request_id", "num_cached_tokens")
 
-    def __init__(self, *args, request_id: str | None = None, **kwargs):
+    def __init__(self, *args, request_id: str | None = None, num_cached_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.request_id = request_id
+        self.request_id, self.num_cached_tokens = request_id, num_cached_tokens
 
 
 def stop_reason(seq: Sequence):
@@ -116,14 +117,14 @@ def completion_output(seq: Sequence, tokenizer) -> CompletionOutput:
 def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prompt: str | None = None
                    ) -> RequestOutput:
     """One request (`seq` is its first sample): {prompt, prompt_token_ids, prompt_logprobs, outputs, finished}
-    (and the attribute request_id) where `outputs` lists its n samples (see completion_output), plus the first
+    (and the attributes request_id, num_cached_tokens) where `outputs` lists its n samples (see completion_output), plus the first
     sample's text, token_ids, finish_reason, stop_reason, logprobs and cumulative_logprob as flat keys (the shape
     before n existed). `prompt` is the prompt's text when it was given as text (else None); prompt_logprobs is
     None unless asked, else one entry per prompt token: None for the first, then {token id: logprob} (the top N,
     then the prompt token)."""
     outputs = [completion_output(sample, tokenizer) for sample in seq.group]
     flat = {k: v for k, v in outputs[0].items() if k != "index"}
-    return RequestOutput(**flat, request_id=request_id, prompt=prompt,
+    return RequestOutput(**flat, request_id=request_id, num_cached_tokens=seq.num_cached_tokens, prompt=prompt,
                          prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                          prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
                          outputs=outputs, finished=True)

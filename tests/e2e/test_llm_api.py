@@ -140,6 +140,9 @@ def test_outputs_read_as_vllm_request_outputs_and_as_dicts(llm):
         assert isinstance(out.request_id, str) and "request_id" not in out
     assert [o.prompt for o in outs] == [PROMPTS[0], PROMPTS[0], None]
     assert outs[0] == greedy and outs[0].request_id != greedy.request_id  # equal requests, equal outputs
+    prompt = list(range(100, 140))  # 40 tokens: full KV blocks for the prefix cache
+    first, again = (llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0] for _ in range(2))
+    assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 32)  # two 16-token blocks served the second
     assert (outs[0].outputs[0].finish_reason, outs[0].outputs[0].stop_reason) == ("length", None)
     first = greedy["token_ids"].index(stop_id)
     assert outs[1].outputs[0].token_ids == greedy["token_ids"][:first + 1]
