@@ -143,6 +143,21 @@ def with_verification(resolved: Resolved, plugins: Plugins, every: int | None) -
     return dataclasses.replace(resolved, plan=install_shadow_verification(resolved.plan, plugins, every))
 
 
+# vLLM engine options a script may carry over, and what to do instead (an unknown option is never ignored)
+VLLM_OPTION_HINTS = {
+    "block_size": "nanovllm calls it kvcache_block_size",
+    "enable_prefix_caching": "prefix caching is always on here; drop it",
+    "enable_chunked_prefill": "long prompts are always prefilled in chunks of max_num_batched_tokens; drop it",
+    "trust_remote_code": "nanovllm runs no model code from the hub (its architectures are built in); drop it",
+    "swap_space": "preempted requests are recomputed, not swapped to the CPU; drop it",
+    "disable_log_stats": "nanovllm logs no periodic stats (its log level: NANOVLLM_LOG_LEVEL); drop it",
+    "quantization": "quantised checkpoints are not supported (an FP8 KV cache is: kv_cache_dtype='fp8')",
+    "revision": "models are local folders, nothing is downloaded: pass the folder",
+    "download_dir": "models are local folders, nothing is downloaded: pass the folder",
+    "pipeline_parallel_size": "only tensor parallelism is supported (tensor_parallel_size)",
+}
+
+
 def check_backend_options(config: EngineConfig, plugins: Plugins) -> None:
     """ValueError for an option no engine field and no backend declares, or a value its backend refuses. A
     backend's option passed while another backend runs is checked and then unused (scripts stay portable)."""
@@ -150,7 +165,8 @@ def check_backend_options(config: EngineConfig, plugins: Plugins) -> None:
     unknown = sorted(set(config.backend_options) - set(declared))
     if unknown:
         known = EngineConfig.option_names() + sorted(declared)
-        raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        hints = "".join(f"; {name}: {VLLM_OPTION_HINTS[name]}" for name in unknown if name in VLLM_OPTION_HINTS)
+        raise ValueError(f"unknown engine option(s) {', '.join(unknown)}{hints}; known: {', '.join(known)}")
     for name, value in config.backend_options.items():
         declared[name].check(name, value)
 

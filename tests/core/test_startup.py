@@ -58,6 +58,9 @@ def test_memory_knobs_are_backend_options_checked_at_start_up():
     assert resolved.backend.option(portable, "cpu_memory_fraction") == 0.2
     assert resolved.backend.option(EngineConfig(model="", hf_config=HF), "cpu_memory_fraction") == 0.3
     for options, message in [({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5 is invalid.*\(0, 1\]"),
-                              ({"max_len": 5}, "unknown engine option.*max_len.*gpu_memory_utilization")]:
+                              ({"max_len": 5}, "unknown engine option.*max_len.*gpu_memory_utilization"),
+                              ({"block_size": 16, "trust_remote_code": True},  # vLLM's names get a hint each
+                               r"block_size, trust_remote_code; block_size: nanovllm calls it kvcache_block_size; "
+                               r"trust_remote_code: .*drop it; known: ")]:
         with pytest.raises(ValueError, match=message):
             resolve(EngineConfig(model="", hf_config=HF, backend_options=options), everything)
