@@ -33,15 +33,16 @@ def delta_stop_reason(delta) -> int | str | None:
 
 
 def output_text(seq: Sequence, tokenizer) -> str:
-    """The output's text: without a stop string and what follows, and without a stop token's text."""
+    """The output's text: without a stop string and what follows, and without a stop token's text (both kept with
+    SamplingParams.include_stop_str_in_output)."""
     if seq.detokenizer is not None:
         return seq.detokenizer.text
     if tokenizer is None:  # skip_tokenizer_init: token ids only
         return ""
     ids = seq.output_token_ids
-    if isinstance(seq.stop_reason, int):
+    if isinstance(seq.stop_reason, int) and not seq.params.include_stop_str_in_output:
         ids = ids[:-1]
-    return decode(tokenizer, ids)
+    return decode(tokenizer, ids, seq.params.skip_special_tokens)
 
 
 class _KeysAsAttributes(dict):
@@ -117,9 +118,9 @@ def completion_output(seq: Sequence, tokenizer) -> CompletionOutput:
 def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prompt: str | None = None
                    ) -> RequestOutput:
     """One request (`seq` is its first sample): {prompt, prompt_token_ids, prompt_logprobs, outputs, finished}
-    (and the attributes request_id, num_cached_tokens) where `outputs` lists its n samples (see completion_output), plus the first
-    sample's text, token_ids, finish_reason, stop_reason, logprobs and cumulative_logprob as flat keys (the shape
-    before n existed). `prompt` is the prompt's text when it was given as text (else None); prompt_logprobs is
+    (and the attributes request_id, num_cached_tokens) where `outputs` lists its n samples (see
+    completion_output), plus the first sample's text, token_ids, finish_reason, stop_reason, logprobs and
+    cumulative_logprob as flat keys (the shape before n existed). `prompt` is the prompt's text when it was given as text (else None); prompt_logprobs is
     None unless asked, else one entry per prompt token: None for the first, then {token id: logprob} (the top N,
     then the prompt token)."""
     outputs = [completion_output(sample, tokenizer) for sample in seq.group]

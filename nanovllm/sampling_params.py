@@ -35,6 +35,9 @@ class SamplingParams:
                  this many tokens are generated, in [0, max_tokens] (default 0)
     stop         strings that end generation; they are excluded from the text (default None)
     stop_token_ids  token ids that end generation; their text is excluded (default None)
+    include_stop_str_in_output  keep the stop string (or the stop token's text) that ended the output in its text
+                 (vLLM; default False)
+    skip_special_tokens  leave special tokens' text out of the output text (vLLM; default True)
     logprobs     N >= 0: return the sampled token's log-probability and the top N alternatives at each step
                  (default None: none)
     prompt_logprobs  N >= 0: the log-probability of every prompt token (None for the first) and the top N at each
@@ -75,6 +78,8 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str | list[int]] | None = None
     structured: StructuredOutputs | dict | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     guided_decoding: StructuredOutputs | dict | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
     unset: frozenset[str] = field(init=False, repr=False, default=frozenset())
@@ -89,7 +94,7 @@ class SamplingParams:
         """Check every field (ValueError naming the first bad one) and normalise the derived ones; idempotent."""
         self._check_numbers()
         self._check_integers()
-        for name in ("ignore_eos",):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _invalid(name, getattr(self, name), "expected True or False")
         self.stop_strings = _stop_strings(self.stop)

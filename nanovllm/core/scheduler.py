@@ -209,6 +209,8 @@ class Scheduler:
         if token_id in seq.stop_token_ids:
             seq.stop_reason = token_id
             seq.stopped_by_eos = not seq.params.ignore_eos and token_id in self.eos_token_ids  # EOS is checked first
+            if seq.detokenizer is not None and seq.params.include_stop_str_in_output:
+                seq.detokenizer.add_token(token_id)  # its text stays in the output (none for a skipped special one)
             return "stop"
         if seq.structured is not None and structured_stop(seq, token_id):
             return "stop"

@@ -176,3 +176,29 @@ def test_chat_outputs_carry_the_rendered_prompt(llm):
     out = llm.chat(conversation, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
     assert out.prompt == llm.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert llm.tokenizer.encode(out.prompt, add_special_tokens=False) == out.prompt_token_ids
+
+
+def test_stop_strings_and_special_tokens_kept_on_request(llm):
+    """vLLM's include_stop_str_in_output keeps the stop string (or stop token's text) in the text, streamed or not;
+    skip_special_tokens=False keeps special tokens' text."""
+    base = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    greedy = llm.generate(PROMPTS[0], SamplingParams(**base), use_tqdm=False)[0]
+    stop = greedy.text[2:5]
+    kept = SamplingParams(**base, stop=stop, include_stop_str_in_output=True)
+    out = llm.generate(PROMPTS[0], kept, use_tqdm=False)[0]
+    assert out.text == greedy.text[:greedy.text.index(stop) + len(stop)] and out.stop_reason == stop
+    assert "".join(p.text for p in llm.stream([PROMPTS[0]], kept)) == out.text
+    stop_id = greedy.token_ids[3]
+    end = greedy.token_ids.index(stop_id) + 1
+    by_id = llm.generate(PROMPTS[0], SamplingParams(**base, stop_token_ids=[stop_id], include_stop_str_in_output=True),
+                         use_tqdm=False)[0]
+    assert by_id.token_ids == greedy.token_ids[:end]
+    decode = llm.tokenizer.decode
+    assert by_id.text == decode(greedy.token_ids[:end]) != decode(greedy.token_ids[:end - 1])
+    eos = llm.tokenizer.eos_token_id
+    forced = dict(temperature=0, max_tokens=3, ignore_eos=True, logit_bias={eos: 100.0})
+    special = llm.generate([PROMPTS[0]] * 2, [SamplingParams(**forced),
+                                              SamplingParams(**forced, skip_special_tokens=False)], use_tqdm=False)
+    assert special[0].text == "" and special[1].text == llm.tokenizer.eos_token * 3
+    with pytest.raises(ValueError, match="include_stop_str_in_output=1 is invalid"):
+        SamplingParams(include_stop_str_in_output=1)

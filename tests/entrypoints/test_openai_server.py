@@ -125,6 +125,14 @@ def test_completions_token_prompts_n_stop_and_logprobs(client, llm):
     by_id = client.completions.create(model="tiny", prompt=[ids], max_tokens=8, temperature=0,
                                       extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]})
     assert (by_id.choices[0].finish_reason, by_id.choices[0].stop_reason) == ("stop", stop_id)
+    kept = client.completions.create(model="tiny", prompt=[ids], max_tokens=8, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == stopped.choices[0].text + stop  # vLLM's include_stop_str_in_output
+    eos = llm.tokenizer.eos_token_id
+    special = client.completions.create(model="tiny", prompt=[ids], max_tokens=2, temperature=0,
+                                        logit_bias={str(eos): 100}, extra_body={"ignore_eos": True,
+                                                                                "skip_special_tokens": False})
+    assert special.choices[0].text == llm.tokenizer.eos_token * 2
 
 
 def test_echo_with_logprobs_scores_the_prompt(client, llm):

@@ -52,6 +52,8 @@ class SamplingFields(OpenAIModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict | None = None  # vLLM >= 0.11's name: {"json" | "regex" | "choice" | ...: ...}
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
 
 class CompletionRequest(SamplingFields):

@@ -20,8 +20,8 @@ MAX_N = 128
 UNSUPPORTED_FIELDS = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "echo": (None, False),  # chat completions' (completions implement theirs)
-    "chat_template": (None,), "use_beam_search": (None, False), "include_stop_str_in_output": (None, False),
-    "skip_special_tokens": (None, True), "prompt_logprobs": (None,), "return_tokens_as_token_ids": (None, False),
+    "chat_template": (None,), "use_beam_search": (None, False),
+    "prompt_logprobs": (None,), "return_tokens_as_token_ids": (None, False),
     "truncate_prompt_tokens": (None,), "logits_processors": (None, []), "priority": (None, 0),
 }
 
@@ -96,7 +96,8 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
         logit_bias=request.logit_bias or None, allowed_token_ids=request.allowed_token_ids,
         bad_words=request.bad_words or None, structured=structured_outputs(request),
         seed=seed, n=n, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
-        stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs)
+        stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs,
+        include_stop_str_in_output=request.include_stop_str_in_output, skip_special_tokens=request.skip_special_tokens)
 
 
 def structured_outputs(request: SamplingFields) -> dict | StructuredOutputs | None:
