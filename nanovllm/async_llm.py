@@ -17,7 +17,8 @@ from contextlib import aclosing
 
 from nanovllm.core.engine_loop import EngineRequest, new_request_id
 from nanovllm.core.output_channel import AsyncOutputChannel
-from nanovllm.outputs import CompletionOutput, RequestOutput, StreamOutput, delta_stop_reason, output_text
+from nanovllm.outputs import (CompletionOutput, RequestOutput, StreamOutput, delta_num_cached_tokens, delta_stop_reason,
+                              output_text)
 from nanovllm.requests import prompt_texts, prompt_to_ids
 from nanovllm.sampling_params import SamplingParams
 
@@ -88,7 +89,8 @@ class AsyncLLM:
         its samples advances (with n > 1, up to n outputs a step), cumulative as vLLM's default output kind: each
         sample's whole text, token ids and logprobs so far. Unlike vLLM, whose cumulative outputs hold only the
         sample that advanced, every output holds all n samples (`outputs[i]`, some perhaps not started yet);
-        `finished` is True on the last output only. An aborted request's last output has finish_reason "abort".
+        `finished` is True on the last output only, and `num_cached_tokens` is set once the first sample has
+        finished. An aborted request's last output has finish_reason "abort".
         Cancelling or closing the iteration aborts the request, as with `generate_async`, whose per-step pieces
         this is built from. vLLM's `output_kind` (DELTA, FINAL_ONLY) is not a SamplingParams field here: use
         `generate_async` for per-step pieces."""
@@ -99,7 +101,7 @@ class AsyncLLM:
                                     logprobs=[] if params.logprobs is not None else None,
                                     cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for i in range(params.n)]
-        prompt_logprobs, unfinished = None, params.n
+        prompt_logprobs, unfinished, num_cached_tokens = None, params.n, None
         async with aclosing(self._pieces(ids, params, request_id, True, None)) as pieces:
             async for piece in pieces:
                 sample = samples[piece.sample_index]
@@ -114,10 +116,13 @@ class AsyncLLM:
                 if piece.finished:
                     sample["finish_reason"], sample["stop_reason"] = piece.finish_reason, piece.stop_reason
                     unfinished -= 1
+                    if piece.sample_index == 0:
+                        num_cached_tokens = piece.num_cached_tokens
                 outputs = [CompletionOutput(s) for s in samples]
                 flat = {k: v for k, v in outputs[0].items() if k != "index"}
-                yield RequestOutput(**flat, request_id=request_id, prompt=text, prompt_token_ids=ids,
-                                    prompt_logprobs=prompt_logprobs, outputs=outputs, finished=unfinished == 0)
+                yield RequestOutput(**flat, request_id=request_id, num_cached_tokens=num_cached_tokens, prompt=text,
+                                    prompt_token_ids=ids, prompt_logprobs=prompt_logprobs, outputs=outputs,
+                                    finished=unfinished == 0)
 
     async def _pieces(self, ids: list[int], params: SamplingParams, request_id: str | None, stream: bool,
                       prompt_logprobs: int | None) -> AsyncIterator[StreamOutput]:
@@ -142,13 +147,13 @@ class AsyncLLM:
                     if stream:
                         yield StreamOutput(0, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
                                            request_id, d.prompt_logprobs, d.first_token_time, d.sample_index,
-                                           delta_stop_reason(d))
+                                           delta_stop_reason(d), delta_num_cached_tokens(d))
                     elif d.finished:
                         seq = d.seq
                         yield StreamOutput(0, output_text(seq, self.tokenizer), seq.output_token_ids, True,
                                            seq.finish_reason, seq.logprobs if params.logprobs is not None else None,
                                            request_id, d.prompt_logprobs, d.first_token_time, d.sample_index,
-                                           delta_stop_reason(d))
+                                           delta_stop_reason(d), delta_num_cached_tokens(d))
         finally:
             self._running.discard(request_id)
             if not done and self.llm.loop.alive:  # only this call's request: its id may be another's if refused

@@ -16,7 +16,8 @@ from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
 from nanovllm.checkpoint.folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
-from nanovllm.outputs import RequestOutput, StreamOutput, delta_stop_reason, request_output
+from nanovllm.outputs import (RequestOutput, StreamOutput, delta_num_cached_tokens, delta_stop_reason,
+                              request_output)
 from nanovllm.chat_template import content_text, render, template_kwargs
 from nanovllm.requests import params_per_prompt, prompt_texts, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
@@ -255,7 +256,7 @@ class LLM:
             for d in deltas:
                 yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
                                    prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index,
-                                   stop_reason=delta_stop_reason(d))
+                                   stop_reason=delta_stop_reason(d), num_cached_tokens=delta_num_cached_tokens(d))
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the

@@ -25,6 +25,12 @@ class StreamOutput:
     first_token_time: float | None = None  # AsyncLLM: time.monotonic() at the first token (on the last piece)
     sample_index: int = 0  # which of the request's n samples (SamplingParams.n) this piece belongs to
     stop_reason: int | str | None = None  # on the last piece: as CompletionOutput.stop_reason
+    num_cached_tokens: int | None = None  # on the last piece: prompt tokens the prefix cache served
+
+
+def delta_num_cached_tokens(delta) -> int | None:
+    """Prompt tokens the prefix cache served, on a sample's finished delta; None on the others."""
+    return delta.seq.num_cached_tokens if delta.finished and delta.seq is not None else None
 
 
 def delta_stop_reason(delta) -> int | str | None:
@@ -120,9 +126,9 @@ def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prom
     """One request (`seq` is its first sample): {prompt, prompt_token_ids, prompt_logprobs, outputs, finished}
     (and the attributes request_id, num_cached_tokens) where `outputs` lists its n samples (see
     completion_output), plus the first sample's text, token_ids, finish_reason, stop_reason, logprobs and
-    cumulative_logprob as flat keys (the shape before n existed). `prompt` is the prompt's text when it was given as text (else None); prompt_logprobs is
-    None unless asked, else one entry per prompt token: None for the first, then {token id: logprob} (the top N,
-    then the prompt token)."""
+    cumulative_logprob as flat keys (the shape before n existed). `prompt` is the prompt's text when it was given
+    as text (else None); prompt_logprobs is None unless asked, else one entry per prompt token: None for the
+    first, then {token id: logprob} (the top N, then the prompt token)."""
     outputs = [completion_output(sample, tokenizer) for sample in seq.group]
     flat = {k: v for k, v in outputs[0].items() if k != "index"}
     return RequestOutput(**flat, request_id=request_id, num_cached_tokens=seq.num_cached_tokens, prompt=prompt,

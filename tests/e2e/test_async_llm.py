@@ -221,7 +221,8 @@ def test_vllm_style_generate_yields_cumulative_request_outputs(llm):
         assert [o.finished for o, _ in outs] == [False] * (len(outs) - 1) + [True]
         assert last.request_id == outs[0][0].request_id and last.prompt == (prompt if isinstance(prompt, str)
                                                                               else None)
-        assert last.prompt_token_ids == expected.prompt_token_ids
+        assert last.prompt_token_ids == expected.prompt_token_ids and last.num_cached_tokens == 0  # < a KV block
+        assert all(o.num_cached_tokens is None for o, _ in outs if not o.outputs[0].finished())  # known at its end
         exact = ("text", "token_ids", "finish_reason", "stop_reason", "index")
         assert set(last) == set(expected) and last.finished and last.text == expected.text
         for got, want in zip(last.outputs, expected.outputs, strict=True):  # logprobs: the batches differed
