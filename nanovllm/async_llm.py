@@ -17,8 +17,8 @@ from contextlib import aclosing
 
 from nanovllm.core.engine_loop import EngineRequest, new_request_id
 from nanovllm.core.output_channel import AsyncOutputChannel
-from nanovllm.outputs import (CompletionOutput, RequestOutput, StreamOutput, delta_num_cached_tokens, delta_stop_reason,
-                              output_text)
+from nanovllm.outputs import (CompletionOutput, RequestOutput, StreamOutput, build_request_output,
+                              delta_num_cached_tokens, delta_stop_reason, output_text)
 from nanovllm.requests import prompt_texts, prompt_to_ids
 from nanovllm.sampling_params import SamplingParams
 
@@ -118,11 +118,9 @@ class AsyncLLM:
                     unfinished -= 1
                     if piece.sample_index == 0:
                         num_cached_tokens = piece.num_cached_tokens
-                outputs = [CompletionOutput(s) for s in samples]
-                flat = {k: v for k, v in outputs[0].items() if k != "index"}
-                yield RequestOutput(**flat, request_id=request_id, num_cached_tokens=num_cached_tokens, prompt=text,
-                                    prompt_token_ids=ids, prompt_logprobs=prompt_logprobs, outputs=outputs,
-                                    finished=unfinished == 0)
+                yield build_request_output([CompletionOutput(s) for s in samples], request_id, num_cached_tokens,
+                                           prompt=text, prompt_token_ids=ids, prompt_logprobs=prompt_logprobs,
+                                           finished=unfinished == 0)
 
     async def _pieces(self, ids: list[int], params: SamplingParams, request_id: str | None, stream: bool,
                       prompt_logprobs: int | None) -> AsyncIterator[StreamOutput]:

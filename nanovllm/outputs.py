@@ -129,9 +129,16 @@ def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prom
     cumulative_logprob as flat keys (the shape before n existed). `prompt` is the prompt's text when it was given
     as text (else None); prompt_logprobs is None unless asked, else one entry per prompt token: None for the
     first, then {token id: logprob} (the top N, then the prompt token)."""
-    outputs = [completion_output(sample, tokenizer) for sample in seq.group]
+    return build_request_output(
+        [completion_output(sample, tokenizer) for sample in seq.group], request_id, seq.num_cached_tokens,
+        prompt=prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+        prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None, finished=True)
+
+
+def build_request_output(outputs: list[CompletionOutput], request_id: str | None, num_cached_tokens: int | None,
+                         **fields) -> RequestOutput:
+    """A RequestOutput of these samples and `fields` (prompt, prompt_token_ids, prompt_logprobs, finished), with
+    the first sample's fields as flat keys."""
     flat = {k: v for k, v in outputs[0].items() if k != "index"}
-    return RequestOutput(**flat, request_id=request_id, num_cached_tokens=seq.num_cached_tokens, prompt=prompt,
-                         prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-                         prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
-                         outputs=outputs, finished=True)
+    return RequestOutput(**flat, **fields, outputs=outputs, request_id=request_id,
+                         num_cached_tokens=num_cached_tokens)

@@ -16,9 +16,7 @@ def is_token_id(t) -> bool:
 def prompts_to_ids(prompts, tokenizer, vocab_size: int, max_model_len: int) -> list[list[int]]:
     """Strings or token-id lists (or one of either; vLLM's {"prompt": text} and {"prompt_token_ids": ids} too) ->
     token-id lists, each non-empty, inside the vocabulary and leaving room for at least one output token."""
-    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                            and is_token_id(prompts[0])):
-        prompts = [prompts]
+    prompts = as_prompt_list(prompts)
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a string, a list of token ids, or a list of those (or of vLLM's prompt "
                          f"dicts); got {type(prompts).__name__}")
@@ -44,18 +42,19 @@ def unwrap_prompt_dict(i: int, prompt: dict):
     return value
 
 
+def as_prompt_list(prompts):
+    """One prompt (a string, a token-id list or a vLLM prompt dict) as a list of one; a list of prompts as is."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                            and is_token_id(prompts[0])):
+        return [prompts]
+    return prompts
+
+
 def prompt_texts(prompts) -> list[str | None]:
     """The text of each prompt as given (a string or vLLM's {"prompt": text}), None for token ids; call it after
     prompts_to_ids has accepted `prompts`."""
-    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                            and is_token_id(prompts[0])):
-        prompts = [prompts]
-    texts = []
-    for p in prompts:
-        if isinstance(p, dict):
-            p = p.get("prompt")
-        texts.append(p if isinstance(p, str) else None)
-    return texts
+    texts = [p.get("prompt") if isinstance(p, dict) else p for p in as_prompt_list(prompts)]
+    return [t if isinstance(t, str) else None for t in texts]
 
 
 def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:

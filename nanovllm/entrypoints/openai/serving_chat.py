@@ -108,7 +108,7 @@ class OpenAIServingChat(OpenAIServing):
                     yield chunk([{"index": j, "delta": {"content": out.text} if out.text else {},
                                   "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
                                   "finish_reason": out.finish_reason if out.finished else None,
-                                  "stop_reason": out.stop_reason if out.finished else None}])
+                                  "stop_reason": out.stop_reason}])  # None until the last piece
             if include_usage:
                 yield chunk([], usage(num_prompt_tokens, num_output))
         except (ValueError, RuntimeError) as e:

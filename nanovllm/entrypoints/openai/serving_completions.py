@@ -124,7 +124,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 num_output += len(out.token_ids)
                 if piece or logprobs or out.finished:
                     choice = completion_choice(i, piece, logprobs, out.finish_reason if out.finished else None,
-                                               out.stop_reason if out.finished else None)
+                                               out.stop_reason)  # None until the last piece
                     body = completion_response(request_id, self.model_name, [choice], None, created)
                     if include_usage:
                         body["usage"] = None
