@@ -29,6 +29,17 @@ class Fraction:
             raise ValueError(f"{name}={value!r} is invalid: expected a fraction in (0, 1]")
 
 
+@dataclass(frozen=True)
+class Switch:
+    """A backend option that is on or off: True/False, or 1/0 (as `--backend-option NAME=0` gives it)."""
+    default: bool
+    help: str = ""
+
+    def check(self, name: str, value) -> None:
+        if value not in (True, False) or isinstance(value, float):
+            raise ValueError(f"{name}={value!r} is invalid: expected on or off (True/False, or 1/0)")
+
+
 class Backend:
     name: str = ""
     device_type: str = "cpu"
@@ -42,7 +53,7 @@ class Backend:
     dist_backend: str | None = None  # torch.distributed backend for tensor parallelism, None if refused
     block_table_multiple: int = 1  # pad block-table widths to a multiple of this (JIT kernels specialise on strides)
     # the engine options only this backend reads (e.g. {"gpu_memory_utilization": Fraction(0.9)}): LLM(..., name=x)
-    options: dict[str, Fraction] = {}
+    options: dict[str, Fraction | Switch] = {}
     # kv_cache_dtype options this backend's KV cache and kernels can hold ("auto": the model dtype)
     kv_cache_dtypes: tuple[str, ...] = ("auto",)
     # op -> kernel names, best first: the plugin's own preference; plugins.toml [kernels.<name>] overrides per op

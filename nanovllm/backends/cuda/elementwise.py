@@ -14,16 +14,21 @@ import triton.language as tl
 
 
 @triton.jit
-def norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dtype_ptr,
-              NUM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+def norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dtype_ptr, row_scale,
+              NUM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, SCALED: tl.constexpr):
     """The two halves of each head (rows `heads`, columns `cols`) normalised and rotated, as float32 values already
-    rounded to the dtype `dtype_ptr` points to (where the reference rounds), so a cast to it stores them exactly."""
+    rounded to the dtype `dtype_ptr` points to (where the reference rounds), so a cast to it stores them exactly.
+    SCALED: the loaded values are first multiplied by `row_scale` (and rounded): the 1/RMS of the input row of a
+    product whose RMSNorm was folded into it (backends/cuda/norm_folding.py)."""
     cmask = cols < HALF
     mask = (heads < NUM)[:, None] & cmask[None, :]
     offsets = heads[:, None] * stride_head + cols[None, :]
     x1 = tl.load(src + offsets, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
     dtype = dtype_ptr.dtype.element_ty
+    if SCALED:
+        x1 = (x1 * row_scale).to(dtype).to(tl.float32)
+        x2 = (x2 * row_scale).to(dtype).to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
         w1 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -39,7 +44,7 @@ def norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dtype_ptr,
 def _norm_rope_heads(src, stride_head, dst, w_ptr, cos, sin, cols, eps,
                      NUM: tl.constexpr, NUM_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     heads = tl.arange(0, NUM_PAD)
-    y1, y2 = norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dst, NUM, HALF, HAS_NORM)
+    y1, y2 = norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dst, 1.0, NUM, HALF, HAS_NORM, False)
     mask = (heads < NUM)[:, None] & (cols < HALF)[None, :]
     out = heads[:, None] * (2 * HALF) + cols[None, :]
     dtype = dst.dtype.element_ty
@@ -87,28 +92,50 @@ def rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr):
+def row_rms_scale(x_ptr, eps, SIZE: tl.constexpr, PAD: tl.constexpr):
+    """1 / RMS of the row at `x_ptr` (SIZE values): rsqrt(mean(x^2) + eps) in float32, as RMSNorm computes it."""
+    cols = tl.arange(0, PAD)
+    x = tl.load(x_ptr + cols, mask=cols < SIZE, other=0.0).to(tl.float32)
+    return tl.rsqrt(tl.sum(x * x, 0) / SIZE + eps)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, r_ptr, stride_r, r_eps, BLOCK: tl.constexpr,
+                     ROW_SCALE: tl.constexpr, R_SIZE: tl.constexpr, R_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
+    if ROW_SCALE:  # gate and up of a row whose RMSNorm was folded into the product: scaled by its 1/RMS first
+        scale = row_rms_scale(r_ptr + row * stride_r, r_eps, R_SIZE, R_PAD)
+        gate = (gate * scale).to(dtype).to(tl.float32)
+        up = (up * scale).to(dtype).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dtype), mask=mask)
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """The `act.silu_mul` op: x [..., 2 * d] -> silu(gate) * up [..., d]."""
+def silu_mul(x: torch.Tensor, row_scale_of: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """The `act.silu_mul` op: x [..., 2 * d] -> silu(gate) * up [..., d]. `row_scale_of` [rows, n] (unit stride on
+    n): gate and up of each row are first multiplied by rsqrt(mean(row^2) + eps) of that row of it, the RMSNorm
+    folded into the gate/up product (backends/cuda/norm_folding.py)."""
     d = x.shape[-1] // 2
     rows = x.reshape(-1, 2 * d)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    scaled = row_scale_of is not None
+    if scaled and (row_scale_of.dim() != 2 or row_scale_of.shape[0] != rows.shape[0] or row_scale_of.stride(-1) != 1):
+        raise ValueError(f"silu_mul: row_scale_of {tuple(row_scale_of.shape)} needs one row [n] with unit stride for "
+                         f"each of the {rows.shape[0]} rows of x")
     out = torch.empty(rows.shape[0], d, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         block = min(1024, triton.next_power_of_2(d))
-        _silu_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](rows, out, d, rows.stride(0), out.stride(0),
-                                                                 BLOCK=block, num_warps=4)
+        r = row_scale_of if scaled else rows
+        _silu_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
+            rows, out, d, rows.stride(0), out.stride(0), r, r.stride(0), eps, BLOCK=block, ROW_SCALE=scaled,
+            R_SIZE=r.shape[1] if scaled else 1, R_PAD=triton.next_power_of_2(r.shape[1]) if scaled else 1,
+            num_warps=4)
     return out.view(*x.shape[:-1], d)
 
 

@@ -9,7 +9,7 @@ import importlib.util
 import torch
 
 import nanovllm
-from nanovllm.core.backend import Backend, Fraction
+from nanovllm.core.backend import Backend, Fraction, Switch
 from nanovllm.core.logging import get_logger
 
 logger = get_logger(__name__)
@@ -29,7 +29,9 @@ class CudaBackend(Backend):
     compile_small_ops = True
     dist_backend = "nccl"
     block_table_multiple = 16  # Triton specialises on a stride's divisibility by 16: a fixed multiple, one variant
-    options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use")}
+    options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use"),
+               "fold_norms": Switch(True, "fold each layer's RMSNorms into the kernels around them (7 launches a "
+                                          "layer instead of 9; backends/cuda/norm_folding.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -56,9 +58,17 @@ class CudaBackend(Backend):
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
 
+    def configure_process(self, config) -> None:
+        super().configure_process(config)
+        self.fold_norms = bool(self.option(config, "fold_norms"))  # read by prepare_model, next in build_model
+
     def prepare_model(self, model, dtype: torch.dtype) -> None:
-        """Layers whose product the Triton decode GEMM does faster at some batch sizes (its table) get it there."""
+        """The layers' RMSNorms folded into their neighbours (when `fold_norms` is on and the model allows it),
+        and layers whose product the Triton decode GEMM does faster at some batch sizes (its table) get it there."""
         from nanovllm.backends.cuda.linear import install_triton_linear
+        from nanovllm.backends.cuda.norm_folding import fold_norms
+        why = fold_norms(model) if getattr(self, "fold_norms", True) else "the fold_norms option is off"
+        logger.debug("cuda backend: RMSNorms %s", f"not folded ({why})" if why else "folded into their neighbours")
         count = install_triton_linear(model, dtype)
         logger.debug("cuda backend: %d linear layers use the Triton decode GEMM at the batch sizes its table lists",
                      count)

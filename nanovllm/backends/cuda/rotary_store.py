@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda.elementwise import norm_rope
+from nanovllm.backends.cuda.elementwise import norm_rope, row_rms_scale
 from nanovllm.backends.cuda.kv_store import encode_for_cache
 from nanovllm.core.kv_quant import fp8_max, is_fp8
 
@@ -18,12 +18,13 @@ from nanovllm.core.kv_quant import fp8_max, is_fp8
 @triton.jit
 def _qk_norm_rope_store_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, eps,
-    k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+    k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr, x_ptr, stride_x, x_eps,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cos_sin,
     stride_k_block, stride_k_row, stride_k_head_c, stride_v_block, stride_v_row, stride_v_head_c,
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
     RETURN_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    ROW_SCALE: tl.constexpr, X_SIZE: tl.constexpr, X_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
@@ -31,10 +32,14 @@ def _qk_norm_rope_store_kernel(
     cos = tl.load(cos_sin_ptr + position * stride_cos_sin + cols, mask=cols < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + position * stride_cos_sin + HALF + cols, mask=cols < HALF, other=0.0)
     dtype = q_out_ptr.dtype.element_ty
+    if ROW_SCALE:  # q, k, v of a product whose RMSNorm was folded into it: scaled by 1/RMS of its input row x
+        row_scale = row_rms_scale(x_ptr + token * stride_x, x_eps, X_SIZE, X_PAD)
+    else:
+        row_scale = 1.0
 
     heads = tl.arange(0, HEADS_PAD)
     q1, q2 = norm_rope(q_ptr + token * stride_q_token, stride_q_head, q_w_ptr, cos, sin, heads, cols, eps, q_out_ptr,
-                       NUM_HEADS, HALF, HAS_NORM)
+                       row_scale, NUM_HEADS, HALF, HAS_NORM, ROW_SCALE)
     mask = (heads < NUM_HEADS)[:, None] & (cols < HALF)[None, :]
     out = q_out_ptr + token * (NUM_HEADS * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
     tl.store(out, q1.to(dtype), mask=mask)
@@ -42,12 +47,21 @@ def _qk_norm_rope_store_kernel(
 
     kv_heads = tl.arange(0, KV_PAD)
     k1, k2 = norm_rope(k_ptr + token * stride_k_token, stride_k_head, k_w_ptr, cos, sin, kv_heads, cols, eps,
-                       q_out_ptr, NUM_KV_HEADS, HALF, HAS_NORM)
+                       q_out_ptr, row_scale, NUM_KV_HEADS, HALF, HAS_NORM, ROW_SCALE)
     mask = (kv_heads < NUM_KV_HEADS)[:, None] & (cols < HALF)[None, :]
     if RETURN_K:
         out = k_out_ptr + token * (NUM_KV_HEADS * 2 * HALF) + kv_heads[:, None] * (2 * HALF) + cols[None, :]
         tl.store(out, k1.to(dtype), mask=mask)
         tl.store(out + HALF, k2.to(dtype), mask=mask)
+
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    row_mask = (kv_heads < NUM_KV_HEADS)[:, None] & (dims < 2 * HALF)[None, :]
+    v_row = v_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + dims[None, :]
+    value = tl.load(v_row, mask=row_mask)
+    if ROW_SCALE:
+        value = (value.to(tl.float32) * row_scale).to(dtype)
+        if RETURN_K:  # a prefill reads this step's V from the projection's output: scaled there, in place
+            tl.store(v_row, value, mask=row_mask)
 
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:  # padding tokens store nothing
@@ -60,10 +74,6 @@ def _qk_norm_rope_store_kernel(
                  mask=mask)
         tl.store(dst + HALF, encode_for_cache(k2, k_scale_ptr, kv_heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
                  mask=mask)
-        dims = tl.arange(0, HEAD_DIM_PAD)
-        row_mask = (kv_heads < NUM_KV_HEADS)[:, None] & (dims < 2 * HALF)[None, :]
-        value = tl.load(v_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + dims[None, :],
-                        mask=row_mask)
         dst = (v_cache_ptr + block * stride_v_block + row * stride_v_row + kv_heads[:, None] * stride_v_head_c
                + dims[None, :])
         tl.store(dst, encode_for_cache(value, v_scale_ptr, kv_heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
@@ -73,9 +83,14 @@ def _qk_norm_rope_store_kernel(
 def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                     eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+                    return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    row_scale_of: torch.Tensor | None = None, row_eps: float = 0.0):
     """The `rotary.qk_store` op (reference: backends/cpu_ref/elementwise.py): q [T, H, D], k and v [T, KV, D] with
-    unit stride on D; caches [num_blocks, block_size, KV, D]; k_scale, v_scale [KV] float32 for an FP8 cache."""
+    unit stride on D; caches [num_blocks, block_size, KV, D]; k_scale, v_scale [KV] float32 for an FP8 cache.
+
+    `row_scale_of` [T, n] (unit stride on n; not part of the op): q, k and v of token t are first multiplied by
+    rsqrt(mean(row_t^2) + row_eps), the RMSNorm folded into the q/k/v product (backends/cuda/norm_folding.py);
+    with `return_k` the scaled V is also written back into `v`, where a prefill reads it."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim or any(t.stride(-1) != 1 for t in (q, k, v)):
@@ -89,20 +104,27 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     fp8 = is_fp8(k_cache.dtype)
     if fp8 and (k_scale is None or v_scale is None):
         raise ValueError(f"rotary.qk_store: a {k_cache.dtype} cache needs k_scale and v_scale")
+    scaled = row_scale_of is not None
+    if scaled and (row_scale_of.dim() != 2 or row_scale_of.shape[0] != num_tokens or row_scale_of.stride(-1) != 1):
+        raise ValueError(f"rotary.qk_store: row_scale_of {tuple(row_scale_of.shape)} needs one row [n] with unit "
+                         f"stride for each of the {num_tokens} tokens")
     q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     k_out = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=k.dtype, device=k.device) if return_k else None
     if num_tokens == 0:
         return q_out, k_out
+    x = row_scale_of if scaled else q
     has_norm = q_weight is not None
     half = head_dim // 2
     _qk_norm_rope_store_kernel[(num_tokens,)](
         q, k, v, q_out, k_out if return_k else q_out, positions, cos_sin_cache,
         q_weight if has_norm else q, k_weight if has_norm else k, eps,
         k_cache, v_cache, slot_mapping, k_scale if fp8 else cos_sin_cache, v_scale if fp8 else cos_sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        x, x.stride(0), row_eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), NUM_KV_HEADS=num_kv_heads,
         KV_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_NORM=has_norm, RETURN_K=bool(return_k),
-        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0, num_warps=4)
+        BLOCK_SIZE=k_cache.shape[1], FP8=fp8, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0,
+        ROW_SCALE=scaled, X_SIZE=x.shape[1] if scaled else 1, X_PAD=triton.next_power_of_2(x.shape[1]) if scaled else 1,
+        num_warps=4)
     return q_out, k_out
