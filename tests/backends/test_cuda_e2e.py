@@ -41,6 +41,16 @@ def test_float32_greedy_equals_cpu_ref(tiny_qwen3, prompts, reference, enforce_e
     assert plan["attention.decode"] == plan["kv_cache.store"] == "cuda", plan
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_norms_folded_by_default_and_unfolded_by_option(tiny_qwen3, prompts, reference, fold):
+    """backends/cuda/norm_folding.py: the decoder gets the folded forward unless fold_norms is off; cpu_ref's tokens
+    either way (the float32 runs above fold too)."""
+    llm = LLM(tiny_qwen3, backend="cuda", dtype="float32", max_model_len=1024, num_kvcache_blocks=512,
+              max_num_seqs=16, **({} if fold else {"fold_norms": False}))
+    assert ("forward" in vars(llm.engine.runner.model.model)) == fold
+    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+
+
 def test_plain_decode_steps_sample_inside_the_graphs(tiny_qwen3, prompts, reference):
     """Greedy decode steps take the captured sampler's tokens (equal to cpu_ref's); sampled ones draw fresh tokens
     each step; a step whose requests ask for logprobs samples the graph's logits outside, to the same tokens."""

@@ -105,6 +105,7 @@ def test_backends_lists_each_backends_options(capsys):
     out = capsys.readouterr().out
     assert "option gpu_memory_utilization (default 0.9): the share of the GPU's memory" in out
     assert "option cpu_memory_fraction (default 0.3)" in out
+    assert "option fold_norms (default True): fold each layer's RMSNorms into the kernels around them" in out
     assert out.count("  for ") == out.count("  kernels:")  # each backend's query printed once
 
 

@@ -57,7 +57,12 @@ def test_memory_knobs_are_backend_options_checked_at_start_up():
     resolved = resolve(portable, everything)  # another backend's option is checked, then unused
     assert resolved.backend.option(portable, "cpu_memory_fraction") == 0.2
     assert resolved.backend.option(EngineConfig(model="", hf_config=HF), "cpu_memory_fraction") == 0.3
+    for on in (True, False, 0, 1):  # a switch: --backend-option fold_norms=0 gives the int
+        resolve(EngineConfig(model="", hf_config=HF, backend_options={"fold_norms": on}), everything)
     for options, message in [({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5 is invalid.*\(0, 1\]"),
+                              ({"fold_norms": 2}, r"fold_norms=2 is invalid.*on or off"),
+                              ({"fold_norms": "yes"}, r"fold_norms='yes' is invalid"),
+                              ({"fold_norms": 1.0}, r"fold_norms=1.0 is invalid"),
                               ({"max_len": 5}, "unknown engine option.*max_len.*gpu_memory_utilization"),
                               ({"block_size": 16, "trust_remote_code": True},  # vLLM's names get a hint each
                                r"block_size, trust_remote_code; block_size: nanovllm calls it kvcache_block_size; "
