@@ -68,7 +68,11 @@ class CudaBackend(Backend):
         from nanovllm.backends.cuda.linear import install_triton_linear
         from nanovllm.backends.cuda.norm_folding import fold_norms
         why = fold_norms(model) if getattr(self, "fold_norms", True) else "the fold_norms option is off"
-        logger.debug("cuda backend: RMSNorms %s", f"not folded ({why})" if why else "folded into their neighbours")
+        if why:
+            logger.info("cuda backend: RMSNorms not folded (%s): 9 launches a decoder layer", why)
+        else:
+            logger.info("cuda backend: RMSNorms folded into the qkv and gate/up products: 7 launches a decoder layer "
+                        "(fold_norms=False: the model's own order)")
         count = install_triton_linear(model, dtype)
         logger.debug("cuda backend: %d linear layers use the Triton decode GEMM at the batch sizes its table lists",
                      count)
