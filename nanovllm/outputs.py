@@ -79,6 +79,21 @@ class _KeysAsAttributes(dict):
         """A shallow copy of the same type (dict.copy would return a plain dict)."""
         return copy.copy(self)
 
+    def __reduce__(self):
+        """Pickled (any protocol, also 0 and 1, which refuse slotted classes by default) and copied as its type, its
+        items and its attributes."""
+        attributes = {name: getattr(self, name) for cls in type(self).__mro__ for name in getattr(cls, "__slots__", ())
+                      if hasattr(self, name)}
+        return _rebuild, (type(self), dict(self), attributes)
+
+
+def _rebuild(cls, items: dict, attributes: dict):
+    out = cls.__new__(cls)
+    dict.update(out, items)
+    for name, value in attributes.items():
+        object.__setattr__(out, name, value)
+    return out
+
 
 class CompletionOutput(_KeysAsAttributes):
     """One sample of a request: index, text, token_ids, finish_reason, stop_reason, logprobs, cumulative_logprob

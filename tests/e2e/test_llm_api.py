@@ -169,6 +169,11 @@ def test_outputs_read_as_vllm_request_outputs_and_as_dicts(llm):
     assert copied["outputs"][0]["text"] == "edited" == ignored.outputs[0].text  # a shallow copy, as dict.copy
     with pytest.raises(AttributeError, match="no key 'nope' to assign"):
         copied.nope = 1
+    import pickle  # results cross processes (multiprocessing, Ray) with any pickle protocol, 0 and 1 included
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(ignored, protocol=protocol))
+        assert back == ignored and type(back) is RequestOutput and type(back.outputs[0]) is CompletionOutput
+        assert (back.request_id, back.num_cached_tokens) == (ignored.request_id, ignored.num_cached_tokens)
 
 
 def test_chat_outputs_carry_the_rendered_prompt(llm):
