@@ -23,9 +23,7 @@ import types
 
 import torch
 
-from nanovllm.core.logging import get_logger
-
-logger = get_logger(__name__)
+NOT_OWN = " itself (the reference, another kernel, or a verification wrapper)"
 
 
 def why_not_foldable(model: torch.nn.Module) -> str:
@@ -42,11 +40,11 @@ def why_not_foldable(model: torch.nn.Module) -> str:
         if any(p.bias is not None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return "the model's products have biases"
         if attn.rotary_qk_store is not kernels.triton_rotary_qk_store:
-            return "the plan's rotary.qk_store is not cuda/triton"
+            return f"the plan's rotary.qk_store is not cuda/triton{NOT_OWN}"
         if mlp.act_fn.kernel is not kernels.triton_silu_mul:
-            return "the plan's act.silu_mul is not cuda/triton"
+            return f"the plan's act.silu_mul is not cuda/triton{NOT_OWN}"
         if layer.input_layernorm.add_kernel is not kernels.triton_add_rms_norm:
-            return "the plan's norm.add_rms is not cuda/triton"
+            return f"the plan's norm.add_rms is not cuda/triton{NOT_OWN}"
     return ""
 
 
