@@ -54,12 +54,13 @@ class AsyncLLM:
         validates them (ValueError otherwise, naming the prompt as prompts[index])."""
         self.llm.engine.check_open()
         config = self.llm.config
-        ids = prompt_to_ids(index, prompt, self.tokenizer, config.hf_config.vocab_size, config.max_model_len)
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
         params = params.clone()  # the request keeps these values whatever the caller reassigns later
         self.llm.engine.check_params(params)
+        ids = prompt_to_ids(index, prompt, self.tokenizer, config.hf_config.vocab_size, config.max_model_len,
+                            params.truncate_prompt_tokens)
         return ids, params
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -19,7 +19,7 @@ from nanovllm.models.registry import model_class
 from nanovllm.outputs import (RequestOutput, StreamOutput, delta_num_cached_tokens, delta_stop_reason,
                               request_output)
 from nanovllm.chat_template import content_text, render, template_kwargs
-from nanovllm.requests import params_per_prompt, prompt_texts, prompts_to_ids
+from nanovllm.requests import checked_prompt_list, params_per_prompt, prompt_texts, prompts_to_ids
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.text import check_text
 
@@ -133,15 +133,16 @@ class LLM:
                   ) -> tuple[list[list[int]], list[SamplingParams]]:
         """Validate every prompt and every SamplingParams before anything is queued (see nanovllm/requests.py)."""
         self.engine.check_open()
-        ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len)
         clones = {}  # one snapshot per distinct object: the caller may reassign its fields while these run
-        given = params_per_prompt(sampling_params, len(ids))
+        given = params_per_prompt(sampling_params, len(checked_prompt_list(prompts)))
         for p in given:
             if id(p) not in clones:
                 clones[id(p)] = p.clone()
         params = [clones[id(p)] for p in given]
         for p in clones.values():
             self.engine.check_params(p, detokenize=stream)
+        ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len,
+                             [p.truncate_prompt_tokens for p in params])
         return ids, params
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -13,14 +13,24 @@ def is_token_id(t) -> bool:
     return isinstance(t, Integral) and not isinstance(t, bool)
 
 
-def prompts_to_ids(prompts, tokenizer, vocab_size: int, max_model_len: int) -> list[list[int]]:
+def prompts_to_ids(prompts, tokenizer, vocab_size: int, max_model_len: int,
+                   truncate: list[int | None] | None = None) -> list[list[int]]:
     """Strings or token-id lists (or one of either; vLLM's {"prompt": text} and {"prompt_token_ids": ids} too) ->
-    token-id lists, each non-empty, inside the vocabulary and leaving room for at least one output token."""
+    token-id lists, each non-empty, inside the vocabulary and leaving room for at least one output token.
+    `truncate`: per prompt, SamplingParams.truncate_prompt_tokens (keep the last k tokens), or None."""
+    prompts = checked_prompt_list(prompts)
+    truncate = truncate or [None] * len(prompts)
+    return [prompt_to_ids(i, p, tokenizer, vocab_size, max_model_len, k) for i, (p, k) in enumerate(zip(prompts,
+                                                                                                       truncate))]
+
+
+def checked_prompt_list(prompts) -> list:
+    """The prompts as a list (see as_prompt_list); ValueError for anything that is not one or a list of them."""
     prompts = as_prompt_list(prompts)
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a string, a list of token ids, or a list of those (or of vLLM's prompt "
                          f"dicts); got {type(prompts).__name__}")
-    return [prompt_to_ids(i, p, tokenizer, vocab_size, max_model_len) for i, p in enumerate(prompts)]
+    return prompts
 
 
 def unwrap_prompt_dict(i: int, prompt: dict):
@@ -57,7 +67,10 @@ def prompt_texts(prompts) -> list[str | None]:
     return [t if isinstance(t, str) else None for t in texts]
 
 
-def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int,
+                  truncate: int | None = None) -> list[int]:
+    """One prompt's token ids (see prompts_to_ids); `truncate` keeps only its last that many tokens, before the
+    length check (SamplingParams.truncate_prompt_tokens)."""
     if isinstance(prompt, dict):
         prompt = unwrap_prompt_dict(i, prompt)
     if isinstance(prompt, str):
@@ -68,6 +81,8 @@ def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int
     elif not isinstance(prompt, (list, tuple)):
         raise ValueError(f"prompts[{i}] must be a string or a list of int token ids (or vLLM's {{'prompt': text}} /"
                          f" {{'prompt_token_ids': ids}}); got {type(prompt).__name__}")
+    if truncate is not None and len(prompt) > truncate:
+        prompt = prompt[len(prompt) - truncate:]
     # Fast path for plain ints (C-level passes; the per-token checks below cost ~0.1 s for the seed benchmark's
     # 143k prompt tokens, inside the timed call): same outcome, the slow path names the first bad token.
     if prompt and set(map(type, prompt)) == {int} and 0 <= min(prompt) and max(prompt) < vocab_size \
@@ -84,7 +99,8 @@ def prompt_to_ids(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int
                          f"use ids the model's tokenizer produces")
     if len(prompt) >= max_model_len:
         raise ValueError(f"prompts[{i}] has {len(prompt)} tokens; with max_model_len={max_model_len} at most "
-                         f"{max_model_len - 1} leave room for one output token: shorten it or raise max_model_len")
+                         f"{max_model_len - 1} leave room for one output token: shorten it, raise max_model_len, "
+                         f"or keep its end with SamplingParams(truncate_prompt_tokens=k)")
     return [int(t) for t in prompt]
 
 

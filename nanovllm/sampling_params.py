@@ -38,6 +38,7 @@ class SamplingParams:
     include_stop_str_in_output  keep the stop string (or the stop token's text) that ended the output in its text
                  (vLLM; default False)
     skip_special_tokens  leave special tokens' text out of the output text (vLLM; default True)
+    truncate_prompt_tokens  k >= 1: keep only the prompt's last k tokens (vLLM; default None: the whole prompt)
     logprobs     N >= 0: return the sampled token's log-probability and the top N alternatives at each step
                  (default None: none)
     prompt_logprobs  N >= 0: the log-probability of every prompt token (None for the first) and the top N at each
@@ -80,6 +81,7 @@ class SamplingParams:
     structured: StructuredOutputs | dict | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
     guided_decoding: StructuredOutputs | dict | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
     unset: frozenset[str] = field(init=False, repr=False, default=frozenset())
@@ -147,6 +149,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and value >= 0):
                 _invalid(name, value, "expected None or an integer >= 0")
+        if self.truncate_prompt_tokens is not None and not (_is_int(self.truncate_prompt_tokens)
+                                                            and self.truncate_prompt_tokens >= 1):
+            _invalid("truncate_prompt_tokens", self.truncate_prompt_tokens,
+                     "expected None or an integer >= 1 (the prompt tokens to keep, from its end)")
 
     @property
     def greedy(self) -> bool:

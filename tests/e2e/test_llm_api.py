@@ -207,3 +207,20 @@ def test_stop_strings_and_special_tokens_kept_on_request(llm):
     assert special[0].text == "" and special[1].text == llm.tokenizer.eos_token * 3
     with pytest.raises(ValueError, match="include_stop_str_in_output=1 is invalid"):
         SamplingParams(include_stop_str_in_output=1)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(llm):
+    """vLLM's truncate_prompt_tokens: the last k prompt tokens, applied before the max_model_len check; the output
+    equals generating from those k tokens, and prompt_token_ids shows what was kept."""
+    long_prompt = [(7 * i) % 500 + 1 for i in range(300)]  # longer than max_model_len=256
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=k"):
+        llm.generate([long_prompt], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=40)
+    got = llm.generate([long_prompt, PROMPTS[0]], params, use_tqdm=False)
+    want = llm.generate([long_prompt[-40:]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert got[0].prompt_token_ids == long_prompt[-40:] and got[0].token_ids == want.token_ids
+    short = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert got[1].prompt_token_ids == short.prompt_token_ids  # shorter than k: unchanged
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)

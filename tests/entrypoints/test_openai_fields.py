@@ -67,7 +67,8 @@ def test_structured_outputs_constrains_the_output(server, path):
     ("/v1/completions", {"include_stop_str_in_output": "maybe"}, "include_stop_str_in_output"),
     ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
-    ("/v1/completions", {"truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"truncate_prompt_tokens": -1}, "truncate_prompt_tokens"),
     ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
 ])
@@ -122,3 +123,21 @@ def test_a_template_that_refuses_the_conversation_is_a_400(server):
         assert response.status_code == 400, response.text
         assert "roles must alternate" in response.json()["error"]["message"]
     assert post(server, "/v1/chat/completions", {**body, "messages": body["messages"][:1]}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server, path):
+    """vLLM's truncate_prompt_tokens: a prompt longer than max_model_len (128) is served from its last k tokens,
+    before the context-length check; usage counts the tokens kept."""
+    if path == "/v1/completions":
+        ids = [(7 * i) % 500 + 1 for i in range(200)]
+        body, short = {"prompt": ids}, {"prompt": ids[-20:]}
+    else:
+        body = short = {"messages": [{"role": "user", "content": "word " * 150}]}
+    assert post(server, path, {**body, "max_tokens": 2}).status_code == 400  # too long without truncation
+    response = post(server, path, {**body, "max_tokens": 2, "temperature": 0, "truncate_prompt_tokens": 20})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == 20
+    if path == "/v1/completions":  # the same as sending the last 20 ids
+        want = post(server, path, {**short, "max_tokens": 2, "temperature": 0}).json()
+        assert response.json()["choices"][0]["text"] == want["choices"][0]["text"]

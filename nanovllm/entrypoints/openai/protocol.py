@@ -54,6 +54,7 @@ class SamplingFields(OpenAIModel):
     structured_outputs: dict | None = None  # vLLM >= 0.11's name: {"json" | "regex" | "choice" | ...: ...}
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens
 
 
 class CompletionRequest(SamplingFields):

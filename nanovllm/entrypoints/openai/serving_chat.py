@@ -26,7 +26,7 @@ def message_text(i: int, message: ChatMessage) -> str:
 
 class OpenAIServingChat(OpenAIServing):
     def prompt_ids(self, messages: list[ChatMessage], options: ChatTemplateFields,
-                   add_special_tokens: bool = False) -> list[int]:
+                   add_special_tokens: bool = False, truncate: int | None = None) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
         conversation = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(messages)]
@@ -36,7 +36,7 @@ class OpenAIServingChat(OpenAIServing):
         kwargs = template_kwargs(options.add_generation_prompt, options.continue_final_message,
                                  options.chat_template_kwargs)
         text = render(self.tokenizer, conversation, kwargs)
-        return self.token_ids(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.token_ids(self.tokenizer.encode(text, add_special_tokens=add_special_tokens), 0, truncate)
 
     def plan(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the params, checked in full before anything runs (in a worker thread: the
@@ -48,7 +48,7 @@ class OpenAIServingChat(OpenAIServing):
         check_max_tokens(request.max_tokens)
         if request.top_logprobs is not None and not request.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        ids = self.prompt_ids(request.messages, request, request.add_special_tokens)
+        ids = self.prompt_ids(request.messages, request, request.add_special_tokens, request.truncate_prompt_tokens)
         check_context_length(len(ids), max_tokens, self.max_model_len,
                              "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
         max_tokens = max_tokens or max(1, self.max_model_len - len(ids))

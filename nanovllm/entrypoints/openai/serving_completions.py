@@ -16,8 +16,9 @@ from nanovllm.text import check_text
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    def prompts(self, prompt, add_special_tokens: bool = True) -> list[tuple[str | None, list[int]]]:
-        """(text or None, token ids) per prompt of the request."""
+    def prompts(self, prompt, add_special_tokens: bool = True, truncate: int | None = None
+                ) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) per prompt of the request (each its last `truncate` tokens, when set)."""
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and is_token_id(prompt[0])):
             prompt = [prompt]
         if not prompt:
@@ -26,9 +27,10 @@ class OpenAIServingCompletion(OpenAIServing):
         for i, p in enumerate(prompt):
             if isinstance(p, str):
                 check_text(f"prompts[{i}]", p)
-                out.append((p, self.token_ids(self.tokenizer.encode(p, add_special_tokens=add_special_tokens), i)))
+                out.append((p, self.token_ids(self.tokenizer.encode(p, add_special_tokens=add_special_tokens), i,
+                                                  truncate)))
             else:
-                out.append((None, self.token_ids(p, i)))
+                out.append((None, self.token_ids(p, i, truncate)))
         return out
 
     def plan(self, request: CompletionRequest):
@@ -44,7 +46,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise ValueError("max_tokens=0 is invalid without echo=true: expected an integer >= 1")
         if not echo_only:
             check_max_tokens(request.max_tokens)
-        prompts = self.prompts(request.prompt, request.add_special_tokens)
+        prompts = self.prompts(request.prompt, request.add_special_tokens, request.truncate_prompt_tokens)
         # one engine request per prompt, its n samples the prompt's n choices; with echoed prompt logprobs one per
         # choice (a request's prompt logprobs come with its first sample only)
         per_choice = request.echo and request.logprobs is not None and request.n > 1

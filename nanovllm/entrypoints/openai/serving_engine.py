@@ -22,7 +22,7 @@ UNSUPPORTED_FIELDS = {
     "echo": (None, False),  # chat completions' (completions implement theirs)
     "chat_template": (None,), "use_beam_search": (None, False),
     "prompt_logprobs": (None,), "return_tokens_as_token_ids": (None, False),
-    "truncate_prompt_tokens": (None,), "logits_processors": (None, []), "priority": (None, 0),
+    "logits_processors": (None, []), "priority": (None, 0),
 }
 
 
@@ -51,10 +51,12 @@ class OpenAIServing:
         if request.stream_options is not None and not request.stream:
             raise ValueError("stream_options is only allowed with stream=true")
 
-    def token_ids(self, prompt, index: int = 0) -> list[int]:
+    def token_ids(self, prompt, index: int = 0, truncate: int | None = None) -> list[int]:
         """A prompt (text or token ids) as checked token ids, the way LLM.generate checks them (errors name it
-        prompts[index])."""
-        return self.llm.check_request(prompt, None, index)[0]
+        prompts[index]); `truncate`: vLLM's truncate_prompt_tokens, the last that many tokens, kept before the
+        length check."""
+        params = SamplingParams(truncate_prompt_tokens=truncate) if truncate is not None else None
+        return self.llm.check_request(prompt, params, index)[0]
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool,
                   prompt_logprobs: int | None = None) -> AsyncIterator[StreamOutput]:
@@ -97,7 +99,8 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
         bad_words=request.bad_words or None, structured=structured_outputs(request),
         seed=seed, n=n, max_tokens=max_tokens, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs,
-        include_stop_str_in_output=request.include_stop_str_in_output, skip_special_tokens=request.skip_special_tokens)
+        include_stop_str_in_output=request.include_stop_str_in_output, skip_special_tokens=request.skip_special_tokens,
+        truncate_prompt_tokens=request.truncate_prompt_tokens)
 
 
 def structured_outputs(request: SamplingFields) -> dict | StructuredOutputs | None:
