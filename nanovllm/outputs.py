@@ -43,7 +43,7 @@ def output_text(seq: Sequence, tokenizer) -> str:
     SamplingParams.include_stop_str_in_output)."""
     if seq.detokenizer is not None:
         return seq.detokenizer.text
-    if tokenizer is None:  # skip_tokenizer_init: token ids only
+    if tokenizer is None or not seq.params.detokenize:  # skip_tokenizer_init, or token ids only asked for
         return ""
     ids = seq.output_token_ids
     if isinstance(seq.stop_reason, int) and not seq.params.include_stop_str_in_output:

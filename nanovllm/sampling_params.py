@@ -39,6 +39,7 @@ class SamplingParams:
                  (vLLM; default False)
     skip_special_tokens  leave special tokens' text out of the output text (vLLM; default True)
     truncate_prompt_tokens  k >= 1: keep only the prompt's last k tokens (vLLM; default None: the whole prompt)
+    detokenize   False: token ids only, the output text stays "" (vLLM; default True; stop strings need it)
     logprobs     N >= 0: return the sampled token's log-probability and the top N alternatives at each step
                  (default None: none)
     prompt_logprobs  N >= 0: the log-probability of every prompt token (None for the first) and the top N at each
@@ -82,6 +83,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
+    detokenize: bool = True
     guided_decoding: StructuredOutputs | dict | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
     unset: frozenset[str] = field(init=False, repr=False, default=frozenset())
@@ -96,10 +98,13 @@ class SamplingParams:
         """Check every field (ValueError naming the first bad one) and normalise the derived ones; idempotent."""
         self._check_numbers()
         self._check_integers()
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 _invalid(name, getattr(self, name), "expected True or False")
         self.stop_strings = _stop_strings(self.stop)
+        if self.stop_strings and not self.detokenize:
+            raise ValueError("SamplingParams.stop needs detokenize=True: stop strings are matched in the output text; "
+                             "use stop_token_ids, or drop detokenize=False")
         self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids, allow_empty=True)
         if self.top_k == -1:
             self.top_k = 0

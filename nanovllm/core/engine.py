@@ -130,7 +130,7 @@ class Engine:
         if seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(seed)
-        if detokenize or params.stop_strings:
+        if params.detokenize and (detokenize or params.stop_strings):
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings, params.skip_special_tokens,
                                                      params.include_stop_str_in_output)
         seq.bad_word_ids = bad_word_token_ids(params.bad_words, self.tokenizer)

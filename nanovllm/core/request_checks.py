@@ -11,9 +11,10 @@ def check_request_params(params: SamplingParams, vocab_size: int, has_tokenizer:
                          detokenize: bool = False) -> None:
     """ValueError naming the field, the value and what is allowed."""
     params.validate()
-    if (detokenize or params.stop_strings) and not has_tokenizer:
+    if (detokenize and params.detokenize or params.stop_strings) and not has_tokenizer:
         raise ValueError("stop strings and streaming need a tokenizer, and this engine has none "
-                         "(skip_tokenizer_init=True): drop SamplingParams.stop, or create the LLM with a tokenizer")
+                         "(skip_tokenizer_init=True): drop SamplingParams.stop, stream token ids only "
+                         "(SamplingParams(detokenize=False)), or create the LLM with a tokenizer")
     for name in ("logprobs", "prompt_logprobs", "top_k"):
         value = getattr(params, name)
         if value is not None and value > vocab_size:

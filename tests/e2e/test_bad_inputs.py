@@ -83,6 +83,9 @@ def test_stop_strings_without_a_tokenizer_queue_nothing(tiny_qwen3):
     with pytest.raises(ValueError, match="is text, but skip_tokenizer_init=True"):
         llm.generate(["hello"], GREEDY, use_tqdm=False)
     assert_idle(llm)
+    ids_only = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, detokenize=False)
+    pieces = list(llm.stream([[5]], ids_only))  # token ids stream without a tokenizer
+    assert sum(len(p.token_ids) for p in pieces) == 3 and all(p.text == "" for p in pieces)
 
 
 def test_closed_engine_refuses_work(tiny_qwen3):

@@ -224,3 +224,20 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(llm):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="truncate_prompt_tokens"):
             SamplingParams(truncate_prompt_tokens=bad)
+
+
+def test_detokenize_false_returns_token_ids_only(llm):
+    """vLLM's detokenize=False: the same tokens, no text (generate and stream); stop strings need the text."""
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ids_only = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False)
+    want = llm.generate(PROMPTS, plain, use_tqdm=False)
+    got = llm.generate(PROMPTS, ids_only, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want] and all(o.text == "" for o in got)
+    assert any(o.text for o in want)
+    pieces = list(llm.stream(PROMPTS, ids_only))
+    assert all(p.text == "" for p in pieces)
+    assert [o["token_ids"] for o in collect(pieces, len(PROMPTS))] == [o.token_ids for o in want]
+    with pytest.raises(ValueError, match="stop needs detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(detokenize="no")
