@@ -20,7 +20,7 @@ from nanovllm.core.output_channel import AsyncOutputChannel
 from nanovllm.outputs import (CompletionOutput, RequestOutput, StreamOutput, build_request_output,
                               delta_num_cached_tokens, delta_stop_reason, output_text)
 from nanovllm.requests import prompt_texts, prompt_to_ids
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class AsyncLLM:
@@ -87,14 +87,18 @@ class AsyncLLM:
     async def generate(self, prompt, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """vLLM's `AsyncLLM.generate`: yields the request's RequestOutput (see `LLM.generate`) each time one of
-        its samples advances (with n > 1, up to n outputs a step), cumulative as vLLM's default output kind: each
-        sample's whole text, token ids and logprobs so far. Unlike vLLM, whose cumulative outputs hold only the
-        sample that advanced, every output holds all n samples (`outputs[i]`, some perhaps not started yet);
+        its samples advances (with n > 1, up to n outputs a step). What an output holds follows
+        `SamplingParams.output_kind`, as in vLLM:
+        - CUMULATIVE (the default): each sample's whole text, token ids and logprobs so far. Unlike vLLM, whose
+          cumulative outputs hold only the sample that advanced, every output holds all n samples (`outputs[i]`,
+          some perhaps not started yet).
+        - DELTA: only what the step added, for the sample that advanced (`outputs` holds that one sample, with its
+          `index`; its cumulative_logprob is the running total).
+        - FINAL_ONLY: one output, when every sample has ended, holding them all.
         `finished` is True on the last output only, and `num_cached_tokens` is set once the first sample has
         finished. An aborted request's last output has finish_reason "abort".
         Cancelling or closing the iteration aborts the request, as with `generate_async`, whose per-step pieces
-        this is built from. vLLM's `output_kind` (DELTA, FINAL_ONLY) is not a SamplingParams field here: use
-        `generate_async` for per-step pieces."""
+        this is built from."""
         ids, params = self.check_request(prompt, sampling_params)
         request_id = request_id if request_id is not None else new_request_id("async")
         text = prompt_texts(prompt)[0]
@@ -103,6 +107,7 @@ class AsyncLLM:
                                     cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for i in range(params.n)]
         prompt_logprobs, unfinished, num_cached_tokens = None, params.n, None
+        kind = params.output_kind
         async with aclosing(self._pieces(ids, params, request_id, True, None)) as pieces:
             async for piece in pieces:
                 sample = samples[piece.sample_index]
@@ -119,9 +124,17 @@ class AsyncLLM:
                     unfinished -= 1
                     if piece.sample_index == 0:
                         num_cached_tokens = piece.num_cached_tokens
-                yield build_request_output([CompletionOutput(s) for s in samples], request_id, num_cached_tokens,
-                                           prompt=text, prompt_token_ids=ids, prompt_logprobs=prompt_logprobs,
-                                           finished=unfinished == 0)
+                if kind == RequestOutputKind.FINAL_ONLY and unfinished:
+                    continue
+                shown_prompt_logprobs = prompt_logprobs
+                if kind == RequestOutputKind.DELTA:  # the prompt's logprobs come once, with the first output
+                    outputs = [CompletionOutput(sample, text=piece.text, token_ids=list(piece.token_ids),
+                                                logprobs=piece.logprobs if params.logprobs is not None else None)]
+                    shown_prompt_logprobs, prompt_logprobs = piece.prompt_logprobs, None
+                else:
+                    outputs = [CompletionOutput(s) for s in samples]
+                yield build_request_output(outputs, request_id, num_cached_tokens, prompt=text, prompt_token_ids=ids,
+                                           prompt_logprobs=shown_prompt_logprobs, finished=unfinished == 0)
 
     async def _pieces(self, ids: list[int], params: SamplingParams, request_id: str | None, stream: bool,
                       prompt_logprobs: int | None) -> AsyncIterator[StreamOutput]:

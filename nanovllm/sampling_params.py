@@ -1,5 +1,6 @@
 """SamplingParams: how one request is sampled and when it stops (vLLM's names and meanings)."""
 import copy
+import enum
 import math
 from dataclasses import KW_ONLY, dataclass, field
 
@@ -10,6 +11,15 @@ SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 MAX_TOP_K = 2**31 - 1
 # Fields a model's generation_config.json may set when the user did not: their neutral values when neither does.
 MODEL_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each output of AsyncLLM.generate holds (vLLM's): every sample's whole output so far (CUMULATIVE), only
+    what the step added to the sample that advanced (DELTA), or one output at the end (FINAL_ONLY). LLM.generate and
+    LLM.stream do not read it."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -40,6 +50,8 @@ class SamplingParams:
     skip_special_tokens  leave special tokens' text out of the output text (vLLM; default True)
     truncate_prompt_tokens  k >= 1: keep only the prompt's last k tokens (vLLM; default None: the whole prompt)
     detokenize   False: token ids only, the output text stays "" (vLLM; default True; stop strings need it)
+    output_kind  a RequestOutputKind (or its value 0, 1, 2): what AsyncLLM.generate yields (vLLM; default
+                 CUMULATIVE)
     logprobs     N >= 0: return the sampled token's log-probability and the top N alternatives at each step
                  (default None: none)
     prompt_logprobs  N >= 0: the log-probability of every prompt token (None for the first) and the top N at each
@@ -84,6 +96,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     guided_decoding: StructuredOutputs | dict | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
     unset: frozenset[str] = field(init=False, repr=False, default=frozenset())
@@ -101,6 +114,11 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 _invalid(name, getattr(self, name), "expected True or False")
+        if (isinstance(self.output_kind, bool) or not isinstance(self.output_kind, int)
+                or self.output_kind not in set(RequestOutputKind)):
+            _invalid("output_kind", self.output_kind, "expected a RequestOutputKind: CUMULATIVE (0), DELTA (1) or "
+                                                      "FINAL_ONLY (2)")
+        self.output_kind = RequestOutputKind(self.output_kind)
         self.stop_strings = _stop_strings(self.stop)
         if self.stop_strings and not self.detokenize:
             raise ValueError("SamplingParams.stop needs detokenize=True: stop strings are matched in the output text; "

@@ -257,3 +257,31 @@ def test_vllm_style_generate_yields_cumulative_request_outputs(llm):
     outs = asyncio.run(aborted())
     assert outs[-1].finished and [s.finish_reason for s in outs[-1].outputs] == ["abort", "abort"]
     assert all(len(s.token_ids) < 200 for s in outs[-1].outputs) and idle(llm)
+
+
+def test_vllm_output_kinds_delta_and_final_only(llm):
+    """SamplingParams.output_kind (vLLM's RequestOutputKind): DELTA outputs hold only what each step added to the
+    sample that advanced, and add up to the cumulative result; FINAL_ONLY yields one output, the result."""
+    from nanovllm import RequestOutputKind
+    async_llm = AsyncLLM(llm=llm)
+    base = dict(temperature=0.8, seed=7, max_tokens=6, ignore_eos=True, n=2, logprobs=1, prompt_logprobs=1)
+    expected = llm.generate(["paris is"], SamplingParams(**base), use_tqdm=False)[0]
+
+    async def run(kind, request_id):
+        return [o async for o in async_llm.generate("paris is", SamplingParams(**base, output_kind=kind), request_id)]
+
+    deltas = asyncio.run(run(RequestOutputKind.DELTA, "k-delta"))
+    assert len(deltas) == 12 and all(len(o.outputs) == 1 for o in deltas)  # 2 samples x 6 steps
+    assert [o.finished for o in deltas] == [False] * 11 + [True]
+    assert deltas[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in deltas[1:])
+    for i, want in enumerate(expected.outputs):
+        mine = [o.outputs[0] for o in deltas if o.outputs[0].index == i]
+        assert [t for d in mine for t in d.token_ids] == want.token_ids
+        assert "".join(d.text for d in mine) == want.text and all(len(d.logprobs) == 1 for d in mine)
+        assert abs(mine[-1].cumulative_logprob - want.cumulative_logprob) < 1e-4
+        assert mine[-1].finish_reason == "length" and all(d.finish_reason is None for d in mine[:-1])
+    (final,) = asyncio.run(run(2, "k-final"))  # the value works too
+    assert final.finished and [s.token_ids for s in final.outputs] == [s.token_ids for s in expected.outputs]
+    assert close_logprobs(final.prompt_logprobs, expected.prompt_logprobs) and idle(llm)
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind=3)
