@@ -95,3 +95,5 @@ def test_fold_refused_where_it_does_not_apply(models, tmp_path):
     biased = make_tiny_model(str(tmp_path / "biased"), "llama", head_dim=64, attention_bias=True)
     assert fold_norms(with_cuda_kernels(engine(biased)).engine.runner.model) == "the model's products have biases"
     assert fold_norms(torch.nn.Linear(2, 2)) == "Linear is not a decoder of models/decoder.py"
+    folded = fold_engine(engine(models["llama"])).engine.runner.model
+    assert fold_norms(folded).startswith("its forward was replaced already")  # never folded twice

@@ -33,6 +33,8 @@ def why_not_foldable(model: torch.nn.Module) -> str:
     decoder = getattr(model, "model", None)
     if not isinstance(decoder, DecoderModel):
         return f"{type(model).__name__} is not a decoder of models/decoder.py"
+    if "forward" in vars(decoder):
+        return "its forward was replaced already (folded once: the weights hold the norms)"
     for layer in decoder.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_proj.ctx.tp_size != 1:
