@@ -133,8 +133,9 @@ class LLM:
                   ) -> tuple[list[list[int]], list[SamplingParams]]:
         """Validate every prompt and every SamplingParams before anything is queued (see nanovllm/requests.py)."""
         self.engine.check_open()
+        prompts = checked_prompt_list(prompts)
         clones = {}  # one snapshot per distinct object: the caller may reassign its fields while these run
-        given = params_per_prompt(sampling_params, len(checked_prompt_list(prompts)))
+        given = params_per_prompt(sampling_params, len(prompts))
         for p in given:
             if id(p) not in clones:
                 clones[id(p)] = p.clone()

@@ -55,27 +55,36 @@ class SelfAttention(nn.Module):
         self.kernel_label = ctx.kernel_label
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = self.split_qkv(self.qkv_proj(x))
         if self.rotary_qk_store is not None and self.attn.k_cache.numel():
             q, k = self.qk_transform_store(positions, q, k, v, meta)
             return self.o_proj(self.attn(q, k, v, meta, stored=True).flatten(1))
         q, k = self.qk_transform(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta).flatten(1))
 
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q/k/v projection's output as q [T, heads, D], k and v [T, kv heads, D] (views)."""
+        d = self.head_dim
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        return q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d), v.view(-1, self.num_kv_heads, d)
+
+    def qk_norm_args(self) -> tuple:
+        """(q weight, k weight, eps) of the per-head q/k RMSNorm, as the rotary kernels take them ((None, None, 0.0)
+        without one)."""
+        if self.q_norm is None:
+            return None, None, 0.0
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
     def qk_transform_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           meta: StepMetadata):
+                           meta: StepMetadata, **kernel_options):
         """`qk_transform` and the KV store in one kernel (the plan's `rotary.qk_store`): the rotated K and V go
         straight into the paged cache; the rotated k comes back only when this step has prefill tokens (their
-        attention reads this step's K; decode reads the cache), else None."""
-        norm, attn, return_k = self.q_norm is not None, self.attn, meta.prefill is not None
+        attention reads this step's K; decode reads the cache), else None. `kernel_options`: keywords only the
+        backend's own kernel takes (the cuda backend's folded norms pass the row scale, norm_folding.py)."""
+        attn, return_k = self.attn, meta.prefill is not None
         q_out, k_out = self.rotary_qk_store(
-            positions, q, k, v, self.rotary_emb.cos_sin_cache, self.q_norm.weight if norm else None,
-            self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, attn.k_cache, attn.v_cache,
-            meta.slot_mapping, return_k, *attn.kv_scales)
+            positions, q, k, v, self.rotary_emb.cos_sin_cache, *self.qk_norm_args(), attn.k_cache, attn.v_cache,
+            meta.slot_mapping, return_k, *attn.kv_scales, **kernel_options)
         q_out = check_like(self.kernel_label, "rotary.qk_store", q_out, q)
         return q_out, check_like(self.kernel_label, "rotary.qk_store", k_out, k) if return_k else None
 
@@ -83,9 +92,7 @@ class SelfAttention(nn.Module):
         """Per-head q/k RMSNorm (Qwen3) then rotary: the plan's `rotary.qk` kernel (one launch where the backend
         fuses it), or elementwise work the runner may fuse with torch.compile."""
         if self.rotary_qk is not None:
-            norm = self.q_norm is not None
-            out = self.rotary_qk(positions, q, k, self.rotary_emb.cos_sin_cache, self.q_norm.weight if norm else None,
-                                 self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
+            out = self.rotary_qk(positions, q, k, self.rotary_emb.cos_sin_cache, *self.qk_norm_args())
             return check_pair_like(self.kernel_label, "rotary.qk", out, q, k)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -61,13 +61,17 @@ def triton_rotary_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 def triton_rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                            eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                           return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+                           return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           **row_scale):
+    """`row_scale`: rotary_store's row_scale_of / row_eps (the folded norms), beyond the op's arguments."""
     return _module("rotary_store").rotary_qk_store(positions, q, k, v, cos_sin_cache, q_weight, k_weight, eps,
-                                                   k_cache, v_cache, slot_mapping, return_k, k_scale, v_scale)
+                                                   k_cache, v_cache, slot_mapping, return_k, k_scale, v_scale,
+                                                   **row_scale)
 
 
-def triton_silu_mul(x: torch.Tensor) -> torch.Tensor:
-    return _module("elementwise").silu_mul(x)
+def triton_silu_mul(x: torch.Tensor, **row_scale) -> torch.Tensor:
+    """`row_scale`: elementwise.silu_mul's row_scale_of / eps (the folded norms), beyond the op's argument."""
+    return _module("elementwise").silu_mul(x, **row_scale)
 
 
 def triton_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):

@@ -23,13 +23,15 @@ import types
 
 import torch
 
+from nanovllm.backends.cuda import kernels
+from nanovllm.backends.cuda.linear import TritonLinear, matmul, pick
+from nanovllm.models.decoder import DecoderModel
+
 NOT_OWN = " itself (the reference, another kernel, or a verification wrapper)"
 
 
 def why_not_foldable(model: torch.nn.Module) -> str:
     """Why `model`'s norms cannot be folded here ("" when they can)."""
-    from nanovllm.backends.cuda import kernels
-    from nanovllm.models.decoder import DecoderModel
     decoder = getattr(model, "model", None)
     if not isinstance(decoder, DecoderModel):
         return f"{type(model).__name__} is not a decoder of models/decoder.py"
@@ -55,17 +57,14 @@ def fold_norms(model: torch.nn.Module) -> str:
     """Fold the layers' RMSNorm weights into the products after them and give the decoder the folded forward;
     returns why it did not ("" when it did). Call once, after the weights are loaded."""
     why = why_not_foldable(model)
-    if not why:
-        fold(model.model)
-    return why
-
-
-def fold(decoder) -> None:
-    """`fold_norms` without its checks (tests run it on cpu_ref's engines, the Triton kernels interpreted)."""
+    if why:
+        return why
+    decoder = model.model
     for layer in decoder.layers:
         layer.self_attn.qkv_proj.weight.mul_(layer.input_layernorm.weight)  # [N, K] * [K]: column k times g[k]
         layer.mlp.gate_up_proj.weight.mul_(layer.post_attention_layernorm.weight)
     decoder.forward = types.MethodType(folded_forward, decoder)
+    return ""
 
 
 def folded_forward(decoder, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
@@ -79,40 +78,30 @@ def folded_forward(decoder, input_ids: torch.Tensor, positions: torch.Tensor, me
 
 def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta) -> None:
     """r += o_proj(attention(q, k, v)), with q, k, v = s(r) * (W_qkv g1) r."""
-    from nanovllm.backends.cuda.rotary_store import rotary_qk_store
     sa, eps = layer.self_attn, layer.input_layernorm.eps
-    q_size, kv_size, d = sa.num_heads * sa.head_dim, sa.num_kv_heads * sa.head_dim, sa.head_dim
-    q, k, v = sa.qkv_proj(r).split([q_size, kv_size, kv_size], dim=-1)
-    q, k, v = q.view(-1, sa.num_heads, d), k.view(-1, sa.num_kv_heads, d), v.view(-1, sa.num_kv_heads, d)
-    attn = sa.attn
-    if attn.k_cache.numel():
-        norm, return_k = sa.q_norm is not None, meta.prefill is not None
-        q, k = rotary_qk_store(positions, q, k, v, sa.rotary_emb.cos_sin_cache, sa.q_norm.weight if norm else None,
-                               sa.k_norm.weight if norm else None, sa.q_norm.eps if norm else 0.0, attn.k_cache,
-                               attn.v_cache, meta.slot_mapping, return_k, *(attn.kv_scales or (None, None)),
-                               row_scale_of=r, row_eps=eps)
-        out = attn(q, k, v, meta, stored=True)  # with a prefill, v was scaled in place
+    q, k, v = sa.split_qkv(sa.qkv_proj(r))
+    if sa.attn.k_cache.numel():
+        q, k = sa.qk_transform_store(positions, q, k, v, meta, row_scale_of=r, row_eps=eps)
+        out = sa.attn(q, k, v, meta, stored=True)  # with a prefill, v was scaled in place
     else:  # the memory warm-up, before the KV cache exists
         scale = torch.rsqrt(r.float().pow(2).mean(-1, keepdim=True) + eps)[:, :, None]
         q, k, v = ((t.float() * scale).to(t.dtype) for t in (q, k, v))
-        q, k = sa.qk_transform(positions, q, k)
-        out = attn(q, k, v, meta)
+        out = sa.attn(*sa.qk_transform(positions, q, k), v, meta)
     add_product(sa.o_proj, out.flatten(1), r)
 
 
 def mlp_block(layer, r: torch.Tensor) -> None:
     """r += down_proj(silu(gate * s(r)) * (up * s(r))), with gate, up = (W_gate_up g2) r."""
-    from nanovllm.backends.cuda.elementwise import silu_mul
     mlp = layer.mlp
-    add_product(mlp.down_proj, silu_mul(mlp.gate_up_proj(r), row_scale_of=r, eps=layer.post_attention_layernorm.eps),
-                r)
+    act = mlp.act_fn.kernel(mlp.gate_up_proj(r), row_scale_of=r, eps=layer.post_attention_layernorm.eps)
+    add_product(mlp.down_proj, act, r)
 
 
 def add_product(linear, x: torch.Tensor, residual: torch.Tensor) -> None:
     """residual += x @ linear.weight.T: one cuBLAS call with beta = 1, or the layer's Triton product then an add
     where its table takes that many rows (cuBLAS's matrix-vector path at one row is slower than both)."""
-    from nanovllm.backends.cuda.linear import TritonLinear, pick
-    if isinstance(linear.linear_op, TritonLinear) and pick(x.shape[0], *linear.weight.shape) is not None:
-        residual.add_(linear.linear_op(x, linear.weight))
+    config = pick(x.shape[0], *linear.weight.shape) if isinstance(linear.linear_op, TritonLinear) else None
+    if config is not None:
+        residual.add_(matmul(x, linear.weight, config))
     else:
         residual.addmm_(x, linear.weight.t())

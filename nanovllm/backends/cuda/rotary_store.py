@@ -119,12 +119,13 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         q, k, v, q_out, k_out if return_k else q_out, positions, cos_sin_cache,
         q_weight if has_norm else q, k_weight if has_norm else k, eps,
         k_cache, v_cache, slot_mapping, k_scale if fp8 else cos_sin_cache, v_scale if fp8 else cos_sin_cache,
-        x, x.stride(0), row_eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        x, x.stride(0), row_eps,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), NUM_KV_HEADS=num_kv_heads,
         KV_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_NORM=has_norm, RETURN_K=bool(return_k),
         BLOCK_SIZE=k_cache.shape[1], FP8=fp8, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0,
-        ROW_SCALE=scaled, X_SIZE=x.shape[1] if scaled else 1, X_PAD=triton.next_power_of_2(x.shape[1]) if scaled else 1,
-        num_warps=4)
+        ROW_SCALE=scaled, X_SIZE=x.shape[1] if scaled else 1,
+        X_PAD=triton.next_power_of_2(x.shape[1]) if scaled else 1, num_warps=4)
     return q_out, k_out
