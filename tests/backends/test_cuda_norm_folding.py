@@ -38,58 +38,31 @@ def engine(path, **options):
 
 
 def with_cuda_kernels(llm):
-    """The cuda backend's Triton q/k norm + rotary + store, paged decode, SiLU-and-mul and add + RMSNorm in the
-    engine's layers (interpreted), as a cuda engine's plan gives them: then its model passes `fold_norms`'s
-    checks, and its decode steps may take the fused decode kernel."""
+    """The cuda backend's Triton q/k norm + rotary + store, SiLU-and-mul and add + RMSNorm in the engine's layers
+    (interpreted), as a cuda engine's plan gives them: then its model passes `fold_norms`'s checks."""
     from nanovllm.backends.cuda import kernels
     for layer in llm.engine.runner.model.model.layers:
         layer.self_attn.rotary_qk_store = kernels.triton_rotary_qk_store
-        layer.self_attn.attn.decode = kernels.triton_paged_decode
         layer.mlp.act_fn.kernel = kernels.triton_silu_mul
         layer.input_layernorm.add_kernel = layer.post_attention_layernorm.add_kernel = kernels.triton_add_rms_norm
     return llm
 
 
-def fold_engine(llm, fuse_decode: bool = True):
+def fold_engine(llm):
     from nanovllm.backends.cuda.norm_folding import fold_norms
-    model = with_cuda_kernels(llm).engine.runner.model
-    assert fold_norms(model, fuse_decode) == ("", "" if fuse_decode else "the fused_decode option is off")
-    assert model.model.fuse_decode == fuse_decode
+    assert fold_norms(with_cuda_kernels(llm).engine.runner.model) == ""
     return llm
 
 
-@pytest.mark.parametrize("arch,fuse_decode", [("qwen3", True), ("llama", True), ("qwen3", False)])
-def test_folded_model_generates_the_unfolded_tokens(models, arch, fuse_decode):
-    """Chunked prefills (24 tokens a step) run beside decode steps, and the second round hits the prefix cache;
-    with `fuse_decode` the pure decode steps take the fused decode kernel."""
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_folded_model_generates_the_unfolded_tokens(models, arch):
+    """Chunked prefills (24 tokens a step) run beside decode steps, and the second round hits the prefix cache."""
     prompts = random_prompts(5, 512, (3, 40), seed=3)
     llm = engine(models[arch], max_num_batched_tokens=24)
     want = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    fold_engine(llm, fuse_decode)
+    fold_engine(llm)
     for _ in range(2):
         assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
-
-
-def test_fused_decode_steps_take_the_fused_kernel(models, monkeypatch):
-    """Decode steps (and only they) go through `fused_decode`, which runs its own kernel at these shapes; the
-    logprobs of the generated tokens match the unfolded engine's."""
-    from nanovllm.backends.cuda import norm_folding
-    from nanovllm.backends.cuda.attention import triton_decode_fused
-    calls = []
-
-    def counted(positions, q, *args, **kwargs):
-        calls.append((q.shape[0], triton_decode_fused.fused_plan(q, args[6]) is not None))
-        return triton_decode_fused.fused_decode(positions, q, *args, **kwargs)
-    monkeypatch.setattr(norm_folding, "fused_decode", counted)
-    prompts = random_prompts(3, 512, (5, 30), seed=6)
-    logprobs = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
-    want = engine(models["qwen3"]).generate(prompts, logprobs, use_tqdm=False)
-    got = fold_engine(engine(models["qwen3"])).generate(prompts, logprobs, use_tqdm=False)
-    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
-    for a, b in zip(want, got):
-        assert max(abs(x[t] - y[t]) for x, y, t in zip(a["logprobs"], b["logprobs"], a["token_ids"])) < 1e-4
-    layers = len(engine(models["qwen3"]).engine.runner.model.model.layers)
-    assert len(calls) == 4 * layers and all(n == 3 and fused for n, fused in calls)  # 4 decode steps of 3 rows
 
 
 def test_folded_logits_match_in_float32(models):
@@ -118,18 +91,9 @@ def test_folded_model_with_an_fp8_cache(models):
 def test_fold_refused_where_it_does_not_apply(models, tmp_path):
     from nanovllm.backends.cuda.norm_folding import fold_norms
     model = engine(models["qwen3"]).engine.runner.model
-    why, why_not_fused = fold_norms(model)
-    assert why.startswith("the plan's rotary.qk_store is not cuda/triton itself")  # cpu_ref's kernels
-    assert why_not_fused == "the norms are not folded"
+    assert fold_norms(model).startswith("the plan's rotary.qk_store is not cuda/triton itself")  # cpu_ref's kernels
     biased = make_tiny_model(str(tmp_path / "biased"), "llama", head_dim=64, attention_bias=True)
-    assert fold_norms(with_cuda_kernels(engine(biased)).engine.runner.model)[0] == "the model's products have biases"
-    assert fold_norms(torch.nn.Linear(2, 2))[0] == "Linear is not a decoder of models/decoder.py"
+    assert fold_norms(with_cuda_kernels(engine(biased)).engine.runner.model) == "the model's products have biases"
+    assert fold_norms(torch.nn.Linear(2, 2)) == "Linear is not a decoder of models/decoder.py"
     folded = fold_engine(engine(models["llama"])).engine.runner.model
-    assert fold_norms(folded)[0].startswith("its forward was replaced already")  # never folded twice
-    reference_decode = with_cuda_kernels(engine(models["qwen3"]))
-    for layer in reference_decode.engine.runner.model.model.layers:
-        layer.self_attn.attn.decode = engine(models["qwen3"]).engine.runner.model.model.layers[0].self_attn.attn.decode
-    model = reference_decode.engine.runner.model
-    assert fold_norms(model) == ("", "the plan's attention.decode is not cuda/triton_paged itself (the reference, "
-                                     "another kernel, or a verification wrapper)")
-    assert model.model.fuse_decode is False
+    assert fold_norms(folded).startswith("its forward was replaced already")  # never folded twice

@@ -13,12 +13,7 @@ into the o and down products, as cuBLAS's C += A B on the residual. A layer's st
     silu(gate * s(r)) * (up * s(r))           one Triton launch (elementwise.py)
     r += W_down silu_mul                      cuBLAS, beta = 1
 
-instead of the two residual add + RMSNorm launches besides. In a decode step (no prefill tokens) the q/k/v launch
-and attention are one launch (`fused_decode`, attention/triton_decode_fused.py: each decode program transforms its
-own q rows; the one holding the step's token also stores its K and V), six launches a layer, when the plan's
-`attention.decode` is this backend's Triton kernel and the `fused_decode` option is on.
-
-The engine's model code does not change: the cuda
+instead of the two residual add + RMSNorm launches besides. The engine's model code does not change: the cuda
 backend's `prepare_model` folds a model (`fold_norms`) when its layers run exactly this backend's own `rotary.qk_store`,
 `act.silu_mul` and `norm.add_rms` kernels (not the reference's, not shadow-verified wrappers), it runs on one
 device, has no biases, and the `fold_norms` option is on. Each value is rounded where the unfolded path rounds
@@ -29,7 +24,6 @@ import types
 import torch
 
 from nanovllm.backends.cuda import kernels
-from nanovllm.backends.cuda.attention.triton_decode_fused import fused_decode
 from nanovllm.backends.cuda.linear import TritonLinear, matmul, pick
 from nanovllm.models.decoder import DecoderModel
 
@@ -58,59 +52,41 @@ def why_not_foldable(model: torch.nn.Module) -> str:
     return ""
 
 
-def why_not_fused(model: torch.nn.Module) -> str:
-    """Why a folded model's decode steps cannot take `fused_decode` ("" when they can)."""
-    for layer in model.model.layers:
-        if layer.self_attn.attn.decode is not kernels.triton_paged_decode:
-            return f"the plan's attention.decode is not cuda/triton_paged{NOT_OWN}"
-    return ""
-
-
 @torch.no_grad()
-def fold_norms(model: torch.nn.Module, fuse_decode: bool = True) -> tuple[str, str]:
-    """Fold the layers' RMSNorm weights into the products after them and give the decoder the folded forward,
-    whose decode steps take `fused_decode` when `fuse_decode` and the plan allow. Returns (why it did not fold,
-    why decode steps are not fused); "" when it did. Call once, after the weights are loaded."""
+def fold_norms(model: torch.nn.Module) -> str:
+    """Fold the layers' RMSNorm weights into the products after them and give the decoder the folded forward;
+    returns why it did not ("" when it did). Call once, after the weights are loaded."""
     why = why_not_foldable(model)
     if why:
-        return why, "the norms are not folded"
+        return why
     decoder = model.model
     for layer in decoder.layers:
         layer.self_attn.qkv_proj.weight.mul_(layer.input_layernorm.weight)  # [N, K] * [K]: column k times g[k]
         layer.mlp.gate_up_proj.weight.mul_(layer.post_attention_layernorm.weight)
-    why_not = why_not_fused(model) if fuse_decode else "the fused_decode option is off"
-    decoder.fuse_decode = not why_not
     decoder.forward = types.MethodType(folded_forward, decoder)
-    return "", why_not
+    return ""
 
 
 def folded_forward(decoder, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
     """DecoderModel.forward with the norms folded: the residual stream r is updated in place, layer by layer."""
     r = decoder.embed_tokens(input_ids)
-    fuse = decoder.fuse_decode and meta.prefill is None
     for layer in decoder.layers:
-        attention_block(layer, positions, r, meta, fuse)
+        attention_block(layer, positions, r, meta)
         mlp_block(layer, r)
     return decoder.norm(r)
 
 
-def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta, fuse: bool) -> None:
-    """r += o_proj(attention(q, k, v)), with q, k, v = s(r) * (W_qkv g1) r; `fuse`: a decode step's q/k/v transform
-    and store inside the attention kernel."""
+def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta) -> None:
+    """r += o_proj(attention(q, k, v)), with q, k, v = s(r) * (W_qkv g1) r."""
     sa, eps = layer.self_attn, layer.input_layernorm.eps
     q, k, v = sa.split_qkv(sa.qkv_proj(r))
-    attn = sa.attn
-    if fuse and attn.k_cache.numel():
-        out = fused_decode(positions, q, k, v, sa.rotary_emb.cos_sin_cache, *sa.qk_norm_args(), attn.k_cache,
-                           attn.v_cache, meta.slot_mapping, meta.decode, attn.scale, *attn.kv_scales, row_scale_of=r,
-                           row_eps=eps)
-    elif attn.k_cache.numel():
+    if sa.attn.k_cache.numel():
         q, k = sa.qk_transform_store(positions, q, k, v, meta, row_scale_of=r, row_eps=eps)
-        out = attn(q, k, v, meta, stored=True)  # with a prefill, v was scaled in place
+        out = sa.attn(q, k, v, meta, stored=True)  # with a prefill, v was scaled in place
     else:  # the memory warm-up, before the KV cache exists
         scale = torch.rsqrt(r.float().pow(2).mean(-1, keepdim=True) + eps)[:, :, None]
         q, k, v = ((t.float() * scale).to(t.dtype) for t in (q, k, v))
-        out = attn(*sa.qk_transform(positions, q, k), v, meta)
+        out = sa.attn(*sa.qk_transform(positions, q, k), v, meta)
     add_product(sa.o_proj, out.flatten(1), r)
 
 

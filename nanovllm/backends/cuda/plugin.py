@@ -31,10 +31,7 @@ class CudaBackend(Backend):
     block_table_multiple = 16  # Triton specialises on a stride's divisibility by 16: a fixed multiple, one variant
     options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use"),
                "fold_norms": Switch(True, "fold each layer's RMSNorms into the kernels around them (7 launches a "
-                                          "layer instead of 9; backends/cuda/norm_folding.py)"),
-               "fused_decode": Switch(True, "with the norms folded, decode steps transform q/k/v and store K/V inside "
-                                            "the decode attention kernel (6 launches a layer; "
-                                            "backends/cuda/attention/triton_decode_fused.py)")}
+                                          "layer instead of 9; backends/cuda/norm_folding.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -64,26 +61,18 @@ class CudaBackend(Backend):
     def configure_process(self, config) -> None:
         super().configure_process(config)
         self.fold_norms = bool(self.option(config, "fold_norms"))  # read by prepare_model, next in build_model
-        self.fused_decode = bool(self.option(config, "fused_decode"))
 
     def prepare_model(self, model, dtype: torch.dtype) -> None:
         """The layers' RMSNorms folded into their neighbours (when `fold_norms` is on and the model allows it),
         and layers whose product the Triton decode GEMM does faster at some batch sizes (its table) get it there."""
         from nanovllm.backends.cuda.linear import install_triton_linear
         from nanovllm.backends.cuda.norm_folding import fold_norms
-        if getattr(self, "fold_norms", True):
-            why, why_not_fused = fold_norms(model, getattr(self, "fused_decode", True))
-        else:
-            why = "the fold_norms option is off"
+        why = fold_norms(model) if getattr(self, "fold_norms", True) else "the fold_norms option is off"
         if why:
             logger.info("cuda backend: RMSNorms not folded (%s): 9 launches a decoder layer", why)
-        elif why_not_fused:
-            logger.info("cuda backend: RMSNorms folded into the qkv and gate/up products: 7 launches a decoder layer; "
-                        "decode attention not fused with the q/k/v transform (%s)", why_not_fused)
         else:
-            logger.info("cuda backend: RMSNorms folded into the qkv and gate/up products, and decode steps transform "
-                        "q/k/v inside the attention kernel: 6 launches a decode layer, 7 a prefill one "
-                        "(fold_norms=False / fused_decode=False turn these off)")
+            logger.info("cuda backend: RMSNorms folded into the qkv and gate/up products: 7 launches a decoder layer "
+                        "(fold_norms=False: the model's own order)")
         count = install_triton_linear(model, dtype)
         logger.debug("cuda backend: %d linear layers use the Triton decode GEMM at the batch sizes its table lists",
                      count)

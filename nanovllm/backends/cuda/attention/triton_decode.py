@@ -254,19 +254,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
-        combine_splits(part_out, part_lse, out, num_splits, head_dim, head_dim_pad)
+        _decode_combine_kernel[(num_heads, num_seqs)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
+        )
     return out
-
-
-def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int, head_dim: int,
-                   head_dim_pad: int) -> None:
-    """The split kernels' partial outputs [S, H, num_splits, head_dim_pad] and log-sum-exps [S, H, num_splits]
-    (float32) -> `out` [S, H, head_dim]."""
-    num_seqs, num_heads = part_lse.shape[:2]
-    _decode_combine_kernel[(num_heads, num_seqs)](
-        part_out, part_lse, out, out.stride(0), out.stride(1),
-        num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
-    )
 
 
 def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
