@@ -455,3 +455,22 @@ def test_elementwise_kernels_match_reference(device, op, dtype, head_dim, num_he
     case = ParityCase(dtype, head_dim, num_heads, num_kv_heads)
     for _, check in CHECKS[op]:
         check(fn, case, torch.device(device), torch.Generator().manual_seed(head_dim))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,d", [(5, 3072), (3, 1500), (1, 64)])
+def test_row_scaled_silu_mul_matches_torch(device, rows, d):
+    """The folded norms' SiLU (backends/cuda/norm_folding.py): gate and up scaled by 1/RMS of another tensor's row,
+    rounded to the dtype, then silu(gate) * up (a width of several column blocks, one not a multiple of the block,
+    and one below it)."""
+    from nanovllm.backends.cuda.elementwise import silu_mul
+    g = torch.Generator().manual_seed(rows * d)
+    for dtype in dtypes_for(device):
+        x = (torch.randn(rows, 2 * d, generator=g) * 3).to(dtype).to(device)
+        r = (torch.randn(rows, 96, generator=g) * 5).to(dtype).to(device)
+        s = torch.rsqrt(r.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        gate, up = ((half.float() * s).to(dtype).float() for half in x.chunk(2, dim=-1))
+        want = ((gate * torch.sigmoid(gate)).to(dtype).float() * up).to(dtype)
+        assert_close(silu_mul(x, row_scale_of=r, eps=1e-6), want, dtype)
+        with pytest.raises(ValueError, match="row_scale_of"):
+            silu_mul(x, row_scale_of=r[:1] if rows > 1 else r.t(), eps=1e-6)
