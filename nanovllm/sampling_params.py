@@ -13,6 +13,10 @@ MAX_TOP_K = 2**31 - 1
 MODEL_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
+STRUCTURED_NAMES = ("structured", "structured_outputs", "guided_decoding")  # ours, then vLLM's two
+StructuredOutputsParams = GuidedDecodingParams = StructuredOutputs  # vLLM's names for it (vllm.sampling_params)
+
+
 class RequestOutputKind(enum.IntEnum):
     """What each output of AsyncLLM.generate holds (vLLM's): every sample's whole output so far (CUMULATIVE), only
     what the step added to the sample that advanced (DELTA), or one output at the end (FINAL_ONLY). LLM.generate and
@@ -65,7 +69,8 @@ class SamplingParams:
     bad_words    words never completed: a string (tokenized with and without a leading space) or a list of token
                  ids; the last token is banned whenever the output ends with the ones before it (default None)
     structured   a StructuredOutputs, or a dict with one of json / regex / choice / grammar / json_object: the
-                 output is constrained to it (default None). `guided_decoding` is accepted as an alias.
+                 output is constrained to it (default None). vLLM's names are aliases: `structured_outputs`
+                 (vLLM >= 0.10.2, with `StructuredOutputsParams`) and `guided_decoding` (`GuidedDecodingParams`).
 
     Order on the logits: logit_bias, allowed_token_ids and bad_words; then the repetition, frequency and presence
     penalties; then min_tokens suppression and the structured-output mask; then temperature, top-k, top-p (on the
@@ -97,6 +102,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputs | dict | None = None
     guided_decoding: StructuredOutputs | dict | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
     unset: frozenset[str] = field(init=False, repr=False, default=frozenset())
@@ -130,10 +136,13 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = _token_ids("allowed_token_ids", self.allowed_token_ids, allow_empty=False)
         self.bad_words = _bad_words(self.bad_words)
-        if self.guided_decoding is not None and self.structured is not None:
-            raise ValueError("SamplingParams.structured and guided_decoding are the same setting: give one")
-        if self.guided_decoding is not None:
-            self.structured, self.guided_decoding = self.guided_decoding, None
+        given = [name for name in STRUCTURED_NAMES if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams.{' and '.join(given)} are the same setting (structured_outputs and "
+                             f"guided_decoding are vLLM's names for structured): give one")
+        if given and given[0] != "structured":
+            self.structured = StructuredOutputs.coerce(getattr(self, given[0]), given[0])
+            setattr(self, given[0], None)
         self.structured = StructuredOutputs.coerce(self.structured)
 
     def _check_numbers(self) -> None:

@@ -4,6 +4,7 @@ import math
 import pytest
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_outputs import StructuredOutputs
 
 INVALID = [
     ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "hot"),
@@ -75,6 +76,27 @@ def test_unset_fields_take_model_defaults_and_set_ones_win():
 def test_logit_bias_string_keys_and_guided_decoding_alias():
     p = SamplingParams(logit_bias={"7": -1}, guided_decoding={"regex": "[ab]+"})
     assert p.logit_bias == {7: -1.0} and p.structured.regex == "[ab]+" and p.guided_decoding is None
+
+
+def test_vllm_structured_outputs_names():
+    """vLLM >= 0.10.2 writes SamplingParams(structured_outputs=StructuredOutputsParams(...)), older vLLM
+    guided_decoding=GuidedDecodingParams(...): both land in `structured`; two of the three names at once are refused,
+    and a bad value names the field it came in."""
+    from nanovllm.sampling_params import GuidedDecodingParams, StructuredOutputsParams
+    p = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    assert p.structured == StructuredOutputs(choice=("yes", "no")) and p.structured_outputs is None
+    assert SamplingParams(guided_decoding=GuidedDecodingParams(regex="[0-9]+")).structured.regex == "[0-9]+"
+    assert SamplingParams(structured_outputs={"json_object": True}).structured.kind == "json_object"
+    with pytest.raises(ValueError, match="structured and structured_outputs are the same setting"):
+        SamplingParams(structured={"regex": "a"}, structured_outputs={"regex": "b"})
+    with pytest.raises(ValueError, match="structured_outputs and guided_decoding are the same setting"):
+        SamplingParams(structured_outputs={"regex": "a"}, guided_decoding={"regex": "b"})
+    with pytest.raises(ValueError, match="SamplingParams.structured_outputs has unknown key"):
+        SamplingParams(structured_outputs={"regexp": "a"})
+    reassigned = SamplingParams()
+    reassigned.structured_outputs = {"regex": "x+"}
+    reassigned.validate()
+    assert reassigned.structured.regex == "x+" and reassigned.structured_outputs is None
     with pytest.raises(ValueError, match="exactly one of"):
         SamplingParams(structured={"regex": "a", "choice": ["b"]})
     with pytest.raises(ValueError, match="unknown key"):
