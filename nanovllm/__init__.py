@@ -16,11 +16,11 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ an
 
 from nanovllm.core.hookspecs import hookimpl
 from nanovllm.core.plugins import PLUGIN_API
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from nanovllm.structured_outputs import StructuredOutputs
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutputKind", "StructuredOutputs", "RequestOutput",
-           "CompletionOutput", "hookimpl", "PLUGIN_API"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutputKind", "StructuredOutputs",
+           "RequestOutput", "CompletionOutput", "hookimpl", "PLUGIN_API"]
 
 
 def __getattr__(name):

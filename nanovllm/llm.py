@@ -20,7 +20,8 @@ from nanovllm.outputs import (RequestOutput, StreamOutput, delta_num_cached_toke
                               request_output)
 from nanovllm.chat_template import content_text, render, template_kwargs
 from nanovllm.requests import checked_prompt_list, params_per_prompt, prompt_texts, prompts_to_ids
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.beam_search import BeamSearchOutput, beam_search
+from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 from nanovllm.text import check_text
 
 logger = get_logger(__name__)
@@ -210,6 +211,18 @@ class LLM:
         finally:
             if remaining and self.loop.alive:
                 self.loop.abort(list(remaining))
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool | Callable = False
+                    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search (nanovllm/beam_search.py): per prompt (text, token ids, or vLLM's prompt dicts) a
+        BeamSearchOutput whose `sequences` are its best `params.beam_width` beams, best first, each with `tokens`
+        (prompt and output), `logprobs`, `cum_logprob`, `text` (prompt included, as vLLM) and `finish_reason`."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam_search takes a BeamSearchParams(beam_width=..., max_tokens=...); got "
+                             f"{type(params).__name__}")
+        self.engine.check_open()
+        ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len)
+        return beam_search(self, ids, params, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,

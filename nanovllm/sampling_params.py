@@ -281,3 +281,38 @@ def _bad_words(words) -> list[str | list[int]] | None:
         if isinstance(w, str):
             check_text(f"SamplingParams.bad_words[{i}]", w)
     return [w if isinstance(w, str) else list(w) for w in words] or None
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's settings (vLLM's): keep the beam_width best beams each step for up to max_tokens steps.
+
+    beam_width   beams kept, >= 1
+    max_tokens   the most output tokens, >= 1
+    ignore_eos   keep extending beams past EOS (default False: a beam that samples EOS is finished)
+    temperature  >= 0 (default 0): the candidates are each step's top 2 x beam_width tokens, plus the sampled one
+                 when it is not among them
+    length_penalty  a beam's score is cum_logprob / len(tokens) ** length_penalty (prompt included; default 1.0)
+    include_stop_str_in_output  keep the EOS token at the end of a finished beam's tokens (default False)
+    """
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"BeamSearchParams.{name}={value!r} is invalid: expected an integer >= 1")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BeamSearchParams.{name}={getattr(self, name)!r} is invalid: expected True or False")
+        for name, low in (("temperature", 0.0), ("length_penalty", -math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low:
+                raise ValueError(f"BeamSearchParams.{name}={value!r} is invalid: expected a finite number"
+                                 f"{' >= 0' if low == 0 else ''}")
