@@ -102,6 +102,11 @@ class LLM:
         """The model's tokenizer (vLLM's name for it; also `self.tokenizer`)."""
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams a request gets when it sets nothing (vLLM's name): the model's generation_config.json
+        values (temperature, top_p, top_k, min_p, repetition_penalty) set explicitly, the rest as SamplingParams()."""
+        return SamplingParams(**self.engine.model_defaults)
+
     def kernel_plan(self) -> KernelPlan:
         """The kernels this engine runs: per op the chosen implementation, its plugin and version, why, and every
         rejected candidate with its reasons (`print(llm.kernel_plan().table())`). Shows shadow-verification

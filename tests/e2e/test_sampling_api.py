@@ -120,6 +120,10 @@ def test_model_defaults_fill_unset_fields_only(tiny_qwen3, tmp_path):
     llm.engine.abort([seq])
     plain = LLM(str(folder), backend="cpu_ref", num_kvcache_blocks=32, max_model_len=128, generation_config="none")
     assert plain.engine.model_defaults == {}
+    # vLLM's get_default_sampling_params: the model's values set explicitly, the rest neutral
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.top_p) == (0.0, 5, 1.0) and not defaults.unset & {"top_k"}
+    assert plain.get_default_sampling_params() == SamplingParams()
     with pytest.raises(FileNotFoundError, match="generation_config"):
         LLM(str(folder), backend="cpu_ref", num_kvcache_blocks=32, generation_config=str(tmp_path / "nowhere"))
 
