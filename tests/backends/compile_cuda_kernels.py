@@ -69,7 +69,7 @@ def compile_all() -> list[tuple[str, dict]]:
                 for split in (False, True):
                     k = dec._decode_split_kernel.warmup(
                         dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, dtype, torch.float32, torch.float32, 0.1,
-                        torch.float32, torch.float32, torch.int32,
+                        torch.float32, torch.float32, torch.int32, 64,
                         3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
                         GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                         BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,

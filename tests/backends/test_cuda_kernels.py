@@ -165,6 +165,30 @@ def test_triton_decode_matches_reference(device, group, num_kv_heads, head_dim, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_triton_decode_never_uses_table_entries_past_the_context(device, num_splits):
+    """An unsplit launch reads its first tile's block-table entries before it knows the context length (bounded by
+    the row's width only): entries past the context may hold anything (the engine leaves stale ids there) and must
+    not change the output."""
+    from nanovllm.backends.cuda.attention.triton_decode import paged_decode
+    g = torch.Generator().manual_seed(11)
+    context_lens = [1, 17, 70, 5]
+    block_tables, num_blocks = scattered_block_tables(context_lens, 16, g)
+    block_tables = torch.cat([block_tables, torch.zeros(4, 6, dtype=torch.int32)], dim=1)  # wider than any context
+    wild = block_tables.clone()
+    for i, n in enumerate(context_lens):
+        used = -(-n // 16)
+        pad = wild.shape[1] - used
+        wild[i, used:] = torch.tensor([2**30, -7] * pad, dtype=torch.int32)[:pad]
+    k_cache, v_cache = random_caches(num_blocks, 16, 2, 64, torch.float32, device, g)
+    q = torch.randn(4, 4, 64, generator=g).to(device)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+    got = paged_decode(q, k_cache, v_cache, lens, wild.to(device), 0.125, num_splits=num_splits)
+    meta = DecodeMetadata(lens, block_tables.to(device), max(context_lens))
+    assert_close(got, ref_decode(q, k_cache, v_cache, meta, 0.125), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_triton_decode_empty_context_gives_zeros(device, num_splits):
     """Padded batches under CUDA graphs may carry context_len 0: the output must be finite (zero)."""

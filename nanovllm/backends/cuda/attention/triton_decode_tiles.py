@@ -53,14 +53,18 @@ def load_query(q_ptr, seq, kv_head, stride_q_seq, stride_q_head, GROUP: tl.const
 
 
 @triton.jit
-def attend_range(q, q_even, q_odd, qk_scale, k_base, v_base, block_table_ptr, start, end, stride_cache_block,
-                 stride_cache_row, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+def attend_range(q, q_even, q_odd, qk_scale, k_base, v_base, block_table_ptr, start, end, lookup_end,
+                 stride_cache_block, stride_cache_row, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Context tokens start .. end - 1 (start a multiple of BLOCK_N) of the sequence whose block-table row starts at
     `block_table_ptr`, for the query rows from `load_query` -> (acc [GROUP_PAD, HEAD_DIM_PAD] unnormalised, l_i,
     m_i [GROUP_PAD]): sum of exp2(s - m_i) V, its denominator and the running max, scores s in log2 units (qk_scale
-    includes log2(e) and, for FP8, K's scale). An empty range gives acc 0, l_i 0, m_i -inf."""
+    includes log2(e) and, for FP8, K's scale). An empty range gives acc 0, l_i 0, m_i -inf.
+
+    `lookup_end` bounds the positions whose block-table entries are read (K/V rows past `end` are never loaded):
+    `end`, or the row's whole width when the caller knows `start` without the context length, so the first
+    tile's table entries load beside the context length rather than after it (one dependent load fewer)."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
     pairs = tl.arange(0, HEAD_DIM_PAD // 2)
@@ -76,9 +80,10 @@ def attend_range(q, q_even, q_odd, qk_scale, k_base, v_base, block_table_ptr, st
     acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM_PAD // 2], tl.float32)
     # the next tile's rows are looked up one iteration ahead, so its K/V addresses do not wait on a
     # block-table load: that lets the compiler keep num_stages - 1 tiles in flight while this one computes
-    rows = tile_rows(block_table_ptr, start, end, stride_cache_block, stride_cache_row, PAGE_SIZE, BLOCK_N, KV_FP8)
+    rows = tile_rows(block_table_ptr, start, lookup_end, stride_cache_block, stride_cache_row, PAGE_SIZE, BLOCK_N,
+                     KV_FP8)
     for tile_start in range(start, end, BLOCK_N):
-        next_rows = tile_rows(block_table_ptr, tile_start + BLOCK_N, end, stride_cache_block, stride_cache_row,
+        next_rows = tile_rows(block_table_ptr, tile_start + BLOCK_N, lookup_end, stride_cache_block, stride_cache_row,
                               PAGE_SIZE, BLOCK_N, KV_FP8)
         token_mask = tile_start + tl.arange(0, BLOCK_N) < end
         kv_mask = token_mask[:, None] & dim_mask[None, :]
