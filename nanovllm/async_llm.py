@@ -12,6 +12,7 @@ awaiting task once per step, never blocking the event loop.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -170,6 +171,10 @@ class AsyncLLM:
             self._running.discard(request_id)
             if not done and self.llm.loop.alive:  # only this call's request: its id may be another's if refused
                 self.llm.loop.abort([request_id], wait=False, channel=channel)
+
+    async def reset_prefix_cache(self) -> bool:
+        """LLM.reset_prefix_cache, without blocking the event loop."""
+        return await asyncio.to_thread(self.llm.reset_prefix_cache)
 
     def abort(self, request_id: str) -> None:
         """Abort a running request (no-op for one that finished or is unknown); returns at once, and the engine

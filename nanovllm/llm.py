@@ -107,6 +107,15 @@ class LLM:
         values (temperature, top_p, top_k, min_p, repetition_penalty) set explicitly, the rest as SamplingParams()."""
         return SamplingParams(**self.engine.model_defaults)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (vLLM's name), e.g. to time cold prefills: True when done; False, with
+        nothing changed, while requests are running (another thread's generate, a paused stream)."""
+        self.engine.check_open()
+        done = self.loop.run(lambda engine: engine.scheduler.block_manager.reset_prefix_cache())
+        if not done:
+            logger.warning("reset_prefix_cache: requests are running and hold KV blocks; nothing was reset")
+        return done
+
     def kernel_plan(self) -> KernelPlan:
         """The kernels this engine runs: per op the chosen implementation, its plugin and version, why, and every
         rejected candidate with its reasons (`print(llm.kernel_plan().table())`). Shows shadow-verification

@@ -169,6 +169,16 @@ class BlockManager:
             return False
         return self.block_key(seq, i) in keys
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's reset_prefix_cache), only while no block is in use: False, and nothing
+        changed, while any request holds blocks (their hashes are what later requests would share)."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block_id in self.hash_to_block_id.values():
+            self.blocks[block_id].hash = self.blocks[block_id].token_ids = None
+        self.hash_to_block_id.clear()
+        return True
+
     def reclaim_all(self) -> None:
         """Free every block, whatever the bookkeeping says (after a failed step, once every sequence is aborted, so
         no block can be in use). Recovery rebuilds from the blocks themselves and never trusts counts that the

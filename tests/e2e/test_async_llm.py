@@ -285,3 +285,18 @@ def test_vllm_output_kinds_delta_and_final_only(llm):
     assert close_logprobs(final.prompt_logprobs, expected.prompt_logprobs) and idle(llm)
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind=3)
+
+
+def test_reset_prefix_cache_from_async_code(llm):
+    async_llm = AsyncLLM(llm=llm)
+    prompt = list(range(300, 340))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def main():
+        outs = [[o async for o in async_llm.generate(prompt, params, f"reset-{i}")][-1] for i in range(2)]
+        reset = await async_llm.reset_prefix_cache()
+        cold = [o async for o in async_llm.generate(prompt, params, "reset-2")][-1]
+        return outs, reset, cold
+    (first, second), reset, cold = asyncio.run(main())
+    assert (first.num_cached_tokens, second.num_cached_tokens, reset, cold.num_cached_tokens) == (0, 32, True, 0)
+    assert cold.outputs[0].token_ids == first.outputs[0].token_ids

@@ -241,3 +241,21 @@ def test_detokenize_false_returns_token_ids_only(llm):
         SamplingParams(stop=["x"], detokenize=False)
     with pytest.raises(ValueError, match="detokenize"):
         SamplingParams(detokenize="no")
+
+
+def test_reset_prefix_cache(llm):
+    """vLLM's reset_prefix_cache: cached prefixes are forgotten (the next request computes its whole prompt, to the
+    same tokens); while a paused stream holds blocks it refuses and changes nothing."""
+    prompt = list(range(200, 240))  # 40 tokens: two full 16-token blocks
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first, cached = (llm.generate([prompt], greedy, use_tqdm=False)[0] for _ in range(2))
+    assert cached.num_cached_tokens == 32
+    assert llm.reset_prefix_cache() is True
+    cold = llm.generate([prompt], greedy, use_tqdm=False)[0]
+    assert cold.num_cached_tokens == 0 and cold["token_ids"] == first["token_ids"]
+    stream = llm.stream([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    next(stream)  # the request holds its blocks while the stream is paused
+    assert llm.reset_prefix_cache() is False
+    stream.close()
+    assert llm.generate([prompt], greedy, use_tqdm=False)[0].num_cached_tokens == 32  # nothing was reset
+    llm.loop.run(lambda engine: engine.scheduler.block_manager.check_invariants([]))
