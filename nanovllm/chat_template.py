@@ -1,6 +1,9 @@
 """What LLM.chat and the server's chat endpoint hand to a tokenizer's chat template (vLLM's template options and
 OpenAI-style message contents, checked before the template runs) and the template call itself: every problem a
 ValueError naming it."""
+import os
+
+from nanovllm.text import check_text
 
 # apply_chat_template's own arguments, which chat_template_kwargs (the template's variables) may not set
 RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "chat_template", "tools", "documents", "return_dict",
@@ -45,11 +48,44 @@ def content_text(where: str, content) -> str | None:
     return "".join(texts)
 
 
-def render(tokenizer, conversation: list[dict], kwargs: dict) -> str:
-    """The conversation through the tokenizer's chat template (kwargs from template_kwargs). A template that
-    refuses it (many raise_exception() on roles that do not alternate) is a ValueError with its message."""
-    from jinja2 import TemplateError  # transformers' dependency, as the templates are jinja
+def check_chat_template(template, name: str = "chat_template") -> str:
+    """A chat template given by the caller (vLLM's `chat_template`): a Jinja template string that compiles;
+    ValueError naming `name` otherwise."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # what transformers renders templates with
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"{name} must be a Jinja chat template as a non-empty string; got {template!r:.80}")
+    check_text(name, template)
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+        ImmutableSandboxedEnvironment().from_string(template)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"{name} is not a valid Jinja template: {e.message} (line {e.lineno})") from None
+    return template
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`, as vLLM's: a file holding the template, or the template itself (a string with a Jinja
+    `{`); ValueError for a path that does not exist."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return check_chat_template(f.read(), f"--chat-template file {value!r}")
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r}: no such file, and not a template (no Jinja '{{' in it)")
+    return check_chat_template(value, "--chat-template")
+
+
+def render(tokenizer, conversation: list[dict], kwargs: dict, chat_template: str | None = None) -> str:
+    """The conversation through `chat_template` (checked with check_chat_template), else the tokenizer's chat
+    template (kwargs from template_kwargs). A template that refuses it (many raise_exception() on roles that do
+    not alternate) is a ValueError with its message; so is no template at all."""
+    from jinja2 import TemplateError  # transformers' dependency, as the templates are jinja
+    if chat_template is not None:
+        check_chat_template(chat_template)
+    elif getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the model's tokenizer has no chat template: pass chat_template (a Jinja template), or "
+                         "format the prompt yourself and use generate / the completions endpoint")
+    whose = "the given chat_template" if chat_template is not None else "the model's chat template"
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template, **kwargs)
     except TemplateError as e:
-        raise ValueError(f"the model's chat template refused the conversation: {e}") from None
+        raise ValueError(f"{whose} refused the conversation: {e}") from None

@@ -241,33 +241,36 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool | Callable = True, *, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             chat_template: str | None = None) -> list[RequestOutput]:
         """`generate` for one conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's
         chat template (by default with the assistant's generation prompt; the keywords are vLLM's: see
         apply_chat_template)."""
         texts, ids = self._render_chats(messages, add_generation_prompt, continue_final_message,
-                                        chat_template_kwargs)
+                                        chat_template_kwargs, chat_template)
         ids, params = self._requests(ids, sampling_params)
         return self._generate(ids, params, use_tqdm, texts)
 
     def apply_chat_template(self, messages: list[dict] | list[list[dict]], *, add_generation_prompt: bool = True,
-                            continue_final_message: bool = False,
-                            chat_template_kwargs: dict | None = None) -> list[list[int]]:
+                            continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+                            chat_template: str | None = None) -> list[list[int]]:
         """The prompt token ids of each conversation, as `chat` sends them. `add_generation_prompt` starts the
         assistant's turn; `continue_final_message` instead leaves the last message open, for the model to continue;
         `chat_template_kwargs` are more variables for the template (e.g. {"enable_thinking": False}), winning over
-        the two before, as in vLLM."""
-        return self._render_chats(messages, add_generation_prompt, continue_final_message, chat_template_kwargs)[1]
+        the two before, as in vLLM; `chat_template` (a Jinja template string) replaces the tokenizer's."""
+        return self._render_chats(messages, add_generation_prompt, continue_final_message, chat_template_kwargs,
+                                  chat_template)[1]
 
     def _render_chats(self, messages, add_generation_prompt: bool, continue_final_message: bool,
-                      chat_template_kwargs: dict | None) -> tuple[list[str], list[list[int]]]:
+                      chat_template_kwargs: dict | None, chat_template: str | None = None
+                      ) -> tuple[list[str], list[list[int]]]:
         """Each conversation's prompt text through the chat template, and its token ids."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs the tokenizer, but skip_tokenizer_init=True: format the prompt's token ids "
+                             "yourself and use generate")
         options = template_kwargs(add_generation_prompt, continue_final_message, chat_template_kwargs)
         conversations = as_conversations(messages)
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"the tokenizer of {self.config.model!r} has no chat template; use generate() with "
-                             f"a formatted prompt instead")
-        texts = [render(self.tokenizer, c, options) for c in conversations]
+        texts = [render(self.tokenizer, c, options, chat_template) for c in conversations]
         return texts, [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "given, or SmolLM2-135M-Instruct for the embedded model)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGTERM/SIGINT, seconds in-flight requests may finish before they are aborted")
+    p.add_argument("--chat-template", help="the chat template for /v1/chat/completions and /tokenize: a file "
+                                           "holding a Jinja template, or the template itself (default: the "
+                                           "tokenizer's; a request's `chat_template` overrides either)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the HTTP server's log level")
     add_engine_arguments(p)
@@ -37,9 +40,13 @@ def main(args: argparse.Namespace) -> int:
     from nanovllm.commands.arguments import engine_options
     from nanovllm.core.logging import get_logger
     from nanovllm.entrypoints.openai.api_server import bind_socket, run_server
+    from nanovllm.chat_template import load_chat_template
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None  # ValueError at once
     sock = bind_socket(args.host, args.port)  # before loading the model, which can take minutes
     with sock:
         llm = AsyncLLM(args.model, args.backend, **engine_options(args))
+        if chat_template is not None:
+            llm.tokenizer.chat_template = chat_template
         name = args.served_model_name or (args.model or os.path.basename(llm.config.model))
         port = sock.getsockname()[1]
         get_logger(__name__).info("serving %s as %r on http://%s:%d", llm.config.model, name, args.host, port)

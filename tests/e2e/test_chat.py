@@ -31,6 +31,22 @@ def test_chat_without_a_template_is_refused(llm, monkeypatch):
         llm.chat_prompt("hello")
 
 
+def test_chat_with_a_given_chat_template(llm):
+    """vLLM's LLM.chat(chat_template=...): the template string replaces the tokenizer's; a broken one is a
+    ValueError naming it, before any work."""
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
+               "{% if add_generation_prompt %}<assistant>{% endif %}"
+    out = llm.chat("hello", GREEDY, use_tqdm=False, chat_template=template)[0]
+    assert out["prompt"] == "<user>hello<assistant>"
+    assert out["prompt_token_ids"] == llm.tokenizer.encode("<user>hello<assistant>", add_special_tokens=False)
+    assert llm.apply_chat_template("hello", add_generation_prompt=False, chat_template=template)[0] == \
+        llm.tokenizer.encode("<user>hello", add_special_tokens=False)
+    with pytest.raises(ValueError, match="chat_template is not a valid Jinja template"):
+        llm.chat("hello", GREEDY, chat_template="{% for m in messages %}")
+    with pytest.raises(ValueError, match="the given chat_template refused the conversation: no"):
+        llm.chat("hello", GREEDY, chat_template="{{ raise_exception('no') }}")
+
+
 def test_chat_takes_vllms_template_options_and_text_parts(llm):
     """vLLM's LLM.chat keywords: add_generation_prompt, continue_final_message, chat_template_kwargs (the
     template's variables, which win); OpenAI-style text content parts are joined."""

@@ -62,7 +62,8 @@ def test_structured_outputs_constrains_the_output(server, path):
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"echo": True}, "echo"),
-    ("/v1/chat/completions", {"chat_template": "{{ 'x' }}"}, "chat_template"),
+    ("/v1/chat/completions", {"chat_template": "{% for m in messages %}"}, "chat_template"),
+    ("/v1/chat/completions", {"chat_template": ""}, "chat_template"),
     ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
     ("/v1/completions", {"include_stop_str_in_output": "maybe"}, "include_stop_str_in_output"),
     ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
@@ -114,6 +115,44 @@ def test_chat_template_options_reach_the_template(server):
     assert chat.json()["usage"]["prompt_tokens"] == len(prompted)
     reserved = post(server, "/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}})
     assert reserved.status_code == 400 and "tokenize" in reserved.json()["error"]["message"]
+
+
+PLAIN_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+
+
+def test_a_requests_chat_template_replaces_the_models(server, tiny_qwen3):
+    """vLLM's per-request `chat_template`: /tokenize and /v1/chat/completions render with it (the model's strict
+    template would refuse two user turns in a row; this one does not)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    want = tokenizer.encode("[user] a\n[user] b\n[assistant]", add_special_tokens=False)
+    tokens = post(server, "/tokenize", {"messages": messages, "chat_template": PLAIN_TEMPLATE,
+                                        "add_special_tokens": False})
+    assert tokens.status_code == 200 and tokens.json()["tokens"] == want, tokens.text
+    chat = post(server, "/v1/chat/completions", {"messages": messages, "chat_template": PLAIN_TEMPLATE,
+                                                 "max_tokens": 2})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(want), chat.text
+
+
+def test_serve_chat_template_option(tiny_qwen3, tmp_path):
+    """`nanovllm serve --chat-template FILE` (or the template inline) replaces the tokenizer's for every request; a
+    missing file stops the command before the model loads."""
+    from transformers import AutoTokenizer
+    (tmp_path / "plain.jinja").write_text(PLAIN_TEMPLATE)
+    server = ServerProcess(tiny_qwen3, *ENGINE, "--chat-template", str(tmp_path / "plain.jinja"))
+    try:
+        tokens = post(server, "/tokenize", {"messages": MESSAGES, "add_special_tokens": False}).json()["tokens"]
+        assert tokens == AutoTokenizer.from_pretrained(tiny_qwen3).encode("[user] hi\n[assistant]",
+                                                                          add_special_tokens=False)
+    finally:
+        assert server.stop() == 0, server.output()
+    from nanovllm.chat_template import load_chat_template
+    with pytest.raises(ValueError, match="no such file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        load_chat_template("{% if %}")
+    assert load_chat_template(PLAIN_TEMPLATE) == PLAIN_TEMPLATE
 
 
 def test_a_template_that_refuses_the_conversation_is_a_400(server):

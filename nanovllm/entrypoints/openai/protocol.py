@@ -82,6 +82,7 @@ class ChatTemplateFields(OpenAIModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # a Jinja template replacing the tokenizer's for this request
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):

@@ -27,15 +27,13 @@ def message_text(i: int, message: ChatMessage) -> str:
 class OpenAIServingChat(OpenAIServing):
     def prompt_ids(self, messages: list[ChatMessage], options: ChatTemplateFields,
                    add_special_tokens: bool = False, truncate: int | None = None) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
         conversation = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(messages)]
         for i, m in enumerate(conversation):
             check_text(f"messages[{i}].role", m["role"])
             check_text(f"messages[{i}].content", m["content"])
         kwargs = template_kwargs(options.add_generation_prompt, options.continue_final_message,
                                  options.chat_template_kwargs)
-        text = render(self.tokenizer, conversation, kwargs)
+        text = render(self.tokenizer, conversation, kwargs, options.chat_template)
         return self.token_ids(self.tokenizer.encode(text, add_special_tokens=add_special_tokens), 0, truncate)
 
     def plan(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:

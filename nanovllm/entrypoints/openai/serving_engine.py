@@ -20,7 +20,7 @@ MAX_N = 128
 UNSUPPORTED_FIELDS = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "echo": (None, False),  # chat completions' (completions implement theirs)
-    "chat_template": (None,), "use_beam_search": (None, False),
+    "use_beam_search": (None, False),
     "prompt_logprobs": (None,), "return_tokens_as_token_ids": (None, False),
     "logits_processors": (None, []), "priority": (None, 0),
 }
