@@ -16,12 +16,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from nanovllm.beam_search import BeamSearch
 from nanovllm.core.engine_loop import EngineRequest, new_request_id
 from nanovllm.core.output_channel import AsyncOutputChannel
 from nanovllm.outputs import (CompletionOutput, RequestOutput, StreamOutput, build_request_output,
                               delta_num_cached_tokens, delta_stop_reason, output_text)
 from nanovllm.requests import prompt_texts, prompt_to_ids
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class AsyncLLM:
@@ -171,6 +172,37 @@ class AsyncLLM:
             self._running.discard(request_id)
             if not done and self.llm.loop.alive:  # only this call's request: its id may be another's if refused
                 self.llm.loop.abort([request_id], wait=False, channel=channel)
+
+    async def beam_search(self, prompt, request_id: str | None, params: BeamSearchParams
+                          ) -> AsyncIterator[RequestOutput]:
+        """vLLM's `EngineClient.beam_search`: yields one RequestOutput when the search is over, whose `outputs` are
+        the best `params.beam_width` beams, best first (CompletionOutputs: the beam's output `token_ids` and `text`,
+        without the prompt; `cumulative_logprob`; `logprobs`, the candidates each step saw; `finish_reason`). Each
+        step's one-token requests run concurrently (ids `{request_id}-{step}-{beam}`); cancelling the task aborts
+        them."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam_search takes a BeamSearchParams(beam_width=..., max_tokens=...); got "
+                             f"{type(params).__name__}")
+        ids = self.check_request(prompt, None)[0]
+        request_id = request_id if request_id is not None else new_request_id("beam")
+        engine = self.llm.engine
+        search = BeamSearch([ids], params, engine.scheduler.eos_token_ids, self.config.max_model_len)
+
+        async def one_token(tokens: list[int], step_id: str) -> dict[int, float]:
+            async with aclosing(self._pieces(tokens, search.step_params, step_id, False, None)) as pieces:
+                return [piece async for piece in pieces][0].logprobs[0]
+        while queries := search.queries():
+            step = search.steps_done
+            search.advance(await asyncio.gather(*(one_token(q, f"{request_id}-{step}-{j}")
+                                                  for j, q in enumerate(queries))))
+        (result,) = search.results(None)
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        outputs = [CompletionOutput(index=i, text=decode(beam.tokens[len(ids):]) if decode else "",
+                                    token_ids=beam.tokens[len(ids):], finish_reason=beam.finish_reason,
+                                    stop_reason=None, logprobs=beam.logprobs, cumulative_logprob=beam.cum_logprob)
+                   for i, beam in enumerate(result.sequences)]
+        yield build_request_output(outputs, request_id, None, prompt=prompt_texts(prompt)[0], prompt_token_ids=ids,
+                                   prompt_logprobs=None, finished=True)
 
     async def reset_prefix_cache(self) -> bool:
         """LLM.reset_prefix_cache, without blocking the event loop."""

@@ -1,6 +1,7 @@
 """LLM.beam_search (nanovllm/beam_search.py): against a beam search written here over Hugging Face's logits, greedy
 at beam width 1, the ranking rules on scripted log-probabilities, and bad parameters."""
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,38 @@ def test_beam_search_refuses_sampling_params_and_bad_prompts(llm):
         llm.beam_search([[1, 2]], SamplingParams())
     with pytest.raises(ValueError, match=r"prompts\[0\]"):
         llm.beam_search([[1, 10**6]], BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+def test_async_beam_search_equals_the_offline_one(llm):
+    """AsyncLLM.beam_search (vLLM's EngineClient.beam_search): one final RequestOutput whose outputs are the beams
+    of LLM.beam_search, output tokens and text only; a cancelled search leaves no request behind."""
+    import asyncio
+
+    from nanovllm import AsyncLLM
+    async_llm = AsyncLLM(llm=llm)
+    prompt = random_prompts(1, 512, (6, 6), seed=13)[0]
+    params = BeamSearchParams(beam_width=3, max_tokens=4)
+    (want,) = llm.beam_search([prompt], params)
+
+    async def search():
+        return [out async for out in async_llm.beam_search(prompt, "beam-a", params)]
+    (got,) = asyncio.run(search())
+    assert got.finished and got.prompt_token_ids == prompt and got.request_id == "beam-a"
+    assert [o.token_ids for o in got.outputs] == [b.tokens[len(prompt):] for b in want.sequences]
+    assert [o.cumulative_logprob for o in got.outputs] == pytest.approx([b.cum_logprob for b in want.sequences])
+    assert [o.text for o in got.outputs] == [llm.tokenizer.decode(b.tokens[len(prompt):]) for b in want.sequences]
+
+    async def cancelled():  # 200 steps of 4 beams: seconds; cancelled mid-way
+        long = BeamSearchParams(beam_width=4, max_tokens=200)
+        task = asyncio.create_task(anext(async_llm.beam_search(prompt, "beam-b", long)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(cancelled())
+    for _ in range(200):  # the aborts return at once; the loop frees the blocks before its next step
+        if llm.loop.run(lambda e: not e.has_work() and e.scheduler.block_manager.num_free_blocks == 256):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the cancelled search left requests or KV blocks behind")
