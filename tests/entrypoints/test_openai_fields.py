@@ -64,7 +64,12 @@ def test_structured_outputs_constrains_the_output(server, path):
     ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/chat/completions", {"chat_template": "{% for m in messages %}"}, "chat_template"),
     ("/v1/chat/completions", {"chat_template": ""}, "chat_template"),
-    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"use_beam_search": True, "stream": True}, "use_beam_search does not stream"),
+    ("/v1/completions", {"use_beam_search": True, "top_p": 0.5, "seed": 3}, "top_p, seed do not apply"),
+    ("/v1/completions", {"use_beam_search": True, "logprobs": 2}, "logprobs"),
+    ("/v1/chat/completions", {"use_beam_search": True, "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"use_beam_search": True, "echo": True}, "echo"),
+    ("/v1/completions", {"use_beam_search": True, "length_penalty": "huge"}, "length_penalty"),
     ("/v1/completions", {"include_stop_str_in_output": "maybe"}, "include_stop_str_in_output"),
     ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
@@ -153,6 +158,28 @@ def test_serve_chat_template_option(tiny_qwen3, tmp_path):
     with pytest.raises(ValueError, match="not a valid Jinja template"):
         load_chat_template("{% if %}")
     assert load_chat_template(PLAIN_TEMPLATE) == PLAIN_TEMPLATE
+
+
+def test_use_beam_search_returns_the_n_best_beams(server, tiny_qwen3):
+    """vLLM's use_beam_search: the n choices are LLM.beam_search's n best beams (output text only), per prompt;
+    the chat endpoint's choices too."""
+    from nanovllm import LLM, BeamSearchParams
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42]]
+    response = post(server, "/v1/completions", {"prompt": prompts, "n": 3, "max_tokens": 4, "use_beam_search": True,
+                                                "length_penalty": 0.5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=64, kvcache_block_size=16, max_model_len=128)
+    want = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=4, length_penalty=0.5))
+    expected = [llm.tokenizer.decode(beam.tokens[len(p):]) for p, out in zip(prompts, want) for beam in out.sequences]
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert [c["text"] for c in body["choices"]] == expected
+    assert body["usage"]["prompt_tokens"] == 8 and body["usage"]["completion_tokens"] == sum(
+        len(beam.tokens) - len(p) for p, out in zip(prompts, want) for beam in out.sequences)
+    chat = post(server, "/v1/chat/completions", {"messages": MESSAGES, "n": 2, "max_tokens": 3,
+                                                 "use_beam_search": True})
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 2 and all(c["message"]["content"] for c in chat.json()["choices"])
 
 
 def test_a_template_that_refuses_the_conversation_is_a_400(server):

@@ -55,6 +55,8 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens
+    use_beam_search: bool = False  # vLLM's: the n choices are the n best beams (LLM.beam_search)
+    length_penalty: float = 1.0  # vLLM's, for use_beam_search
 
 
 class CompletionRequest(SamplingFields):

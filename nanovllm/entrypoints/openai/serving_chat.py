@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 from nanovllm.chat_template import content_text, render, template_kwargs
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
-from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
-                                                        check_n, merge,
-                                                        to_sampling_params)
+from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, beam_search_params, check_context_length,
+                                                        check_max_tokens, check_n, merge, to_sampling_params)
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.text import check_text
 
@@ -50,6 +49,8 @@ class OpenAIServingChat(OpenAIServing):
         check_context_length(len(ids), max_tokens, self.max_model_len,
                              "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
         max_tokens = max_tokens or max(1, self.max_model_len - len(ids))
+        if request.use_beam_search:
+            return ids, beam_search_params(request, max_tokens, request.logprobs)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = to_sampling_params(request, max_tokens, logprobs, n=request.n,  # the n choices: one request
                                     logprobs_name="top_logprobs")
@@ -59,6 +60,12 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         ids, params = await asyncio.to_thread(self.plan, request)
         request_id = new_id("chatcmpl")
+        if request.use_beam_search:  # the n choices are the n best beams
+            out = await self.run_beam_search(ids, params, request_id)
+            choices = [{"index": j, "message": {"role": "assistant", "content": beam.text}, "logprobs": None,
+                        "finish_reason": beam.finish_reason, "stop_reason": None} for j, beam in enumerate(out.outputs)]
+            return chat_response(request_id, self.model_name, choices,
+                                 usage(len(ids), sum(len(b.token_ids) for b in out.outputs)), now())
         streams = [self.run(ids, params, request_id, request.stream)]
         if request.stream:
             return self.stream(request, request_id, streams, len(ids))

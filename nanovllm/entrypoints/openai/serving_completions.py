@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 
 from nanovllm.entrypoints.openai.protocol import (CompletionRequest, completion_choice, completion_response, new_id,
                                                   now, sse, usage)
-from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, check_context_length, check_max_tokens,
-                                                        check_n, merge,
-                                                        to_sampling_params)
+from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, beam_search_params, check_context_length,
+                                                        check_max_tokens, check_n, merge, to_sampling_params)
 from nanovllm.requests import is_token_id
 from nanovllm.text import check_text
 
@@ -47,6 +46,15 @@ class OpenAIServingCompletion(OpenAIServing):
         if not echo_only:
             check_max_tokens(request.max_tokens)
         prompts = self.prompts(request.prompt, request.add_special_tokens, request.truncate_prompt_tokens)
+        if request.use_beam_search:  # one search per prompt, its n best beams the prompt's n choices
+            if request.echo:
+                raise ValueError("echo is not supported with use_beam_search: leave it unset")
+            jobs = []
+            for p, (text, ids) in enumerate(prompts):
+                check_context_length(len(ids), request.max_tokens, self.max_model_len)
+                max_tokens = request.max_tokens or max(1, self.max_model_len - len(ids))
+                jobs.append((p * request.n, text, ids, beam_search_params(request, max_tokens, request.logprobs)))
+            return prompts, jobs, False
         # one engine request per prompt, its n samples the prompt's n choices; with echoed prompt logprobs one per
         # choice (a request's prompt logprobs come with its first sample only)
         per_choice = request.echo and request.logprobs is not None and request.n > 1
@@ -65,6 +73,8 @@ class OpenAIServingCompletion(OpenAIServing):
         # in a worker thread: tokenizing long prompts (and compiling grammars) would stall every stream
         prompts, jobs, echo_only = await asyncio.to_thread(self.plan, request)
         request_id = new_id("cmpl")
+        if request.use_beam_search:
+            return await self.create_beam_search(request, request_id, jobs)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         streams = [self.run(ids, params, f"{request_id}-{k}", request.stream, prompt_logprobs)
                    for k, (_, _, ids, params) in enumerate(jobs)]
@@ -83,6 +93,16 @@ class OpenAIServingCompletion(OpenAIServing):
             choices.append(completion_choice(i, choice_text, logprobs, out.finish_reason, out.stop_reason))
         num_output = 0 if echo_only else sum(len(o.token_ids) for o in finals)
         return completion_response(request_id, self.model_name, choices, usage(num_prompt_tokens, num_output), now())
+
+    async def create_beam_search(self, request: CompletionRequest, request_id: str, jobs) -> dict:
+        """use_beam_search: the searches of all prompts at once; choice p * n + j is prompt p's j-th best beam."""
+        outs = await asyncio.gather(*(self.run_beam_search(ids, params, f"{request_id}-{k}")
+                                      for k, (_, _, ids, params) in enumerate(jobs)))
+        choices = [completion_choice(first + j, beam.text, None, beam.finish_reason)
+                   for (first, *_), out in zip(jobs, outs) for j, beam in enumerate(out.outputs)]
+        num_prompt = sum(len(ids) for _, _, ids, _ in jobs)
+        num_output = sum(len(beam.token_ids) for out in outs for beam in out.outputs)
+        return completion_response(request_id, self.model_name, choices, usage(num_prompt, num_output), now())
 
     def choice_output(self, request, prompt_text, prompt_ids, out, echo_only: bool, offset: int,
                       first: bool = True) -> tuple[str, dict | None]:

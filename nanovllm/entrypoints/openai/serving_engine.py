@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from nanovllm.entrypoints.openai.metrics import ServerMetrics
 from nanovllm.entrypoints.openai.protocol import SamplingFields
 from nanovllm.outputs import StreamOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 from nanovllm.structured_outputs import StructuredOutputs
 
 MAX_LOGPROBS = 20  # OpenAI's bound on logprobs / top_logprobs
@@ -20,7 +20,6 @@ MAX_N = 128
 UNSUPPORTED_FIELDS = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "echo": (None, False),  # chat completions' (completions implement theirs)
-    "use_beam_search": (None, False),
     "prompt_logprobs": (None,), "return_tokens_as_token_ids": (None, False),
     "logits_processors": (None, []), "priority": (None, 0),
 }
@@ -75,6 +74,19 @@ class OpenAIServing:
                 self.metrics.record(arrival, out.first_token_time if out else None, len(prompt_ids) if i == 0 else 0,
                                     count, out.finish_reason if out and out.finished else "abort")
 
+    async def run_beam_search(self, prompt_ids: list[int], params: BeamSearchParams, request_id: str):
+        """AsyncLLM.beam_search's RequestOutput (its outputs: the beams, best first), with each beam recorded in the
+        metrics as a choice."""
+        arrival, out = time.monotonic(), None
+        try:
+            async for out in self.llm.beam_search(prompt_ids, request_id, params):
+                pass
+            return out
+        finally:
+            for i, beam in enumerate(out.outputs if out is not None else [None]):
+                self.metrics.record(arrival, None, len(prompt_ids) if i == 0 else 0,
+                                    len(beam.token_ids) if beam else 0, beam.finish_reason if beam else "abort")
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
@@ -101,6 +113,31 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
         stop=request.stop or None, stop_token_ids=request.stop_token_ids, logprobs=logprobs,
         include_stop_str_in_output=request.include_stop_str_in_output, skip_special_tokens=request.skip_special_tokens,
         truncate_prompt_tokens=request.truncate_prompt_tokens)
+
+
+# sampling fields beam search has no use for: set to anything but their default they are a 400, never ignored
+NOT_FOR_BEAM_SEARCH = ("top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "min_tokens", "presence_penalty",
+                       "frequency_penalty", "logit_bias", "repetition_penalty", "allowed_token_ids", "bad_words",
+                       "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                       "structured_outputs")
+
+
+def beam_search_params(request: SamplingFields, max_tokens: int, logprobs) -> BeamSearchParams:
+    """vLLM's use_beam_search: the request's n choices are its n best beams (temperature, ignore_eos, length_penalty
+    and include_stop_str_in_output as BeamSearchParams takes them). Streaming, logprobs and the sampling fields beam
+    search does not use are refused (ValueError naming them)."""
+    if request.stream:
+        raise ValueError("use_beam_search does not stream: set stream=false")
+    if logprobs:
+        raise ValueError("logprobs are not returned with use_beam_search: leave logprobs unset")
+    given = [name for name in NOT_FOR_BEAM_SEARCH
+             if getattr(request, name) not in (None, "", [], {}, type(request).model_fields[name].default)]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to use_beam_search "
+                         f"(beams are ranked by log-probability): leave {'it' if len(given) == 1 else 'them'} unset")
+    return BeamSearchParams(beam_width=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos,
+                            temperature=request.temperature or 0.0, length_penalty=request.length_penalty,
+                            include_stop_str_in_output=request.include_stop_str_in_output)
 
 
 def structured_outputs(request: SamplingFields) -> dict | StructuredOutputs | None:
