@@ -72,7 +72,7 @@ def test_structured_outputs_constrains_the_output(server, path):
     ("/v1/completions", {"use_beam_search": True, "length_penalty": "huge"}, "length_penalty"),
     ("/v1/completions", {"include_stop_str_in_output": "maybe"}, "include_stop_str_in_output"),
     ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-    ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {"return_tokens_as_token_ids": "maybe"}, "return_tokens_as_token_ids"),
     ("/v1/completions", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ("/v1/chat/completions", {"truncate_prompt_tokens": -1}, "truncate_prompt_tokens"),
     ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
@@ -180,6 +180,39 @@ def test_use_beam_search_returns_the_n_best_beams(server, tiny_qwen3):
                                                  "use_beam_search": True})
     assert chat.status_code == 200, chat.text
     assert len(chat.json()["choices"]) == 2 and all(c["message"]["content"] for c in chat.json()["choices"])
+
+
+def test_return_tokens_as_token_ids(server, tiny_qwen3):
+    """vLLM's return_tokens_as_token_ids: logprobs name each token "token_id:{id}" (completions' tokens and
+    top_logprobs keys, streamed or not, with text_offset still counting text; chat's token and top_logprobs)."""
+    from transformers import AutoTokenizer
+    decode = AutoTokenizer.from_pretrained(tiny_qwen3).decode
+
+    def as_text(name: str) -> str:
+        assert name.startswith("token_id:"), name
+        return decode([int(name.removeprefix("token_id:"))])
+    body = {"prompt": "hello", "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    plain = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    for stream in (False, True):
+        if stream:
+            with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                              json={**body, "return_tokens_as_token_ids": True, "stream": True}) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            pieces = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+            ids = {k: sum((p[k] for p in pieces), []) for k in ("tokens", "top_logprobs", "text_offset")}
+        else:
+            ids = post(server, "/v1/completions", {**body, "return_tokens_as_token_ids": True}).json()
+            ids = ids["choices"][0]["logprobs"]
+        assert [as_text(t) for t in ids["tokens"]] == plain["tokens"]
+        assert [{as_text(k): v for k, v in top.items()} for top in ids["top_logprobs"]] == plain["top_logprobs"]
+        assert ids["text_offset"] == plain["text_offset"]
+    chat = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    want = post(server, "/v1/chat/completions", chat).json()["choices"][0]["logprobs"]["content"]
+    got = post(server, "/v1/chat/completions", {**chat, "return_tokens_as_token_ids": True}).json()
+    got = got["choices"][0]["logprobs"]["content"]
+    assert [as_text(e["token"]) for e in got] == [e["token"] for e in want]
+    assert [[as_text(t["token"]) for t in e["top_logprobs"]] for e in got] == \
+        [[t["token"] for t in e["top_logprobs"]] for e in want]
 
 
 def test_a_template_that_refuses_the_conversation_is_a_400(server):

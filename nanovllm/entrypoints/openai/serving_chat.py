@@ -84,12 +84,13 @@ class OpenAIServingChat(OpenAIServing):
         content = []
         for token_id, entry in zip(out.token_ids, out.logprobs or []):
             top = list(entry.items())[:n]
-            content.append({**self.token_entry(token_id, entry[token_id]),
-                            "top_logprobs": [self.token_entry(t, lp) for t, lp in top]})
+            content.append({**self.token_entry(token_id, entry[token_id], request.return_tokens_as_token_ids),
+                            "top_logprobs": [self.token_entry(t, lp, request.return_tokens_as_token_ids)
+                                             for t, lp in top]})
         return {"content": content}
 
-    def token_entry(self, token_id: int, logprob: float) -> dict:
-        token = self.token_text(token_id)
+    def token_entry(self, token_id: int, logprob: float, as_id: bool = False) -> dict:
+        token = self.token_text(token_id, as_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
     async def stream(self, request, request_id, streams, num_prompt_tokens) -> AsyncIterator[str]:

@@ -118,17 +118,18 @@ class OpenAIServingCompletion(OpenAIServing):
             entries += out.logprobs or [None] * len(out.token_ids)
         if request.logprobs is None:
             return text, None
-        return text, self.legacy_logprobs(token_ids, entries, offset)
+        return text, self.legacy_logprobs(token_ids, entries, offset, request.return_tokens_as_token_ids)
 
-    def legacy_logprobs(self, token_ids: list[int], entries: list[dict | None], offset: int) -> dict:
+    def legacy_logprobs(self, token_ids: list[int], entries: list[dict | None], offset: int,
+                        as_ids: bool = False) -> dict:
+        """`text_offset` counts the tokens' text, whatever `as_ids` shows them as."""
         tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
         for token_id, entry in zip(token_ids, entries):
-            token = self.token_text(token_id)
-            tokens.append(token)
+            tokens.append(self.token_text(token_id, as_ids))
             text_offset.append(offset)
-            offset += len(token)
+            offset += len(self.token_text(token_id))
             token_logprobs.append(None if entry is None else entry[token_id])
-            top_logprobs.append(None if entry is None else {self.token_text(t): lp for t, lp in entry.items()})
+            top_logprobs.append(None if entry is None else {self.token_text(t, as_ids): lp for t, lp in entry.items()})
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": text_offset}
 
@@ -140,9 +141,10 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             async for i, out in merge(streams, first_choice):
                 text, ids = choice_prompts[i]
+                piece_ids = (ids if request.echo and not started[i] else []) + ([] if echo_only else out.token_ids)
                 piece, logprobs = self.choice_output(request, text, ids, out, echo_only, offsets[i], not started[i])
                 started[i] = True
-                offsets[i] += sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+                offsets[i] += sum(len(self.token_text(t)) for t in piece_ids) if logprobs else 0
                 num_output += len(out.token_ids)
                 if piece or logprobs or out.finished:
                     choice = completion_choice(i, piece, logprobs, out.finish_reason if out.finished else None,

@@ -20,7 +20,7 @@ MAX_N = 128
 UNSUPPORTED_FIELDS = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "echo": (None, False),  # chat completions' (completions implement theirs)
-    "prompt_logprobs": (None,), "return_tokens_as_token_ids": (None, False),
+    "prompt_logprobs": (None,),
     "logits_processors": (None, []), "priority": (None, 0),
 }
 
@@ -87,8 +87,10 @@ class OpenAIServing:
                 self.metrics.record(arrival, None, len(prompt_ids) if i == 0 else 0,
                                     len(beam.token_ids) if beam else 0, beam.finish_reason if beam else "abort")
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def token_text(self, token_id: int, as_id: bool = False) -> str:
+        """A token as logprobs name it: its text, or vLLM's "token_id:{id}" (return_tokens_as_token_ids: exact
+        even for tokens whose text alone is ambiguous or not valid UTF-8)."""
+        return f"token_id:{token_id}" if as_id else self.tokenizer.decode([token_id])
 
 
 def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
