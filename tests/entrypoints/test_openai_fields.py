@@ -61,7 +61,7 @@ def test_structured_outputs_constrains_the_output(server, path):
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"echo": "maybe"}, "echo"),
     ("/v1/chat/completions", {"chat_template": "{% for m in messages %}"}, "chat_template"),
     ("/v1/chat/completions", {"chat_template": ""}, "chat_template"),
     ("/v1/completions", {"use_beam_search": True, "stream": True}, "use_beam_search does not stream"),
@@ -213,6 +213,24 @@ def test_return_tokens_as_token_ids(server, tiny_qwen3):
     assert [as_text(e["token"]) for e in got] == [e["token"] for e in want]
     assert [[as_text(t["token"]) for t in e["top_logprobs"]] for e in got] == \
         [[t["token"] for t in e["top_logprobs"]] for e in want]
+
+
+def test_chat_echo_prepends_the_assistants_last_message(server):
+    """vLLM's chat `echo`: when the conversation ends with the assistant's message (continued with
+    continue_final_message), the reply starts with it, streamed or not; after a user's message nothing changes."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the capital"}]
+    body = {"messages": messages, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 4,
+            "temperature": 0}
+    plain = post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    echoed = post(server, "/v1/chat/completions", {**body, "echo": True}).json()["choices"][0]["message"]["content"]
+    assert echoed == "the capital" + plain
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "echo": True, "stream": True},
+                      timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == echoed
+    user_last = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    assert post(server, "/v1/chat/completions", {**user_last, "echo": True}).json()["choices"][0]["message"] == \
+        post(server, "/v1/chat/completions", user_last).json()["choices"][0]["message"]
 
 
 def test_a_template_that_refuses_the_conversation_is_a_400(server):

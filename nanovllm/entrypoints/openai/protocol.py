@@ -95,6 +95,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_special_tokens: bool = False  # vLLM's: the chat template already writes the special tokens
+    echo: bool = False  # vLLM's: the reply starts with the last message's content when that is the assistant's
 
 
 class TokenizeRequest(ChatTemplateFields):

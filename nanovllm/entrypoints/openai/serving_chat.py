@@ -23,6 +23,13 @@ def message_text(i: int, message: ChatMessage) -> str:
     return content_text(f"messages[{i}].content", parts)
 
 
+def echoed_text(request: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the last message's content when it is the assistant's (the reply continues it, as with
+    continue_final_message), else nothing."""
+    last = request.messages[-1]
+    return message_text(len(request.messages) - 1, last) if request.echo and last.role == "assistant" else ""
+
+
 class OpenAIServingChat(OpenAIServing):
     def prompt_ids(self, messages: list[ChatMessage], options: ChatTemplateFields,
                    add_special_tokens: bool = False, truncate: int | None = None) -> list[int]:
@@ -60,19 +67,20 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         ids, params = await asyncio.to_thread(self.plan, request)
         request_id = new_id("chatcmpl")
+        echo = echoed_text(request)
         if request.use_beam_search:  # the n choices are the n best beams
             out = await self.run_beam_search(ids, params, request_id)
-            choices = [{"index": j, "message": {"role": "assistant", "content": beam.text}, "logprobs": None,
+            choices = [{"index": j, "message": {"role": "assistant", "content": echo + beam.text}, "logprobs": None,
                         "finish_reason": beam.finish_reason, "stop_reason": None} for j, beam in enumerate(out.outputs)]
             return chat_response(request_id, self.model_name, choices,
                                  usage(len(ids), sum(len(b.token_ids) for b in out.outputs)), now())
         streams = [self.run(ids, params, request_id, request.stream)]
         if request.stream:
-            return self.stream(request, request_id, streams, len(ids))
+            return self.stream(request, request_id, streams, len(ids), echo)
         finals = [None] * request.n
         async for j, out in merge(streams, [0]):
             finals[j] = out
-        choices = [{"index": j, "message": {"role": "assistant", "content": out.text},
+        choices = [{"index": j, "message": {"role": "assistant", "content": echo + out.text},
                     "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
                    for j, out in enumerate(finals)]
@@ -93,7 +101,7 @@ class OpenAIServingChat(OpenAIServing):
         token = self.token_text(token_id, as_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
-    async def stream(self, request, request_id, streams, num_prompt_tokens) -> AsyncIterator[str]:
+    async def stream(self, request, request_id, streams, num_prompt_tokens, echo: str = "") -> AsyncIterator[str]:
         created = now()
         include_usage = request.stream_options is not None and request.stream_options.include_usage
 
@@ -104,7 +112,7 @@ class OpenAIServingChat(OpenAIServing):
             return sse(body)
 
         for j in range(request.n):
-            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
                           "finish_reason": None, "stop_reason": None}])
         num_output = 0
         try:

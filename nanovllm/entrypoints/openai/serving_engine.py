@@ -19,7 +19,6 @@ MAX_N = 128
 # the values that mean "off" (clients send those explicitly): any other value is a 400, never served as if unset.
 UNSUPPORTED_FIELDS = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "echo": (None, False),  # chat completions' (completions implement theirs)
     "prompt_logprobs": (None,),
     "logits_processors": (None, []), "priority": (None, 0),
 }
