@@ -325,6 +325,8 @@ def test_api_key_is_enforced(server):
         client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
+    import importlib.metadata  # vLLM's GET /version, open like /health
+    assert httpx.get(f"{server.url}/version", timeout=10).json() == {"version": importlib.metadata.version("nanovllm")}
 
 
 def test_models_tokenize_detokenize_and_metrics(server, client, llm):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import hmac
+import importlib.metadata
 import re
 import socket
 
@@ -22,7 +23,8 @@ from nanovllm.entrypoints.openai.serving_engine import ModelNotFound
 from nanovllm.entrypoints.openai.serving_tokens import OpenAIServingTokens
 
 logger = get_logger(__name__)
-OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (load balancers, Prometheus)
+OPEN_PATHS = ("/health", "/metrics", "/version")  # answered without the API key (load balancers, Prometheus)
+VERSION = importlib.metadata.version("nanovllm")
 
 
 def build_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -41,6 +43,10 @@ def build_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
         if not llm.llm.loop.alive or llm.engine.closed_reason is not None:
             return JSONResponse(error_body("the engine is shut down", "ServiceUnavailableError", 503), 503)
         return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": VERSION}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
