@@ -46,6 +46,8 @@ def engine_options(args) -> dict:
             options[name] = value
     if getattr(args, "enforce_eager", False):
         options["enforce_eager"] = True
+    if getattr(args, "enable_prefix_caching", None) is not None:
+        options["enable_prefix_caching"] = args.enable_prefix_caching
     for name in ("kernels", "kernel_plan", "verify_kernels"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
@@ -116,5 +118,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     add_kv_cache_arguments(p)
     add_threads_argument(p)
     p.add_argument("--enforce-eager", action="store_true", help="no device graphs (CUDA graphs)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the KV blocks of equal prompt prefixes (default: on; --no-enable-prefix-caching "
+                        "computes every prompt in full, e.g. to time cold prefills)")
     add_kernel_arguments(p)
     add_backend_option_argument(p)

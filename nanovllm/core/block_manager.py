@@ -33,8 +33,9 @@ def compute_block_hash(token_ids, prefix_hash: int | None) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         self.block_size = block_size
+        self.prefix_caching = prefix_caching  # False: no block is ever hashed, so no request ever hits
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -60,7 +61,7 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the sequence's leading full blocks; at least one token is left to compute."""
         hits = []
-        if wants_prompt_logprobs(seq):  # a cached prefix has no logits: recompute the prompt
+        if not self.prefix_caching or wants_prompt_logprobs(seq):  # a cached prefix has no logits: recompute it
             return hits
         for i in range((len(seq) - 1) // self.block_size):
             block_id = self.hash_to_block_id.get(self.block_key(seq, i))
@@ -139,6 +140,8 @@ class BlockManager:
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Enter the sequence's newly completed full blocks in the prefix cache (after their K/V were written)."""
+        if not self.prefix_caching:
+            return
         bs = self.block_size
         known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending)  # pending tokens are not known yet
         for i in range(seq.num_hashed_blocks, known // bs):
@@ -152,6 +155,8 @@ class BlockManager:
         """Keys of the full blocks a launched, uncommitted step is computing for `seqs` (the blocks
         `cache_computed_blocks` will enter at its commit): its sequences' known tokens only."""
         bs, keys = self.block_size, set()
+        if not self.prefix_caching:
+            return keys
         for seq in seqs:
             if seq.is_finished or not seq.block_table:
                 continue

@@ -28,6 +28,7 @@ class EngineConfig:
     enforce_eager: bool = False
     compile: bool | None = None  # fuse small elementwise layers with torch.compile (None: the backend decides)
     async_scheduling: bool = True  # launch decode step N+1 before step N's tokens reach the host
+    enable_prefix_caching: bool = True  # share the KV blocks of equal prompt prefixes (vLLM's name)
     tensor_parallel_size: int = 1
     threads: int | None = None  # torch's CPU threads (None: the backend decides; the cpu backend counts free cores)
     kernels: str | dict | None = None  # "reference", {op: kernel name} or "op=name,op=name" (NANOVLLM_KERNELS)
@@ -58,7 +59,7 @@ class EngineConfig:
                 positive_int(name)
         if self.kvcache_block_size is not None and self.kvcache_block_size & (self.kvcache_block_size - 1):
             bad("kvcache_block_size", "expected a power of two (e.g. 16, 32, 256)")
-        for name in ("enforce_eager", "async_scheduling", "skip_tokenizer_init"):
+        for name in ("enforce_eager", "async_scheduling", "skip_tokenizer_init", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "expected True or False")
         if self.compile is not None and not isinstance(self.compile, bool):

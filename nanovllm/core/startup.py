@@ -146,7 +146,6 @@ def with_verification(resolved: Resolved, plugins: Plugins, every: int | None) -
 # vLLM engine options a script may carry over, and what to do instead (an unknown option is never ignored)
 VLLM_OPTION_HINTS = {
     "block_size": "nanovllm calls it kvcache_block_size",
-    "enable_prefix_caching": "prefix caching is always on here; drop it",
     "enable_chunked_prefill": "long prompts are always prefilled in chunks of max_num_batched_tokens; drop it",
     "trust_remote_code": "nanovllm runs no model code from the hub (its architectures are built in); drop it",
     "swap_space": "preempted requests are recomputed, not swapped to the CPU; drop it",

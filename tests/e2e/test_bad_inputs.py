@@ -166,8 +166,10 @@ def test_missing_folder_or_a_file(tiny_qwen3, tmp_path):
 BAD_OPTIONS = [
     ("unknown backend", dict(backend="cpu-ref"), ValueError, "unknown backend 'cpu-ref'.*did you mean 'cpu_ref'"),
     ("unknown option", dict(max_len=5), ValueError, "unknown engine option.*max_len"),
-    ("a vLLM option nanovllm lacks", dict(enable_prefix_caching=True), ValueError,
-     "enable_prefix_caching: prefix caching is always on here; drop it"),
+    ("a vLLM option nanovllm lacks", dict(swap_space=4), ValueError,
+     "swap_space: preempted requests are recomputed, not swapped to the CPU; drop it"),
+    ("prefix caching not a bool", dict(enable_prefix_caching="no"), ValueError,
+     "enable_prefix_caching='no' is invalid: expected True or False"),
     ("block size not a power of two", dict(kvcache_block_size=24), ValueError,
      "kvcache_block_size=24 is invalid: expected a power of two"),
     ("block size zero", dict(kvcache_block_size=0), ValueError, "kvcache_block_size=0 is invalid"),

@@ -1,4 +1,6 @@
 """LLM.stream, LLM.chat and `nanovllm generate`: streamed pieces add up to generate's outputs."""
+import argparse
+
 import pytest
 
 from nanovllm import LLM, CompletionOutput, RequestOutput, SamplingParams
@@ -259,3 +261,24 @@ def test_reset_prefix_cache(llm):
     stream.close()
     assert llm.generate([prompt], greedy, use_tqdm=False)[0].num_cached_tokens == 32  # nothing was reset
     llm.loop.run(lambda engine: engine.scheduler.block_manager.check_invariants([]))
+
+
+def test_prefix_caching_can_be_turned_off(tiny_qwen3):
+    """vLLM's enable_prefix_caching=False (--no-enable-prefix-caching): no request ever hits, every prompt is
+    computed in full, to the same tokens; n > 1 samples then compute their prompts each."""
+    from nanovllm.commands.arguments import add_engine_arguments, engine_options
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=64, max_model_len=128, enable_prefix_caching=False)
+    prompt = list(range(200, 240))
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first, again = (llm.generate([prompt], greedy, use_tqdm=False)[0] for _ in range(2))
+    assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 0) and again["token_ids"] == first["token_ids"]
+    cached = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=64, max_model_len=128)
+    assert cached.generate([prompt], greedy, use_tqdm=False)[0]["token_ids"] == first["token_ids"]
+    samples = SamplingParams(temperature=1.0, seed=5, max_tokens=5, n=3)
+    assert llm.generate([prompt], samples, use_tqdm=False)[0].outputs == \
+        cached.generate([prompt], samples, use_tqdm=False)[0].outputs
+    llm.loop.run(lambda engine: engine.scheduler.block_manager.check_invariants([]))
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_options(parser.parse_args(["--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
+    assert "enable_prefix_caching" not in engine_options(parser.parse_args([]))
