@@ -52,12 +52,17 @@ def check_chat_template(template, name: str = "chat_template") -> str:
     """A chat template given by the caller (vLLM's `chat_template`): a Jinja template string that compiles;
     ValueError naming `name` otherwise."""
     from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # what transformers renders templates with
     if not isinstance(template, str) or not template.strip():
         raise ValueError(f"{name} must be a Jinja chat template as a non-empty string; got {template!r:.80}")
     check_text(name, template)
+    try:  # compiled as apply_chat_template compiles it (its sandbox, loop controls, the `generation` tag)
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # a transformers without it: jinja's sandbox with the loop controls templates use
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        compile_template = ImmutableSandboxedEnvironment(extensions=[loopcontrols]).from_string
     try:
-        ImmutableSandboxedEnvironment().from_string(template)
+        compile_template(template)
     except TemplateSyntaxError as e:
         raise ValueError(f"{name} is not a valid Jinja template: {e.message} (line {e.lineno})") from None
     return template

@@ -41,6 +41,9 @@ def test_chat_with_a_given_chat_template(llm):
     assert out["prompt_token_ids"] == llm.tokenizer.encode("<user>hello<assistant>", add_special_tokens=False)
     assert llm.apply_chat_template("hello", add_generation_prompt=False, chat_template=template)[0] == \
         llm.tokenizer.encode("<user>hello", add_special_tokens=False)
+    looped = "{% for m in messages %}{{ m['content'] }}{% if loop.first %}{% break %}{% endif %}{% endfor %}"
+    assert llm.apply_chat_template("a", chat_template=looped)[0] == llm.tokenizer.encode(
+        "a", add_special_tokens=False)  # jinja's loop controls, as apply_chat_template compiles templates
     with pytest.raises(ValueError, match="chat_template is not a valid Jinja template"):
         llm.chat("hello", GREEDY, chat_template="{% for m in messages %}")
     with pytest.raises(ValueError, match="the given chat_template refused the conversation: no"):
