@@ -20,7 +20,7 @@ from nanovllm.sampling_params import BeamSearchParams, RequestOutputKind, Sampli
 from nanovllm.structured_outputs import StructuredOutputs
 
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutputKind", "StructuredOutputs",
-           "RequestOutput", "CompletionOutput", "hookimpl", "PLUGIN_API"]
+           "RequestOutput", "CompletionOutput", "Logprob", "hookimpl", "PLUGIN_API"]
 
 
 def __getattr__(name):
@@ -30,7 +30,7 @@ def __getattr__(name):
     if name == "AsyncLLM":
         from nanovllm.async_llm import AsyncLLM
         return AsyncLLM
-    if name in ("RequestOutput", "CompletionOutput"):  # what generate returns (vLLM's names)
+    if name in ("RequestOutput", "CompletionOutput", "Logprob"):  # what generate returns (vLLM's names)
         from nanovllm import outputs
         return getattr(outputs, name)
     raise AttributeError(f"module 'nanovllm' has no attribute {name!r}")

@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 
 from nanovllm.core.detokenizer import decode
+from nanovllm.core.sampling.logprobs import Logprob  # noqa: F401  (vLLM's name: logprob entries are these)
 from nanovllm.core.sequence import Sequence
 
 

@@ -135,6 +135,29 @@ def test_logprobs_of_sampled_tokens_are_raw_model_logprobs(llm):
     assert out["logprobs"][0][first] == pytest.approx(full[first], abs=1e-5)
 
 
+def test_logprobs_read_as_vllms_logprob_objects(llm):
+    """Each entry is a float and vLLM's Logprob: `.logprob`, `.rank` (the top N are 1..N; a sampled token outside
+    them has its rank in the whole vocabulary, the tokens at least as likely), `.decoded_token`; it pickles and
+    serialises to JSON as the float. Prompt logprobs carry ranks too."""
+    import pickle
+
+    from nanovllm import Logprob
+    full = run(llm, [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=1, logprobs=512))[0]["logprobs"][0]
+    assert [lp.rank for lp in full.values()] == list(range(1, 513))
+    ranked = sorted(full, key=full.get, reverse=True)
+    for seed in range(4):
+        out = run(llm, [PROMPTS[0]], SamplingParams(temperature=2.0, seed=seed, max_tokens=1, logprobs=0))[0]
+        (token, lp), = out["logprobs"][0].items()
+        assert isinstance(lp, Logprob) and lp.logprob == float(lp) == pytest.approx(full[token], abs=1e-5)
+        assert lp.rank == ranked.index(token) + 1 and lp.decoded_token is None
+    assert pickle.loads(pickle.dumps(lp)).rank == lp.rank and json.loads(json.dumps({"x": lp}))["x"] == float(lp)
+    out = run(llm, [PROMPTS[1]], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    for token, step in zip(out["prompt_token_ids"][1:], out["prompt_logprobs"][1:]):
+        top = list(step)[:2]
+        assert [step[t].rank for t in top] == [1, 2]
+        assert step[token].rank == top.index(token) + 1 if token in top else step[token].rank > 2
+
+
 def test_vocabulary_bounded_params_are_checked(llm):
     with pytest.raises(ValueError, match="logprobs=100000 is invalid"):
         run(llm, PROMPTS, SamplingParams(logprobs=100_000))

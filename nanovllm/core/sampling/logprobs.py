@@ -11,7 +11,42 @@ from dataclasses import dataclass
 
 import torch
 
-StepLogprobs = dict[int, float]  # token id -> log-probability: the top N in descending order, then the sampled token
+
+class Logprob(float):
+    """A log-probability: a float, as nanovllm has always returned them, that also reads as vLLM's `Logprob`
+    (`.logprob`, `.rank`, `.decoded_token`), so `logprobs[i][token_id].logprob` works in code written for vLLM.
+    `rank` is 1 for the most likely token (as vLLM: one plus the tokens at least as likely, the token itself
+    included); `decoded_token` is None (decode the id with the tokenizer)."""
+    __slots__ = ("rank",)
+    decoded_token = None
+
+    def __new__(cls, value: float, rank: int | None = None):
+        logprob = float.__new__(cls, value)
+        logprob.rank = rank
+        return logprob
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self):
+        return Logprob, (float(self), self.rank)
+
+
+StepLogprobs = dict[int, Logprob]  # token id -> log-probability: the top N in descending order, then the sampled token
+
+
+def ranks_of(logprobs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Each row's rank of its chosen log-probability, as vLLM counts it: the tokens at least as likely."""
+    return (logprobs >= chosen.unsqueeze(-1)).sum(-1)
+
+
+def step_logprobs(top_ids: list[int], top_values: list[float], token_id: int, logprob: float, rank: int
+                  ) -> StepLogprobs:
+    """{token id: Logprob}: the top entries (ranks 1, 2, ...) then `token_id` unless it is among them."""
+    step = {t: Logprob(v, r) for r, (t, v) in enumerate(zip(top_ids, top_values), start=1)}
+    step.setdefault(token_id, Logprob(logprob, rank))
+    return step
 
 
 @dataclass
@@ -35,13 +70,12 @@ class RequestedLogprobs:
         index = torch.tensor(self.rows, dtype=torch.int64).to(sampled.device, non_blocking=True)
         chosen = sampled.index_select(0, index)
         chosen_logprobs = self.logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        ranks = ranks_of(self.logprobs, chosen_logprobs)
         k = min(max(self.num_logprobs), self.logprobs.shape[-1])
         top_logprobs, top_ids = self.logprobs.topk(k, dim=-1)
         out: list[StepLogprobs | None] = [None] * sampled.shape[0]
-        rows = zip(self.rows, self.num_logprobs, chosen.tolist(), chosen_logprobs.tolist(), top_ids.tolist(),
-                   top_logprobs.tolist())
-        for row, n, token_id, logprob, ids, values in rows:
-            step = dict(zip(ids[:n], values[:n]))
-            step.setdefault(token_id, logprob)
-            out[row] = step
+        rows = zip(self.rows, self.num_logprobs, chosen.tolist(), chosen_logprobs.tolist(), ranks.tolist(),
+                   top_ids.tolist(), top_logprobs.tolist())
+        for row, n, token_id, logprob, rank, ids, values in rows:
+            out[row] = step_logprobs(ids[:n], values[:n], token_id, logprob, rank)
         return out

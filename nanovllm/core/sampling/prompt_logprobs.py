@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm.core.sampling.logprobs import StepLogprobs
+from nanovllm.core.sampling.logprobs import ranks_of, step_logprobs
 
 
 def wants_prompt_logprobs(seq) -> bool:
@@ -48,6 +48,7 @@ class PromptLogprobs:
     seqs: list  # per row group: the sequence
     counts: list[int]  # rows per sequence
     token_logprobs: torch.Tensor  # [rows] the prompt tokens' log-probabilities
+    token_ranks: torch.Tensor  # [rows] their ranks (1: the most likely)
     top_logprobs: torch.Tensor  # [rows, k]
     top_ids: torch.Tensor  # [rows, k]
 
@@ -61,17 +62,18 @@ class PromptLogprobs:
         token_logprobs = logprobs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
         k = min(max(s.params.prompt_logprobs for s in seqs), logprobs.shape[-1])
         top_logprobs, top_ids = logprobs.topk(k, dim=-1)
-        return cls(seqs, [count for _, _, count in rows], token_logprobs, top_logprobs, top_ids)
+        return cls(seqs, [count for _, _, count in rows], token_logprobs, ranks_of(logprobs, token_logprobs),
+                   top_logprobs, top_ids)
 
     def to_seqs(self) -> None:
         """Append each row's {token id: logprob} (the top N, then the prompt token) to its sequence."""
-        values, top_values, top_ids = (t.tolist() for t in (self.token_logprobs, self.top_logprobs, self.top_ids))
+        values, ranks, top_values, top_ids = (t.tolist() for t in (self.token_logprobs, self.token_ranks,
+                                                                  self.top_logprobs, self.top_ids))
         row = 0
         for seq, count in zip(self.seqs, self.counts):
             n = seq.params.prompt_logprobs
             for _ in range(count):
                 token = seq.token_ids[len(seq.prompt_logprobs)]
-                step: StepLogprobs = dict(zip(top_ids[row][:n], top_values[row][:n]))
-                step.setdefault(token, values[row])
-                seq.prompt_logprobs.append(step)
+                seq.prompt_logprobs.append(step_logprobs(top_ids[row][:n], top_values[row][:n], token, values[row],
+                                                         ranks[row]))
                 row += 1
