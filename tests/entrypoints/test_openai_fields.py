@@ -71,7 +71,10 @@ def test_structured_outputs_constrains_the_output(server, path):
     ("/v1/completions", {"use_beam_search": True, "echo": True}, "echo"),
     ("/v1/completions", {"use_beam_search": True, "length_penalty": "huge"}, "length_penalty"),
     ("/v1/completions", {"include_stop_str_in_output": "maybe"}, "include_stop_str_in_output"),
-    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": 21}, "prompt_logprobs=21 is invalid"),
+    ("/v1/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs are not returned when streaming"),
+    ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": 1, "echo": True, "logprobs": 1}, "prompt_logprobs and echo"),
     ("/v1/completions", {"return_tokens_as_token_ids": "maybe"}, "return_tokens_as_token_ids"),
     ("/v1/completions", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ("/v1/chat/completions", {"truncate_prompt_tokens": -1}, "truncate_prompt_tokens"),
@@ -231,6 +234,32 @@ def test_chat_echo_prepends_the_assistants_last_message(server):
     user_last = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
     assert post(server, "/v1/chat/completions", {**user_last, "echo": True}).json()["choices"][0]["message"] == \
         post(server, "/v1/chat/completions", user_last).json()["choices"][0]["message"]
+
+
+def test_prompt_logprobs_as_vllm_returns_them(server, tiny_qwen3):
+    """vLLM's prompt_logprobs: per completion choice (each of a prompt's n choices), and once for a chat response,
+    a list with None for the first prompt token, then {token id: {logprob, rank, decoded_token}}: the top N, then
+    the prompt token; equal to LLM.generate's prompt_logprobs."""
+    from nanovllm import LLM, SamplingParams
+    prompt = [5, 6, 7, 8, 9, 10]
+    body = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "n": 2, "prompt_logprobs": 2}).json()
+    llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=64, kvcache_block_size=16, max_model_len=128)
+    want = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    want = want["prompt_logprobs"]
+    for choice in body["choices"]:
+        got = choice["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(prompt) == len(want)
+        for token, step, ref in zip(prompt[1:], got[1:], want[1:]):
+            assert [int(t) for t in step] == list(ref) and str(token) in step
+            for t, entry in step.items():
+                assert entry["logprob"] == pytest.approx(ref[int(t)], abs=1e-5) and entry["rank"] == ref[int(t)].rank
+                assert entry["decoded_token"] == llm.tokenizer.decode([int(t)])
+    assert "prompt_logprobs" not in post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1}).json()[
+        "choices"][0]
+    chat = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    tokens = post(server, "/tokenize", {"messages": MESSAGES}).json()["tokens"]
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == len(tokens)
+    assert [list(step) for step in chat["prompt_logprobs"][1:]] == [[str(t)] for t in tokens[1:]]
 
 
 def test_a_template_that_refuses_the_conversation_is_a_400(server):

@@ -57,6 +57,7 @@ class SamplingFields(OpenAIModel):
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens
     use_beam_search: bool = False  # vLLM's: the n choices are the n best beams (LLM.beam_search)
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:{id}", not their text
+    prompt_logprobs: int | None = None  # vLLM's: every prompt token's logprob and rank, and the top N
     length_penalty: float = 1.0  # vLLM's, for use_beam_search
 
 

@@ -9,7 +9,8 @@ from nanovllm.chat_template import content_text, render, template_kwargs
 from nanovllm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateFields,
                                                   chat_response, new_id, now, sse, usage)
 from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, beam_search_params, check_context_length,
-                                                        check_max_tokens, check_n, merge, to_sampling_params)
+                                                        check_max_tokens, check_n, check_prompt_logprobs, merge,
+                                                        to_sampling_params)
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.text import check_text
 
@@ -56,6 +57,7 @@ class OpenAIServingChat(OpenAIServing):
         check_context_length(len(ids), max_tokens, self.max_model_len,
                              "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
         max_tokens = max_tokens or max(1, self.max_model_len - len(ids))
+        check_prompt_logprobs(request)
         if request.use_beam_search:
             return ids, beam_search_params(request, max_tokens, request.logprobs)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -74,7 +76,7 @@ class OpenAIServingChat(OpenAIServing):
                         "finish_reason": beam.finish_reason, "stop_reason": None} for j, beam in enumerate(out.outputs)]
             return chat_response(request_id, self.model_name, choices,
                                  usage(len(ids), sum(len(b.token_ids) for b in out.outputs)), now())
-        streams = [self.run(ids, params, request_id, request.stream)]
+        streams = [self.run(ids, params, request_id, request.stream, request.prompt_logprobs)]
         if request.stream:
             return self.stream(request, request_id, streams, len(ids), echo)
         finals = [None] * request.n
@@ -84,8 +86,12 @@ class OpenAIServingChat(OpenAIServing):
                     "logprobs": self.chat_logprobs(out, request) if request.logprobs else None,
                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
                    for j, out in enumerate(finals)]
-        return chat_response(request_id, self.model_name, choices,
+        body = chat_response(request_id, self.model_name, choices,
                              usage(len(ids), sum(len(o.token_ids) for o in finals)), now())
+        if request.prompt_logprobs is not None:  # vLLM's: the response's, the prompt being one for every choice
+            body["prompt_logprobs"] = self.prompt_logprobs_body(finals[0].prompt_logprobs,
+                                                                request.return_tokens_as_token_ids)
+        return body
 
     def chat_logprobs(self, out, request: ChatCompletionRequest) -> dict:
         n = request.top_logprobs or 0

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from nanovllm.entrypoints.openai.protocol import (CompletionRequest, completion_choice, completion_response, new_id,
                                                   now, sse, usage)
 from nanovllm.entrypoints.openai.serving_engine import (OpenAIServing, beam_search_params, check_context_length,
-                                                        check_max_tokens, check_n, merge, to_sampling_params)
+                                                        check_max_tokens, check_n, check_prompt_logprobs, merge,
+                                                        to_sampling_params)
 from nanovllm.requests import is_token_id
 from nanovllm.text import check_text
 
@@ -46,6 +47,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if not echo_only:
             check_max_tokens(request.max_tokens)
         prompts = self.prompts(request.prompt, request.add_special_tokens, request.truncate_prompt_tokens)
+        if check_prompt_logprobs(request) is not None and request.echo and request.logprobs is not None:
+            raise ValueError("prompt_logprobs and echo with logprobs both return the prompt's logprobs: give one")
         if request.use_beam_search:  # one search per prompt, its n best beams the prompt's n choices
             if request.echo:
                 raise ValueError("echo is not supported with use_beam_search: leave it unset")
@@ -75,7 +78,8 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = new_id("cmpl")
         if request.use_beam_search:
             return await self.create_beam_search(request, request_id, jobs)
-        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else \
+            request.prompt_logprobs
         streams = [self.run(ids, params, f"{request_id}-{k}", request.stream, prompt_logprobs)
                    for k, (_, _, ids, params) in enumerate(jobs)]
         first_choice = [job[0] for job in jobs]
@@ -91,6 +95,10 @@ class OpenAIServingCompletion(OpenAIServing):
         for i, ((text, ids), out) in enumerate(zip(choice_prompts, finals)):
             choice_text, logprobs = self.choice_output(request, text, ids, out, echo_only, offset=0)
             choices.append(completion_choice(i, choice_text, logprobs, out.finish_reason, out.stop_reason))
+            if request.prompt_logprobs is not None:  # a prompt's n choices are one request: its first sample's
+                first = finals[i - i % request.n]
+                choices[-1]["prompt_logprobs"] = self.prompt_logprobs_body(first.prompt_logprobs,
+                                                                           request.return_tokens_as_token_ids)
         num_output = 0 if echo_only else sum(len(o.token_ids) for o in finals)
         return completion_response(request_id, self.model_name, choices, usage(num_prompt_tokens, num_output), now())
 

@@ -19,7 +19,6 @@ MAX_N = 128
 # the values that mean "off" (clients send those explicitly): any other value is a 400, never served as if unset.
 UNSUPPORTED_FIELDS = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "prompt_logprobs": (None,),
     "logits_processors": (None, []), "priority": (None, 0),
 }
 
@@ -86,10 +85,33 @@ class OpenAIServing:
                 self.metrics.record(arrival, None, len(prompt_ids) if i == 0 else 0,
                                     len(beam.token_ids) if beam else 0, beam.finish_reason if beam else "abort")
 
+    def prompt_logprobs_body(self, entries: list | None, as_ids: bool = False) -> list | None:
+        """vLLM's prompt_logprobs in a response: per prompt token None (the first) or {token: {"logprob", "rank",
+        "decoded_token"}} (the top N, then the prompt token)."""
+        if entries is None:
+            return None
+        return [None if step is None else
+                {str(t): {"logprob": float(lp), "rank": lp.rank, "decoded_token": self.token_text(t, as_ids)}
+                 for t, lp in step.items()} for step in entries]
+
     def token_text(self, token_id: int, as_id: bool = False) -> str:
         """A token as logprobs name it: its text, or vLLM's "token_id:{id}" (return_tokens_as_token_ids: exact
         even for tokens whose text alone is ambiguous or not valid UTF-8)."""
         return f"token_id:{token_id}" if as_id else self.tokenizer.decode([token_id])
+
+
+def check_prompt_logprobs(request: SamplingFields) -> int | None:
+    """vLLM's prompt_logprobs field: N in [0, 20], not with stream (ValueError naming it)."""
+    n = request.prompt_logprobs
+    if n is None:
+        return None
+    if not 0 <= n <= MAX_LOGPROBS:
+        raise ValueError(f"prompt_logprobs={n} is invalid: expected an integer in [0, {MAX_LOGPROBS}]")
+    if request.stream:
+        raise ValueError("prompt_logprobs are not returned when streaming: set stream=false")
+    if request.use_beam_search:
+        raise ValueError("prompt_logprobs are not returned with use_beam_search: leave prompt_logprobs unset")
+    return n
 
 
 def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
