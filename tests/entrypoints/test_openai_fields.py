@@ -185,6 +185,18 @@ def test_use_beam_search_returns_the_n_best_beams(server, tiny_qwen3):
     assert len(chat.json()["choices"]) == 2 and all(c["message"]["content"] for c in chat.json()["choices"])
 
 
+def test_a_beam_search_whose_client_gives_up_frees_its_requests(server):
+    """Cancelled mid-search (the client times out), the beams' one-token requests are aborted and their blocks freed;
+    the beam request is counted as aborted."""
+    aborted = server.metrics().get('nanovllm:request_success_total{finished_reason="abort",model_name="tiny"}', 0)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/completions", timeout=0.5,
+                   json={"prompt": [5, 6, 7], "n": 8, "max_tokens": 120, "use_beam_search": True, "ignore_eos": True})
+    m = server.wait_idle()
+    assert m["nanovllm:kv_cache_blocks_used"] == 0 and m["nanovllm:num_requests_running"] == 0
+    assert m['nanovllm:request_success_total{finished_reason="abort",model_name="tiny"}'] - aborted == 1
+
+
 def test_return_tokens_as_token_ids(server, tiny_qwen3):
     """vLLM's return_tokens_as_token_ids: logprobs name each token "token_id:{id}" (completions' tokens and
     top_logprobs keys, streamed or not, with text_offset still counting text; chat's token and top_logprobs)."""
