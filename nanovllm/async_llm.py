@@ -180,9 +180,6 @@ class AsyncLLM:
         without the prompt; `cumulative_logprob`; `logprobs`, the candidates each step saw; `finish_reason`). Each
         step's one-token requests run concurrently (ids `{request_id}-{step}-{beam}`); cancelling the task aborts
         them."""
-        if not isinstance(params, BeamSearchParams):
-            raise ValueError(f"beam_search takes a BeamSearchParams(beam_width=..., max_tokens=...); got "
-                             f"{type(params).__name__}")
         ids = self.check_request(prompt, None)[0]
         request_id = request_id if request_id is not None else new_request_id("beam")
         engine = self.llm.engine

@@ -54,6 +54,9 @@ class BeamSearch:
 
     def __init__(self, prompt_ids: list[list[int]], params: BeamSearchParams, eos_token_ids: set[int],
                  max_model_len: int):
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam_search takes a BeamSearchParams(beam_width=..., max_tokens=...); got "
+                             f"{type(params).__name__}")
         self.params, self.max_model_len = params, max_model_len
         self.eos = set() if params.ignore_eos else set(eos_token_ids)
         self.step_params = SamplingParams(temperature=params.temperature, max_tokens=1, ignore_eos=True,

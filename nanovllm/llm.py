@@ -231,9 +231,6 @@ class LLM:
         """vLLM's beam search (nanovllm/beam_search.py): per prompt (text, token ids, or vLLM's prompt dicts) a
         BeamSearchOutput whose `sequences` are its best `params.beam_width` beams, best first, each with `tokens`
         (prompt and output), `logprobs`, `cum_logprob`, `text` (prompt included, as vLLM) and `finish_reason`."""
-        if not isinstance(params, BeamSearchParams):
-            raise ValueError(f"beam_search takes a BeamSearchParams(beam_width=..., max_tokens=...); got "
-                             f"{type(params).__name__}")
         self.engine.check_open()
         ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len)
         return beam_search(self, ids, params, use_tqdm)

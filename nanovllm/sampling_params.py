@@ -140,10 +140,10 @@ class SamplingParams:
         if len(given) > 1:
             raise ValueError(f"SamplingParams.{' and '.join(given)} are the same setting (structured_outputs and "
                              f"guided_decoding are vLLM's names for structured): give one")
-        if given and given[0] != "structured":
-            self.structured = StructuredOutputs.coerce(getattr(self, given[0]), given[0])
-            setattr(self, given[0], None)
-        self.structured = StructuredOutputs.coerce(self.structured)
+        name = given[0] if given else "structured"
+        value = getattr(self, name)
+        self.structured_outputs = self.guided_decoding = None
+        self.structured = StructuredOutputs.coerce(value, name)
 
     def _check_numbers(self) -> None:
         ranges = {"temperature": "a finite number >= 0 (0 means greedy)", "top_p": "a number in (0, 1] (1 means off)",

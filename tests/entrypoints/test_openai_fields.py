@@ -67,6 +67,7 @@ def test_structured_outputs_constrains_the_output(server, path):
     ("/v1/completions", {"use_beam_search": True, "stream": True}, "use_beam_search does not stream"),
     ("/v1/completions", {"use_beam_search": True, "top_p": 0.5, "seed": 3}, "top_p, seed do not apply"),
     ("/v1/completions", {"use_beam_search": True, "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"use_beam_search": True, "logprobs": 0}, "logprobs"),
     ("/v1/chat/completions", {"use_beam_search": True, "logprobs": True}, "logprobs"),
     ("/v1/completions", {"use_beam_search": True, "echo": True}, "echo"),
     ("/v1/completions", {"use_beam_search": True, "length_penalty": "huge"}, "length_penalty"),
@@ -179,8 +180,10 @@ def test_use_beam_search_returns_the_n_best_beams(server, tiny_qwen3):
     assert [c["text"] for c in body["choices"]] == expected
     assert body["usage"]["prompt_tokens"] == 8 and body["usage"]["completion_tokens"] == sum(
         len(beam.tokens) - len(p) for p, out in zip(prompts, want) for beam in out.sequences)
+    neutral = {"top_p": 1, "top_k": -1, "min_p": 0, "presence_penalty": 0, "frequency_penalty": 0,
+               "repetition_penalty": 1, "min_tokens": 0, "stop": [], "logit_bias": {}, "seed": None}
     chat = post(server, "/v1/chat/completions", {"messages": MESSAGES, "n": 2, "max_tokens": 3,
-                                                 "use_beam_search": True})
+                                                 "use_beam_search": True, **neutral})  # what clients send as "off"
     assert chat.status_code == 200, chat.text
     assert len(chat.json()["choices"]) == 2 and all(c["message"]["content"] for c in chat.json()["choices"])
 

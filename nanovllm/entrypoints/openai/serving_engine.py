@@ -18,9 +18,16 @@ MAX_N = 128
 # Fields of OpenAI's and vLLM's APIs that change what a request returns and that nanovllm does not implement, with
 # the values that mean "off" (clients send those explicitly): any other value is a 400, never served as if unset.
 UNSUPPORTED_FIELDS = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "logits_processors": (None, []), "priority": (None, 0),
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "logits_processors": ([],), "priority": (0,),
 }
+
+
+def not_off(values: dict, table: dict) -> list[str]:
+    """The fields of `values` that `table` lists, set to something other than None or one of the table's "off"
+    values (compared with their type, so True is not 1)."""
+    return [name for name, value in values.items() if name in table and value is not None
+            and not any(value == off and type(value) is type(off) for off in table[name])]
 
 
 class ModelNotFound(LookupError):
@@ -41,10 +48,9 @@ class OpenAIServing:
     def check_fields(self, request: SamplingFields) -> None:
         """The model, and ValueError for a field nanovllm does not implement set to anything but "off"."""
         self.check_model(request.model)
-        for name, value in (request.model_extra or {}).items():
-            if name in UNSUPPORTED_FIELDS and not any(value == off and type(value) is type(off)
-                                                      for off in UNSUPPORTED_FIELDS[name]):
-                raise ValueError(f"{name}={reprlib.repr(value)} is not supported by nanovllm; leave it unset")
+        extra = request.model_extra or {}
+        for name in not_off(extra, UNSUPPORTED_FIELDS):
+            raise ValueError(f"{name}={reprlib.repr(extra[name])} is not supported by nanovllm; leave it unset")
         if request.stream_options is not None and not request.stream:
             raise ValueError("stream_options is only allowed with stream=true")
 
@@ -138,11 +144,14 @@ def to_sampling_params(request: SamplingFields, max_tokens: int, logprobs: int |
         truncate_prompt_tokens=request.truncate_prompt_tokens)
 
 
-# sampling fields beam search has no use for: set to anything but their default they are a 400, never ignored
-NOT_FOR_BEAM_SEARCH = ("top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "min_tokens", "presence_penalty",
-                       "frequency_penalty", "logit_bias", "repetition_penalty", "allowed_token_ids", "bad_words",
-                       "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                       "structured_outputs")
+# sampling fields beam search has no use for, with their "off" values (clients send those explicitly): set to
+# anything else they are a 400, never ignored
+NOT_FOR_BEAM_SEARCH = {
+    "top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,), "seed": (), "stop": ("", []), "stop_token_ids": ([],),
+    "min_tokens": (0,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "logit_bias": ({},),
+    "repetition_penalty": (1.0,), "allowed_token_ids": (), "bad_words": ([],), "response_format": ({"type": "text"},),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+}
 
 
 def beam_search_params(request: SamplingFields, max_tokens: int, logprobs) -> BeamSearchParams:
@@ -151,10 +160,9 @@ def beam_search_params(request: SamplingFields, max_tokens: int, logprobs) -> Be
     search does not use are refused (ValueError naming them)."""
     if request.stream:
         raise ValueError("use_beam_search does not stream: set stream=false")
-    if logprobs:
+    if logprobs is not None and logprobs is not False:  # completions' logprobs=0 asks for the sampled tokens' too
         raise ValueError("logprobs are not returned with use_beam_search: leave logprobs unset")
-    given = [name for name in NOT_FOR_BEAM_SEARCH
-             if getattr(request, name) not in (None, "", [], {}, type(request).model_fields[name].default)]
+    given = not_off({name: getattr(request, name) for name in NOT_FOR_BEAM_SEARCH}, NOT_FOR_BEAM_SEARCH)
     if given:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to use_beam_search "
                          f"(beams are ranked by log-probability): leave {'it' if len(given) == 1 else 'them'} unset")

@@ -126,10 +126,10 @@ def _balanced_decode_kernel(
         last = tl.minimum(t1 - seq_start, seq_tiles)
         q, q_even, q_odd = load_query(q_ptr, seq, kv_head, stride_q_seq, stride_q_head, GROUP, GROUP_PAD, HEAD_DIM,
                                       HEAD_DIM_PAD, KV_FP8, DOT_DTYPE)
+        end = tl.minimum(last * BLOCK_N, context_len)
         acc, l_i, m_i = attend_range(
             q, q_even, q_odd, qk_scale, k_base, v_base, block_tables_ptr + seq.to(tl.int64) * stride_bt_seq,
-            first * BLOCK_N, tl.minimum(last * BLOCK_N, context_len), tl.minimum(last * BLOCK_N, context_len),
-            stride_cache_block, stride_cache_row,
+            first * BLOCK_N, end, end, stride_cache_block, stride_cache_row,
             GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM)
         part, lse = normalise(acc, l_i, m_i, v_scale)
         out_rows = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :]
