@@ -1,7 +1,7 @@
 """DecodeRecord: a decode step's inputs laid out in one block of bytes, so one copy moves them to the device.
 
-A decode step needs seven small arrays (token ids, positions, KV slots, context lengths, the longest-first order,
-the pending-token index, the block tables). Copied one by one they cost a copy each, and CUDA graphs then copy
+A decode step needs six small arrays (token ids, positions, KV slots, context lengths, the pending-token index,
+the block tables). Copied one by one they cost a copy each, and CUDA graphs then copy
 them again into their static buffers. Here each array is a fixed view into one byte buffer: the host fills
 its record's views, one copy moves the used bytes onto the device record, and the device record's views are
 the tensors of the step (and the static inputs a backend's graphs capture), so a graph replays with no copy.
@@ -18,7 +18,6 @@ _FIELDS = (  # name, dtype, rows per sequence
     ("slots", torch.int64, 1),
     ("pending", torch.int64, 2),  # the k input rows to fill from the step in flight, then its k token rows
     ("context_lens", torch.int32, 1),
-    ("order", torch.int32, 1),
 )
 
 
@@ -39,10 +38,9 @@ class DecodeRecord:
         self.clear()
 
     def clear(self) -> None:
-        """Every row padding: token 0 at position 0, storing nothing (slot -1), attending to nothing, in order."""
+        """Every row padding: token 0 at position 0, storing nothing (slot -1), attending to nothing."""
         self.bytes.zero_()
         self.slots.fill_(-1)
-        torch.arange(self.max_seqs, out=self.order)
 
     def pending_index(self, k: int) -> torch.Tensor:
         """The [2, k] pending-token index (contiguous): rows of the step, rows of the step in flight's tokens."""

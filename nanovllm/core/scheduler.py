@@ -124,6 +124,9 @@ class Scheduler:
             else:
                 self.block_manager.append_slots(seq)
                 seqs.append(seq)
+        # longest context first (ties in running order): decode kernels that run a program per sequence in several
+        # waves start the longest first, leaving the shortest for the tail, with no order array to read first
+        seqs.sort(key=lambda s: -s.num_computed_tokens)
         return ScheduledBatch(seqs, [1] * len(seqs), 0, [True] * len(seqs))
 
     def _preempt(self, seq: Sequence) -> None:

@@ -60,7 +60,7 @@ class StepInputBuilder:
         host = self.host[self.turn]
         self.turn ^= 1
         ids, positions, slots = host.ids.numpy(), host.positions.numpy(), host.slots.numpy()
-        context_lens, order = host.context_lens.numpy(), host.order.numpy()
+        context_lens = host.context_lens.numpy()
         tables = host.tables.numpy()[:n]  # whole rows: a contiguous slice copies without a host-side gather
         for i, s in enumerate(seqs):
             ids[i] = s.token_ids[s.num_computed_tokens]
@@ -69,9 +69,7 @@ class StepInputBuilder:
             tables[i, :len(table)] = table
         np.subtract(context_lens[:n], 1, out=positions[:n])
         slots[:n] = tables[np.arange(n), positions[:n] // bs].astype(np.int64) * bs + positions[:n] % bs
-        order[:n] = longest_first(context_lens[:n])
         ids[n:rows], positions[n:rows], slots[n:rows], context_lens[n:rows] = 0, 0, -1, 0
-        order[n:rows] = np.arange(n, rows)
         k = len(pending[0])
         if k:
             host.pending.numpy()[:2 * k] = np.concatenate(pending)
@@ -79,8 +77,8 @@ class StepInputBuilder:
         if self.record is not None:
             self.record.copy_from(host, n)  # padding rows: their scalars (all rows are copied), no table rows
             r, dev = self.record, _in_place
-        decode = DecodeMetadata(dev(r.context_lens[:n]), dev(r.tables[:n]), int(context_lens[:n].max()),
-                                dev(r.order[:n]))
+        # no seq_order: the scheduler hands decode steps over longest first (Scheduler._schedule_decode)
+        decode = DecodeMetadata(dev(r.context_lens[:n]), dev(r.tables[:n]), int(context_lens[:n].max()))
         meta = StepMetadata(dev(r.slots[:n]), 0, None, decode, self.iota[:n])
         return dev(r.ids[:n]), dev(r.positions[:n]), meta, dev(r.pending_index(k)) if k else None
 

@@ -35,8 +35,10 @@ class DecodeMetadata:
     context_lens: torch.Tensor  # [num_seqs] int32
     block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32
     max_context_len: int
-    # [num_seqs] int32, the sequences by context length, longest first (ties in batch order), or None: a hint
-    # for kernels that run a program per sequence in several waves, so the longest start first
+    # [num_seqs] int32, the sequences by context length, longest first (ties in batch order), or None: batch order.
+    # A hint for kernels that run a program per sequence in several waves, so the longest start first. Decode-only
+    # steps leave it None: the scheduler already orders them longest first, and a kernel then reads no order array
+    # before its first load (one memory latency less per program)
     seq_order: torch.Tensor | None = None
 
 

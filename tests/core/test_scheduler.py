@@ -25,7 +25,23 @@ def test_prefill_first_then_decode():
     assert batch.is_prefill and batch.seqs == [a, b] and batch.num_new_tokens == [5, 7] and batch.sample == [True, True]
     s.postprocess(batch, [9, 9])
     batch = s.schedule()
-    assert not batch.is_prefill and batch.seqs == [a, b] and batch.num_new_tokens == [1, 1]
+    assert not batch.is_prefill and batch.seqs == [b, a] and batch.num_new_tokens == [1, 1]  # longest first
+
+
+def test_decode_steps_come_longest_first_ties_in_running_order():
+    """Decode kernels start a program per sequence in batch order, so the scheduler orders decode steps by context
+    length, longest first (the tail of a launch gets the shortest); running order itself is left alone."""
+    s = make(max_num_batched_tokens=64)
+    seqs = [add(s, n, max_tokens=8) for n in (5, 12, 3, 12, 9)]
+    s.postprocess(s.schedule(), [9] * 5)
+    for _ in range(3):
+        batch = s.schedule()
+        assert not batch.is_prefill
+        assert batch.seqs == [seqs[1], seqs[3], seqs[4], seqs[0], seqs[2]]
+        lengths = [q.num_computed_tokens for q in batch.seqs]
+        assert lengths == sorted(lengths, reverse=True)
+        s.postprocess(batch, [9] * 5)
+    assert s.running == seqs
 
 
 def test_chunked_prefill_splits_long_prompt_and_samples_only_at_the_end():

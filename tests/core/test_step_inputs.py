@@ -1,5 +1,6 @@
-"""StepInputBuilder: the longest-first order it hands to decode kernels (DecodeMetadata.seq_order), and decode steps
-built in a DecodeRecord: one copy to the device record, padded to the graphs' sizes, the pending-token index."""
+"""StepInputBuilder: the longest-first order it hands to the decode rows of mixed steps (DecodeMetadata.seq_order;
+decode-only steps come longest first from the scheduler and carry none), and decode steps built in a DecodeRecord:
+one copy to the device record, padded to the graphs' sizes, the pending-token index."""
 import pytest
 import torch
 
@@ -22,17 +23,15 @@ def builder() -> StepInputBuilder:
     return StepInputBuilder(torch.device("cpu"), block_size=16, max_num_seqs=8, max_blocks_per_seq=4, pin=False)
 
 
-def test_decode_steps_carry_the_sequences_longest_first():
+def test_decode_steps_keep_the_batch_order_and_carry_no_order():
+    """The scheduler orders decode-only steps (longest first); the builder keeps its rows where they are."""
     lengths = [5, 40, 17, 40, 1 + 1, 33]  # context lengths after this step's token
     seqs = [sequence(n, n - 1, 3 * i) for i, n in enumerate(lengths)]
     b = builder()
     for batch_seqs in (seqs, seqs[:3]):  # a smaller batch after a larger one (the host buffers alternate)
         _, _, meta, _ = b.build(ScheduledBatch(batch_seqs, [1] * len(batch_seqs), 0, [True] * len(batch_seqs)))
-        order = meta.decode.seq_order
-        assert order.dtype == torch.int32
-        want = sorted(range(len(batch_seqs)), key=lambda i: (-lengths[i], i))  # ties keep batch order
-        assert order.tolist() == want
-        assert meta.decode.context_lens[order].tolist() == sorted(lengths[:len(batch_seqs)], reverse=True)
+        assert meta.decode.seq_order is None
+        assert meta.decode.context_lens.tolist() == lengths[:len(batch_seqs)]
 
 
 def test_mixed_steps_order_their_decodes_too():
@@ -69,14 +68,14 @@ def test_a_device_record_holds_the_same_step_as_the_host_buffers(pad_sizes):
         assert ids.tolist() == want_ids.tolist() and positions.tolist() == want_positions.tolist()
         assert meta.slot_mapping.tolist() == want.slot_mapping.tolist()
         assert meta.decode.context_lens.tolist() == want.decode.context_lens.tolist()
-        assert meta.decode.seq_order.tolist() == want.decode.seq_order.tolist()
+        assert meta.decode.seq_order is None and want.decode.seq_order is None
         n = len(batch_seqs)
         assert torch.equal(meta.decode.block_tables[:, :3], want.decode.block_tables[:, :3])
         assert meta.logits_indices.tolist() == list(range(n))
         assert pending.tolist() == [[1], [0]] and pending.is_contiguous()
 
 
-def test_padding_rows_store_nothing_attend_to_nothing_and_come_last():
+def test_padding_rows_store_nothing_and_attend_to_nothing():
     """A 3-row step the graphs run at batch 4: row 3 is padding whatever an earlier, larger step left there."""
     b = with_device_record(builder(), (1, 2, 4, 8))
     big = [sequence(n, n - 1, 3 * i) for i, n in enumerate([5, 40, 17, 33, 9])]
@@ -86,17 +85,16 @@ def test_padding_rows_store_nothing_attend_to_nothing_and_come_last():
     r = b.record
     assert r.slots[3].item() == -1 and r.context_lens[3].item() == 0
     assert r.ids[3].item() == 0 and r.positions[3].item() == 0
-    assert r.order[:4].tolist() == [1, 2, 0, 3]
     assert pending is None
 
 
 def test_one_copy_moves_the_used_rows_and_nothing_past_them():
     host, device = DecodeRecord(6, 3, torch.device("cpu")), DecodeRecord(6, 3, torch.device("cpu"))
-    for name in ("ids", "positions", "slots", "pending", "context_lens", "order", "tables"):
+    for name in ("ids", "positions", "slots", "pending", "context_lens", "tables"):
         view = getattr(host, name)
         view.copy_(torch.arange(view.numel()).view(view.shape) + 1)
     device.copy_from(host, 2)
-    for name in ("ids", "positions", "slots", "pending", "context_lens", "order"):
+    for name in ("ids", "positions", "slots", "pending", "context_lens"):
         assert torch.equal(getattr(device, name), getattr(host, name)), name  # every scalar array, all rows
     assert torch.equal(device.tables[:2], host.tables[:2])
     assert device.tables[2:].eq(0).all()
@@ -104,7 +102,7 @@ def test_one_copy_moves_the_used_rows_and_nothing_past_them():
 
 def test_random_batches_in_a_record_match_the_host_buffers_and_pad_to_the_graph_sizes():
     """300 decode steps of random sizes (growing and shrinking) and random pending rows: the record holds what the
-    per-tensor path holds, and rows up to the graph size are padding (slot -1, context 0, the order a permutation)."""
+    per-tensor path holds, and rows up to the graph size are padding (slot -1, context 0)."""
     import random
     from nanovllm.core.runner_setup import graph_sizes
     rng = random.Random(0)
@@ -126,10 +124,9 @@ def test_random_batches_in_a_record_match_the_host_buffers_and_pad_to_the_graph_
         want_ids, want_positions, want, _ = ref.build(decode_batch(seqs))
         assert ids.tolist() == want_ids.tolist() and positions.tolist() == want_positions.tolist()
         assert meta.slot_mapping.tolist() == want.slot_mapping.tolist()
-        assert meta.decode.seq_order.tolist() == want.decode.seq_order.tolist()
+        assert meta.decode.seq_order is None and want.decode.seq_order is None
         assert (pending.tolist() if dst else pending) == ([dst, src] if dst else None)
         for i, seq in enumerate(seqs):
             assert meta.decode.block_tables[i, :len(seq.block_table)].tolist() == seq.block_table
         size, r = next(s for s in b.pad_sizes if s >= n), b.record
         assert (r.slots[n:size] == -1).all() and (r.context_lens[n:size] == 0).all()
-        assert sorted(r.order[:size].tolist()) == list(range(size))

@@ -41,9 +41,6 @@ class CudaGraphRunner:
         self.record = record
         self.input_ids, self.positions, self.slot_mapping = record.ids, record.positions, record.slots
         self.context_lens, self.block_tables = record.context_lens, record.tables
-        # longest-first order of the real rows, then the padding rows in place (DecodeMetadata.seq_order)
-        self.seq_order = record.order
-        self.iota = torch.arange(n, dtype=torch.int32, device=dev)
         self.temperatures = torch.ones(n, dtype=torch.float32, device=dev)
         self._temperatures_from = None  # the SamplingTensors.temperatures last copied in (reused per batch)
         # Two instances per size: launching a graph exec that is still running blocks the host until it ends,
@@ -78,7 +75,8 @@ class CudaGraphRunner:
                     ", sampling inside them" if self.samples else "")
 
     def _meta(self, bs: int, max_context_len: int) -> StepMetadata:
-        decode = DecodeMetadata(self.context_lens[:bs], self.block_tables[:bs], max_context_len, self.seq_order[:bs])
+        # no seq_order: decode kernels start programs in batch order, which the scheduler makes longest first
+        decode = DecodeMetadata(self.context_lens[:bs], self.block_tables[:bs], max_context_len)
         return StepMetadata(self.slot_mapping[:bs], 0, None, decode, torch.arange(bs, device=self.input_ids.device))
 
     def can_run(self, num_seqs: int) -> bool:
@@ -115,10 +113,5 @@ class CudaGraphRunner:
         self.slot_mapping[n:bs].fill_(-1)
         self.context_lens[:n].copy_(meta.decode.context_lens)
         self.context_lens[n:bs].zero_()
-        if meta.decode.seq_order is not None:
-            self.seq_order[:n].copy_(meta.decode.seq_order)
-        else:
-            self.seq_order[:n].copy_(self.iota[:n])
-        self.seq_order[n:bs].copy_(self.iota[n:bs])  # a larger batch's order may be left there
         width = meta.decode.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.decode.block_tables)
