@@ -9,7 +9,9 @@ allocated cache, and any kernel variant (Triton specialisation, torch.compile gr
 first launch) those sizes select. Here two such steps run through the runner's own launch/wait path, on blocks
 of the fresh cache that nothing references yet (no block manager or prefix cache is involved): a prefix-free
 prefill of `max_num_batched_tokens` tokens over several sequences, then the same sequences continued as
-chunks after a cached first block (the paged path a chunked prefill takes).
+chunks after a cached first block (the paged path a chunked prefill takes), then, when the model allows longer
+contexts than those, one chunk at the end of the longest context it allows (kernels may pick their tiles by a
+step's longest context: the cuda prefill does).
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ def warm_up_lengths(max_tokens: int, max_model_len: int, max_num_seqs: int, bloc
 
 @torch.inference_mode()
 def warm_up_full_steps(runner: ModelRunner) -> list[int]:
-    """Run a full-size prefix-free prefill and a full-size paged (chunked) prefill, each sampled, through
-    `runner.launch` / `runner.wait`; returns the number of tokens of each step run ([] when the cache is too small)."""
+    """Run a full-size prefix-free prefill, a full-size paged (chunked) prefill and, where max_model_len allows a
+    longer context, a chunk at the end of the longest one, each sampled, through `runner.launch` / `runner.wait`;
+    returns the number of tokens of each step run ([] when the cache is too small)."""
     from nanovllm.core.scheduler import ScheduledBatch
     from nanovllm.core.sequence import Sequence
     from nanovllm.sampling_params import SamplingParams
@@ -71,6 +74,18 @@ def warm_up_full_steps(runner: ModelRunner) -> list[int]:
         batch = ScheduledBatch(seqs, [len(s) - cached for s in seqs], len(seqs), everyone)
         runner.wait(runner.launch(batch))
         run.append(batch.num_tokens)
+    longest = c.max_model_len - 1
+    if longest > max(lengths):
+        # the last chunk of the longest context: its table cycles through the blocks the steps above wrote, so it
+        # reads computed K/V (not what the fresh cache memory holds) whatever the context's length
+        written = [b for s in seqs for b in s.block_table]
+        seq = Sequence([(13 * t) % vocab for t in range(longest)], SamplingParams(temperature=0.7, max_tokens=1))
+        seq.block_table = [written[i % len(written)] for i in range(-(-longest // bs))]
+        chunk = min(TOKENS_PER_SEQ, longest - bs)
+        seq.num_computed_tokens = longest - chunk
+        runner.wait(runner.launch(ScheduledBatch([seq], [chunk], 1, [True])))
+        run.append(chunk)
+        seq.block_table = []
     for s in seqs:
         s.block_table = []
     runner.sampling.reset()

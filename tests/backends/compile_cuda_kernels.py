@@ -5,6 +5,7 @@ shared memory, register spills. It swaps a stand-in driver into Triton so compil
 it must run in a process of its own without TRITON_INTERPRET; test_cuda_kernels.py runs it that way.
 By hand: `python tests/backends/compile_cuda_kernels.py` prints registers, spills and shared memory.
 """
+import itertools
 import os
 import re
 import subprocess
@@ -85,8 +86,8 @@ def compile_all() -> list[tuple[str, dict]]:
                     DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=True,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                 out.append((f"balanced decode {dtype} kv {kv} d{head_dim} page{block_size}", resources(k)))
-                cfg = pre.prefill_config(pad, dtype)
-                for paged in (False, True) if not fp8 else (True,):
+                configs = {pre.prefill_config(pad, dtype, context) for context in (None, pre.SHORT_CONTEXT)}
+                for cfg, paged in itertools.product(configs, (False, True) if not fp8 else (True,)):
                     k = pre._prefill_kernel.warmup(
                         dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, 0.1,
                         torch.float32, torch.float32, 3 * GROUP * row, head_dim, GROUP * row, head_dim,
@@ -94,7 +95,8 @@ def compile_all() -> list[tuple[str, dict]]:
                         GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
                         DOT_DTYPE=fp8_dot_dtype(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
-                    out.append((f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged}", resources(k)))
+                    out.append((f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged} "
+                                f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}", resources(k)))
         k = dec._decode_combine_kernel.warmup(
             torch.float32, torch.float32, dtype, GROUP * row, head_dim, 3, SPLITS_PAD=dec.MAX_SPLITS,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, num_warps=4, grid=(1,))

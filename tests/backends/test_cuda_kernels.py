@@ -247,6 +247,30 @@ def test_triton_prefill_matches_reference(device, group, num_kv_heads, head_dim,
         assert_close(out, ref_prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("context", [None, 1024])
+def test_triton_prefill_tiles_for_long_and_short_contexts_match_reference(device, paged, context):
+    """Both head_dim-128 tile configs (`prefill_config` picks by the step's longest context) on the same batch."""
+    from nanovllm.backends.cuda.attention.triton_prefill import paged_prefill, prefill_config
+    g = torch.Generator().manual_seed(11 + paged)
+    for dtype in dtypes_for(device):
+        q_lens, cached = prefill_batch(paged, device, g)
+        meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, paged, 4, 2, 128, 16, dtype, device, g)
+        out = torch.full_like(q, float("nan"))
+        paged_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5, out=out, config=prefill_config(128, dtype, context))
+        assert_close(out, ref_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5), dtype)
+
+
+def test_prefill_tiles_follow_the_longest_context():
+    from nanovllm.backends.cuda.attention.triton_prefill import SHORT_CONTEXT, PrefillConfig, prefill_config
+    long, short = PrefillConfig(128, 64, 8, 3), PrefillConfig(64, 64, 4, 3)
+    assert prefill_config(128, torch.bfloat16, SHORT_CONTEXT) == short
+    assert prefill_config(128, torch.bfloat16, SHORT_CONTEXT + 1) == long
+    assert prefill_config(128, torch.bfloat16) == long  # no context given: the tiles that serve any
+    assert prefill_config(64, torch.bfloat16, 100) == prefill_config(64, torch.bfloat16, 10_000)
+
+
 def make_prefill_inputs(q_lens, cached, paged, num_heads, num_kv_heads, head_dim, block_size, dtype, device, g):
     context_lens = [a + b for a, b in zip(q_lens, cached)]
     block_tables, num_blocks = scattered_block_tables(context_lens, block_size, g)

@@ -65,7 +65,8 @@ def test_full_size_steps_cover_what_a_real_generate_runs(tiny_qwen3):
     calls = []
     record_calls(runner, calls)
     warm_up_kernels(runner)
-    assert warm_up_full_steps(runner) == [256, 256 - 16 * 3]
+    # lengths 86 + 85 + 85; then the last 111 tokens of a 127-token context (max_model_len - 1)
+    assert warm_up_full_steps(runner) == [256, 256 - 16 * 3, 127 - 16]
     warm = {(op, s) for op, s, _ in calls}
 
     # a full-size prefix-free prefill that stores every token, and a full-size paged one, each sampled
@@ -74,6 +75,7 @@ def test_full_size_steps_cover_what_a_real_generate_runs(tiny_qwen3):
     prefills = [args[5] for op, _, args in calls if op == "prefill"]
     assert any(m.block_tables is None and int(m.cu_seqlens_q[-1]) == 256 for m in prefills)
     assert any(m.block_tables is not None and int(m.cu_seqlens_q[-1]) == 256 - 48 for m in prefills)
+    assert any(m.block_tables is not None and m.max_seqlen_k == 127 and m.max_seqlen_q == 111 for m in prefills)
     assert any(op == "sampler" and args[0].shape[0] == 3 for op, _, args in calls)
     # the warm-up borrowed cache blocks only: the block manager and the prefix cache never saw them
     assert len(llm.engine.scheduler.block_manager.free_block_ids) == free_before
@@ -102,3 +104,18 @@ def test_start_up_warm_up_reads_no_uninitialised_cache(tiny_qwen3):
     runner.sampler = lambda logits, params: sampled.append(logits.clone()) or sampler(logits, params)
     warm_up_kernels(runner)
     assert len(sampled) == 2 and all(bool(torch.isfinite(x).all()) for x in sampled)
+
+
+def test_full_size_warm_up_reads_no_uninitialised_cache(tiny_qwen3):
+    """The full-size steps, the longest-context chunk included, read only K/V they computed: with every cache filled
+    with NaN first, every sampled logit is finite."""
+    llm = LLM(tiny_qwen3, backend="cpu_ref", max_num_batched_tokens=256, max_model_len=128, max_num_seqs=8,
+              num_kvcache_blocks=64, enforce_eager=True)
+    runner = llm.engine.runner
+    for attn in runner.attention_layers:
+        attn.k_cache.fill_(float("nan")), attn.v_cache.fill_(float("nan"))
+    sampled = []
+    sampler = runner.sampler
+    runner.sampler = lambda logits, params: sampled.append(logits.clone()) or sampler(logits, params)
+    assert len(warm_up_full_steps(runner)) == 3
+    assert len(sampled) == 3 and all(bool(torch.isfinite(x).all()) for x in sampled)
