@@ -29,7 +29,7 @@ from nanovllm.core.parallel.communicator import Communicator
 from nanovllm.core.startup import Resolved
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
-from nanovllm.core.warmup_steps import warm_up_full_steps
+from nanovllm.core.warmup_steps import warm_up_full_steps, warm_up_longest_context
 from nanovllm.models.fusion import fuse_small_ops
 from nanovllm.models.layers.context import LayerContext
 from nanovllm.models.loader import load_model
@@ -101,6 +101,7 @@ def set_up(runner: ModelRunner) -> int:
         warm_up_kernels(runner)
         if backend.measures_peak_memory:  # the GPU backends: first-use costs of a full-size step
             warm_up_full_steps(runner)
+            warm_up_longest_context(runner)
     capture_graphs(runner)
     return num_blocks
 

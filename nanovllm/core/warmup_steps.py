@@ -9,9 +9,9 @@ allocated cache, and any kernel variant (Triton specialisation, torch.compile gr
 first launch) those sizes select. Here two such steps run through the runner's own launch/wait path, on blocks
 of the fresh cache that nothing references yet (no block manager or prefix cache is involved): a prefix-free
 prefill of `max_num_batched_tokens` tokens over several sequences, then the same sequences continued as
-chunks after a cached first block (the paged path a chunked prefill takes), then, when the model allows longer
-contexts than those, one chunk at the end of the longest context it allows (kernels may pick their tiles by a
-step's longest context: the cuda prefill does).
+chunks after a cached first block (the paged path a chunked prefill takes). `warm_up_longest_context` then runs
+one chunk at the end of the longest context max_model_len allows: kernels may pick their tiles by a step's longest
+context (the cuda prefill does), and a long prompt must not meet a first compilation.
 """
 from __future__ import annotations
 
@@ -48,9 +48,8 @@ def warm_up_lengths(max_tokens: int, max_model_len: int, max_num_seqs: int, bloc
 
 @torch.inference_mode()
 def warm_up_full_steps(runner: ModelRunner) -> list[int]:
-    """Run a full-size prefix-free prefill, a full-size paged (chunked) prefill and, where max_model_len allows a
-    longer context, a chunk at the end of the longest one, each sampled, through `runner.launch` / `runner.wait`;
-    returns the number of tokens of each step run ([] when the cache is too small)."""
+    """Run a full-size prefix-free prefill and a full-size paged (chunked) prefill, each sampled, through
+    `runner.launch` / `runner.wait`; returns the number of tokens of each step run ([] when the cache is too small)."""
     from nanovllm.core.scheduler import ScheduledBatch
     from nanovllm.core.sequence import Sequence
     from nanovllm.sampling_params import SamplingParams
@@ -74,21 +73,40 @@ def warm_up_full_steps(runner: ModelRunner) -> list[int]:
         batch = ScheduledBatch(seqs, [len(s) - cached for s in seqs], len(seqs), everyone)
         runner.wait(runner.launch(batch))
         run.append(batch.num_tokens)
-    longest = c.max_model_len - 1
-    if longest > max(lengths):
-        # the last chunk of the longest context: its table cycles through the blocks the steps above wrote, so it
-        # reads computed K/V (not what the fresh cache memory holds) whatever the context's length
-        written = [b for s in seqs for b in s.block_table]
-        seq = Sequence([(13 * t) % vocab for t in range(longest)], SamplingParams(temperature=0.7, max_tokens=1))
-        seq.block_table = [written[i % len(written)] for i in range(-(-longest // bs))]
-        chunk = min(TOKENS_PER_SEQ, longest - bs)
-        seq.num_computed_tokens = longest - chunk
-        runner.wait(runner.launch(ScheduledBatch([seq], [chunk], 1, [True])))
-        run.append(chunk)
-        seq.block_table = []
     for s in seqs:
         s.block_table = []
     runner.sampling.reset()
     runner.backend.synchronize(runner.device)
     logger.info("warmed up full-size prefill steps of %s tokens (%d sequences)", run, len(seqs))
     return run
+
+
+@torch.inference_mode()
+def warm_up_longest_context(runner: ModelRunner) -> int:
+    """Run, sampled, the last chunk of a sequence as long as max_model_len allows, through the paged prefill; returns
+    the context length (0 when no context longer than TOKENS_PER_SEQ is allowed or the cache is too small).
+
+    The chunk's own blocks are fresh; its cached prefix's table entries cycle through the chunk's whole blocks, which
+    the chunk's K/V store writes before attention reads them, so every position it attends to holds computed K/V
+    (not what the fresh cache memory holds) with no long prefill first."""
+    from nanovllm.core.scheduler import ScheduledBatch
+    from nanovllm.core.sequence import Sequence
+    from nanovllm.sampling_params import SamplingParams
+    c, bs = runner.config, runner.block_size
+    longest = c.max_model_len - 1
+    limit = min(TOKENS_PER_SEQ, c.max_num_batched_tokens)  # the chunk, as the scheduler would cut it
+    cached = -(-(longest - limit) // bs) * bs  # whole blocks, so the chunk starts at a block's start
+    chunk_blocks = (longest - cached) // bs  # the blocks the chunk fills whole
+    fresh = list(range(-(-(longest - cached) // bs)))
+    if longest <= TOKENS_PER_SEQ or chunk_blocks < 1 or len(fresh) > runner.num_blocks:
+        return 0
+    vocab = min(1000, runner.hf_config.vocab_size)
+    seq = Sequence([(13 * t) % vocab for t in range(longest)], SamplingParams(temperature=0.7, max_tokens=1))
+    seq.block_table = [fresh[i % chunk_blocks] for i in range(cached // bs)] + fresh
+    seq.num_computed_tokens = cached
+    runner.wait(runner.launch(ScheduledBatch([seq], [longest - cached], 1, [True])))
+    seq.block_table = []
+    runner.sampling.reset()
+    runner.backend.synchronize(runner.device)
+    logger.info("warmed up a %d-token chunk at the end of a %d-token context", longest - cached, longest)
+    return longest

@@ -9,7 +9,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.core.runner_setup import warm_up_kernels
-from nanovllm.core.warmup_steps import TOKENS_PER_SEQ, warm_up_full_steps, warm_up_lengths
+from nanovllm.core.warmup_steps import TOKENS_PER_SEQ, warm_up_full_steps, warm_up_lengths, warm_up_longest_context
 
 
 @pytest.mark.parametrize("max_tokens, max_model_len, max_num_seqs, num_blocks", [
@@ -65,8 +65,7 @@ def test_full_size_steps_cover_what_a_real_generate_runs(tiny_qwen3):
     calls = []
     record_calls(runner, calls)
     warm_up_kernels(runner)
-    # lengths 86 + 85 + 85; then the last 111 tokens of a 127-token context (max_model_len - 1)
-    assert warm_up_full_steps(runner) == [256, 256 - 16 * 3, 127 - 16]
+    assert warm_up_full_steps(runner) == [256, 256 - 16 * 3]
     warm = {(op, s) for op, s, _ in calls}
 
     # a full-size prefix-free prefill that stores every token, and a full-size paged one, each sampled
@@ -75,7 +74,6 @@ def test_full_size_steps_cover_what_a_real_generate_runs(tiny_qwen3):
     prefills = [args[5] for op, _, args in calls if op == "prefill"]
     assert any(m.block_tables is None and int(m.cu_seqlens_q[-1]) == 256 for m in prefills)
     assert any(m.block_tables is not None and int(m.cu_seqlens_q[-1]) == 256 - 48 for m in prefills)
-    assert any(m.block_tables is not None and m.max_seqlen_k == 127 and m.max_seqlen_q == 111 for m in prefills)
     assert any(op == "sampler" and args[0].shape[0] == 3 for op, _, args in calls)
     # the warm-up borrowed cache blocks only: the block manager and the prefix cache never saw them
     assert len(llm.engine.scheduler.block_manager.free_block_ids) == free_before
@@ -106,16 +104,27 @@ def test_start_up_warm_up_reads_no_uninitialised_cache(tiny_qwen3):
     assert len(sampled) == 2 and all(bool(torch.isfinite(x).all()) for x in sampled)
 
 
-def test_full_size_warm_up_reads_no_uninitialised_cache(tiny_qwen3):
-    """The full-size steps, the longest-context chunk included, read only K/V they computed: with every cache filled
-    with NaN first, every sampled logit is finite."""
-    llm = LLM(tiny_qwen3, backend="cpu_ref", max_num_batched_tokens=256, max_model_len=128, max_num_seqs=8,
-              num_kvcache_blocks=64, enforce_eager=True)
+@pytest.mark.parametrize("max_model_len,max_tokens,want_chunk", [(1500, 1024, 1500 - 480), (4000, 256, 4000 - 3744),
+                                                                  (1024, 1024, 0), (3000, 16, 0), (3000, 40, 3000 - 2960)])
+def test_the_longest_context_chunk_reads_only_computed_cache(tiny_qwen3, max_model_len, max_tokens, want_chunk):
+    """One chunk at the end of a max_model_len - 1 context (kernels may pick tiles by the longest context), even
+    when the full-size steps cannot run; with every cache filled with NaN first, its sampled logits are finite, so
+    every position it attends to holds K/V it computed. No context longer than TOKENS_PER_SEQ: nothing runs."""
+    llm = LLM(tiny_qwen3, backend="cpu_ref", max_num_batched_tokens=max(max_tokens, 16), max_model_len=max_model_len + 1,
+              max_num_seqs=8, num_kvcache_blocks=260, enforce_eager=True)
     runner = llm.engine.runner
     for attn in runner.attention_layers:
         attn.k_cache.fill_(float("nan")), attn.v_cache.fill_(float("nan"))
-    sampled = []
+    calls, sampled = [], []
+    record_calls(runner, calls)
     sampler = runner.sampler
     runner.sampler = lambda logits, params: sampled.append(logits.clone()) or sampler(logits, params)
-    assert len(warm_up_full_steps(runner)) == 3
-    assert len(sampled) == 3 and all(bool(torch.isfinite(x).all()) for x in sampled)
+    free_before = len(llm.engine.scheduler.block_manager.free_block_ids)
+    assert warm_up_longest_context(runner) == (max_model_len if want_chunk else 0)
+    if not want_chunk:
+        assert not sampled
+        return
+    meta = [args[5] for op, _, args in calls if op == "prefill"][0]
+    assert meta.max_seqlen_k == max_model_len and meta.max_seqlen_q == want_chunk and meta.block_tables is not None
+    assert len(sampled) == 1 and bool(torch.isfinite(sampled[0]).all())
+    assert len(llm.engine.scheduler.block_manager.free_block_ids) == free_before
