@@ -104,13 +104,13 @@ def test_start_up_warm_up_reads_no_uninitialised_cache(tiny_qwen3):
     assert len(sampled) == 2 and all(bool(torch.isfinite(x).all()) for x in sampled)
 
 
-@pytest.mark.parametrize("max_model_len,max_tokens,want_chunk", [(1500, 1024, 1500 - 480), (4000, 256, 4000 - 3744),
-                                                                  (1024, 1024, 0), (3000, 16, 0), (3000, 40, 3000 - 2960)])
+@pytest.mark.parametrize("max_model_len,max_tokens,want_chunk", [
+    (1500, 1024, 1500 - 480), (4000, 256, 4000 - 3744), (1024, 1024, 0), (3000, 16, 0), (3000, 40, 3000 - 2960)])
 def test_the_longest_context_chunk_reads_only_computed_cache(tiny_qwen3, max_model_len, max_tokens, want_chunk):
     """One chunk at the end of a max_model_len - 1 context (kernels may pick tiles by the longest context), even
     when the full-size steps cannot run; with every cache filled with NaN first, its sampled logits are finite, so
     every position it attends to holds K/V it computed. No context longer than TOKENS_PER_SEQ: nothing runs."""
-    llm = LLM(tiny_qwen3, backend="cpu_ref", max_num_batched_tokens=max(max_tokens, 16), max_model_len=max_model_len + 1,
+    llm = LLM(tiny_qwen3, backend="cpu_ref", max_num_batched_tokens=max_tokens, max_model_len=max_model_len + 1,
               max_num_seqs=8, num_kvcache_blocks=260, enforce_eager=True)
     runner = llm.engine.runner
     for attn in runner.attention_layers:
