@@ -93,7 +93,7 @@ class OpenAIServingCompletion(OpenAIServing):
             finals[i] = out
         choices = []
         for i, ((text, ids), out) in enumerate(zip(choice_prompts, finals)):
-            choice_text, logprobs = self.choice_output(request, text, ids, out, echo_only, offset=0)
+            choice_text, logprobs, _ = self.choice_output(request, text, ids, out, echo_only, offset=0)
             choices.append(completion_choice(i, choice_text, logprobs, out.finish_reason, out.stop_reason))
             if request.prompt_logprobs is not None:  # a prompt's n choices are one request: its first sample's
                 first = finals[i - i % request.n]
@@ -113,8 +113,9 @@ class OpenAIServingCompletion(OpenAIServing):
         return completion_response(request_id, self.model_name, choices, usage(num_prompt, num_output), now())
 
     def choice_output(self, request, prompt_text, prompt_ids, out, echo_only: bool, offset: int,
-                      first: bool = True) -> tuple[str, dict | None]:
-        """The text and legacy logprobs one output piece adds to a choice (the echoed prompt before the first)."""
+                      first: bool = True) -> tuple[str, dict | None, int]:
+        """The text and legacy logprobs one output piece adds to a choice (the echoed prompt before the first), and
+        the text offset after it (`offset` when there are no logprobs)."""
         text, token_ids, entries = "", [], []
         if request.echo and first:
             text = prompt_text if prompt_text is not None else self.tokenizer.decode(prompt_ids)
@@ -125,21 +126,23 @@ class OpenAIServingCompletion(OpenAIServing):
             token_ids += out.token_ids
             entries += out.logprobs or [None] * len(out.token_ids)
         if request.logprobs is None:
-            return text, None
-        return text, self.legacy_logprobs(token_ids, entries, offset, request.return_tokens_as_token_ids)
+            return text, None, offset
+        return text, *self.legacy_logprobs(token_ids, entries, offset, request.return_tokens_as_token_ids)
 
     def legacy_logprobs(self, token_ids: list[int], entries: list[dict | None], offset: int,
-                        as_ids: bool = False) -> dict:
-        """`text_offset` counts the tokens' text, whatever `as_ids` shows them as."""
+                        as_ids: bool = False) -> tuple[dict, int]:
+        """The legacy logprobs of these tokens, and the text offset after them. `text_offset` counts the tokens'
+        text, whatever `as_ids` shows them as."""
         tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
         for token_id, entry in zip(token_ids, entries):
-            tokens.append(self.token_text(token_id, as_ids))
+            token = self.token_text(token_id)
+            tokens.append(self.token_text(token_id, True) if as_ids else token)
             text_offset.append(offset)
-            offset += len(self.token_text(token_id))
+            offset += len(token)
             token_logprobs.append(None if entry is None else entry[token_id])
             top_logprobs.append(None if entry is None else {self.token_text(t, as_ids): lp for t, lp in entry.items()})
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-                "text_offset": text_offset}
+                "text_offset": text_offset}, offset
 
     async def stream(self, request, request_id, choice_prompts, streams, first_choice, echo_only,
                      num_prompt_tokens) -> AsyncIterator[str]:
@@ -149,10 +152,9 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             async for i, out in merge(streams, first_choice):
                 text, ids = choice_prompts[i]
-                piece_ids = (ids if request.echo and not started[i] else []) + ([] if echo_only else out.token_ids)
-                piece, logprobs = self.choice_output(request, text, ids, out, echo_only, offsets[i], not started[i])
+                piece, logprobs, offsets[i] = self.choice_output(request, text, ids, out, echo_only, offsets[i],
+                                                                 not started[i])
                 started[i] = True
-                offsets[i] += sum(len(self.token_text(t)) for t in piece_ids) if logprobs else 0
                 num_output += len(out.token_ids)
                 if piece or logprobs or out.finished:
                     choice = completion_choice(i, piece, logprobs, out.finish_reason if out.finished else None,
