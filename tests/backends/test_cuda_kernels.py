@@ -285,6 +285,25 @@ def test_triton_prefill_reads_this_steps_kv_for_sequences_with_no_cached_prefix(
         poisoned_k[meta.block_tables[1, 0].long()] = float("nan")  # the continued sequence reads its prefix there
         out = paged_prefill(q, k, v, poisoned_k, poisoned_v, meta, 0.125)
         assert torch.isnan(out[40:110]).all() and not torch.isnan(out[:40]).any()
+        meta.prefix_free_tokens = 131  # the step says how many: too few tokens for a launch of their own
+        out = paged_prefill(q, k, v, poisoned_k, poisoned_v, meta, 0.125)
+        assert torch.isnan(out).all()
+
+
+def test_prefill_reads_prefix_free_sequences_apart_only_in_big_enough_steps():
+    from nanovllm.backends.cuda.attention.triton_prefill import SPLIT_LAUNCH_TOKENS, split_launch
+    from nanovllm.core.step_metadata import PrefillMetadata
+    n = SPLIT_LAUNCH_TOKENS
+
+    def meta(prefix_free):
+        return PrefillMetadata(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), 1, 1,
+                               torch.zeros(1, 1, dtype=torch.int32), prefix_free)
+    assert split_launch(meta(None), 10)  # not known: read apart (correct either way)
+    assert split_launch(meta(n - 100), n) and split_launch(meta(n // 2), n)
+    assert not split_launch(meta(n // 2 - 1), n)  # fewer than half the tokens
+    assert not split_launch(meta(n - 1), n - 1)  # every sequence prefix-free: nothing to read apart
+    assert not split_launch(meta(0), 2 * n)  # every sequence continued
+    assert not split_launch(meta(100), 128)  # a small step: a second launch costs more than it saves
 
 
 def test_prefill_tiles_follow_the_longest_context():

@@ -4,7 +4,9 @@ Grid (num_heads, num_seqs, query tiles). A program takes BLOCK_M query rows of o
 the chunk is the last len_q positions of a context of len_k tokens, so row r sits at position
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
-Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, an FP8
+Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, K and V share
+each tile's lookup, and a big enough step's sequences with no cached prefix can take a launch of their own
+that reads this step's tensors too (`paged_prefill`, `split_launch`). With one, an FP8
 cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, see triton_decode_tiles), its
 per-KV-head scales folded into the score scale (K) and the output (V): the scores are then the exact products
 of q with the stored values, as in the reference's float32 math on the dequantised cache.
@@ -30,6 +32,7 @@ class PrefillConfig:
     num_stages: int
 
 
+SPLIT_LAUNCH_TOKENS = 8192  # query tokens from which a paged step may read its prefix-free sequences apart
 SHORT_CONTEXT = 2048  # longest context (cached prefix + chunk) of a step that takes the short-context tiles
 
 
@@ -96,13 +99,13 @@ def _kv_rows(block_table_ptr, row_start, tile_start, kv_end, stride_block, strid
         return tokens * stride_k_row, tokens * stride_v_row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["prefix"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
     k_scale_ptr, v_scale_ptr, stride_q_token, stride_q_head, stride_o_token, stride_o_head,
-    stride_k_block, stride_k_row, stride_k_head, stride_v_row, stride_v_head, stride_bt_seq,
+    stride_k_block, stride_k_row, stride_k_head, stride_v_row, stride_v_head, stride_bt_seq, prefix,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PAGED: tl.constexpr, PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -115,11 +118,12 @@ def _prefill_kernel(
         return
     kv_start = tl.load(cu_seqlens_k_ptr + seq)
     context_offset = tl.load(cu_seqlens_k_ptr + seq + 1) - kv_start - q_len  # cached tokens before the chunk
-    # PREFIX 0: every sequence; 1: only those with no cached prefix; 2: only those with one (a split launch)
-    if PREFIX == 1:
+    # prefix 0: every sequence; 1: only those with no cached prefix; 2: only those with one (a split launch). Not
+    # specialised on: one compiled kernel serves all three
+    if prefix == 1:
         if context_offset != 0:
             return
-    if PREFIX == 2:
+    if prefix == 2:
         if context_offset == 0:
             return
 
@@ -182,11 +186,12 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
 
     With `meta.block_tables` the context is read through the caches (an FP8 cache with k_scale, v_scale:
     [num_kv_heads] float32), after this chunk's K/V were stored there; without it, from k and v (then cu_seqlens_k
-    equals cu_seqlens_q). A cache in k's dtype holds exactly k and v for this chunk, so there a sequence with no
-    cached prefix reads them from k and v (consecutive rows, no block-table lookups: the kernel's unpaged speed,
-    e.g. 205 against 289 us a layer at Qwen3-0.6B's shape on a seed-like 16,384-token step, RESULTS.md) and only
-    sequences continuing a prefix go through the table. An FP8 cache is read as stored for every sequence, as the
-    reference does. Writes into `out` if given."""
+    equals cu_seqlens_q). A cache in k's dtype holds exactly k and v for this chunk, so where `split_launch`
+    says so a second launch serves the sequences with no cached prefix from k and v (consecutive rows, no
+    block-table lookups) and the first only those continuing a prefix: on an H200 at Qwen3-0.6B's shape, a
+    seed-like 16,384-token step with one continued prompt 273 -> 243 us, 16 x 1,024 tokens with one continued
+    402 -> 343 us (RESULTS.md, round thirteen; outputs bit-identical). An FP8 cache is read as stored for every
+    sequence, as the reference does. Writes into `out` if given."""
     num_tokens, num_heads, head_dim = q.shape
     paged = meta.block_tables is not None
     kv_fp8 = paged and is_fp8(k_cache.dtype)
@@ -212,7 +217,7 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         return out
     head_dim_pad = padded_head_dim(head_dim)
     config = config or prefill_config(head_dim_pad, q.dtype, meta.max_seqlen_k)
-    fresh = paged and not kv_fp8 and all(
+    fresh = paged and not kv_fp8 and split_launch(meta, num_tokens) and all(
         t is not None and t.dtype == k_cache.dtype and t.shape == (num_tokens, num_kv_heads, head_dim)
         and t.stride(-1) == 1 for t in (k, v))
     if fresh:  # sequences with no cached prefix read k and v, the others the cache: two launches
@@ -222,6 +227,17 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         _launch(q, k_src, v_src, meta.block_tables, meta, out, scale, k_scale if kv_fp8 else None,
                 v_scale if kv_fp8 else None, config, prefix=0)
     return out
+
+
+def split_launch(meta: PrefillMetadata, num_tokens: int) -> bool:
+    """Whether a paged step's prefix-free sequences take a launch of their own: when the step has
+    SPLIT_LAUNCH_TOKENS query tokens or more and at least half of them are theirs (or the step does not say how
+    many are). On an H200 at Qwen3-0.6B's shape, reading ~15,000 of them unpaged saves 30-60 us a layer, while a
+    launch costs the host ~25-50 us (a step of 8 x 128 tokens took 102 us with two launches against 52 with one).
+    The start-up warm-up's paged step (`warmup_steps.warm_up_full_steps`) is such a step at the default sizes, so
+    both launches' kernels are compiled before the first request."""
+    known = meta.prefix_free_tokens
+    return known is None or (num_tokens >= SPLIT_LAUNCH_TOKENS and num_tokens <= 2 * known < 2 * num_tokens)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: torch.Tensor | None,
@@ -239,8 +255,9 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: tor
         q, k, v, block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, out, scale * LOG2_E,
         k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0) if paged else 0,
+        prefix,
         GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim), PAGE_SIZE=page_size,
-        PAGED=paged, PREFIX=prefix, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        PAGED=paged, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
