@@ -189,8 +189,8 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     equals cu_seqlens_q). A cache in k's dtype holds exactly k and v for this chunk, so where `split_launch`
     says so a second launch serves the sequences with no cached prefix from k and v (consecutive rows, no
     block-table lookups) and the first only those continuing a prefix: on an H200 at Qwen3-0.6B's shape, a
-    seed-like 16,384-token step with one continued prompt 273 -> 243 us, 16 x 1,024 tokens with one continued
-    402 -> 343 us (RESULTS.md, round thirteen; outputs bit-identical). An FP8 cache is read as stored for every
+    seed-like 16,384-token step with one continued prompt 280 -> 246 us, 16 x 1,024 tokens with one continued
+    402 -> 334 us (RESULTS.md, round thirteen; outputs bit-identical). An FP8 cache is read as stored for every
     sequence, as the reference does. Writes into `out` if given."""
     num_tokens, num_heads, head_dim = q.shape
     paged = meta.block_tables is not None
