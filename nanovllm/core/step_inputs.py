@@ -89,7 +89,7 @@ class StepInputBuilder:
         cu_q, cu_k, tables, context_lens = [0], [0], [], []
         p = batch.num_prefill_seqs
         any_cached = False
-        num_tokens = 0
+        prefix_free_tokens = num_tokens = 0
         prompt_rows, prompt_indices = [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -109,6 +109,7 @@ class StepInputBuilder:
                 cu_q.append(cu_q[-1] + n)
                 cu_k.append(cu_k[-1] + end)
                 any_cached |= start > 0
+                prefix_free_tokens += n if start == 0 else 0
             else:
                 context_lens.append(end)
             tables.append(table)
@@ -129,7 +130,8 @@ class StepInputBuilder:
             prefill = PrefillMetadata(tensor(cu_q, torch.int32), tensor(cu_k, torch.int32),
                                       max(b - a for a, b in zip(cu_q, cu_q[1:])),
                                       max(b - a for a, b in zip(cu_k, cu_k[1:])),
-                                      block_table_tensor(tables[:p]) if any_cached else None)
+                                      block_table_tensor(tables[:p]) if any_cached else None,
+                                      prefix_free_tokens=prefix_free_tokens)
         if len(batch.seqs) > p:
             decode = DecodeMetadata(tensor(context_lens, torch.int32), block_table_tensor(tables[p:]), max(context_lens),
                                     tensor(longest_first(context_lens), torch.int32))

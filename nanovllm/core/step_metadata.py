@@ -23,6 +23,9 @@ class PrefillMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     block_tables: torch.Tensor | None = None  # [num_seqs, max_num_blocks] int32
+    # query tokens of the sequences with no cached prefix (known on the host when the step is built), or None:
+    # not known. Lets a paged kernel decide whether reading those sequences apart is worth a launch
+    prefix_free_tokens: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -8,8 +8,10 @@ sampler at a batch of many rows, pinned host staging buffers and device activati
 allocated cache, and any kernel variant (Triton specialisation, torch.compile graph, library kernel loaded on
 first launch) those sizes select. Here two such steps run through the runner's own launch/wait path, on blocks
 of the fresh cache that nothing references yet (no block manager or prefix cache is involved): a prefix-free
-prefill of `max_num_batched_tokens` tokens over several sequences, then the same sequences continued as
-chunks after a cached first block (the paged path a chunked prefill takes). `warm_up_longest_context` then runs
+prefill of `max_num_batched_tokens` tokens over several sequences, then the same step with its first sequence
+continued after a cached first block: the paged path a chunked prefill or a prefix-cache hit takes, with as many
+prefix-free sequences beside it as a step of new prompts has (the cuda prefill may read those apart, in a launch
+of their own, whose kernel is compiled then). `warm_up_longest_context` then runs
 one chunk at the end of the longest context max_model_len allows: kernels may pick their tiles by a step's longest
 context (the cuda prefill does), and a long prompt must not meet a first compilation.
 """
@@ -67,10 +69,9 @@ def warm_up_full_steps(runner: ModelRunner) -> list[int]:
         seqs.append(seq)
     everyone = [True] * len(seqs)
     run = []
-    for cached in (0, bs):  # prefix-free, then chunks after one cached block: the paged prefill
-        for s in seqs:
-            s.num_computed_tokens = cached
-        batch = ScheduledBatch(seqs, [len(s) - cached for s in seqs], len(seqs), everyone)
+    for continued in (False, True):  # prefix-free, then the first sequence after one cached block: the paged prefill
+        seqs[0].num_computed_tokens = bs if continued else 0
+        batch = ScheduledBatch(seqs, [len(s) - s.num_computed_tokens for s in seqs], len(seqs), everyone)
         runner.wait(runner.launch(batch))
         run.append(batch.num_tokens)
     for s in seqs:

@@ -91,7 +91,7 @@ def compile_all() -> list[tuple[str, dict]]:
                     k = pre._prefill_kernel.warmup(
                         dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, 0.1,
                         torch.float32, torch.float32, 3 * GROUP * row, head_dim, GROUP * row, head_dim,
-                        block_size * row, row, head_dim, block_size * row, row, head_dim, 64,
+                        block_size * row, row, head_dim, row, head_dim, 64, 2,
                         GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
                         DOT_DTYPE=fp8_dot_dtype(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))

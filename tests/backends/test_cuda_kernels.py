@@ -262,6 +262,50 @@ def test_triton_prefill_tiles_for_long_and_short_contexts_match_reference(device
         assert_close(out, ref_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_prefill_reads_this_steps_kv_for_sequences_with_no_cached_prefix(device):
+    """In a paged step a cache in k's dtype holds exactly this chunk's k and v, so a sequence with no cached prefix
+    reads them from k and v, not through the block table; a sequence continuing a prefix reads the cache. Shown by
+    poisoning the cache rows of the prefix-free sequences after their k/v were taken: the output stays the
+    reference's on the intact cache."""
+    from nanovllm.backends.cuda.attention.triton_prefill import paged_prefill
+    g = torch.Generator().manual_seed(5)
+    for dtype in dtypes_for(device):
+        q_lens, cached = [40, 70, 1, 90], [0, 33, 0, 0]
+        meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, True, 4, 2, 64, 16, dtype, device, g)
+        expected = ref_prefill(q, k, v, k_cache, v_cache, meta, 0.125)
+        poisoned_k, poisoned_v = k_cache.clone(), v_cache.clone()
+        for i in (0, 2, 3):
+            used = -(-q_lens[i] // 16)
+            blocks = meta.block_tables[i, :used].long()
+            poisoned_k[blocks] = float("nan")
+            poisoned_v[blocks] = float("nan")
+        out = paged_prefill(q, k, v, poisoned_k, poisoned_v, meta, 0.125)
+        assert_close(out, expected, dtype)
+        poisoned_k[meta.block_tables[1, 0].long()] = float("nan")  # the continued sequence reads its prefix there
+        out = paged_prefill(q, k, v, poisoned_k, poisoned_v, meta, 0.125)
+        assert torch.isnan(out[40:110]).all() and not torch.isnan(out[:40]).any()
+        meta.prefix_free_tokens = 131  # the step says how many: too few tokens for a launch of their own
+        out = paged_prefill(q, k, v, poisoned_k, poisoned_v, meta, 0.125)
+        assert torch.isnan(out).all()
+
+
+def test_prefill_reads_prefix_free_sequences_apart_only_in_big_enough_steps():
+    from nanovllm.backends.cuda.attention.triton_prefill import SPLIT_LAUNCH_TOKENS, split_launch
+    from nanovllm.core.step_metadata import PrefillMetadata
+    n = SPLIT_LAUNCH_TOKENS
+
+    def meta(prefix_free):
+        return PrefillMetadata(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), 1, 1,
+                               torch.zeros(1, 1, dtype=torch.int32), prefix_free)
+    assert split_launch(meta(None), 10)  # not known: read apart (correct either way)
+    assert split_launch(meta(n - 100), n) and split_launch(meta(n // 2), n)
+    assert not split_launch(meta(n // 2 - 1), n)  # fewer than half the tokens
+    assert not split_launch(meta(n - 1), n - 1)  # every sequence prefix-free: nothing to read apart
+    assert not split_launch(meta(0), 2 * n)  # every sequence continued
+    assert not split_launch(meta(100), 128)  # a small step: a second launch costs more than it saves
+
+
 def test_prefill_tiles_follow_the_longest_context():
     from nanovllm.backends.cuda.attention.triton_prefill import SHORT_CONTEXT, PrefillConfig, prefill_config
     long, short = PrefillConfig(128, 64, 8, 3), PrefillConfig(64, 64, 4, 3)

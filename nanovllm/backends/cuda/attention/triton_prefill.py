@@ -4,7 +4,9 @@ Grid (num_heads, num_seqs, query tiles). A program takes BLOCK_M query rows of o
 the chunk is the last len_q positions of a context of len_k tokens, so row r sits at position
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
-Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, an FP8
+Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, K and V share
+each tile's lookup, and a big enough step's sequences with no cached prefix can take a launch of their own
+that reads this step's tensors too (`paged_prefill`, `split_launch`). With one, an FP8
 cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, see triton_decode_tiles), its
 per-KV-head scales folded into the score scale (K) and the output (V): the scores are then the exact products
 of q with the stored values, as in the reference's float32 math on the dequantised cache.
@@ -15,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
-                                                           padded_head_dim, paged_row_offsets)
+from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, aligned_paged_row_offsets, dot_precision,
+                                                           fp8_dot_dtype, head_dim_mask, padded_head_dim,
+                                                           paged_row_offsets)
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import PrefillMetadata
 
@@ -29,6 +32,7 @@ class PrefillConfig:
     num_stages: int
 
 
+SPLIT_LAUNCH_TOKENS = 8192  # query tokens from which a paged step may read its prefix-free sequences apart
 SHORT_CONTEXT = 2048  # longest context (cached prefix + chunk) of a step that takes the short-context tiles
 
 
@@ -79,23 +83,30 @@ def _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mas
 
 
 @triton.jit
-def _kv_rows(block_table_ptr, kv_start, tile_start, kv_end, stride_block, stride_row,
+def _kv_rows(block_table_ptr, row_start, tile_start, kv_end, stride_block, stride_k_row, stride_v_row,
              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Offsets of the K/V rows of context positions tile_start .. tile_start + BLOCK_N - 1."""
-    if PAGED:
-        return paged_row_offsets(block_table_ptr, tile_start, kv_end, stride_block, stride_row, PAGE_SIZE, BLOCK_N)
-    else:  # this step's tensors: the sequence's tokens are consecutive rows from kv_start
-        return (kv_start + tile_start + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_row
+    """Offsets of the K and V rows of context positions tile_start .. tile_start + BLOCK_N - 1."""
+    if PAGED:  # one layout for both caches: the same offsets
+        if (PAGE_SIZE & (PAGE_SIZE - 1)) == 0 and BLOCK_N % PAGE_SIZE == 0:
+            rows = aligned_paged_row_offsets(block_table_ptr, tile_start, kv_end, stride_block, stride_k_row,
+                                             PAGE_SIZE, BLOCK_N)
+        else:
+            rows = paged_row_offsets(block_table_ptr, tile_start, kv_end, stride_block, stride_k_row, PAGE_SIZE,
+                                     BLOCK_N)
+        return rows, rows
+    else:  # this step's tensors: the sequence's tokens are consecutive rows from row_start
+        tokens = (row_start + tile_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        return tokens * stride_k_row, tokens * stride_v_row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["prefix"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
     k_scale_ptr, v_scale_ptr, stride_q_token, stride_q_head, stride_o_token, stride_o_head,
-    stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row, stride_v_head, stride_bt_seq,
+    stride_k_block, stride_k_row, stride_k_head, stride_v_row, stride_v_head, stride_bt_seq, prefix,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -107,6 +118,14 @@ def _prefill_kernel(
         return
     kv_start = tl.load(cu_seqlens_k_ptr + seq)
     context_offset = tl.load(cu_seqlens_k_ptr + seq + 1) - kv_start - q_len  # cached tokens before the chunk
+    # prefix 0: every sequence; 1: only those with no cached prefix; 2: only those with one (a split launch). Not
+    # specialised on: one compiled kernel serves all three
+    if prefix == 1:
+        if context_offset != 0:
+            return
+    if prefix == 2:
+        if context_offset == 0:
+            return
 
     rows = m_start + tl.arange(0, BLOCK_M)
     row_mask = rows < q_len
@@ -134,22 +153,19 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    # rows are looked up one tile ahead so K/V addresses never wait on a block-table load (see decode)
-    k_rows = _kv_rows(block_table_ptr, kv_start, 0, kv_end, stride_k_block, stride_k_row, PAGED, PAGE_SIZE, BLOCK_N)
-    v_rows = _kv_rows(block_table_ptr, kv_start, 0, kv_end, stride_v_block, stride_v_row, PAGED, PAGE_SIZE, BLOCK_N)
+    # rows are looked up one tile ahead so K/V addresses never wait on a block-table load (see decode); unpaged,
+    # a sequence's rows of this step's k/v start at its first query row
+    k_rows, v_rows = _kv_rows(block_table_ptr, q_start, 0, kv_end, stride_k_block, stride_k_row, stride_v_row,
+                              PAGED, PAGE_SIZE, BLOCK_N)
     for tile_start in range(0, full_end, BLOCK_N):
-        next_k_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_k_block, stride_k_row,
-                               PAGED, PAGE_SIZE, BLOCK_N)
-        next_v_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_v_block, stride_v_row,
-                               PAGED, PAGE_SIZE, BLOCK_N)
+        next_k_rows, next_v_rows = _kv_rows(block_table_ptr, q_start, tile_start + BLOCK_N, kv_end, stride_k_block,
+                                            stride_k_row, stride_v_row, PAGED, PAGE_SIZE, BLOCK_N)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start,
                                      positions, kv_end, qk_scale, False, BLOCK_N, DOT_PRECISION)
         k_rows, v_rows = next_k_rows, next_v_rows
     for tile_start in range(full_end, kv_end, BLOCK_N):
-        next_k_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_k_block, stride_k_row,
-                               PAGED, PAGE_SIZE, BLOCK_N)
-        next_v_rows = _kv_rows(block_table_ptr, kv_start, tile_start + BLOCK_N, kv_end, stride_v_block, stride_v_row,
-                               PAGED, PAGE_SIZE, BLOCK_N)
+        next_k_rows, next_v_rows = _kv_rows(block_table_ptr, q_start, tile_start + BLOCK_N, kv_end, stride_k_block,
+                                            stride_k_row, stride_v_row, PAGED, PAGE_SIZE, BLOCK_N)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, k_rows, v_rows, dims, dim_mask, tile_start,
                                      positions, kv_end, qk_scale, True, BLOCK_N, DOT_PRECISION)
         k_rows, v_rows = next_k_rows, next_v_rows
@@ -165,11 +181,17 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
                   out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] of this step;
-    caches: [num_blocks, block_size, num_kv_heads, head_dim] -> [num_tokens, num_heads, head_dim].
+    caches: [num_blocks, block_size, num_kv_heads, head_dim], one layout for both -> [num_tokens, num_heads,
+    head_dim].
 
-    With `meta.block_tables` the whole context (cached prefix + this chunk, already stored) is read from
-    the caches (an FP8 cache with k_scale, v_scale: [num_kv_heads] float32); without it, from k and v (then
-    cu_seqlens_k equals cu_seqlens_q). Writes into `out` if given."""
+    With `meta.block_tables` the context is read through the caches (an FP8 cache with k_scale, v_scale:
+    [num_kv_heads] float32), after this chunk's K/V were stored there; without it, from k and v (then cu_seqlens_k
+    equals cu_seqlens_q). A cache in k's dtype holds exactly k and v for this chunk, so where `split_launch`
+    says so a second launch serves the sequences with no cached prefix from k and v (consecutive rows, no
+    block-table lookups) and the first only those continuing a prefix: on an H200 at Qwen3-0.6B's shape, a
+    seed-like 16,384-token step with one continued prompt 280 -> 246 us, 16 x 1,024 tokens with one continued
+    402 -> 334 us (RESULTS.md, round thirteen; outputs bit-identical). An FP8 cache is read as stored for every
+    sequence, as the reference does. Writes into `out` if given."""
     num_tokens, num_heads, head_dim = q.shape
     paged = meta.block_tables is not None
     kv_fp8 = paged and is_fp8(k_cache.dtype)
@@ -183,6 +205,9 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         raise ValueError(f"prefill: head_dim {head_dim} is over 256")
     if any(t.stride(-1) != 1 for t in (q, k_src, v_src)):
         raise ValueError("prefill: q, k, v and the caches need a unit stride on head_dim")
+    if paged and k_cache.stride() != v_cache.stride():
+        raise ValueError(f"prefill: the K and V caches need one layout (strides {k_cache.stride()} and "
+                         f"{v_cache.stride()})")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -192,25 +217,50 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         return out
     head_dim_pad = padded_head_dim(head_dim)
     config = config or prefill_config(head_dim_pad, q.dtype, meta.max_seqlen_k)
-    if paged:
-        block_tables, page_size = meta.block_tables, k_cache.shape[1]
-        strides_k = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
-        strides_v = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
-    else:  # rows of k/v are tokens; the block-table pointer and strides are unused
-        block_tables, page_size = meta.cu_seqlens_k, 1
-        strides_k = (0, k.stride(0), k.stride(1))
-        strides_v = (0, v.stride(0), v.stride(1))
-    num_m_tiles = triton.cdiv(meta.max_seqlen_q, config.block_m)
-    _prefill_kernel[(num_heads, meta.num_seqs, num_m_tiles)](
-        q, k_src, v_src, block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, out, scale * LOG2_E,
-        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides_k, *strides_v,
-        block_tables.stride(0) if paged else 0,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size, PAGED=paged,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8,
-        DOT_DTYPE=fp8_dot_dtype(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    fresh = paged and not kv_fp8 and split_launch(meta, num_tokens) and all(
+        t is not None and t.dtype == k_cache.dtype and t.shape == (num_tokens, num_kv_heads, head_dim)
+        and t.stride(-1) == 1 for t in (k, v))
+    if fresh:  # sequences with no cached prefix read k and v, the others the cache: two launches
+        _launch(q, k, v, None, meta, out, scale, None, None, config, prefix=1)
+        _launch(q, k_cache, v_cache, meta.block_tables, meta, out, scale, None, None, config, prefix=2)
+    else:
+        _launch(q, k_src, v_src, meta.block_tables, meta, out, scale, k_scale if kv_fp8 else None,
+                v_scale if kv_fp8 else None, config, prefix=0)
     return out
+
+
+def split_launch(meta: PrefillMetadata, num_tokens: int) -> bool:
+    """Whether a paged step's prefix-free sequences take a launch of their own: when the step has
+    SPLIT_LAUNCH_TOKENS query tokens or more and at least half of them are theirs (or the step does not say how
+    many are). On an H200 at Qwen3-0.6B's shape, reading ~15,000 of them unpaged saves 30-60 us a layer, while a
+    launch costs the host ~25-50 us (a step of 8 x 128 tokens took 102 us with two launches against 52 with one).
+    The start-up warm-up's paged step (`warmup_steps.warm_up_full_steps`) is such a step at the default sizes, so
+    both launches' kernels are compiled before the first request."""
+    known = meta.prefix_free_tokens
+    return known is None or (num_tokens >= SPLIT_LAUNCH_TOKENS and num_tokens <= 2 * known < 2 * num_tokens)
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: torch.Tensor | None,
+            meta: PrefillMetadata, out: torch.Tensor, scale: float, k_scale: torch.Tensor | None,
+            v_scale: torch.Tensor | None, config: PrefillConfig, prefix: int) -> None:
+    """One launch of the kernel over every sequence of the step (those of `prefix`, see the kernel): K/V from
+    caches through `block_tables` (FP8 with scales), or from this step's k and v when it is None."""
+    paged, kv_fp8 = block_tables is not None, k_scale is not None
+    if paged:  # [num_blocks, block_size, num_kv_heads, head_dim], one layout for K and V
+        page_size, strides = k.shape[1], (k.stride(0), k.stride(1), k.stride(2), v.stride(1), v.stride(2))
+    else:  # [num_tokens, num_kv_heads, head_dim]: rows are tokens; the table pointer and block stride are unused
+        block_tables, page_size, strides = meta.cu_seqlens_k, 1, (0, k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _prefill_kernel[(num_heads, meta.num_seqs, triton.cdiv(meta.max_seqlen_q, config.block_m))](
+        q, k, v, block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, out, scale * LOG2_E,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0) if paged else 0,
+        prefix,
+        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim), PAGE_SIZE=page_size,
+        PAGED=paged, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
