@@ -1,4 +1,6 @@
 """Pieces shared by the Triton attention kernels: paged-cache addressing, head-dim padding, dot precision."""
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +74,7 @@ def widen_fp8_pairs(words, FP8_DTYPE: tl.constexpr, ASM: tl.constexpr):
     return even, odd
 
 
+@cache  # called on every eager launch (prefill): a dict lookup, not triton's helper
 def padded_head_dim(head_dim: int) -> int:
     """tl.arange needs a power of two and tl.dot a reduction of >= 16: head dims are padded to one."""
     return max(16, triton.next_power_of_2(head_dim))

@@ -221,11 +221,11 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         t is not None and t.dtype == k_cache.dtype and t.shape == (num_tokens, num_kv_heads, head_dim)
         and t.stride(-1) == 1 for t in (k, v))
     if fresh:  # sequences with no cached prefix read k and v, the others the cache: two launches
-        _launch(q, k, v, None, meta, out, scale, None, None, config, prefix=1)
-        _launch(q, k_cache, v_cache, meta.block_tables, meta, out, scale, None, None, config, prefix=2)
+        _launch(q, k, v, None, meta, out, scale, None, None, config, head_dim_pad, prefix=1)
+        _launch(q, k_cache, v_cache, meta.block_tables, meta, out, scale, None, None, config, head_dim_pad, prefix=2)
     else:
         _launch(q, k_src, v_src, meta.block_tables, meta, out, scale, k_scale if kv_fp8 else None,
-                v_scale if kv_fp8 else None, config, prefix=0)
+                v_scale if kv_fp8 else None, config, head_dim_pad, prefix=0)
     return out
 
 
@@ -242,7 +242,7 @@ def split_launch(meta: PrefillMetadata, num_tokens: int) -> bool:
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: torch.Tensor | None,
             meta: PrefillMetadata, out: torch.Tensor, scale: float, k_scale: torch.Tensor | None,
-            v_scale: torch.Tensor | None, config: PrefillConfig, prefix: int) -> None:
+            v_scale: torch.Tensor | None, config: PrefillConfig, head_dim_pad: int, prefix: int) -> None:
     """One launch of the kernel over every sequence of the step (those of `prefix`, see the kernel): K/V from
     caches through `block_tables` (FP8 with scales), or from this step's k and v when it is None."""
     paged, kv_fp8 = block_tables is not None, k_scale is not None
@@ -256,7 +256,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: tor
         k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0) if paged else 0,
         prefix,
-        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim), PAGE_SIZE=page_size,
+        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         PAGED=paged, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
