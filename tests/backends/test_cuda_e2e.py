@@ -162,3 +162,38 @@ def test_long_contexts_compile_nothing_after_start_up(tmp_path_factory):
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert all(len(o["token_ids"]) == GREEDY.max_tokens for o in outputs)
     assert compiled_variants() == before, "a kernel variant was compiled after start-up"
+
+
+def test_big_mixed_prefill_steps_read_new_prompts_apart(tmp_path_factory, monkeypatch):
+    """A prefill step of >= 8,192 tokens that continues one prompt and starts others (the seed benchmark's later
+    prefill steps) reads the new prompts' K/V from the step's tensors in a launch of their own
+    (triton_prefill.split_launch). Its kernels compile at start-up (the warm-up's paged step is such a step), and
+    the greedy tokens equal those of a run that reads every sequence through the block table."""
+    from nanovllm.backends.cuda.attention import triton_prefill
+    from nanovllm.testing.tiny_models import make_tiny_model
+    model = make_tiny_model(str(tmp_path_factory.mktemp("qwen3_hd128_split")), "qwen3", head_dim=128)
+    prompts = random_prompts(48, 512, (400, 800), seed=21)  # ~29,000 tokens: the second 16,384-token step is mixed
+    launches = []
+    launch = triton_prefill._launch
+
+    def recorded(*args, prefix, **kwargs):
+        launches.append(prefix)
+        return launch(*args, prefix=prefix, **kwargs)
+    monkeypatch.setattr(triton_prefill, "_launch", recorded)
+
+    def run():
+        llm = LLM(model, backend="cuda", dtype="bfloat16", max_model_len=1024, num_kvcache_blocks=4096,
+                  max_num_seqs=64)
+        before = compiled_variants()
+        launches.clear()
+        tokens = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert compiled_variants() == before, "a kernel variant was compiled after start-up"
+        llm.close()
+        return tokens
+
+    split = run()
+    assert 1 in launches and 2 in launches
+    monkeypatch.setattr(triton_prefill, "SPLIT_LAUNCH_TOKENS", 1 << 30)
+    whole = run()
+    assert 1 not in launches and 0 in launches
+    assert split == whole
