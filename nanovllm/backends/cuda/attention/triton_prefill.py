@@ -5,11 +5,11 @@ the chunk is the last len_q positions of a context of len_k tokens, so row r sit
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
 Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, K and V share
-each tile's lookup, and a big enough step's sequences with no cached prefix can take a launch of their own
-that reads this step's tensors too (`paged_prefill`, `split_launch`). With one, an FP8
-cache is read as FP8 and widened in registers to float16 (exact for both FP8 formats, see triton_decode_tiles), its
-per-KV-head scales folded into the score scale (K) and the output (V): the scores are then the exact products
-of q with the stored values, as in the reference's float32 math on the dequantised cache.
+each tile's lookup; a big enough step's sequences with no cached prefix take a launch of their own that reads
+this step's tensors (`paged_prefill`, `split_launch`); and an FP8 cache is read as FP8 and widened in registers
+to float16 (exact for both FP8 formats, see triton_decode_tiles), its per-KV-head scales folded into the score
+scale (K) and the output (V): the scores are then the exact products of q with the stored values, as in the
+reference's float32 math on the dequantised cache.
 """
 from dataclasses import dataclass
 
@@ -232,7 +232,7 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
 def split_launch(meta: PrefillMetadata, num_tokens: int) -> bool:
     """Whether a paged step's prefix-free sequences take a launch of their own: when the step has
     SPLIT_LAUNCH_TOKENS query tokens or more and at least half of them are theirs (or the step does not say how
-    many are). On an H200 at Qwen3-0.6B's shape, reading ~15,000 of them unpaged saves 30-60 us a layer, while a
+    many are). On an H200 at Qwen3-0.6B's shape, reading ~15,000 of them unpaged saved 34-68 us a layer, while a
     launch costs the host ~25-50 us (a step of 8 x 128 tokens took 102 us with two launches against 52 with one).
     The start-up warm-up's paged step (`warmup_steps.warm_up_full_steps`) is such a step at the default sizes, so
     both launches' kernels are compiled before the first request."""
