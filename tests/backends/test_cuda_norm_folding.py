@@ -97,3 +97,56 @@ def test_fold_refused_where_it_does_not_apply(models, tmp_path):
     assert fold_norms(torch.nn.Linear(2, 2)) == "Linear is not a decoder of models/decoder.py"
     folded = fold_engine(engine(models["llama"])).engine.runner.model
     assert fold_norms(folded).startswith("its forward was replaced already")  # never folded twice
+
+
+class _Stream:
+    """A stand-in for torch.cuda.Stream on a machine without CUDA: work runs in call order."""
+    def __init__(self, *args):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+def test_two_half_batches_give_the_whole_batch_hidden_states(models, monkeypatch):
+    """backends/cuda/two_streams.py on the CPU (streams stood in for: the kernels run in call order): a decode step
+    of 5 rows as halves of 2 and 3 rows gives the folded forward's hidden states, with K/V stored alike."""
+    import contextlib
+    from nanovllm.backends.cuda import two_streams
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    llm = fold_engine(engine(models["qwen3"]))
+    eng, runner = llm.engine, llm.engine.runner
+    for prompt in random_prompts(5, 512, (3, 40), seed=6):
+        eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    batch = eng.scheduler.schedule()
+    assert len(batch.seqs) == 5 and all(s.num_output_tokens for s in batch.seqs)
+    ids, pos, meta, _ = runner.prepare(batch)
+    with torch.inference_mode():
+        want = runner.model(ids, pos, meta)
+        k_cache = runner.attention_layers[1].k_cache
+        cache = k_cache.clone()
+        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = 0  # the halves must store this step's K again
+        halves = two_streams.split_decode_meta(meta, 2)
+        got = two_streams.TwoStreamDecode(runner.model, torch.device("cpu"))(ids, pos, halves)
+    assert [h.decode.context_lens.tolist() for h in halves] == [meta.decode.context_lens[:2].tolist(),
+                                                                  meta.decode.context_lens[2:].tolist()]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, cache, rtol=1e-5, atol=1e-5, equal_nan=True)  # never-written blocks: NaN
+
+
+def test_two_streams_refused_where_they_do_not_apply(models):
+    from nanovllm.backends.cuda.two_streams import TwoStreamDecode, split_decode_meta, why_not_two_streams
+    unfolded = engine(models["qwen3"]).engine.runner.model
+    assert why_not_two_streams(unfolded).startswith("its RMSNorms are not folded")
+    with pytest.raises(ValueError, match="cannot run on two streams: its RMSNorms are not folded"):
+        TwoStreamDecode(unfolded, torch.device("cpu"))
+    llm = engine(models["qwen3"])
+    llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    batch = llm.engine.scheduler.schedule()
+    _, _, prefill, _ = llm.engine.runner.prepare(batch)
+    with pytest.raises(ValueError, match="only decode steps"):
+        split_decode_meta(prefill, 1)
