@@ -40,17 +40,6 @@ class Switch:
             raise ValueError(f"{name}={value!r} is invalid: expected on or off (True/False, or 1/0)")
 
 
-@dataclass(frozen=True)
-class Count:
-    """A backend option that is a whole number >= 0, e.g. a batch size from which something runs (0: never)."""
-    default: int
-    help: str = ""
-
-    def check(self, name: str, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r} is invalid: expected a whole number >= 0")
-
-
 class Backend:
     name: str = ""
     device_type: str = "cpu"

@@ -51,24 +51,13 @@ def test_norms_folded_by_default_and_unfolded_by_option(tiny_qwen3, prompts, ref
     assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_two_stream_decode_graphs(tiny_qwen3, prompts, reference, dtype):
-    """backends/cuda/two_streams.py: with two_stream_batch=2 every decode graph runs two half-batches on two
-    streams. float32 gives cpu_ref's greedy tokens; bfloat16 the tokens of the same engine on one stream, except
-    where a half-batch product rounds differently (at most a few tokens after the first differing one)."""
-    def run(**options):
-        llm = LLM(tiny_qwen3, backend="cuda", dtype=dtype, max_model_len=1024, num_kvcache_blocks=512,
-                  max_num_seqs=16, **options)
-        return llm, [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    llm, got = run(two_stream_batch=2)
-    graphs = llm.engine.runner.graphs
-    assert graphs.two_streams is not None and graphs.two_stream_batch == 2
-    if dtype == "float32":
-        assert got == reference
-    else:
-        _, want = run()
-        same = sum(a[:4] == b[:4] for a, b in zip(got, want))
-        assert same >= len(want) - 1, (got, want)
+def test_decode_graphs_prefetching_weights(tiny_qwen3, prompts, reference):
+    """backends/cuda/l2_prefetch.py: with prefetch_weights on, the decode graphs prefetch each layer's next weights
+    beside its attention; the tokens are cpu_ref's."""
+    llm = LLM(tiny_qwen3, backend="cuda", dtype="float32", max_model_len=1024, num_kvcache_blocks=512,
+              max_num_seqs=16, prefetch_weights=True)
+    assert llm.engine.runner.graphs.prefetch is not None
+    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
 
 
 def test_plain_decode_steps_sample_inside_the_graphs(tiny_qwen3, prompts, reference):

@@ -108,11 +108,12 @@ class _Stream:
         pass
 
 
-def test_two_half_batches_give_the_whole_batch_hidden_states(models, monkeypatch):
-    """backends/cuda/two_streams.py on the CPU (streams stood in for: the kernels run in call order): a decode step
-    of 5 rows as halves of 2 and 3 rows gives the folded forward's hidden states, with K/V stored alike."""
+def test_prefetching_decode_gives_the_folded_forward(models, monkeypatch):
+    """backends/cuda/l2_prefetch.py on the CPU (streams stood in for; the prefetch kernel runs interpreted, its
+    prefetch instructions left out): the forward it drives gives the folded forward's hidden states and K/V, and
+    each layer's launch names the weights read after its attention."""
     import contextlib
-    from nanovllm.backends.cuda import two_streams
+    from nanovllm.backends.cuda import l2_prefetch
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -125,28 +126,29 @@ def test_two_half_batches_give_the_whole_batch_hidden_states(models, monkeypatch
     batch = eng.scheduler.schedule()
     assert len(batch.seqs) == 5 and all(s.num_output_tokens for s in batch.seqs)
     ids, pos, meta, _ = runner.prepare(batch)
+    prefetch = l2_prefetch.PrefetchingDecode(runner.model, torch.device("cpu"))
+    launched = []
+    monkeypatch.setattr(prefetch, "launch", lambda i: (launched.append(i), type(prefetch).launch(prefetch, i)))
     with torch.inference_mode():
         want = runner.model(ids, pos, meta)
         k_cache = runner.attention_layers[1].k_cache
         cache = k_cache.clone()
-        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = 0  # the halves must store this step's K again
-        halves = two_streams.split_decode_meta(meta, 2)
-        got = two_streams.TwoStreamDecode(runner.model, torch.device("cpu"))(ids, pos, halves)
-    assert [h.decode.context_lens.tolist() for h in halves] == [meta.decode.context_lens[:2].tolist(),
-                                                                  meta.decode.context_lens[2:].tolist()]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k_cache, cache, rtol=1e-5, atol=1e-5, equal_nan=True)  # never-written blocks: NaN
+        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = 0  # it must store this step's K again
+        got = prefetch(ids, pos, meta)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(k_cache, cache, rtol=0, atol=0, equal_nan=True)  # never-written blocks: NaN
+    layers = runner.model.model.layers
+    assert launched == list(range(len(layers)))
+    first = [layers[0].self_attn.o_proj.weight, layers[0].mlp.gate_up_proj.weight, layers[0].mlp.down_proj.weight,
+             layers[1].self_attn.qkv_proj.weight]
+    assert prefetch.addrs[0].tolist() == [w.data_ptr() for w in first]
+    assert prefetch.lines[0].tolist() == [-(-w.numel() * w.element_size() // 128) for w in first]
+    assert prefetch.lines[-1].tolist()[-1] == 0  # nothing after the last layer's down product
 
 
-def test_two_streams_refused_where_they_do_not_apply(models):
-    from nanovllm.backends.cuda.two_streams import TwoStreamDecode, split_decode_meta, why_not_two_streams
+def test_prefetch_refused_where_it_does_not_apply(models):
+    from nanovllm.backends.cuda.l2_prefetch import PrefetchingDecode, why_not_prefetch
     unfolded = engine(models["qwen3"]).engine.runner.model
-    assert why_not_two_streams(unfolded).startswith("its RMSNorms are not folded")
-    with pytest.raises(ValueError, match="cannot run on two streams: its RMSNorms are not folded"):
-        TwoStreamDecode(unfolded, torch.device("cpu"))
-    llm = engine(models["qwen3"])
-    llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
-    batch = llm.engine.scheduler.schedule()
-    _, _, prefill, _ = llm.engine.runner.prepare(batch)
-    with pytest.raises(ValueError, match="only decode steps"):
-        split_decode_meta(prefill, 1)
+    assert why_not_prefetch(unfolded).startswith("its RMSNorms are not folded")
+    with pytest.raises(ValueError, match="cannot prefetch weights: its RMSNorms are not folded"):
+        PrefetchingDecode(unfolded, torch.device("cpu"))

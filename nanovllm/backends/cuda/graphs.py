@@ -14,7 +14,7 @@ what made them other (a top-p sort, logprobs, penalties).
 """
 import torch
 
-from nanovllm.backends.cuda.two_streams import TwoStreamDecode, split_decode_meta, why_not_two_streams
+from nanovllm.backends.cuda.l2_prefetch import PrefetchingDecode, why_not_prefetch
 from nanovllm.core.decode_record import DecodeRecord
 from nanovllm.core.logging import get_logger
 from nanovllm.core.sampler import SamplingTensors
@@ -24,7 +24,7 @@ logger = get_logger(__name__)
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, batch_sizes: list[int], two_stream_batch: int = 0):
+    def __init__(self, runner, batch_sizes: list[int], prefetch_weights: bool | str = False):
         self.batch_sizes = sorted(batch_sizes)
         self.max_batch_size = self.batch_sizes[-1]
         n, width, dev = self.max_batch_size, runner.max_num_blocks_per_seq, runner.device
@@ -51,12 +51,12 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.turn = 0
         model, max_len = runner.model, runner.config.max_model_len
-        self.two_streams, self.two_stream_batch = None, max(two_stream_batch, 2)
-        why = why_not_two_streams(model) if two_stream_batch else ""
+        self.prefetch = None
+        why = why_not_prefetch(model) if prefetch_weights else ""
         if why:
-            logger.info("two_stream_batch=%d is not used: %s", two_stream_batch, why)
-        elif two_stream_batch and self.max_batch_size >= self.two_stream_batch:
-            self.two_streams = TwoStreamDecode(model, dev)
+            logger.info("prefetch_weights is not used: %s", why)
+        elif prefetch_weights:
+            self.prefetch = PrefetchingDecode(model, dev, evict_last=prefetch_weights != "normal")
         sampler = runner.sampler if runner.plan.choices["sampler"].impl.graph_safe else None
         self.samples = False
         pool = None
@@ -78,16 +78,14 @@ class CudaGraphRunner:
                     pool = graph.pool()
                     self.graphs[bs, instance], self.logits[bs, instance] = graph, logits
         torch.cuda.synchronize(dev)
-        two = "" if self.two_streams is None else f", from {self.two_stream_batch} rows as two halves on two streams"
         logger.info("captured CUDA graphs for decode batch sizes %s%s%s", self.batch_sizes,
-                    ", sampling inside them" if self.samples else "", two)
+                    ", sampling inside them" if self.samples else "",
+                    ", prefetching weights into L2 beside attention" if self.prefetch else "")
 
     def _forward(self, model, bs: int, meta: StepMetadata) -> torch.Tensor:
-        """The decoder's hidden states for a graph of `bs` rows (two half-batches on two streams from
-        two_stream_batch rows)."""
-        if self.two_streams is not None and bs >= self.two_stream_batch:
-            return self.two_streams(self.input_ids[:bs], self.positions[:bs], split_decode_meta(meta, bs // 2))
-        return model(self.input_ids[:bs], self.positions[:bs], meta)
+        """The decoder's hidden states for a graph of `bs` rows."""
+        forward = model if self.prefetch is None else self.prefetch
+        return forward(self.input_ids[:bs], self.positions[:bs], meta)
 
     def _meta(self, bs: int, max_context_len: int) -> StepMetadata:
         # no seq_order: decode kernels start programs in batch order, which the scheduler makes longest first

@@ -9,7 +9,7 @@ import importlib.util
 import torch
 
 import nanovllm
-from nanovllm.core.backend import Backend, Count, Fraction, Switch
+from nanovllm.core.backend import Backend, Fraction, Switch
 from nanovllm.core.logging import get_logger
 
 logger = get_logger(__name__)
@@ -32,9 +32,8 @@ class CudaBackend(Backend):
     options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use"),
                "fold_norms": Switch(True, "fold each layer's RMSNorms into the kernels around them (7 launches a "
                                           "layer instead of 9; backends/cuda/norm_folding.py)"),
-               "two_stream_batch": Count(0, "decode graphs of at least this many rows run as two half-batches on "
-                                            "two streams, one half's products beside the other's attention (0: "
-                                            "never; backends/cuda/two_streams.py)")}
+               "prefetch_weights": Switch(False, "decode graphs prefetch each layer's next weights into L2 beside its "
+                                                 "attention (backends/cuda/l2_prefetch.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -104,7 +103,7 @@ class CudaBackend(Backend):
                            "eagerly", ", ".join(unsafe))
             return None
         from nanovllm.backends.cuda.graphs import CudaGraphRunner
-        return CudaGraphRunner(runner, batch_sizes, self.option(runner.config, "two_stream_batch"))
+        return CudaGraphRunner(runner, batch_sizes, bool(self.option(runner.config, "prefetch_weights")))
 
     def device_name(self, device: torch.device) -> str:
         return torch.cuda.get_device_name(device)

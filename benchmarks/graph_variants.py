@@ -1,10 +1,11 @@
-"""Decode graphs on one stream against two half-batches on two streams (backends/cuda/two_streams.py); GPU only.
+"""Decode graphs with and without the L2 weight prefetch (backends/cuda/l2_prefetch.py), GPU only.
 
 For each batch size: that many sequences of --context/2 to --context prompt tokens, decoding; one decode step
-is prepared in the graphs' static record, then a one-stream graph and a two-stream graph of that size replay it
-in turn (--rounds x --replays, CUDA events). Prints us a step for each, the ratio, and how close their logits are.
+is prepared in the graphs' static record, then graphs of that size without the prefetch, with a plain prefetch and
+with an evict_last prefetch replay it in turn (--rounds x --replays, CUDA events). Prints us a step for each, the
+ratios to the first, and how close their logits are to the first's.
 
-    python benchmarks/two_streams.py --config ../shared/models/qwen3-0.6b/config.json [--kv-cache-dtype fp8]
+    python benchmarks/graph_variants.py --config ../shared/models/qwen3-0.6b/config.json [--kv-cache-dtype fp8]
 """
 import argparse
 import json
@@ -34,7 +35,7 @@ def main():
     p.add_argument("--replays", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kv-cache-dtype", default="auto")
-    p.add_argument("--json", help="write the rows here (a list of {batch, one_us, two_us})")
+    p.add_argument("--json", help="write the rows here (a list of {batch, variant: us})")
     args = p.parse_args()
     from nanovllm.backends.cuda.graphs import CudaGraphRunner
     batches = [int(b) for b in args.batches.split(",")]
@@ -45,7 +46,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, KV {args.kv_cache_dtype}, contexts {args.context // 2}-{args.context}")
     rows = []
-    print("batch | one stream us | two streams us | two / one | max |logit diff| | argmax agree")
+    names = {"off": False, "normal": "normal", "evict_last": True}
+    print("batch | " + " | ".join(f"{n} us" for n in names) + " | ratios to off | max |logit diff| | argmax agree")
     for bs in batches:
         params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=100_000)
         seqs = [engine.add_request(torch.randint(0, 10000, (int(n),), generator=g).tolist(), params)
@@ -53,21 +55,23 @@ def main():
         while sched.waiting or any(s.num_output_tokens == 0 for s in seqs):
             engine.step()
         torch.cuda.synchronize()
-        variants = {two: CudaGraphRunner(runner, [bs], two) for two in (0, 2)}
+        sizes = sorted({bs, max(batches)})  # the largest: the graphs' record is the step builder's, sized for it
+        variants = {name: CudaGraphRunner(runner, sizes, value) for name, value in names.items()}
         batch = sched.schedule()
         assert len(batch.seqs) == bs and not batch.is_prefill
         ids, pos, meta, _ = runner.prepare(batch)
-        assert ids.data_ptr() == variants[0].input_ids.data_ptr(), "the step was not built in the graphs' record"
-        times = {two: [] for two in variants}
+        assert ids.data_ptr() == variants["off"].input_ids.data_ptr(), "the step was not built in the graphs' record"
+        times = {name: [] for name in variants}
         for _ in range(args.rounds):
-            for two, v in variants.items():
-                times[two].append(replay_us(v.graphs[bs, 0], args.replays))
-        one, two = (min(times[t]) for t in (0, 2))
-        a, b = (variants[t].logits[bs, 0].float() for t in (0, 2))
-        agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-        print(f"{bs} | {one:.1f} | {two:.1f} | {two / one:.3f} | {(a - b).abs().max().item():.3g} | {agree:.3f}",
-              flush=True)
-        rows.append({"batch": bs, "one_us": one, "two_us": two})
+            for name, v in variants.items():
+                times[name].append(replay_us(v.graphs[bs, 0], args.replays))
+        best = {name: min(t) for name, t in times.items()}
+        logits = {name: v.logits[bs, 0].float() for name, v in variants.items()}
+        diff = max((logits[n] - logits["off"]).abs().max().item() for n in names)
+        agree = min((logits[n].argmax(-1) == logits["off"].argmax(-1)).float().mean().item() for n in names)
+        print(f"{bs} | " + " | ".join(f"{best[n]:.1f}" for n in names) + " | "
+              + " ".join(f"{best[n] / best['off']:.3f}" for n in names) + f" | {diff:.3g} | {agree:.3f}", flush=True)
+        rows.append({"batch": bs, **best})
         sched.postprocess(batch, [0] * bs)
         runner.inputs.pad_sizes = runner.graphs.batch_sizes  # the engine's own graphs again
         del variants
