@@ -166,11 +166,6 @@ def compile_all() -> list[tuple[str, dict]]:
             BM=c.block_m, BN=c.block_n, BK=c.block_k, SPLIT_K=c.split_k, SWAP=c.swap, GLU=glu,
             num_warps=c.warps, num_stages=c.stages, grid=(1,))
         out.append((f"linear {n}x{k_dim} {tuple(c)}{' +silu' if glu else ''}", resources(k)))
-    from nanovllm.backends.cuda import l2_prefetch
-    for evict_last in (True, False):
-        k = l2_prefetch._prefetch_kernel.warmup(torch.int64, torch.int64, BLOCK=256, LINE_BYTES=l2_prefetch.LINE,
-                                                EVICT_LAST=evict_last, ASM=True, num_warps=4, grid=(1,))
-        out.append((f"L2 prefetch{' evict_last' if evict_last else ''}", resources(k)))
     return out
 
 

@@ -51,15 +51,6 @@ def test_norms_folded_by_default_and_unfolded_by_option(tiny_qwen3, prompts, ref
     assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
 
 
-def test_decode_graphs_prefetching_weights(tiny_qwen3, prompts, reference):
-    """backends/cuda/l2_prefetch.py: with prefetch_weights on, the decode graphs prefetch each layer's next weights
-    beside its attention; the tokens are cpu_ref's."""
-    llm = LLM(tiny_qwen3, backend="cuda", dtype="float32", max_model_len=1024, num_kvcache_blocks=512,
-              max_num_seqs=16, prefetch_weights=True)
-    assert llm.engine.runner.graphs.prefetch is not None
-    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
-
-
 def test_plain_decode_steps_sample_inside_the_graphs(tiny_qwen3, prompts, reference):
     """Greedy decode steps take the captured sampler's tokens (equal to cpu_ref's); sampled ones draw fresh tokens
     each step; a step whose requests ask for logprobs samples the graph's logits outside, to the same tokens."""

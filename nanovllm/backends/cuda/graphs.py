@@ -14,7 +14,6 @@ what made them other (a top-p sort, logprobs, penalties).
 """
 import torch
 
-from nanovllm.backends.cuda.l2_prefetch import PrefetchingDecode, why_not_prefetch
 from nanovllm.core.decode_record import DecodeRecord
 from nanovllm.core.logging import get_logger
 from nanovllm.core.sampler import SamplingTensors
@@ -24,7 +23,7 @@ logger = get_logger(__name__)
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, batch_sizes: list[int], prefetch_weights: bool | str = False):
+    def __init__(self, runner, batch_sizes: list[int]):
         self.batch_sizes = sorted(batch_sizes)
         self.max_batch_size = self.batch_sizes[-1]
         n, width, dev = self.max_batch_size, runner.max_num_blocks_per_seq, runner.device
@@ -51,19 +50,13 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.turn = 0
         model, max_len = runner.model, runner.config.max_model_len
-        self.prefetch = None
-        why = why_not_prefetch(model) if prefetch_weights else ""
-        if why:
-            logger.info("prefetch_weights is not used: %s", why)
-        elif prefetch_weights:
-            self.prefetch = PrefetchingDecode(model, dev, evict_last=prefetch_weights != "normal")
         sampler = runner.sampler if runner.plan.choices["sampler"].impl.graph_safe else None
         self.samples = False
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.batch_sizes):
                 meta = self._meta(bs, max_len)
-                logits = model.compute_logits(self._forward(model, bs, meta))  # warm-up
+                logits = model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))  # warm-up
                 # under tensor parallelism only rank 0 has logits, and only it samples
                 self.samples = sampler is not None and logits is not None
                 params = SamplingTensors(self.temperatures[:bs], seed=runner.sampling.seed)
@@ -72,20 +65,14 @@ class CudaGraphRunner:
                 for instance in range(2):
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool):
-                        logits = model.compute_logits(self._forward(model, bs, meta))
+                        logits = model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
                         if self.samples:
                             self.tokens[bs, instance] = sampler(logits, params)
                     pool = graph.pool()
                     self.graphs[bs, instance], self.logits[bs, instance] = graph, logits
         torch.cuda.synchronize(dev)
-        logger.info("captured CUDA graphs for decode batch sizes %s%s%s", self.batch_sizes,
-                    ", sampling inside them" if self.samples else "",
-                    ", prefetching weights into L2 beside attention" if self.prefetch else "")
-
-    def _forward(self, model, bs: int, meta: StepMetadata) -> torch.Tensor:
-        """The decoder's hidden states for a graph of `bs` rows."""
-        forward = model if self.prefetch is None else self.prefetch
-        return forward(self.input_ids[:bs], self.positions[:bs], meta)
+        logger.info("captured CUDA graphs for decode batch sizes %s%s", self.batch_sizes,
+                    ", sampling inside them" if self.samples else "")
 
     def _meta(self, bs: int, max_context_len: int) -> StepMetadata:
         # no seq_order: decode kernels start programs in batch order, which the scheduler makes longest first

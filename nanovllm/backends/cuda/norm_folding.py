@@ -78,27 +78,16 @@ def folded_forward(decoder, input_ids: torch.Tensor, positions: torch.Tensor, me
 
 def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta) -> None:
     """r += o_proj(attention(q, k, v)), with q, k, v = s(r) * (W_qkv g1) r."""
-    attention_output(layer, r, meta, *attention_inputs(layer, positions, r, meta))
-
-
-def attention_inputs(layer, positions: torch.Tensor, r: torch.Tensor, meta) -> tuple:
-    """(q, k, v, stored) of the layer's attention: q, k, v = s(r) * (W_qkv g1) r, q/k normed and rotated, K and V in
-    the cache when there is one (stored)."""
     sa, eps = layer.self_attn, layer.input_layernorm.eps
     q, k, v = sa.split_qkv(sa.qkv_proj(r))
     if sa.attn.k_cache.numel():
         q, k = sa.qk_transform_store(positions, q, k, v, meta, row_scale_of=r, row_eps=eps)
-        return q, k, v, True  # with a prefill, v was scaled in place
-    # the memory warm-up, before the KV cache exists
-    scale = torch.rsqrt(r.float().pow(2).mean(-1, keepdim=True) + eps)[:, :, None]
-    q, k, v = ((t.float() * scale).to(t.dtype) for t in (q, k, v))
-    return *sa.qk_transform(positions, q, k), v, False
-
-
-def attention_output(layer, r: torch.Tensor, meta, q, k, v, stored: bool) -> None:
-    """r += o_proj(attention(q, k, v))."""
-    sa = layer.self_attn
-    add_product(sa.o_proj, sa.attn(q, k, v, meta, stored=stored).flatten(1), r)
+        out = sa.attn(q, k, v, meta, stored=True)  # with a prefill, v was scaled in place
+    else:  # the memory warm-up, before the KV cache exists
+        scale = torch.rsqrt(r.float().pow(2).mean(-1, keepdim=True) + eps)[:, :, None]
+        q, k, v = ((t.float() * scale).to(t.dtype) for t in (q, k, v))
+        out = sa.attn(*sa.qk_transform(positions, q, k), v, meta)
+    add_product(sa.o_proj, out.flatten(1), r)
 
 
 def mlp_block(layer, r: torch.Tensor) -> None:
@@ -116,9 +105,3 @@ def add_product(linear, x: torch.Tensor, residual: torch.Tensor) -> None:
         residual.add_(matmul(x, linear.weight, config))
     else:
         residual.addmm_(x, linear.weight.t())
-
-
-def is_folded(decoder) -> bool:
-    """Whether `decoder` (a DecoderModel) runs the folded forward (`fold_norms` did fold it)."""
-    forward = vars(decoder).get("forward")
-    return getattr(forward, "__func__", None) is folded_forward

@@ -31,9 +31,7 @@ class CudaBackend(Backend):
     block_table_multiple = 16  # Triton specialises on a stride's divisibility by 16: a fixed multiple, one variant
     options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use"),
                "fold_norms": Switch(True, "fold each layer's RMSNorms into the kernels around them (7 launches a "
-                                          "layer instead of 9; backends/cuda/norm_folding.py)"),
-               "prefetch_weights": Switch(False, "decode graphs prefetch each layer's next weights into L2 beside its "
-                                                 "attention (backends/cuda/l2_prefetch.py)")}
+                                          "layer instead of 9; backends/cuda/norm_folding.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -103,7 +101,7 @@ class CudaBackend(Backend):
                            "eagerly", ", ".join(unsafe))
             return None
         from nanovllm.backends.cuda.graphs import CudaGraphRunner
-        return CudaGraphRunner(runner, batch_sizes, bool(self.option(runner.config, "prefetch_weights")))
+        return CudaGraphRunner(runner, batch_sizes)
 
     def device_name(self, device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
