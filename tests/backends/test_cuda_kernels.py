@@ -301,7 +301,8 @@ def test_prefill_reads_prefix_free_sequences_apart_only_in_big_enough_steps():
     assert split_launch(meta(None), 10)  # not known: read apart (correct either way)
     assert split_launch(meta(n - 100), n) and split_launch(meta(n // 2), n)
     assert not split_launch(meta(n // 2 - 1), n)  # fewer than half the tokens
-    assert not split_launch(meta(n - 1), n - 1)  # every sequence prefix-free: nothing to read apart
+    assert not split_launch(meta(n), n)  # every sequence prefix-free: nothing to read apart
+    assert not split_launch(meta(n - 100), n - 1)  # fewer tokens than a launch of their own pays for
     assert not split_launch(meta(0), 2 * n)  # every sequence continued
     assert not split_launch(meta(100), 128)  # a small step: a second launch costs more than it saves
 
