@@ -158,14 +158,34 @@ def compile_all() -> list[tuple[str, dict]]:
     cases += [(4096, 1024, Config(64, 64, 128, 2, 4, 4, swap=True), False),
               (3072, 1024, Config(64, 64, 128, 2, 8, 4, swap=True), True),
               (3072, 1024, Config(64, 64, 128, 1, 4, 4), True)]
-    for n, k_dim, c, glu in cases:
+    # the fused gate/up + row-scaled SiLU: GLU_TABLE's configurations and what benchmarks/fused_products.py sweeps
+    from benchmarks.fused_products import GLU_CANDIDATES, QKV_CANDIDATES
+    glu_configs = {c for entries in linear.GLU_TABLE.values() for _, c in entries} | set(GLU_CANDIDATES)
+    cases = [(n, k_dim, c, glu, False) for n, k_dim, c, glu in cases]
+    cases += [(3072, 1024, c, True, True) for c in sorted(glu_configs)]
+    for n, k_dim, c, glu, scaled in cases:
         dtype = torch.bfloat16
         split_types = (torch.float32, torch.int32) if c.split_k > 1 else (dtype, dtype)
         k = linear._linear_kernel.warmup(
-            dtype, dtype, dtype, *split_types, 1, n, k_dim, k_dim, n, k_dim // c.split_k,
-            BM=c.block_m, BN=c.block_n, BK=c.block_k, SPLIT_K=c.split_k, SWAP=c.swap, GLU=glu,
+            dtype, dtype, dtype, *split_types, 1, n, k_dim, k_dim, n, k_dim // c.split_k, 1e-6,
+            BM=c.block_m, BN=c.block_n, BK=c.block_k, SPLIT_K=c.split_k, SWAP=c.swap, GLU=glu, ROW_SCALE=scaled,
             num_warps=c.warps, num_stages=c.stages, grid=(1,))
-        out.append((f"linear {n}x{k_dim} {tuple(c)}{' +silu' if glu else ''}", resources(k)))
+        out.append((f"linear {n}x{k_dim} {tuple(c)}{' +silu' if glu else ''}{' row-scaled' if scaled else ''}",
+                    resources(k)))
+    from nanovllm.backends.cuda import qkv_rotary_store as qkv
+    qkv_configs = {c for entries in qkv.TABLE.values() for _, c in entries} | set(QKV_CANDIDATES)
+    dtype = torch.bfloat16
+    for c in sorted(qkv_configs):
+        for kv_dtype in (dtype, torch.float8_e4m3fn):
+            fp8 = kv_dtype != dtype
+            k = qkv._qkv_rotary_store_kernel.warmup(
+                dtype, dtype, dtype, torch.int64, torch.float32, dtype, dtype, 1e-6, 1e-6,
+                kv_dtype, kv_dtype, torch.int64, torch.float32, torch.float32,
+                256, 1024, 128, PAGE * 1024, 1024, 128, PAGE * 1024, 1024, 128,
+                K=1024, NUM_HEADS=16, NUM_KV_HEADS=8, HALF=64, BM=c.block_m, BK=c.block_k, SWAP=c.swap,
+                HAS_NORM=True, BLOCK_SIZE=PAGE, FP8=fp8, FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0,
+                PRECISION="tf32", num_warps=c.warps, num_stages=c.stages, grid=(1,))
+            out.append((f"qkv + rotary + store {tuple(c)} kv {str(kv_dtype).removeprefix('torch.')}", resources(k)))
     return out
 
 

@@ -25,18 +25,27 @@ def norm_rope(src, stride_head, w_ptr, cos, sin, heads, cols, eps, dtype_ptr, ro
     offsets = heads[:, None] * stride_head + cols[None, :]
     x1 = tl.load(src + offsets, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = dtype_ptr.dtype.element_ty
+    return norm_rope_values(x1, x2, w_ptr, cos[None, :], sin[None, :], cols, eps, dtype_ptr.dtype.element_ty,
+                            row_scale, HALF, HAS_NORM, SCALED)
+
+
+@triton.jit
+def norm_rope_values(x1, x2, w_ptr, cos, sin, cols, eps, dtype: tl.constexpr, row_scale,
+                     HALF: tl.constexpr, HAS_NORM: tl.constexpr, SCALED: tl.constexpr):
+    """`norm_rope` of values already in registers: x1, x2 [rows, HALF_PAD] float32 (the halves of a head, one row
+    each), cos and sin broadcastable to them, row_scale a number or [rows, 1]."""
     if SCALED:
         x1 = (x1 * row_scale).to(dtype).to(tl.float32)
         x2 = (x2 * row_scale).to(dtype).to(tl.float32)
     if HAS_NORM:
+        cmask = cols < HALF
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
         w1 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
         x1 = ((x1 * rstd[:, None]).to(dtype).to(tl.float32) * w1[None, :]).to(dtype).to(tl.float32)
         x2 = ((x2 * rstd[:, None]).to(dtype).to(tl.float32) * w2[None, :]).to(dtype).to(tl.float32)
-    y1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype).to(tl.float32)
-    y2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(dtype).to(tl.float32)
+    y2 = (x2 * cos + x1 * sin).to(dtype).to(tl.float32)
     return y1, y2
 
 

@@ -60,11 +60,13 @@ def _mma(x, w, acc, SWAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled variant serves every batch size
-def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride_xm, stride_om, k_per_split,
+def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride_xm, stride_om, k_per_split, x_eps,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                   SWAP: tl.constexpr = False, GLU: tl.constexpr = False, PDL: tl.constexpr = False):
+                   SWAP: tl.constexpr = False, GLU: tl.constexpr = False, PDL: tl.constexpr = False,
+                   ROW_SCALE: tl.constexpr = False):
     """out [M, N] = x [M, K] @ w[:N].T; with GLU, out = silu(x @ w[:N].T) * (x @ w[N:2N].T), rounded as
-    act.silu_mul rounds the product it reads."""
+    act.silu_mul rounds the product it reads. ROW_SCALE (GLU, one split): gate and up of each row are first
+    multiplied by rsqrt(mean(x_row^2) + x_eps), summed on the way through K (act.silu_mul's `row_scale_of=x`)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -80,6 +82,7 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride
         w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros_like(acc)
+    squares = tl.zeros((BM,), dtype=tl.float32)
     k_end = tl.minimum(k_start + k_per_split, K)
     if PDL:  # launched as a programmatic dependent: wait for the kernel before to finish and flush
         tl.extra.cuda.gdc_wait()
@@ -87,6 +90,9 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride
         k_ok = (k + tl.arange(0, BK)) < k_end
         x, w = _load_tiles(x_ptrs, w_ptrs, m_ok, n_ok, k_ok, SWAP)
         acc = _mma(x, w, acc, SWAP)
+        if ROW_SCALE:
+            xf = x.to(tl.float32)
+            squares += tl.sum(xf * xf, 0 if SWAP else 1)
         if GLU:
             _, w_up = _load_tiles(x_ptrs, w_ptrs + N * K, m_ok, n_ok, k_ok, SWAP)
             acc_up = _mma(x, w_up, acc_up, SWAP)
@@ -121,8 +127,13 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride
     if last:
         if GLU:
             gate = acc.to(dtype).to(tl.float32)
+            up = acc_up.to(dtype).to(tl.float32)
+            if ROW_SCALE:
+                row_scale = tl.rsqrt(squares / K + x_eps)[:, None]
+                gate = (gate * row_scale).to(dtype).to(tl.float32)
+                up = (up * row_scale).to(dtype).to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            acc = silu * acc_up.to(dtype).to(tl.float32)
+            acc = silu * up
         tl.store(out_ptrs, acc.to(dtype), mask=mask)
 
 
@@ -142,11 +153,13 @@ def fits(m: int, n: int, k: int, config: Config) -> bool:
     return config.split_k == 1 or (tiles <= LOCKS and k >= config.split_k * config.block_k)
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, config: Config, glu: bool = False, pdl: bool = False
-           ) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, config: Config, glu: bool = False, pdl: bool = False,
+           row_scale_eps: float | None = None) -> torch.Tensor:
     """x [M, K] (unit stride on K) @ w [N, K].T (contiguous) with one configuration, in x's dtype.
 
     `glu`: w holds gate then up rows ([2 * N, K]); returns silu(x @ gate.T) * (x @ up.T), [M, N].
+    `row_scale_eps` (with `glu`, one split): gate and up of row i are first scaled by rsqrt(mean(x[i]^2) + eps),
+    as act.silu_mul with `row_scale_of=x` (the RMSNorm folded into the gate/up weight, norm_folding.py).
     `pdl` (swept, not used by the engine): launch as a programmatic dependent launch (Hopper), which may start
     before the kernel ahead of it ends and waits for it before reading x."""
     m, k = x.shape
@@ -154,6 +167,10 @@ def matmul(x: torch.Tensor, w: torch.Tensor, config: Config, glu: bool = False, 
     if w.shape[1] != k or x.stride(1) != 1 or not w.is_contiguous() or (glu and w.shape[0] % 2):
         raise ValueError(f"linear: x {tuple(x.shape)} (strides {x.stride()}) and weight {tuple(w.shape)} need "
                          f"x [M, K] with unit stride on K and a contiguous weight [N, K] (an even N for gate/up)")
+    row_scale = row_scale_eps is not None
+    if row_scale and not (glu and config.split_k == 1):
+        raise ValueError(f"linear: row_scale_eps needs glu=True and one split (the sums of squares of a row need "
+                         f"all of K in one program), got glu={glu}, split_k={config.split_k}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -165,7 +182,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, config: Config, glu: bool = False, 
     locks = _lock_buffer(x.device) if split > 1 else out
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _linear_kernel[grid](x, w, out, partial, locks, m, n, k, x.stride(0), out.stride(0), k_per_split,
-                         BM=bm, BN=bn, BK=bk, SPLIT_K=split, SWAP=swap, GLU=glu, PDL=pdl,
+                         row_scale_eps if row_scale else 0.0,
+                         BM=bm, BN=bn, BK=bk, SPLIT_K=split, SWAP=swap, GLU=glu, PDL=pdl, ROW_SCALE=row_scale,
                          num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -179,10 +197,15 @@ TABLE: dict[tuple[int, int], list[tuple[int, Config]]] = {
 }
 TABLE_DTYPES = (torch.bfloat16,)
 
+# (N, K) of a gate/up weight -> [(largest M, configuration)]: gate/up with the row-scaled SiLU-and-mul in the
+# epilogue (one split), measured on an H200 in bfloat16 against cuBLAS + act.silu_mul
+# (`benchmarks/fused_products.py`); the folded decoder (norm_folding.mlp_block) runs it where it is listed.
+GLU_TABLE: dict[tuple[int, int], list[tuple[int, Config]]] = {}
 
-def pick(m: int, n: int, k: int) -> Config | None:
-    """The table's configuration for an M x K by K x N product, or None (cuBLAS)."""
-    for largest, config in TABLE.get((n, k), ()):
+
+def pick(m: int, n: int, k: int, table: dict | None = None) -> Config | None:
+    """The table's configuration (TABLE's, or `table`'s) for an M x K by K x N product, or None (cuBLAS)."""
+    for largest, config in (TABLE if table is None else table).get((n, k), ()):
         if m <= largest:
             return config
     return None

@@ -23,8 +23,8 @@ import types
 
 import torch
 
-from nanovllm.backends.cuda import kernels
-from nanovllm.backends.cuda.linear import TritonLinear, matmul, pick
+from nanovllm.backends.cuda import kernels, qkv_rotary_store
+from nanovllm.backends.cuda.linear import GLU_TABLE, TABLE_DTYPES, TritonLinear, matmul, pick
 from nanovllm.models.decoder import DecoderModel
 
 NOT_OWN = " itself (the reference, another kernel, or a verification wrapper)"
@@ -53,13 +53,16 @@ def why_not_foldable(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def fold_norms(model: torch.nn.Module) -> str:
+def fold_norms(model: torch.nn.Module, fuse_products: bool = True) -> str:
     """Fold the layers' RMSNorm weights into the products after them and give the decoder the folded forward;
-    returns why it did not ("" when it did). Call once, after the weights are loaded."""
+    returns why it did not ("" when it did). Call once, after the weights are loaded. `fuse_products`: decode
+    steps run the q/k/v and gate/up products with their next kernel in the epilogue at the batch sizes their
+    tables list (qkv_rotary_store.TABLE, linear.GLU_TABLE): five launches a layer there, not seven."""
     why = why_not_foldable(model)
     if why:
         return why
     decoder = model.model
+    decoder.fuse_products = fuse_products
     for layer in decoder.layers:
         layer.self_attn.qkv_proj.weight.mul_(layer.input_layernorm.weight)  # [N, K] * [K]: column k times g[k]
         layer.mlp.gate_up_proj.weight.mul_(layer.post_attention_layernorm.weight)
@@ -70,15 +73,37 @@ def fold_norms(model: torch.nn.Module) -> str:
 def folded_forward(decoder, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
     """DecoderModel.forward with the norms folded: the residual stream r is updated in place, layer by layer."""
     r = decoder.embed_tokens(input_ids)
+    fuse = decoder.fuse_products and r.dtype in TABLE_DTYPES
     for layer in decoder.layers:
-        attention_block(layer, positions, r, meta)
-        mlp_block(layer, r)
+        attention_block(layer, positions, r, meta, fuse)
+        mlp_block(layer, r, fuse)
     return decoder.norm(r)
 
 
-def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta) -> None:
+def fused_qkv_config(sa, r: torch.Tensor, meta) -> qkv_rotary_store.Config | None:
+    """The fused q/k/v product's configuration for this step (a decode step whose batch size its table lists),
+    or None: the product on cuBLAS, then rotary.qk_store."""
+    if meta.prefill is not None or not sa.attn.k_cache.numel():
+        return None
+    weight = sa.qkv_proj.weight
+    config = qkv_rotary_store.pick(r.shape[0], *weight.shape)
+    if config is None or qkv_rotary_store.why_not(r, weight, sa.num_heads, sa.num_kv_heads, config):
+        return None
+    return config
+
+
+def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta, fuse: bool = False) -> None:
     """r += o_proj(attention(q, k, v)), with q, k, v = s(r) * (W_qkv g1) r."""
     sa, eps = layer.self_attn, layer.input_layernorm.eps
+    config = fused_qkv_config(sa, r, meta) if fuse else None
+    if config is not None:  # one launch: the product, the row scale, q/k norm, rotary and the KV store
+        attn = sa.attn
+        k_scale, v_scale = attn.kv_scales or (None, None)  # an FP8 cache's
+        q = qkv_rotary_store.qkv_rotary_store(
+            r, sa.qkv_proj.weight, sa.num_heads, sa.num_kv_heads, positions, sa.rotary_emb.cos_sin_cache,
+            *sa.qk_norm_args(), eps, attn.k_cache, attn.v_cache, meta.slot_mapping, k_scale, v_scale, config)
+        add_product(sa.o_proj, attn(q, None, None, meta, stored=True).flatten(1), r)
+        return
     q, k, v = sa.split_qkv(sa.qkv_proj(r))
     if sa.attn.k_cache.numel():
         q, k = sa.qk_transform_store(positions, q, k, v, meta, row_scale_of=r, row_eps=eps)
@@ -90,10 +115,17 @@ def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta) -> No
     add_product(sa.o_proj, out.flatten(1), r)
 
 
-def mlp_block(layer, r: torch.Tensor) -> None:
-    """r += down_proj(silu(gate * s(r)) * (up * s(r))), with gate, up = (W_gate_up g2) r."""
-    mlp = layer.mlp
-    act = mlp.act_fn.kernel(mlp.gate_up_proj(r), row_scale_of=r, eps=layer.post_attention_layernorm.eps)
+def mlp_block(layer, r: torch.Tensor, fuse: bool = False) -> None:
+    """r += down_proj(silu(gate * s(r)) * (up * s(r))), with gate, up = (W_gate_up g2) r: the product and the
+    row-scaled SiLU-and-mul in one Triton launch where GLU_TABLE lists the batch size, else cuBLAS then
+    act.silu_mul."""
+    mlp, eps = layer.mlp, layer.post_attention_layernorm.eps
+    weight = mlp.gate_up_proj.weight
+    config = pick(r.shape[0], *weight.shape, GLU_TABLE) if fuse else None
+    if config is not None:
+        act = matmul(r, weight, config, glu=True, row_scale_eps=eps)
+    else:
+        act = mlp.act_fn.kernel(mlp.gate_up_proj(r), row_scale_of=r, eps=eps)
     add_product(mlp.down_proj, act, r)
 
 
