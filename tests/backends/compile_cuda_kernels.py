@@ -159,6 +159,7 @@ def compile_all() -> list[tuple[str, dict]]:
               (3072, 1024, Config(64, 64, 128, 2, 8, 4, swap=True), True),
               (3072, 1024, Config(64, 64, 128, 1, 4, 4), True)]
     # the fused gate/up + row-scaled SiLU: GLU_TABLE's configurations and what benchmarks/fused_products.py sweeps
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo
     from benchmarks.fused_products import GLU_CANDIDATES, QKV_CANDIDATES
     glu_configs = {c for entries in linear.GLU_TABLE.values() for _, c in entries} | set(GLU_CANDIDATES)
     cases = [(n, k_dim, c, glu, False) for n, k_dim, c, glu in cases]
