@@ -189,3 +189,18 @@ def test_fused_engine_generates_the_unfused_tokens(tmp_path, monkeypatch, kv_cac
             ranked = w["logprobs"][first]
             token, theirs = g["token_ids"][first], w["token_ids"][first]
             assert token in ranked and ranked[theirs] - ranked[token] <= 0.15, (first, token, theirs, ranked)
+
+
+def test_fused_tables_grow_in_m_and_fit_their_shapes():
+    """Entries in increasing M; every configuration's K tile divides its weight's K and, for the GLU, has one
+    split (the row scale needs all of K in one program); the weights are [N, K] with an even N for gate/up."""
+    for table in (QKV.TABLE, linear.GLU_TABLE):
+        for (n, k), entries in table.items():
+            ms = [m for m, _ in entries]
+            assert ms == sorted(ms) and len(set(ms)) == len(ms)
+            for _, config in entries:
+                assert config is None or k % config.block_k == 0
+                if table is linear.GLU_TABLE:
+                    assert n % 2 == 0 and (config is None or config.split_k == 1)
+    assert QKV.pick(1, 4096, 1024) is None and QKV.pick(64, 4096, 1024) is not None
+    assert QKV.pick(65, 4096, 1024) is None

@@ -172,9 +172,15 @@ def qkv_rotary_store(x: torch.Tensor, weight: torch.Tensor, num_heads: int, num_
     return q_out
 
 
-# (N, K) of the q/k/v weight -> [(largest M, configuration)] in increasing M, measured on an H200 in bfloat16
-# against cuBLAS + rotary.qk_store (benchmarks/fused_products.py); other M, shapes and dtypes keep the two kernels.
-TABLE: dict[tuple[int, int], list[tuple[int, Config]]] = {}
+# (N, K) of the q/k/v weight -> [(largest M, configuration or None)] in increasing M, measured on an H200 in
+# bfloat16 against cuBLAS + rotary.qk_store (`benchmarks/fused_products.py`, us a layer in graphs over 28 weight
+# copies); None, other M, shapes and dtypes keep the two kernels. Qwen3-0.6B, round fifteen: M 8-64 7.80-7.92 us
+# against 7.95-8.19; M 1-4 and >= 80 the two kernels win (7.17 against 7.63 at M 1; 9.61 against 12.25 at 256).
+# The fused product costs ~7.9 us at every M <= 64 whatever the number of programs (32 to 128): each program
+# walks a whole head's 256 KB of weight through K, a latency chain that splitting K over programs would shorten.
+TABLE: dict[tuple[int, int], list[tuple[int, Config | None]]] = {
+    (4096, 1024): [(4, None), (64, Config(16, 128, 4, 3, True))],
+}
 
 
 def pick(m: int, n: int, k: int) -> Config | None:
