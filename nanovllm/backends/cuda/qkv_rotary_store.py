@@ -10,8 +10,9 @@ where it rounds): q heads to `q_out`, K and V straight into the cache (an FP8 ca
 So the product's output never goes to memory, and a layer's decode step takes six launches, not seven.
 
 Decode only (no prefill reads this step's K from a tensor), head dims a power of two >= 32 and products whose K
-a tile divides (float32 runs take three-pass TF32 dots, for the tests; the table is bfloat16's); `pick` says which configuration runs at which batch size, measured against
-cuBLAS + `rotary.qk_store` on the device (`benchmarks/fused_products.py`); other batch sizes keep the two kernels.
+a tile divides (float32 runs take three-pass TF32 dots, for the tests; the table is bfloat16's). `pick` says which
+configuration runs at which batch size, measured against cuBLAS + `rotary.qk_store` on the device
+(`benchmarks/fused_products.py`); other batch sizes keep the two kernels.
 """
 from typing import NamedTuple
 
