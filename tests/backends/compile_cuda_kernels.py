@@ -161,7 +161,7 @@ def compile_all() -> list[tuple[str, dict]]:
     # the fused gate/up + row-scaled SiLU: GLU_TABLE's configurations and what benchmarks/fused_products.py sweeps
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo
     from benchmarks.fused_products import GLU_CANDIDATES, QKV_CANDIDATES
-    glu_configs = {c for entries in linear.GLU_TABLE.values() for _, c in entries} | set(GLU_CANDIDATES)
+    glu_configs = {c for entries in linear.GLU_TABLE.values() for _, c in entries if c} | set(GLU_CANDIDATES)
     cases = [(n, k_dim, c, glu, False) for n, k_dim, c, glu in cases]
     cases += [(3072, 1024, c, True, True) for c in sorted(glu_configs)]
     for n, k_dim, c, glu, scaled in cases:
@@ -174,7 +174,7 @@ def compile_all() -> list[tuple[str, dict]]:
         out.append((f"linear {n}x{k_dim} {tuple(c)}{' +silu' if glu else ''}{' row-scaled' if scaled else ''}",
                     resources(k)))
     from nanovllm.backends.cuda import qkv_rotary_store as qkv
-    qkv_configs = {c for entries in qkv.TABLE.values() for _, c in entries} | set(QKV_CANDIDATES)
+    qkv_configs = {c for entries in qkv.TABLE.values() for _, c in entries if c} | set(QKV_CANDIDATES)
     dtype = torch.bfloat16
     for c in sorted(qkv_configs):
         for kv_dtype in (dtype, torch.float8_e4m3fn):
