@@ -180,7 +180,7 @@ def test_fused_engine_generates_the_unfused_tokens(tmp_path, monkeypatch, kv_cac
                   kv_cache_dtype=kv_cache_dtype)
     want = LLM(path, fuse_products=False, **kwargs).generate(prompts, greedy, use_tqdm=False)
     calls = _every_batch(monkeypatch, 8 * 64, 128, 2 * 384, 128, torch.bfloat16)
-    llm = LLM(path, **kwargs)
+    llm = LLM(path, fuse_products=True, **kwargs)
     assert llm.engine.runner.graphs is not None and "qkv" in calls and "glu" in calls  # captured
     got = llm.generate(prompts, greedy, use_tqdm=False)
     for g, w in zip(got, want):
