@@ -6,7 +6,7 @@ q/k/v: cuBLAS's product then `rotary.qk_store` (row-scaled, K/V into the paged c
 `qkv_rotary_store` with each of QKV_CANDIDATES; gate/up: cuBLAS's product then the row-scaled `act.silu_mul`
 against linear.py's GLU epilogue with each of GLU_CANDIDATES. Qwen3-0.6B's shapes (16 heads, 8 KV heads,
 head_dim 128, hidden 1,024, intermediate 3,072), bfloat16. Each runs over 28 weight copies in one CUDA graph (the
-model's layers: weights come from HBM, not L2); times are us a layer (median of 5 groups of 20 replays). The
+model's layers: weights come from HBM, not L2); times are us a layer (gemm_sweep.graph_us). The
 output JSON holds every time and, per product, the table the folded decoder would take (`table` entries:
 [largest M, configuration or null]): a fused configuration where it beats the two kernels by > 0.1 us.
 `--apply fused.json -- <nanovllm bench arguments>` runs the seed benchmark with those tables installed.
@@ -14,12 +14,12 @@ output JSON holds every time and, per product, the table the folded decoder woul
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.gemm_sweep import graph_us  # noqa: E402
 from nanovllm.backends.cuda.linear import Config as LinearConfig  # noqa: E402
 from nanovllm.backends.cuda.qkv_rotary_store import Config as QkvConfig  # noqa: E402
 
@@ -32,27 +32,6 @@ GLU_CANDIDATES = [LinearConfig(16, 64, 128, 1, 4, 4, True), LinearConfig(32, 64,
                   LinearConfig(64, 128, 64, 1, 8, 3), LinearConfig(128, 64, 64, 1, 8, 3)]
 DEFAULT_MS = [1, 2, 4, 8] + list(range(16, 257, 16))
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, PAGE = 28, 16, 8, 128, 1024, 3072, 16
-
-
-def timed(fn) -> float:
-    """us per layer of `fn` (28 layers) captured in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / 20 / LAYERS)
-    return statistics.median(times)
 
 
 def table_of(ms: list[int], rows: dict) -> list:
@@ -95,30 +74,26 @@ def sweep(ms: list[int], kv_dtype: torch.dtype) -> dict:
         positions = torch.randint(0, 4000, (m,), device=dev)
         slots = torch.randperm(blocks * PAGE, device=dev)[:m]
 
-        def two_qkv():
-            for w in w_qkv:
-                q, k, v = (x @ w.t()).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
-                rotary_qk_store(positions, q.view(m, HEADS, HEAD_DIM), k.view(m, KV_HEADS, HEAD_DIM),
-                                v.view(m, KV_HEADS, HEAD_DIM), cos_sin, *norms, 1e-6, *caches, slots, False, *scales,
-                                row_scale_of=x, row_eps=1e-6)
-        row = {"two kernels": timed(two_qkv)}
+        def two_qkv(i):
+            q, k, v = (x @ w_qkv[i].t()).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+            rotary_qk_store(positions, q.view(m, HEADS, HEAD_DIM), k.view(m, KV_HEADS, HEAD_DIM),
+                            v.view(m, KV_HEADS, HEAD_DIM), cos_sin, *norms, 1e-6, *caches, slots, False, *scales,
+                            row_scale_of=x, row_eps=1e-6)
+        row = {"two kernels": graph_us(two_qkv, LAYERS)}
         for c in QKV_CANDIDATES:
-            def fused(c=c):
-                for w in w_qkv:
-                    qkv_rotary_store(x, w, HEADS, KV_HEADS, positions, cos_sin, *norms, 1e-6, 1e-6, *caches, slots,
-                                     *scales, c)
-            row[json.dumps(list(c))] = timed(fused)
+            def fused(i, c=c):
+                qkv_rotary_store(x, w_qkv[i], HEADS, KV_HEADS, positions, cos_sin, *norms, 1e-6, 1e-6, *caches,
+                                 slots, *scales, c)
+            row[json.dumps(list(c))] = graph_us(fused, LAYERS)
         out["qkv"][str(m)] = row
 
-        def two_glu():
-            for w in w_gu:
-                silu_mul(x @ w.t(), row_scale_of=x, eps=1e-6)
-        row = {"two kernels": timed(two_glu)}
+        def two_glu(i):
+            silu_mul(x @ w_gu[i].t(), row_scale_of=x, eps=1e-6)
+        row = {"two kernels": graph_us(two_glu, LAYERS)}
         for c in GLU_CANDIDATES:
-            def fused_glu(c=c):
-                for w in w_gu:
-                    matmul(x, w, c, glu=True, row_scale_eps=1e-6)
-            row[json.dumps(list(c))] = timed(fused_glu)
+            def fused_glu(i, c=c):
+                matmul(x, w_gu[i], c, glu=True, row_scale_eps=1e-6)
+            row[json.dumps(list(c))] = graph_us(fused_glu, LAYERS)
         out["gate_up"][str(m)] = row
         q_best = min(v for k, v in out["qkv"][str(m)].items() if k != "two kernels")
         g_best = min(v for k, v in out["gate_up"][str(m)].items() if k != "two kernels")

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from nanovllm.backends.cuda.attention.triton_common import dot_precision
 from nanovllm.backends.cuda.elementwise import norm_rope_values
+from nanovllm.backends.cuda.kv_store import encode_for_cache
 from nanovllm.core.kv_quant import fp8_max, is_fp8
 
 
@@ -31,17 +32,6 @@ class Config(NamedTuple):
     warps: int
     stages: int
     swap: bool  # head rows on the MMA's M side (out.T = w @ x.T), the tokens on its N side
-
-
-@triton.jit
-def _cache_values(y, scale_ptr, kv_head, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
-    """What the cache stores for y (float32, rows of one KV head), before the cast to the cache's dtype: as
-    kv_store.encode_for_cache, value / scale by IEEE division, saturated to the FP8 range."""
-    if FP8:
-        scale = tl.load(scale_ptr + kv_head) + tl.zeros(y.shape, tl.float32)
-        return tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
-    else:
-        return y
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled variant serves every batch size
@@ -109,21 +99,27 @@ def _qkv_rotary_store_kernel(
         cache_dtype = k_cache_ptr.dtype.element_ty
         if head < NUM_HEADS + NUM_KV_HEADS:
             kv_head = head - NUM_HEADS
+            heads = kv_head + tl.zeros((BM,), tl.int32)  # each token row's KV head, as kv_store's encoder takes it
             cos = tl.load(cos_sin, mask=m_ok[:, None], other=0.0)
             sin = tl.load(cos_sin + HALF, mask=m_ok[:, None], other=0.0)
             y1, y2 = norm_rope_values(x1, x2, k_w_ptr, cos, sin, dims, eps, dtype, row_scale, HALF, HAS_NORM, True)
             dst = (k_cache_ptr + block[:, None] * stride_k_block + row[:, None] * stride_k_row
                    + kv_head * stride_k_head + dims[None, :])
-            tl.store(dst, _cache_values(y1, k_scale_ptr, kv_head, FP8, FP8_MAX).to(cache_dtype), mask=stored)
-            tl.store(dst + HALF, _cache_values(y2, k_scale_ptr, kv_head, FP8, FP8_MAX).to(cache_dtype), mask=stored)
+            tl.store(dst, encode_for_cache(y1, k_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
+                     mask=stored)
+            tl.store(dst + HALF, encode_for_cache(y2, k_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
+                     mask=stored)
         else:
             kv_head = head - NUM_HEADS - NUM_KV_HEADS
+            heads = kv_head + tl.zeros((BM,), tl.int32)
             y1 = (x1 * row_scale).to(dtype).to(tl.float32)
             y2 = (x2 * row_scale).to(dtype).to(tl.float32)
             dst = (v_cache_ptr + block[:, None] * stride_v_block + row[:, None] * stride_v_row
                    + kv_head * stride_v_head + dims[None, :])
-            tl.store(dst, _cache_values(y1, v_scale_ptr, kv_head, FP8, FP8_MAX).to(cache_dtype), mask=stored)
-            tl.store(dst + HALF, _cache_values(y2, v_scale_ptr, kv_head, FP8, FP8_MAX).to(cache_dtype), mask=stored)
+            tl.store(dst, encode_for_cache(y1, v_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
+                     mask=stored)
+            tl.store(dst + HALF, encode_for_cache(y2, v_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
+                     mask=stored)
 
 
 def why_not(x: torch.Tensor, weight: torch.Tensor, num_heads: int, num_kv_heads: int, config: Config) -> str:
