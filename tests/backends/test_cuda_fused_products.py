@@ -167,28 +167,31 @@ def test_folded_engine_with_fused_products_generates_the_unfolded_tokens(tmp_pat
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the engine on the cuda backend)")
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_fused_engine_generates_the_unfused_tokens(tmp_path, monkeypatch, kv_cache_dtype):
-    """bf16 engines with the fused tables on every batch size (captured into the decode graphs) and with
-    fuse_products off: tokens equal up to each output's first difference, and there the unfused run ranked the
-    fused run's token within a few bf16 steps of its own (a near-tie flipped by rounding)."""
+    """float32 engines (three-pass TF32 dots in both fused kernels) with the fused tables on every batch size,
+    captured into the decode graphs, generate the greedy tokens of the engine with fuse_products off, with
+    logprobs within float32 rounding. (In bfloat16 a near-tie may flip either way: rounding differs with the
+    product's kernel, and cuBLAS's choice of kernel may follow the operands' addresses; the kernel tests above
+    compare bfloat16 within its tolerance.)"""
     from nanovllm import LLM, SamplingParams
     from nanovllm.testing.tiny_models import make_tiny_model
     from tests.conftest import random_prompts
     path = make_tiny_model(str(tmp_path / "qwen3"), "qwen3", head_dim=64)
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = random_prompts(6, 512, (1, 40), seed=3)
-    kwargs = dict(backend="cuda", dtype="bfloat16", max_model_len=256, num_kvcache_blocks=64, max_num_seqs=8,
+    kwargs = dict(backend="cuda", dtype="float32", max_model_len=256, num_kvcache_blocks=64, max_num_seqs=8,
                   kv_cache_dtype=kv_cache_dtype)
-    want = LLM(path, fuse_products=False, **kwargs).generate(prompts, greedy, use_tqdm=False)
-    calls = _every_batch(monkeypatch, 8 * 64, 128, 2 * 384, 128, torch.bfloat16)
+    llm = LLM(path, fuse_products=False, **kwargs)
+    want = llm.generate(prompts, greedy, use_tqdm=False)
+    llm.close()
+    calls = _every_batch(monkeypatch, 8 * 64, 128, 2 * 384, 128, torch.float32)
     llm = LLM(path, fuse_products=True, **kwargs)
     assert llm.engine.runner.graphs is not None and "qkv" in calls and "glu" in calls  # captured
     got = llm.generate(prompts, greedy, use_tqdm=False)
+    llm.close()
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
     for g, w in zip(got, want):
-        first = next((i for i, (a, b) in enumerate(zip(g["token_ids"], w["token_ids"])) if a != b), None)
-        if first is not None:
-            ranked = w["logprobs"][first]
-            token, theirs = g["token_ids"][first], w["token_ids"][first]
-            assert token in ranked and ranked[theirs] - ranked[token] <= 0.15, (first, token, theirs, ranked)
+        for token, mine, theirs in zip(g["token_ids"], g["logprobs"], w["logprobs"]):
+            assert abs(mine[token] - theirs[token]) < 2e-3, (token, mine, theirs)
 
 
 def test_fused_tables_grow_in_m_and_fit_their_shapes():

@@ -7,6 +7,8 @@ rows fill the tensor cores' wide side and the few rows of x the narrow one), and
 programs: each writes a float32 partial, and the last to finish a tile (a per-tile counter it resets) adds the
 partials and writes the output, so one launch does all of it and CUDA graphs capture it as one node. With
 `glu` it computes gate and up tiles side by side and writes silu(gate) * up (act.silu_mul in its epilogue).
+float32 inputs take three-pass TF32 dots (float32 accuracy, for runs compared with the reference; the
+table is bfloat16's).
 
 `matmul(x, w, config)` runs one configuration (the sweep times them). `install_triton_linear(model, dtype)`
 (the cuda backend's `prepare_model`) gives the layers whose weight shape is in TABLE a `TritonLinear`: the
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from nanovllm.backends.cuda.attention.triton_common import dot_precision
 
 LOCKS = 8192  # per-tile counters of the split-K reduction, shared by every call on a device (one stream)
 
@@ -51,11 +55,11 @@ def _load_tiles(x_ptrs, w_ptrs, m_ok, n_ok, k_ok, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _mma(x, w, acc, SWAP: tl.constexpr):
+def _mma(x, w, acc, SWAP: tl.constexpr, PRECISION: tl.constexpr):
     if SWAP:
-        acc = tl.dot(w, x, acc)
+        acc = tl.dot(w, x, acc, input_precision=PRECISION)
     else:
-        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
     return acc
 
 
@@ -63,7 +67,7 @@ def _mma(x, w, acc, SWAP: tl.constexpr):
 def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride_xm, stride_om, k_per_split, x_eps,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                    SWAP: tl.constexpr = False, GLU: tl.constexpr = False, PDL: tl.constexpr = False,
-                   ROW_SCALE: tl.constexpr = False):
+                   ROW_SCALE: tl.constexpr = False, PRECISION: tl.constexpr = "tf32"):
     """out [M, N] = x [M, K] @ w[:N].T; with GLU, out = silu(x @ w[:N].T) * (x @ w[N:2N].T), rounded as
     act.silu_mul rounds the product it reads. ROW_SCALE (GLU, one split): gate and up of each row are first
     multiplied by rsqrt(mean(x_row^2) + x_eps), summed on the way through K (act.silu_mul's `row_scale_of=x`)."""
@@ -89,13 +93,13 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride
     for k in range(k_start, k_end, BK):
         k_ok = (k + tl.arange(0, BK)) < k_end
         x, w = _load_tiles(x_ptrs, w_ptrs, m_ok, n_ok, k_ok, SWAP)
-        acc = _mma(x, w, acc, SWAP)
+        acc = _mma(x, w, acc, SWAP, PRECISION)
         if ROW_SCALE:
             xf = x.to(tl.float32)
             squares += tl.sum(xf * xf, 0 if SWAP else 1)
         if GLU:
             _, w_up = _load_tiles(x_ptrs, w_ptrs + N * K, m_ok, n_ok, k_ok, SWAP)
-            acc_up = _mma(x, w_up, acc_up, SWAP)
+            acc_up = _mma(x, w_up, acc_up, SWAP, PRECISION)
         x_ptrs += BK
         w_ptrs += BK
     if SWAP:
@@ -184,7 +188,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, config: Config, glu: bool = False, 
     _linear_kernel[grid](x, w, out, partial, locks, m, n, k, x.stride(0), out.stride(0), k_per_split,
                          row_scale_eps if row_scale else 0.0,
                          BM=bm, BN=bn, BK=bk, SPLIT_K=split, SWAP=swap, GLU=glu, PDL=pdl, ROW_SCALE=row_scale,
-                         num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}))
+                         PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages,
+                         **({"launch_pdl": True} if pdl else {}))
     return out
 
 
