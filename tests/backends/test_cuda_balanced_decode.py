@@ -163,3 +163,23 @@ def test_default_plan_matches_reference(device, monkeypatch):
         dec.paged_decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, 128 ** -0.5, out=out, **scales)
         _check(out, q, k_cache, v_cache, meta, scales, 2, dtype)
         assert (plan.num_programs is not None) == (num_seqs == 6)
+
+
+def test_outgrown_counters_stay_allocated(monkeypatch):
+    """A larger launch replaces the shared counters, but the old buffer is not freed: CUDA graphs captured with it
+    (another engine's, in the same process) keep reading and resetting that memory."""
+    import gc
+    import weakref
+    balanced = pytest.importorskip("nanovllm.backends.cuda.attention.triton_decode_balanced", reason="needs triton")
+    monkeypatch.setattr(balanced, "_COUNTERS", {})
+    monkeypatch.setattr(balanced, "_OUTGROWN", [])
+    device = torch.device("cpu")
+    small = balanced._counters(device, 8)
+    assert small.numel() == 4096 and not small.any()
+    assert balanced._counters(device, 4096) is small
+    big = balanced._counters(device, 5000)
+    assert big.numel() == 5000 and big is not small and balanced._counters(device, 100) is big
+    kept = weakref.ref(small)
+    del small
+    gc.collect()
+    assert kept() is not None

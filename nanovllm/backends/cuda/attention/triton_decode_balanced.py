@@ -157,13 +157,18 @@ def _balanced_decode_kernel(
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # counters a larger call replaced: CUDA graphs captured with them still use them
 
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
     """Zeroed int32 counters, one per (KV head, sequence), kept between calls: each kernel leaves them at 0, so they
-    need no clearing per call (nor a memset node per layer in a CUDA graph). One decode runs at a time per device."""
+    need no clearing per call (nor a memset node per layer in a CUDA graph). One decode runs at a time per device.
+    A buffer once handed out is never freed: another engine's graphs (captured with it) may replay after a larger
+    call here has replaced it."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < size:
+        if counters is not None:
+            _OUTGROWN.append(counters)
         counters = _COUNTERS[device] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
     return counters
 
