@@ -2,7 +2,8 @@
 # The device call that decides the cuda option fuse_products' default (#18): the fused products' GPU tests with
 # every thread's stack dumped if one hangs (round sixteen: in runs after other tests, the bf16 version of the
 # engine test failed twice and two runs timed out without output), then seed pairs with the option on and off in
-# both KV dtypes while time is left. Full logs go to $OUT. Here: `mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/`;
+# both KV dtypes while time is left. Full logs go to $OUT. Here first:
+#   mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/
 # on the device (carry .wt-models): `bash benchmarks/device_fused_check.sh [seconds, default 560]`.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; T0=$(date +%s); END=$(( T0 + ${1:-560} ))
