@@ -35,7 +35,7 @@ class CudaBackend(Backend):
                "fuse_products": Switch(False, "with folded norms, decode steps run the q/k/v and gate/up products "
                                               "with rotary + KV store and SiLU in their epilogues where measured "
                                               "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py); off "
-                                              "by default until the GPU tests have run it")}
+                                              "by default until its GPU engine test passes reliably")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
