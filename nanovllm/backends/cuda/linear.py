@@ -117,14 +117,14 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
         last = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
-        if last:  # the last split of this tile adds the others' partials
+        if last:  # the last split of this tile adds every split's partial in split order: the same sum, bit for
+            acc = tl.zeros_like(acc)  # bit, whichever split ends last
+            acc_up = tl.zeros_like(acc_up)
             for s in tl.static_range(SPLIT_K):
-                if s != pid_k:
-                    acc += tl.load(partial_ptr + s * parts * M * N + tile, mask=mask, other=0.0,
-                                   cache_modifier=".cg")
-                    if GLU:
-                        acc_up += tl.load(partial_ptr + (s * 2 + 1) * M * N + tile, mask=mask, other=0.0,
-                                          cache_modifier=".cg")
+                acc += tl.load(partial_ptr + s * parts * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                if GLU:
+                    acc_up += tl.load(partial_ptr + (s * 2 + 1) * M * N + tile, mask=mask, other=0.0,
+                                      cache_modifier=".cg")
             tl.atomic_xchg(lock, 0)  # ready for the next call
     else:
         last = True
@@ -144,7 +144,9 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, partial_ptr, lock_ptr, M, N, K, stride
 _locks: dict[torch.device, torch.Tensor] = {}
 
 
-def _lock_buffer(device: torch.device) -> torch.Tensor:
+def split_counters(device: torch.device) -> torch.Tensor:
+    """The device's split-K counters (LOCKS of them, int32, zero between launches: the last split of a tile resets
+    its counter), shared by this kernel and qkv_rotary_store's split-K launches on the device's one stream."""
     locks = _locks.get(device)
     if locks is None:
         locks = _locks[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
@@ -183,7 +185,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, config: Config, glu: bool = False, 
     split = triton.cdiv(k, k_per_split)  # no empty split
     parts = 2 if glu else 1
     partial = torch.empty(split * parts, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    locks = _lock_buffer(x.device) if split > 1 else out
+    locks = split_counters(x.device) if split > 1 else out
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _linear_kernel[grid](x, w, out, partial, locks, m, n, k, x.stride(0), out.stride(0), k_per_split,
                          row_scale_eps if row_scale else 0.0,
@@ -224,7 +226,7 @@ class TritonLinear:
     """A layer's `linear_op(x, weight, bias)`: this kernel where TABLE has the shape and M, else F.linear."""
 
     def __init__(self, weight: torch.Tensor):
-        _lock_buffer(weight.device)  # allocated now, not inside a CUDA graph capture
+        split_counters(weight.device)  # allocated now, not inside a CUDA graph capture
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is None and x.dim() == 2 and x.stride(1) == 1 and x.dtype == weight.dtype:
