@@ -25,7 +25,12 @@ from nanovllm.backends.cuda.qkv_rotary_store import Config as QkvConfig  # noqa:
 
 QKV_CANDIDATES = [QkvConfig(16, 128, 4, 3, True), QkvConfig(32, 128, 4, 3, True), QkvConfig(64, 64, 4, 3, True),
                   QkvConfig(64, 128, 4, 3, True), QkvConfig(128, 64, 8, 3, True), QkvConfig(64, 64, 4, 3, False),
-                  QkvConfig(128, 64, 8, 3, False)]
+                  QkvConfig(128, 64, 8, 3, False),
+                  # split K (round sixteen): each program walks 1/split of a head's weight, the last adds the partials
+                  QkvConfig(16, 128, 4, 3, True, 2), QkvConfig(16, 128, 4, 3, True, 4),
+                  QkvConfig(16, 128, 4, 2, True, 8), QkvConfig(32, 128, 4, 3, True, 4),
+                  QkvConfig(64, 128, 4, 3, True, 2), QkvConfig(64, 64, 8, 3, True, 4),
+                  QkvConfig(128, 64, 8, 3, True, 2)]
 GLU_CANDIDATES = [LinearConfig(16, 64, 128, 1, 4, 4, True), LinearConfig(32, 64, 128, 1, 4, 4, True),
                   LinearConfig(64, 64, 128, 1, 4, 4, True), LinearConfig(64, 128, 64, 1, 8, 3, True),
                   LinearConfig(128, 64, 64, 1, 8, 3, True), LinearConfig(64, 64, 128, 1, 4, 4),

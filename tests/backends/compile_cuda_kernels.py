@@ -182,10 +182,11 @@ def compile_all() -> list[tuple[str, dict]]:
             k = qkv._qkv_rotary_store_kernel.warmup(
                 dtype, dtype, dtype, torch.int64, torch.float32, dtype, dtype, 1e-6, 1e-6,
                 kv_dtype, kv_dtype, torch.int64, torch.float32, torch.float32,
+                torch.float32, torch.float32, torch.int32,  # split K's partials, sums of squares, counters
                 256, 1024, 128, PAGE * 1024, 1024, 128, PAGE * 1024, 1024, 128,
                 K=1024, NUM_HEADS=16, NUM_KV_HEADS=8, HALF=64, BM=c.block_m, BK=c.block_k, SWAP=c.swap,
                 HAS_NORM=True, BLOCK_SIZE=PAGE, FP8=fp8, FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0,
-                PRECISION="tf32", num_warps=c.warps, num_stages=c.stages, grid=(1,))
+                PRECISION="tf32", SPLIT=c.split_k, num_warps=c.warps, num_stages=c.stages, grid=(1,))
             out.append((f"qkv + rotary + store {tuple(c)} kv {str(kv_dtype).removeprefix('torch.')}", resources(k)))
     return out
 

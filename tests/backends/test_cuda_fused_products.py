@@ -22,7 +22,8 @@ from nanovllm.backends.cuda import linear, norm_folding  # noqa: E402
 from nanovllm.backends.cuda.elementwise import silu_mul  # noqa: E402
 from nanovllm.backends.cuda.rotary_store import rotary_qk_store  # noqa: E402
 
-QKV_CONFIGS = [QKV.Config(16, 32, 4, 2, False), QKV.Config(32, 64, 4, 2, True), QKV.Config(16, 64, 4, 3, True)]
+QKV_CONFIGS = [QKV.Config(16, 32, 4, 2, False), QKV.Config(32, 64, 4, 2, True), QKV.Config(16, 64, 4, 3, True),
+               QKV.Config(16, 32, 4, 2, True, split_k=4), QKV.Config(32, 64, 4, 2, False, split_k=2)]
 
 
 def _rope_cache(max_pos: int, head_dim: int, device) -> torch.Tensor:
@@ -77,6 +78,9 @@ def test_fused_qkv_matches_the_product_then_rotary_store(device, config, has_nor
         torch.testing.assert_close(q, want_q, rtol=rtol, atol=atol)
         for got, want in zip(caches, want_caches):
             torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        again, caches_again = _fused(t, dtype, (None, None), has_norm, config)  # split K: the same bits each time
+        assert torch.equal(again, q) and all(torch.equal(a, b) for a, b in zip(caches_again, caches))
+        assert int(linear.split_counters(t["x"].device).abs().sum()) == 0  # split K left its counters at 0
         stored = torch.zeros(t["cache_shape"][0] * t["cache_shape"][1], dtype=torch.bool)
         stored[t["slots"][t["slots"] >= 0].cpu()] = True
         flat = caches[0].view(-1, t["kv_heads"] * t["head_dim"]).cpu()
@@ -84,14 +88,15 @@ def test_fused_qkv_matches_the_product_then_rotary_store(device, config, has_nor
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_qkv_quantises_an_fp8_cache_as_rotary_store_does(device):
+@pytest.mark.parametrize("config", [QKV_CONFIGS[1], QKV_CONFIGS[3]], ids=str)
+def test_fused_qkv_quantises_an_fp8_cache_as_rotary_store_does(device, config):
     """Both sides are Triton kernels, so they cast float32 to FP8 alike (the interpreter casts differently from
     torch near powers of two); the products differ in summation order only, so a byte may differ by one step."""
     dtype = dtypes_for(device)[0]
     t = _layer(device, dtype, seed=1)
     scales = tuple(torch.full((t["kv_heads"],), s, device=device) for s in (0.05, 0.02))
     want_q, want_caches = _two_kernels(t, torch.float8_e4m3fn, scales, True)
-    q, caches = _fused(t, torch.float8_e4m3fn, scales, True, QKV_CONFIGS[1])
+    q, caches = _fused(t, torch.float8_e4m3fn, scales, True, config)
     torch.testing.assert_close(q, want_q, rtol=TOLERANCES[dtype][0], atol=TOLERANCES[dtype][1])
     for got, want, scale in zip(caches, want_caches, scales):
         assert (got.view(torch.uint8) == want.view(torch.uint8)).float().mean() > 0.98
@@ -106,6 +111,9 @@ def test_fused_qkv_refuses_what_it_cannot_run(device):
     t = _layer(device, torch.float32, k=200)
     with pytest.raises(ValueError, match="K = 200"):
         _fused(t, torch.float32, (None, None), True, QKV_CONFIGS[0])
+    t = _layer(device, torch.float32, k=256)
+    with pytest.raises(ValueError, match="K = 256 is not a multiple of the tile's 64 times its 8 split"):
+        _fused(t, torch.float32, (None, None), True, QKV.Config(16, 64, 4, 2, True, split_k=8))
     t = _layer(device, torch.float32, m=0)
     q, caches = _fused(t, torch.float32, (None, None), True, QKV_CONFIGS[0])
     assert q.shape == (0, t["heads"], t["head_dim"])

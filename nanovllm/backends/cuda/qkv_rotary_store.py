@@ -9,6 +9,12 @@ needs no second read), then the same epilogue math as `rotary.qk_store` (element
 where it rounds): q heads to `q_out`, K and V straight into the cache (an FP8 cache quantised as kv_store does).
 So the product's output never goes to memory, and a layer's decode step takes six launches, not seven.
 
+With `split_k` > 1, that many programs share a head's K: each writes its float32 partial products and sums of
+squares, and the last of them to arrive (a counter per token block and head, linear.split_counters) adds every
+split's partials in split order and runs the epilogue. One program walking a head's whole K is a chain of
+dependent tile loads (~7.9 us at Qwen3-0.6B's shape whatever the batch, round fifteen); a split walks 1/split_k
+of it.
+
 Decode only (no prefill reads this step's K from a tensor), head dims a power of two >= 32 and products whose K
 a tile divides (float32 runs take three-pass TF32 dots, for the tests; the table is bfloat16's). `pick` says which
 configuration runs at which batch size, measured against cuBLAS + `rotary.qk_store` on the device
@@ -20,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.backends.cuda import linear
 from nanovllm.backends.cuda.attention.triton_common import dot_precision
 from nanovllm.backends.cuda.elementwise import norm_rope_values
 from nanovllm.backends.cuda.kv_store import encode_for_cache
@@ -32,23 +39,54 @@ class Config(NamedTuple):
     warps: int
     stages: int
     swap: bool  # head rows on the MMA's M side (out.T = w @ x.T), the tokens on its N side
+    split_k: int = 1  # programs sharing a head's K: each writes float32 partials, the last to end runs the epilogue
+
+
+@triton.jit
+def _add_splits(acc_lo, acc_hi, squares, partial_ptr, squares_ptr, lock_ptr, tokens, m_ok, dims, M, pid_m, head,
+                pid_k, N: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr):
+    """Split K: write this program's partial products [BM, HALF] x 2 and sums of squares [BM]; the program of
+    (token block, head) that arrives last reads every split's partials back and adds them in split order (the
+    same bits whichever split ends last), resets the counter, and returns last = True with the sums."""
+    cols = head * 2 * HALF + dims
+    lo_ptrs = partial_ptr + tokens[:, None].to(tl.int64) * N + cols[None, :]
+    sq_ptrs = squares_ptr + head * M + tokens
+    plane = M.to(tl.int64) * N  # partials: [SPLIT, M, N]; squares: [SPLIT, HEADS, M]
+    sq_plane = HEADS * M
+    mask = m_ok[:, None]
+    tl.store(lo_ptrs + pid_k * plane, acc_lo, mask=mask)
+    tl.store(lo_ptrs + pid_k * plane + HALF, acc_hi, mask=mask)
+    tl.store(sq_ptrs + pid_k * sq_plane, squares, mask=m_ok)
+    tl.debug_barrier()  # every thread's partial is written before the counter says so
+    lock = lock_ptr + pid_m * HEADS + head
+    last = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    if last:
+        acc_lo = tl.zeros_like(acc_lo)
+        acc_hi = tl.zeros_like(acc_hi)
+        squares = tl.zeros_like(squares)
+        for s in tl.static_range(SPLIT):
+            acc_lo += tl.load(lo_ptrs + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
+            acc_hi += tl.load(lo_ptrs + s * plane + HALF, mask=mask, other=0.0, cache_modifier=".cg")
+            squares += tl.load(sq_ptrs + s * sq_plane, mask=m_ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(lock, 0)  # ready for the next launch (a CUDA graph replays it with the same counters)
+    return acc_lo, acc_hi, squares, last
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled variant serves every batch size
 def _qkv_rotary_store_kernel(
     x_ptr, w_ptr, q_out_ptr, positions_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, eps, x_eps,
-    k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+    k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr, partial_ptr, squares_ptr, lock_ptr,
     M, stride_xm, stride_cos_sin, stride_k_block, stride_k_row, stride_k_head,
     stride_v_block, stride_v_row, stride_v_head,
     K: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    FP8: tl.constexpr, FP8_MAX: tl.constexpr, PRECISION: tl.constexpr,
+    FP8: tl.constexpr, FP8_MAX: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr = 1,
 ):
-    pid_m, head = tl.program_id(0), tl.program_id(1)
+    pid_m, head, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tokens = pid_m * BM + tl.arange(0, BM)
     m_ok = tokens < M
     dims = tl.arange(0, HALF)
-    ks = tl.arange(0, BK)
+    ks = pid_k * (K // SPLIT) + tl.arange(0, BK)  # this program's share of K starts there
     rows = (head * 2 * HALF + dims).to(tl.int64) * K  # the head's first half of weight rows; the second is HALF on
     if SWAP:
         x_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_xm + ks[:, None]  # [BK, BM]
@@ -61,7 +99,7 @@ def _qkv_rotary_store_kernel(
         acc_lo = tl.zeros((BM, HALF), dtype=tl.float32)
         acc_hi = tl.zeros((BM, HALF), dtype=tl.float32)
     squares = tl.zeros((BM,), dtype=tl.float32)
-    for _ in range(0, K, BK):
+    for _ in range(0, K // SPLIT, BK):
         if SWAP:
             x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
             acc_lo = tl.dot(tl.load(w_ptrs), x, acc_lo, input_precision=PRECISION)
@@ -79,6 +117,28 @@ def _qkv_rotary_store_kernel(
     if SWAP:
         acc_lo = tl.trans(acc_lo)
         acc_hi = tl.trans(acc_hi)
+    if SPLIT > 1:
+        acc_lo, acc_hi, squares, last = _add_splits(
+            acc_lo, acc_hi, squares, partial_ptr, squares_ptr, lock_ptr, tokens, m_ok, dims, M, pid_m, head, pid_k,
+            (NUM_HEADS + 2 * NUM_KV_HEADS) * 2 * HALF, NUM_HEADS + 2 * NUM_KV_HEADS, HALF, SPLIT)
+    else:
+        last = True
+    if last:
+        _epilogue(acc_lo, acc_hi, squares, q_out_ptr, positions_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, eps, x_eps,
+                  k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr, tokens, m_ok, dims, head,
+                  stride_cos_sin, stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row,
+                  stride_v_head, K, NUM_HEADS, NUM_KV_HEADS, HALF, BM, HAS_NORM, BLOCK_SIZE, FP8, FP8_MAX)
+
+
+@triton.jit
+def _epilogue(acc_lo, acc_hi, squares, q_out_ptr, positions_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, eps, x_eps,
+              k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr, tokens, m_ok, dims, head,
+              stride_cos_sin, stride_k_block, stride_k_row, stride_k_head, stride_v_block, stride_v_row,
+              stride_v_head, K: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+              HALF: tl.constexpr, BM: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+    """rotary.qk_store's math on one head of a token block's product (two halves [BM, HALF], float32) and the
+    input rows' sums of squares: q out, or K/V into the cache."""
     dtype = q_out_ptr.dtype.element_ty
     x1 = acc_lo.to(dtype).to(tl.float32)  # the product's output, rounded as the two-kernel path stores it
     x2 = acc_hi.to(dtype).to(tl.float32)
@@ -131,8 +191,12 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, num_heads: int, num_kv_heads:
         return f"x {tuple(x.shape)} and weight {tuple(weight.shape)} are not a row-major [M, K] by [N, K] product"
     if x.dtype != weight.dtype or not x.dtype.is_floating_point:
         return f"x {x.dtype} and weight {weight.dtype} differ"
-    if weight.shape[1] % config.block_k:
-        return f"K = {weight.shape[1]} is not a multiple of the tile's {config.block_k}"
+    if config.split_k < 1 or weight.shape[1] % (config.block_k * config.split_k):
+        return (f"K = {weight.shape[1]} is not a multiple of the tile's {config.block_k} times its {config.split_k} "
+                f"split(s)")
+    heads = num_heads + 2 * num_kv_heads
+    if config.split_k > 1 and triton.cdiv(x.shape[0], config.block_m) * heads > linear.LOCKS:
+        return f"{x.shape[0]} rows in blocks of {config.block_m} x {heads} heads need more than {linear.LOCKS} counters"
     return ""
 
 
@@ -156,16 +220,23 @@ def qkv_rotary_store(x: torch.Tensor, weight: torch.Tensor, num_heads: int, num_
     if m == 0:
         return q_out
     has_norm = q_weight is not None
-    grid = (triton.cdiv(m, config.block_m), num_heads + 2 * num_kv_heads)
+    heads, split = num_heads + 2 * num_kv_heads, config.split_k
+    if split > 1:  # float32 partials [split, M, N] and sums of squares [split, heads, M]; the shared counters
+        partial = torch.empty(split, m, weight.shape[0], dtype=torch.float32, device=x.device)
+        squares = torch.empty(split, heads, m, dtype=torch.float32, device=x.device)
+        locks = linear.split_counters(x.device)
+    else:
+        partial = squares = locks = q_out  # not read
+    grid = (triton.cdiv(m, config.block_m), heads, split)
     _qkv_rotary_store_kernel[grid](
         x, weight, q_out, positions, cos_sin_cache, q_weight if has_norm else x, k_weight if has_norm else x, eps,
         x_eps, k_cache, v_cache, slot_mapping, k_scale if fp8 else cos_sin_cache, v_scale if fp8 else cos_sin_cache,
-        m, x.stride(0), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        partial, squares, locks, m, x.stride(0), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         K=k, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, BM=config.block_m,
         BK=config.block_k, SWAP=config.swap, HAS_NORM=has_norm, BLOCK_SIZE=k_cache.shape[1], FP8=fp8,
         FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0,
-        PRECISION=dot_precision(x.dtype), num_warps=config.warps, num_stages=config.stages)
+        PRECISION=dot_precision(x.dtype), SPLIT=split, num_warps=config.warps, num_stages=config.stages)
     return q_out
 
 
@@ -174,7 +245,8 @@ def qkv_rotary_store(x: torch.Tensor, weight: torch.Tensor, num_heads: int, num_
 # copies); None, other M, shapes and dtypes keep the two kernels. Qwen3-0.6B, round fifteen: M 8-64 7.80-7.92 us
 # against 7.95-8.19; M 1-4 and >= 80 the two kernels win (7.17 against 7.63 at M 1; 9.61 against 12.25 at 256).
 # The fused product costs ~7.9 us at every M <= 64 whatever the number of programs (32 to 128): each program
-# walks a whole head's 256 KB of weight through K, a latency chain that splitting K over programs would shorten.
+# walks a whole head's 256 KB of weight through K, a latency chain; split-K configurations (round sixteen) are in
+# the sweep's candidates, not yet measured.
 TABLE: dict[tuple[int, int], list[tuple[int, Config | None]]] = {
     (4096, 1024): [(4, None), (64, Config(16, 128, 4, 3, True))],
 }
