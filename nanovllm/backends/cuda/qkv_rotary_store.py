@@ -156,30 +156,31 @@ def _epilogue(acc_lo, acc_hi, squares, q_out_ptr, positions_ptr, cos_sin_ptr, q_
         slot = tl.load(slot_mapping_ptr + tokens, mask=m_ok, other=-1).to(tl.int64)
         stored = (m_ok & (slot >= 0))[:, None]  # padding tokens (slot < 0) store nothing
         block, row = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        cache_dtype = k_cache_ptr.dtype.element_ty
-        if head < NUM_HEADS + NUM_KV_HEADS:
-            kv_head = head - NUM_HEADS
-            heads = kv_head + tl.zeros((BM,), tl.int32)  # each token row's KV head, as kv_store's encoder takes it
+        if head < NUM_HEADS + NUM_KV_HEADS:  # K: normalised and rotated
             cos = tl.load(cos_sin, mask=m_ok[:, None], other=0.0)
             sin = tl.load(cos_sin + HALF, mask=m_ok[:, None], other=0.0)
             y1, y2 = norm_rope_values(x1, x2, k_w_ptr, cos, sin, dims, eps, dtype, row_scale, HALF, HAS_NORM, True)
-            dst = (k_cache_ptr + block[:, None] * stride_k_block + row[:, None] * stride_k_row
-                   + kv_head * stride_k_head + dims[None, :])
-            tl.store(dst, encode_for_cache(y1, k_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
-                     mask=stored)
-            tl.store(dst + HALF, encode_for_cache(y2, k_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
-                     mask=stored)
-        else:
-            kv_head = head - NUM_HEADS - NUM_KV_HEADS
-            heads = kv_head + tl.zeros((BM,), tl.int32)
+            _store_in_cache(y1, y2, k_cache_ptr, k_scale_ptr, head - NUM_HEADS, block, row, stored, dims,
+                            stride_k_block, stride_k_row, stride_k_head, NUM_KV_HEADS, HALF, BM, FP8, FP8_MAX)
+        else:  # V: row-scaled only
             y1 = (x1 * row_scale).to(dtype).to(tl.float32)
             y2 = (x2 * row_scale).to(dtype).to(tl.float32)
-            dst = (v_cache_ptr + block[:, None] * stride_v_block + row[:, None] * stride_v_row
-                   + kv_head * stride_v_head + dims[None, :])
-            tl.store(dst, encode_for_cache(y1, v_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
-                     mask=stored)
-            tl.store(dst + HALF, encode_for_cache(y2, v_scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
-                     mask=stored)
+            _store_in_cache(y1, y2, v_cache_ptr, v_scale_ptr, head - NUM_HEADS - NUM_KV_HEADS, block, row, stored,
+                            dims, stride_v_block, stride_v_row, stride_v_head, NUM_KV_HEADS, HALF, BM, FP8, FP8_MAX)
+
+
+@triton.jit
+def _store_in_cache(y1, y2, cache_ptr, scale_ptr, kv_head, block, row, stored, dims, stride_block, stride_row,
+                    stride_head, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr,
+                    FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+    """A KV head's two halves [BM, HALF] into the paged cache at each token's (block, row), encoded for it as
+    kv_store does (an FP8 cache: divided by the head's scale, saturated)."""
+    heads = kv_head + tl.zeros((BM,), tl.int32)  # each token row's KV head, as kv_store's encoder takes it
+    cache_dtype = cache_ptr.dtype.element_ty
+    dst = cache_ptr + block[:, None] * stride_block + row[:, None] * stride_row + kv_head * stride_head + dims[None, :]
+    tl.store(dst, encode_for_cache(y1, scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype), mask=stored)
+    tl.store(dst + HALF, encode_for_cache(y2, scale_ptr, heads, NUM_KV_HEADS, FP8, FP8_MAX).to(cache_dtype),
+             mask=stored)
 
 
 def why_not(x: torch.Tensor, weight: torch.Tensor, num_heads: int, num_kv_heads: int, config: Config) -> str:
