@@ -203,15 +203,16 @@ def test_fused_engine_generates_the_unfused_tokens(tmp_path, monkeypatch, kv_cac
 
 
 def test_fused_tables_grow_in_m_and_fit_their_shapes():
-    """Entries in increasing M; every configuration's K tile divides its weight's K and, for the GLU, has one
-    split (the row scale needs all of K in one program); the weights are [N, K] with an even N for gate/up."""
+    """Entries in increasing M; every configuration's K tile times its splits divides its weight's K and, for the
+    GLU, has one split (the row scale needs all of K in one program); the weights are [N, K] with an even N for
+    gate/up. Qwen3-0.6B's q/k/v fuses to M 64, K split in 4 to M 16."""
     for table in (QKV.TABLE, linear.GLU_TABLE):
         for (n, k), entries in table.items():
             ms = [m for m, _ in entries]
             assert ms == sorted(ms) and len(set(ms)) == len(ms)
             for _, config in entries:
-                assert config is None or k % config.block_k == 0
+                assert config is None or k % (config.block_k * config.split_k) == 0
                 if table is linear.GLU_TABLE:
                     assert n % 2 == 0 and (config is None or config.split_k == 1)
-    assert QKV.pick(1, 4096, 1024) is None and QKV.pick(64, 4096, 1024) is not None
+    assert QKV.pick(1, 4096, 1024).split_k == 4 and QKV.pick(64, 4096, 1024).split_k == 1
     assert QKV.pick(65, 4096, 1024) is None

@@ -32,10 +32,9 @@ class CudaBackend(Backend):
     options = {"gpu_memory_utilization": Fraction(0.9, "the share of the GPU's memory the engine may use"),
                "fold_norms": Switch(True, "fold each layer's RMSNorms into the kernels around them (7 launches a "
                                           "layer instead of 9; backends/cuda/norm_folding.py)"),
-               "fuse_products": Switch(False, "with folded norms, decode steps run the q/k/v and gate/up products "
+               "fuse_products": Switch(True, "with folded norms, decode steps run the q/k/v and gate/up products "
                                               "with rotary + KV store and SiLU in their epilogues where measured "
-                                              "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py); off "
-                                              "by default until its GPU engine test passes reliably")}
+                                              "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -72,7 +71,7 @@ class CudaBackend(Backend):
         and layers whose product the Triton decode GEMM does faster at some batch sizes (its table) get it there."""
         from nanovllm.backends.cuda.linear import install_triton_linear
         from nanovllm.backends.cuda.norm_folding import fold_norms
-        why = (fold_norms(model, getattr(self, "fuse_products", False)) if getattr(self, "fold_norms", True)
+        why = (fold_norms(model, getattr(self, "fuse_products", True)) if getattr(self, "fold_norms", True)
                else "the fold_norms option is off")
         if why:
             logger.info("cuda backend: RMSNorms not folded (%s): 9 launches a decoder layer", why)

@@ -243,13 +243,13 @@ def qkv_rotary_store(x: torch.Tensor, weight: torch.Tensor, num_heads: int, num_
 
 # (N, K) of the q/k/v weight -> [(largest M, configuration or None)] in increasing M, measured on an H200 in
 # bfloat16 against cuBLAS + rotary.qk_store (`benchmarks/fused_products.py`, us a layer in graphs over 28 weight
-# copies); None, other M, shapes and dtypes keep the two kernels. Qwen3-0.6B, round fifteen: M 8-64 7.80-7.92 us
-# against 7.95-8.19; M 1-4 and >= 80 the two kernels win (7.17 against 7.63 at M 1; 9.61 against 12.25 at 256).
-# The fused product costs ~7.9 us at every M <= 64 whatever the number of programs (32 to 128): each program
-# walks a whole head's 256 KB of weight through K, a latency chain; split-K configurations (round sixteen) are in
-# the sweep's candidates, not yet measured.
+# copies); other M, shapes and dtypes keep the two kernels. Qwen3-0.6B, round seventeen (split K included): M 1-16
+# 6.72-7.24 us against 7.16-8.05 with K in 4 splits, M 32 7.57 against 8.12 in 2, M 48-64 7.90-7.94 against
+# 8.18-8.19 in one; from M 96 the two kernels win (9.61 against 12.30 at 256). Without split K each program walks
+# a whole head's 256 KB of weight through K, a latency chain of ~7.9 us whatever the number of programs.
 TABLE: dict[tuple[int, int], list[tuple[int, Config | None]]] = {
-    (4096, 1024): [(4, None), (64, Config(16, 128, 4, 3, True))],
+    (4096, 1024): [(16, Config(16, 128, 4, 3, True, 4)), (32, Config(16, 128, 4, 3, True, 2)),
+                   (64, Config(16, 128, 4, 3, True))],
 }
 
 
