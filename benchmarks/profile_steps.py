@@ -31,6 +31,8 @@ def main():
                    "(torch.cuda.set_sync_debug_mode), counted by the innermost nanovllm frame")
     p.add_argument("--host-split", action="store_true", help="also sum the host time of each launch part per kind "
                    "of step (benchmarks/host_split.py)")
+    p.add_argument("--first-times", action="store_true", help="name the steps that compiled a Triton variant or "
+                   "torch.compile graph, or allocated device memory (nanovllm.backends.cuda.compiled): each stalls")
     p.add_argument("--kv-cache-dtype", default="auto")
     add_backend_option_argument(p)
     args = p.parse_args()
@@ -54,10 +56,24 @@ def main():
         prepared.append(event())  # the step's device work starts here (its input copies were just enqueued)
         return inputs
 
+    firsts = []  # (step index, kind, batch or tokens, what changed)
+
+    def state():
+        from torch._dynamo.utils import counters
+        from nanovllm.backends.cuda.compiled import compiled_variants
+        return dict(compiled_variants(), dynamo_graphs=counters["stats"]["unique_graphs"],
+                    device_allocs=torch.cuda.memory_stats().get("num_device_alloc", 0))
+
     def timed_launch(batch, prev=None):
+        before = state() if args.first_times else None
         begin = time.perf_counter()
         step = launch(batch, prev)
         end = event()
+        if before is not None:
+            changed = {k: v - before.get(k, 0) for k, v in state().items() if v != before.get(k, 0)}
+            if changed:
+                firsts.append((len(records), "prefill" if batch.is_prefill else "decode",
+                               batch.num_tokens if batch.is_prefill else len(batch.seqs), changed))
         now = time.perf_counter()
         n = batch.num_tokens if batch.is_prefill else len(batch.seqs)
         records.append(("prefill" if batch.is_prefill else "decode", n, now - last[0], prepared.pop(), end,
@@ -130,6 +146,10 @@ def main():
     if args.host_split:
         split.print("prefill")
         split.print("decode")
+    if args.first_times:
+        print(f"steps that compiled or allocated ({len(firsts)}; step index, kind, batch or tokens, +what):")
+        for first in firsts:
+            print("  ", *first)
     print("garbage collector during the run:", {g: f"{len(p)} pauses, {sum(p) * 1000:.1f} ms (max {max(p) * 1000:.1f})"
                                               for g, p in sorted(pauses.items())})
 

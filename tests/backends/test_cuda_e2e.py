@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.backends.cuda.compiled import compiled_variants
 from tests.conftest import random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -112,23 +113,6 @@ def test_prefix_cache_and_chunked_prefill_on_cuda(tiny_qwen3, prompts, reference
     outputs = llm.generate(shared, GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.block_manager.num_prefix_hit_tokens > 0
     assert [o["token_ids"] for o in outputs] == want
-
-
-def compiled_variants() -> dict[str, int]:
-    """How many compiled variants each of the cuda backend's Triton kernels holds (Triton's per-device cache)."""
-    import importlib
-    from triton.runtime.jit import JITFunction
-    counts = {}
-    for name in ("kv_store", "elementwise", "sampler", "attention.triton_prefill", "attention.triton_decode",
-                 "attention.triton_decode_balanced"):
-        module = importlib.import_module(f"nanovllm.backends.cuda.{name}")
-        for attr, fn in vars(module).items():
-            if isinstance(fn, JITFunction):
-                if hasattr(fn, "device_caches"):  # Triton >= 3.2: device -> (kernel cache, ...)
-                    counts[f"{name}.{attr}"] = sum(len(cache[0]) for cache in fn.device_caches.values())
-                else:  # older: device -> {key: kernel}
-                    counts[f"{name}.{attr}"] = sum(len(cache) for cache in fn.cache.values())
-    return counts
 
 
 def test_no_kernel_is_compiled_after_start_up(tiny_qwen3):

@@ -381,6 +381,25 @@ def test_kernels_compile_for_h100_without_spills():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_compiled_variants_counts_every_launched_kernel():
+    """compiled_variants (start-up compiles everything a run needs: the e2e tests and profile_steps --first-times
+    compare its counts) finds the kernels of every module of the backend, nested folders included, none compiled
+    before a launch. In a process without the interpreter, where triton.jit gives compilable functions."""
+    code = ("from nanovllm.backends.cuda.compiled import compiled_variants; c = compiled_variants(); "
+            "print(sorted(c)); print(sum(c.values()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    names, total = result.stdout.splitlines()[-2:]
+    for kernel in ("attention.triton_decode._decode_split_kernel", "attention.triton_prefill._prefill_kernel",
+                   "attention.triton_decode_balanced._balanced_decode_kernel", "kv_store._store_kv_kernel",
+                   "linear._linear_kernel", "qkv_rotary_store._qkv_rotary_store_kernel",
+                   "rotary_store._qk_norm_rope_store_kernel", "elementwise._silu_mul_kernel", "sampler._pick_kernel"):
+        assert repr(kernel) in names, (kernel, names)
+    assert total == "0"
+
+
 # ---- registration and checks (no GPU or triton needed) ---------------------------------------------
 def test_registers_every_kernel_with_a_check():
     registry = KernelRegistry()
