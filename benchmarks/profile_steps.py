@@ -32,7 +32,8 @@ def main():
     p.add_argument("--host-split", action="store_true", help="also sum the host time of each launch part per kind "
                    "of step (benchmarks/host_split.py)")
     p.add_argument("--first-times", action="store_true", help="name the steps that compiled a Triton variant or "
-                   "torch.compile graph, or allocated device memory (nanovllm.backends.cuda.compiled): each stalls")
+                   "torch.compile graph, or allocated device or pinned host memory (nanovllm.backends.cuda.compiled): "
+                   "each stalls")
     p.add_argument("--kv-cache-dtype", default="auto")
     add_backend_option_argument(p)
     args = p.parse_args()
@@ -61,8 +62,11 @@ def main():
     def state():
         from torch._dynamo.utils import counters
         from nanovllm.backends.cuda.compiled import compiled_variants
+        host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
         return dict(compiled_variants(), dynamo_graphs=counters["stats"]["unique_graphs"],
-                    device_allocs=torch.cuda.memory_stats().get("num_device_alloc", 0))
+                    device_allocs=torch.cuda.memory_stats().get("num_device_alloc", 0),
+                    pinned_allocs=host.get("num_host_alloc", 0),
+                    pinned_alloc_us=int(host.get("host_alloc_time.total", 0)))
 
     def timed_launch(batch, prev=None):
         before = state() if args.first_times else None
