@@ -34,9 +34,14 @@ def main():
     p.add_argument("--first-times", action="store_true", help="name the steps that compiled a Triton variant or "
                    "torch.compile graph, or allocated device or pinned host memory (nanovllm.backends.cuda.compiled): "
                    "each stalls")
+    p.add_argument("--no-pinned-reserve", action="store_true", help="skip start-up's pinned-block reservation "
+                   "(core/pinned_blocks.py), to measure what it saves")
     p.add_argument("--kv-cache-dtype", default="auto")
     add_backend_option_argument(p)
     args = p.parse_args()
+    if args.no_pinned_reserve:
+        from nanovllm.core import runner_setup
+        runner_setup.reserve_pinned_blocks = lambda largest: 0
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
               skip_tokenizer_init=True, async_scheduling=not args.sync, kv_cache_dtype=args.kv_cache_dtype,
               **backend_options(args))
