@@ -15,10 +15,11 @@ from nanovllm.core.logging import get_logger
 
 logger = get_logger(__name__)
 
-# a step's arrays of one size class, times the steps in flight (one being built, one running), with room to spare:
-# a prefill step stages its ids, positions and slots (one class), two cumulative-length arrays, etc.
+# A block goes back to its free list once the copy that read it has ended, which is after the step in flight: so
+# a class needs the arrays of two steps. A prefill step stages its ids, positions and slots (one class), two
+# cumulative-length arrays, row indices, temperatures (small classes), and more in mixed steps.
 COPIES_SMALL = 8
-COPIES_LARGE = 4  # classes above SMALL_LIMIT: a step has at most its three per-token arrays there
+COPIES_LARGE = 6  # classes above SMALL_LIMIT: only the three per-token arrays are that large
 SMALL_LIMIT = 256 << 10
 LARGEST = 1 << 20  # larger classes (long block tables of many sequences) are rare enough to allocate when met
 
