@@ -8,6 +8,9 @@
 #            KV dtypes
 #   ab       seed runs (profile_steps' total) with and without that reservation, alternated, both KV dtypes, twice
 #   decode   one batch-256 decode step's kernels (profile_decode.py)
+#   blas     the decode products at M 128/256 (gemm_layouts.py), then seed pairs, with torch's default BLAS and with
+#            cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick other kernels for the o and
+#            down products with the residual (6.5 and 7.8 us a layer at M 256 for ~1.4 and ~2 us of tensor work)
 # Here first: mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/
 # Then on the device (carry .wt-models): STEPS="first ab" bash benchmarks/device_profile.sh [seconds, 560]
 set -uo pipefail
@@ -37,5 +40,14 @@ for step in ${STEPS:-profile decode}; do
     decode) timeout 90 python3 benchmarks/profile_decode.py --config "$CONFIG" --batch 256 --context 1024 \
               > "$OUT/decode.log" 2>&1
             echo "== decode 256 x 1k rc $? [$(( $(date +%s) - T0 )) s]"; grep -v Warning "$OUT/decode.log" | head -60 ;;
+    blas) for lt in 0 1; do
+            TORCH_BLAS_PREFER_CUBLASLT=$lt timeout 120 python3 benchmarks/gemm_layouts.py --ms 64,128,256 \
+              --shapes qkv,o,gate_up,down > "$OUT/layouts-lt$lt.log" 2>&1
+            echo "== gemm_layouts, cuBLASLt preferred: $lt"; grep -v Warning "$OUT/layouts-lt$lt.log" | head -30
+          done
+          for i in 1 2; do for lt in 0 1; do
+            TORCH_BLAS_PREFER_CUBLASLT=$lt steps blas-lt$lt-$i \
+              && grep -E '^total' "$OUT/blas-lt$lt-$i.log" | sed "s/^/cuBLASLt $lt: /"
+          done; done ;;
   esac
 done
