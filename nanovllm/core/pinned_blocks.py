@@ -16,11 +16,12 @@ from nanovllm.core.logging import get_logger
 logger = get_logger(__name__)
 
 # A block goes back to its free list once the copy that read it has ended, which is after the step in flight: so
-# a class needs the arrays of two steps. A prefill step stages its ids, positions and slots (one class), two
-# cumulative-length arrays, row indices, temperatures (small classes), and more in mixed steps.
-COPIES_SMALL = 8
-COPIES_LARGE = 6  # classes above SMALL_LIMIT: only the three per-token arrays are that large
-SMALL_LIMIT = 256 << 10
+# a class needs the arrays of two steps. A mixed step stages up to ~8 per-sequence arrays (cumulative lengths,
+# context lengths, order, row indices, temperatures, the pending-token index, ...), often of one small class; only
+# its three per-token arrays (ids, positions, slots) and block tables reach the large classes.
+COPIES_SMALL = 16
+COPIES_LARGE = 6
+SMALL_LIMIT = 64 << 10
 LARGEST = 1 << 20  # larger classes (long block tables of many sequences) are rare enough to allocate when met
 
 
