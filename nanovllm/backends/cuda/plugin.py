@@ -33,8 +33,8 @@ class CudaBackend(Backend):
                "fold_norms": Switch(True, "fold each layer's RMSNorms into the kernels around them (7 launches a "
                                           "layer instead of 9; backends/cuda/norm_folding.py)"),
                "fuse_products": Switch(True, "with folded norms, decode steps run the q/k/v and gate/up products "
-                                              "with rotary + KV store and SiLU in their epilogues where measured "
-                                              "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)")}
+                                             "with rotary + KV store and SiLU in their epilogues where measured "
+                                             "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
