@@ -1,16 +1,36 @@
 #!/usr/bin/env bash
-# Device runs in few calls: STEPS picks parts. Results land under $OUT (bench.jsonl, *.log, kernels.json).
-#   STEPS="bench profile"        the seed throughput benchmark twice (cold, then warm caches) and step profiles
+# Device runs in few calls: STEPS picks parts, in order. Results land under $OUT (bench.jsonl, *.log, kernels.json).
+#   STEPS="bench profile"        the seed throughput benchmark twice (cold, then warm caches); where a seed run's time
+#                                goes: decode steps at batch 256 and 32 (profile_decode.py), and step buckets for both
+#                                KV dtypes (profile_steps.py: prefill time, decode steps by batch, the GPU's idle time
+#                                before each)
+#   STEPS="first ab"             the steps that compiled a kernel or allocated device or pinned host memory
+#                                (profile_steps --first-times), with and without start-up's pinned-block reservation
+#                                (core/pinned_blocks.py); then seed runs (profile_steps' totals) with and without it,
+#                                alternated, both KV dtypes, twice. Round seventeen: the 7th of 9 prefill steps, the
+#                                first to sample 33 rows, took ~79 ms (others 23-42) in both KV dtypes
+#   STEPS="blas"                 the decode products at M 64-256 (gemm_layouts.py), then seed runs, with torch's default
+#                                BLAS and with cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick
+#                                other kernels for the o and down products with the residual
 #   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn)
-#   STEPS="recheck"              what round four's last call did not reach: the parity matrix's cuda cells and the
-#                                rewritten Triton-GEMM-in-graphs test (tests/backends takes ~300 s now: give it that)
+#   STEPS="recheck"              the parity matrix's cuda cells and the Triton-GEMM-in-graphs test
+# Here first: mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/,
+# then on the device (carry .wt-models): STEPS="..." bash benchmarks/device_run.sh [seconds for the profile_steps
+# runs, default 560]
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-CONFIG=${CONFIG:-shared-models/qwen3-0.6b/config.json}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; T0=$(date +%s); END=$(( T0 + ${1:-560} ))
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} NANOVLLM_LOG_LEVEL=${NANOVLLM_LOG_LEVEL:-WARNING}
+CONFIG=${CONFIG:-$PWD/.wt-models/qwen3-0.6b/config.json}
+[ -f "$CONFIG" ] || { echo "no $CONFIG: copy ../shared/models/qwen3-0.6b/config.json there and carry it"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed; using PYTHONPATH"
+steps() {  # $1 log name, rest: profile_steps options; skipped when under 80 s of the budget is left
+  local log=$OUT/$1.log; shift
+  [ $(( END - $(date +%s) )) -lt 80 ] && { echo "skip $log"; return 1; }
+  timeout 100 python3 benchmarks/profile_steps.py --config "$CONFIG" "$@" > "$log" 2>&1
+  echo "== $(basename "$log") rc $? [$(( $(date +%s) - T0 )) s]"
+}
 for step in ${STEPS:-bench profile}; do
   case $step in
     bench) for run in cold warm; do
@@ -19,7 +39,26 @@ for step in ${STEPS:-bench profile}; do
     profile) python3 benchmarks/profile_decode.py --config "$CONFIG" --batch 256 --context 1024 > "$OUT/profile-256.log" 2>&1
              python3 benchmarks/profile_decode.py --config "$CONFIG" --batch 32 --context 1024 > "$OUT/profile-32.log" 2>&1
              grep -E "^decode step|^synchronous" "$OUT"/profile-*.log
-             python3 benchmarks/profile_steps.py --config "$CONFIG" 2>&1 | grep -v "^INFO\|WARN\|kernel\|skipped\|->" | tee "$OUT/steps.log" ;;
+             for kv in auto fp8; do
+               steps steps-$kv --kv-cache-dtype $kv && grep -v Warning "$OUT/steps-$kv.log" | head -40
+             done ;;
+    first) for reserve in "" --no-pinned-reserve; do
+             steps first$reserve --first-times $reserve \
+               && grep -v Warning "$OUT/first$reserve.log" | sed -n '2,3p;/^steps that/,$p' | head -30
+           done ;;
+    ab) for i in 1 2; do for kv in auto fp8; do for reserve in "" --no-pinned-reserve; do
+          steps ab-$kv$reserve-$i --kv-cache-dtype $kv $reserve \
+            && grep -E '^total|^prefill steps' "$OUT/ab-$kv$reserve-$i.log" | tr '\n' ' ' | cut -c1-220 && echo
+        done; done; done ;;
+    blas) for lt in 0 1; do
+            TORCH_BLAS_PREFER_CUBLASLT=$lt timeout 120 python3 benchmarks/gemm_layouts.py --ms 64,128,256 \
+              --shapes qkv,o,gate_up,down > "$OUT/layouts-lt$lt.log" 2>&1
+            echo "== gemm_layouts, cuBLASLt preferred: $lt"; grep -v Warning "$OUT/layouts-lt$lt.log" | head -30
+          done
+          for i in 1 2; do for lt in 0 1; do
+            TORCH_BLAS_PREFER_CUBLASLT=$lt steps blas-lt$lt-$i \
+              && grep -E '^total' "$OUT/blas-lt$lt-$i.log" | sed "s/^/cuBLASLt $lt: /"
+          done; done ;;
     flash) bash .flash-attn/build.sh .flash-attn/flash-attn-src.tgz 2>&1 | tail -3; export PYTHONPATH=/tmp/flash-attn:$PYTHONPATH ;;
     tests) python3 -m pytest -q tests/backends -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
     recheck) python3 -m pytest -q -p no:cacheprovider tests/backends/test_parity_matrix.py \
