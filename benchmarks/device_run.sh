@@ -4,11 +4,12 @@
 #                                goes: decode steps at batch 256 and 32 (profile_decode.py), and step buckets for both
 #                                KV dtypes (profile_steps.py: prefill time, decode steps by batch, the GPU's idle time
 #                                before each)
-#   STEPS="first ab"             the steps that compiled a kernel or allocated device or pinned host memory
-#                                (profile_steps --first-times), with and without start-up's pinned-block reservation
-#                                (core/pinned_blocks.py); then seed runs (profile_steps' totals) with and without it,
-#                                alternated, both KV dtypes, twice. Round seventeen: the 7th of 9 prefill steps, the
-#                                first to sample 33 rows, took ~79 ms (others 23-42) in both KV dtypes
+#   STEPS="first stall"          the steps that compiled a kernel or allocated device or pinned memory
+#                                (profile_steps --first-times); the seed run's 7th prefill step (the first of 34
+#                                sequences, ~80 ms against 20-40) and the one before it alone under torch.profiler;
+#                                then bf16 seed runs with CUDA's lazy kernel loading and with every kernel loaded at
+#                                start (CUDA_MODULE_LOADING=EAGER), alternated, twice: a library kernel loaded on its
+#                                first launch blocks the host
 #   STEPS="blas"                 the decode products at M 64-256 (gemm_layouts.py), then seed runs, with torch's default
 #                                BLAS and with cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick
 #                                other kernels for the o and down products with the residual
@@ -28,7 +29,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 steps() {  # $1 log name, rest: profile_steps options; skipped when under 80 s of the budget is left
   local log=$OUT/$1.log; shift
   [ $(( END - $(date +%s) )) -lt 80 ] && { echo "skip $log"; return 1; }
-  timeout 100 python3 benchmarks/profile_steps.py --config "$CONFIG" "$@" > "$log" 2>&1
+  timeout 150 python3 benchmarks/profile_steps.py --config "$CONFIG" "$@" > "$log" 2>&1
   echo "== $(basename "$log") rc $? [$(( $(date +%s) - T0 )) s]"
 }
 for step in ${STEPS:-bench profile}; do
@@ -42,14 +43,13 @@ for step in ${STEPS:-bench profile}; do
              for kv in auto fp8; do
                steps steps-$kv --kv-cache-dtype $kv && grep -v Warning "$OUT/steps-$kv.log" | head -40
              done ;;
-    first) for reserve in "" --no-pinned-reserve; do
-             steps first$reserve --first-times $reserve \
-               && grep -v Warning "$OUT/first$reserve.log" | sed -n '2,3p;/^steps that/,$p' | head -30
-           done ;;
-    ab) for i in 1 2; do for kv in auto fp8; do for reserve in "" --no-pinned-reserve; do
-          steps ab-$kv$reserve-$i --kv-cache-dtype $kv $reserve \
-            && grep -E '^total|^prefill steps' "$OUT/ab-$kv$reserve-$i.log" | tr '\n' ' ' | cut -c1-220 && echo
-        done; done; done ;;
+    first) steps first --first-times && grep -v Warning "$OUT/first.log" | sed -n '2,4p;/^steps that/,$p' | head -30 ;;
+    stall) steps trace --trace-steps 5,6 && grep -v Warning "$OUT/trace.log" | sed -n '/^prefill steps/p;/^step [0-9]/,$p' \
+             | grep -v -E "^-+$" | cut -c1-150 | head -75
+           for i in 1 2; do for loading in LAZY EAGER; do
+             CUDA_MODULE_LOADING=$loading steps loading-$loading-$i \
+               && grep -E '^total|^prefill steps' "$OUT/loading-$loading-$i.log" | sed "s/^/$loading: /" | cut -c1-200
+           done; done ;;
     blas) for lt in 0 1; do
             TORCH_BLAS_PREFER_CUBLASLT=$lt timeout 120 python3 benchmarks/gemm_layouts.py --ms 64,128,256 \
               --shapes qkv,o,gate_up,down > "$OUT/layouts-lt$lt.log" 2>&1

@@ -34,14 +34,11 @@ def main():
     p.add_argument("--first-times", action="store_true", help="name the steps that compiled a Triton variant or "
                    "torch.compile graph, or allocated device or pinned host memory (nanovllm.backends.cuda.compiled): "
                    "each stalls")
-    p.add_argument("--no-pinned-reserve", action="store_true", help="skip start-up's pinned-block reservation "
-                   "(core/pinned_blocks.py), to measure what it saves")
+    p.add_argument("--trace-steps", default="", help="comma-separated step indices to run alone (synchronised) "
+                   "under torch.profiler: each one's host calls and GPU kernels by time")
     p.add_argument("--kv-cache-dtype", default="auto")
     add_backend_option_argument(p)
     args = p.parse_args()
-    if args.no_pinned_reserve:
-        from nanovllm.core import runner_setup
-        runner_setup.reserve_pinned_blocks = lambda largest: 0
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
               skip_tokenizer_init=True, async_scheduling=not args.sync, kv_cache_dtype=args.kv_cache_dtype,
               **backend_options(args))
@@ -73,11 +70,25 @@ def main():
                     pinned_allocs=host.get("num_host_alloc", 0),
                     pinned_alloc_us=int(host.get("host_alloc_time.total", 0)))
 
+    traced = {int(i) for i in args.trace_steps.split(",") if i}
+    traces = []  # (step index, kind, batch or tokens, profiler)
+
     def timed_launch(batch, prev=None):
         before = state() if args.first_times else None
+        profiler = None
+        if len(records) in traced:
+            torch.cuda.synchronize()
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+            profiler.start()
         begin = time.perf_counter()
         step = launch(batch, prev)
         end = event()
+        if profiler is not None:
+            torch.cuda.synchronize()
+            profiler.stop()
+            traces.append((len(records), "prefill" if batch.is_prefill else "decode",
+                           batch.num_tokens if batch.is_prefill else len(batch.seqs), profiler))
         if before is not None:
             changed = {k: v - before.get(k, 0) for k, v in state().items() if v != before.get(k, 0)}
             if changed:
@@ -143,6 +154,8 @@ def main():
         bucket[4] += host
     print(f"total {total:.2f} s, {len(records)} steps")
     print("prefill steps (tokens, ms):", [(r[1], round(r[2] * 1000, 1)) for r in records if r[0] == "prefill"])
+    print("prefill steps (gpu ms, launch ms):", [(round(r[3].elapsed_time(r[4]), 1), round(r[5] * 1000, 1))
+                                                  for r in records if r[0] == "prefill"])
     print(f"{'kind':>8} {'batch<=':>8} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'gpu ms':>8} {'idle ms':>8} "
           f"{'launch ms':>9}")
     for (kind, b), (count, secs, gpu, idle, host) in sorted(buckets.items()):
@@ -159,6 +172,11 @@ def main():
         print(f"steps that compiled or allocated ({len(firsts)}; step index, kind, batch or tokens, +what):")
         for first in firsts:
             print("  ", *first)
+    for index, kind, n, profiler in traces:
+        events = profiler.key_averages()
+        print(f"step {index} ({kind}, {n}), alone under the profiler: host calls by self time, then GPU kernels")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
+        print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
     print("garbage collector during the run:", {g: f"{len(p)} pauses, {sum(p) * 1000:.1f} ms (max {max(p) * 1000:.1f})"
                                               for g, p in sorted(pauses.items())})
 

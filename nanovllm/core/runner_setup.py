@@ -26,7 +26,6 @@ from nanovllm.core.kv_calibration import calibrate_kv_scales
 from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.logging import get_logger
 from nanovllm.core.parallel.communicator import Communicator
-from nanovllm.core.pinned_blocks import largest_staged_array, reserve_pinned_blocks
 from nanovllm.core.startup import Resolved
 from nanovllm.core.step_inputs import StepInputBuilder
 from nanovllm.core.step_metadata import PrefillMetadata, StepMetadata
@@ -201,9 +200,6 @@ def allocate_kv_cache(runner: ModelRunner, num_blocks: int) -> None:
                                      runner.max_num_blocks_per_seq, pin=runner.backend.pin_memory,
                                      table_multiple=runner.backend.block_table_multiple,
                                      device_record=runner.backend.supports_graphs)
-    if runner.backend.pin_memory:  # no step allocates page-locked memory (which may synchronise the device)
-        reserve_pinned_blocks(largest_staged_array(config.max_num_batched_tokens, config.max_num_seqs,
-                                                   runner.max_num_blocks_per_seq))
     logger.info("KV cache: %d blocks of %d tokens, %s (%.2f GiB)", num_blocks, runner.block_size,
                 str(runner.kv_dtype).removeprefix("torch."), num_blocks * bytes_per_block(runner) / 2**30)
     if is_fp8(runner.kv_dtype):

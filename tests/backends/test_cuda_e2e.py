@@ -117,15 +117,12 @@ def test_prefix_cache_and_chunked_prefill_on_cuda(tiny_qwen3, prompts, reference
 
 def test_no_kernel_is_compiled_after_start_up(tiny_qwen3):
     """Start-up (warm-ups and graph capture) compiles every Triton variant and torch.compile graph a run needs, so
-    no request pays a compilation: here a batch with full-size, chunked, cached-prefix and mixed steps. Nor does
-    a step allocate pinned host memory, which may synchronise the device (core/pinned_blocks.py): the steps here
-    grow from the warm-up's sizes to 16 sequences."""
+    no request pays a compilation: here a batch with full-size, chunked, cached-prefix and mixed steps."""
     from torch._dynamo.utils import counters
     llm = LLM(tiny_qwen3, backend="cuda", max_model_len=1024, num_kvcache_blocks=512, max_num_seqs=16,
               max_num_batched_tokens=512)
     before, graphs_before = compiled_variants(), counters["stats"]["unique_graphs"]
     assert sum(before.values()) > 0
-    pinned_before = torch.cuda.host_memory_stats()["num_host_alloc"]
     prompts = random_prompts(24, 512, (1, 300), seed=13)
     prompts += [prompts[0] + p for p in prompts[1:4]]  # cached prefixes
     outputs = llm.generate(prompts, SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True), use_tqdm=False)
@@ -133,7 +130,6 @@ def test_no_kernel_is_compiled_after_start_up(tiny_qwen3):
     after = compiled_variants()
     assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     assert counters["stats"]["unique_graphs"] == graphs_before
-    assert torch.cuda.host_memory_stats()["num_host_alloc"] == pinned_before, torch.cuda.host_memory_stats()
 
 
 def test_long_contexts_compile_nothing_after_start_up(tmp_path_factory):
