@@ -9,7 +9,9 @@
 #                                sequences, ~80 ms against 20-40) and the one before it alone under torch.profiler;
 #                                then bf16 seed runs with CUDA's lazy kernel loading and with every kernel loaded at
 #                                start (CUDA_MODULE_LOADING=EAGER), alternated, twice: a library kernel loaded on its
-#                                first launch blocks the host
+#                                first launch blocks the host. Round eighteen: lazy loading ruled out; the host
+#                                waits inside that launch, GPU time is the others'. So first a run with --sync-check
+#                                (torch's sync debug mode: which nanovllm line makes a host sync)
 #   STEPS="blas"                 the decode products at M 64-256 (gemm_layouts.py), then seed runs, with torch's default
 #                                BLAS and with cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick
 #                                other kernels for the o and down products with the residual
@@ -44,7 +46,8 @@ for step in ${STEPS:-bench profile}; do
                steps steps-$kv --kv-cache-dtype $kv && grep -v Warning "$OUT/steps-$kv.log" | head -40
              done ;;
     first) steps first --first-times && grep -v Warning "$OUT/first.log" | sed -n '2,4p;/^steps that/,$p' | head -30 ;;
-    stall) steps trace --trace-steps 5,6 && grep -v Warning "$OUT/trace.log" | sed -n '/^prefill steps/p;/^step [0-9]/,$p' \
+    stall) steps sync --sync-check && sed -n '/^host syncs/,/^total/p' "$OUT/sync.log" | head -18
+           steps trace --trace-steps 5,6 && grep -v Warning "$OUT/trace.log" | sed -n '/^prefill steps/p;/^step [0-9]/,$p' \
              | grep -v -E "^-+$" | cut -c1-150 | head -75
            for i in 1 2; do for loading in LAZY EAGER; do
              CUDA_MODULE_LOADING=$loading steps loading-$loading-$i \
