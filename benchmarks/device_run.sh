@@ -5,13 +5,11 @@
 #                                KV dtypes (profile_steps.py: prefill time, decode steps by batch, the GPU's idle time
 #                                before each)
 #   STEPS="first stall"          the steps that compiled a kernel or allocated device or pinned memory
-#                                (profile_steps --first-times); the seed run's 7th prefill step (the first of 34
-#                                sequences, ~80 ms against 20-40) and the one before it alone under torch.profiler;
-#                                then bf16 seed runs with CUDA's lazy kernel loading and with every kernel loaded at
-#                                start (CUDA_MODULE_LOADING=EAGER), alternated, twice: a library kernel loaded on its
-#                                first launch blocks the host. Round eighteen: lazy loading ruled out; the host
-#                                waits inside that launch, GPU time is the others'. So first a run with --sync-check
-#                                (torch's sync debug mode: which nanovllm line makes a host sync)
+#                                (profile_steps --first-times); where the seed run's 7th prefill step (the first of
+#                                34 sequences) waits: its GPU time is the others', its launch ~65 ms against 14-33
+#                                (round eighteen; lazy kernel loading and pinned allocations ruled out, RESULTS.md).
+#                                A run with --sync-check (torch's sync debug mode: which nanovllm line makes a host
+#                                sync), then steps 5 and 6 alone under torch.profiler
 #   STEPS="blas"                 the decode products at M 64-256 (gemm_layouts.py), then seed runs, with torch's default
 #                                BLAS and with cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick
 #                                other kernels for the o and down products with the residual
@@ -48,11 +46,7 @@ for step in ${STEPS:-bench profile}; do
     first) steps first --first-times && grep -v Warning "$OUT/first.log" | sed -n '2,4p;/^steps that/,$p' | head -30 ;;
     stall) steps sync --sync-check && sed -n '/^host syncs/,/^total/p' "$OUT/sync.log" | head -18
            steps trace --trace-steps 5,6 && grep -v Warning "$OUT/trace.log" | sed -n '/^prefill steps/p;/^step [0-9]/,$p' \
-             | grep -v -E "^-+$" | cut -c1-150 | head -75
-           for i in 1 2; do for loading in LAZY EAGER; do
-             CUDA_MODULE_LOADING=$loading steps loading-$loading-$i \
-               && grep -E '^total|^prefill steps' "$OUT/loading-$loading-$i.log" | sed "s/^/$loading: /" | cut -c1-200
-           done; done ;;
+             | grep -v -E "^-+$" | cut -c1-150 | head -75 ;;
     blas) for lt in 0 1; do
             TORCH_BLAS_PREFER_CUBLASLT=$lt timeout 120 python3 benchmarks/gemm_layouts.py --ms 64,128,256 \
               --shapes qkv,o,gate_up,down > "$OUT/layouts-lt$lt.log" 2>&1

@@ -74,9 +74,11 @@ def main():
     traces = []  # (step index, kind, batch or tokens, profiler)
 
     def timed_launch(batch, prev=None):
+        step_id = (len(records), "prefill" if batch.is_prefill else "decode",  # index, kind, tokens or batch
+                   batch.num_tokens if batch.is_prefill else len(batch.seqs))
         before = state() if args.first_times else None
         profiler = None
-        if len(records) in traced:
+        if step_id[0] in traced:
             torch.cuda.synchronize()
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                           torch.profiler.ProfilerActivity.CUDA])
@@ -87,17 +89,13 @@ def main():
         if profiler is not None:
             torch.cuda.synchronize()
             profiler.stop()
-            traces.append((len(records), "prefill" if batch.is_prefill else "decode",
-                           batch.num_tokens if batch.is_prefill else len(batch.seqs), profiler))
+            traces.append((*step_id, profiler))
         if before is not None:
             changed = {k: v - before.get(k, 0) for k, v in state().items() if v != before.get(k, 0)}
             if changed:
-                firsts.append((len(records), "prefill" if batch.is_prefill else "decode",
-                               batch.num_tokens if batch.is_prefill else len(batch.seqs), changed))
+                firsts.append((*step_id, changed))
         now = time.perf_counter()
-        n = batch.num_tokens if batch.is_prefill else len(batch.seqs)
-        records.append(("prefill" if batch.is_prefill else "decode", n, now - last[0], prepared.pop(), end,
-                        now - begin))
+        records.append((*step_id[1:], now - last[0], prepared.pop(), end, now - begin))
         last[0] = now
         return step
     engine._launch, engine.runner.prepare = timed_launch, timed_prepare
