@@ -22,7 +22,9 @@ class StartUpFreeze:
     module), so one closed while the interpreter exits, after module globals are cleared, still closes cleanly."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        # Reentrant: freeze's collection may find an unclosed engine in a reference cycle, whose __del__ closes it
+        # and calls release in the same thread, under the lock freeze holds.
+        self.lock = threading.RLock()
         self.open_engines = 0
         self.exiting = False
         self.gc = gc

@@ -46,3 +46,28 @@ def test_an_engine_open_at_exit_closes_quietly(tiny_qwen3):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_engine_collected_during_another_start_up_releases_without_a_deadlock():
+    """An unclosed engine caught in a reference cycle (e.g. through an exception's traceback) is closed by its
+    `__del__` when a collection finds it, and the next engine's start-up collects: `release` then runs inside
+    `freeze`, in the same thread. It must not wait for the lock `freeze` holds (a whole CI run hung there)."""
+    import threading
+    freeze = StartUpFreeze()
+
+    class Unclosed:  # what an LLM left open does when collected
+        def __del__(self):
+            freeze.release()
+
+    try:
+        freeze.freeze()
+        cycle = Unclosed()
+        cycle.me = cycle
+        del cycle
+        starting = threading.Thread(target=freeze.freeze, daemon=True)  # a deadlock would hang the test forever
+        starting.start()
+        starting.join(timeout=30)
+        assert not starting.is_alive(), "freeze() deadlocked on a release() from a collected object's __del__"
+        assert freeze.open_engines == 1 and gc.get_freeze_count() > 0  # one closed, one started
+    finally:
+        gc.unfreeze()
