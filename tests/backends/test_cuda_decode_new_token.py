@@ -62,6 +62,11 @@ def _two_kernels(t, has_norm, row_scale, ordered):
 
 
 def _one_kernel(t, has_norm, row_scale, ordered, config=None):
+    """On a GPU decode_plan would split these few sequences; the test names the tile config, as num_splits=1 does
+    for the two kernels."""
+    d = t["head_dim"]
+    config = config or DECODE.decode_config(DECODE.padded_head_dim(d), t["caches"][0].shape[1], t["qkv"].dtype,
+                                            t["caches"][0].dtype)
     caches = [c.clone() for c in t["caches"]]
     q_w, k_w = t["norms"] if has_norm else (None, None)
     extra = dict(row_scale_of=t["x"], row_eps=1e-5) if row_scale else {}
