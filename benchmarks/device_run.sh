@@ -15,9 +15,6 @@
 #                                other kernels for the o and down products with the residual
 #   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn)
 #   STEPS="recheck"              the parity matrix's cuda cells and the Triton-GEMM-in-graphs test
-#   STEPS="newtoken pairs"       the decode kernel with rotary.qk_store's work inside (fuse_attention): its GPU tests,
-#                                new_token_decode.py for both KV dtypes, then seed runs (profile_steps) with it on
-#                                and off, alternated: PAIRS pairs in bf16 (default 2) and FP8_PAIRS in FP8 (default 1)
 # Here first: mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/,
 # then on the device (carry .wt-models): STEPS="..." bash benchmarks/device_run.sh [seconds for the profile_steps
 # runs, default 560]
@@ -63,19 +60,6 @@ for step in ${STEPS:-bench profile}; do
     tests) python3 -m pytest -q tests/backends -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
     recheck) python3 -m pytest -q -p no:cacheprovider tests/backends/test_parity_matrix.py \
                tests/backends/test_cuda_linear.py -k "cuda or cublas" 2>&1 | tee "$OUT/recheck.log" | tail -4 ;;
-    newtoken) python3 -m pytest -q -p no:cacheprovider tests/backends/test_cuda_decode_new_token.py \
-                tests/backends/test_cuda_fused_products.py 2>&1 | tee "$OUT/newtoken-tests.log" | tail -3
-              for kv in auto fp8; do
-                timeout 240 python3 benchmarks/new_token_decode.py --kv-cache-dtype $kv --out "$OUT/new_token_$kv.json" \
-                  2>&1 | grep -v Warning | tee "$OUT/new_token_$kv.log"
-              done ;;
-    pairs) for kv in auto fp8; do
-             n=${PAIRS:-2}; [ $kv = fp8 ] && n=${FP8_PAIRS:-1}
-             for i in $(seq 1 "$n"); do for fa in 1 0; do
-               steps seed-$kv-fa$fa-$i --kv-cache-dtype $kv --backend-option fuse_attention=$fa \
-                 && grep -E '^total' "$OUT/seed-$kv-fa$fa-$i.log" | sed "s/^/$kv fuse_attention=$fa: /"
-             done; done
-           done ;;
     kernels) python3 benchmarks/kernels_cuda.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -40 "$OUT/kernels.log" ;;
   esac
 done

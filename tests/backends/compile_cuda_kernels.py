@@ -67,24 +67,16 @@ def compile_all() -> list[tuple[str, dict]]:
             for kv_dtype in (dtype, *FP8_DTYPES) if dtype == torch.bfloat16 else (dtype,):
                 fp8, kv = kv_dtype != dtype, str(kv_dtype).removeprefix("torch.")
                 cfg = dec.decode_config(pad, block_size, dtype, kv_dtype)
-                for split, new_token in ((False, False), (True, False), (False, True)):
-                    heads = GROUP * NUM_KV_HEADS
+                for split in (False, True):
                     k = dec._decode_split_kernel.warmup(
                         dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, dtype, torch.float32, torch.float32, 0.1,
                         torch.float32, torch.float32, torch.int32, 64,
                         3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
-                        dtype, (heads + 2 * NUM_KV_HEADS) * head_dim, torch.int64, torch.float32, head_dim, dtype,
-                        dtype, 1e-6, dtype, 1024, 1e-6, torch.int64,
                         GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                         BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
-                        DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=split or new_token, NEW_TOKEN=new_token,
-                        NUM_HEADS=heads, NUM_KV_HEADS=NUM_KV_HEADS, HALF=head_dim // 2,
-                        HALF_PAD=triton.next_power_of_2(head_dim // 2), HAS_NORM=new_token, ROW_SCALE=new_token,
-                        X_SIZE=1024 if new_token else 1, X_PAD=1024 if new_token else 1,
-                        FP8_MAX=448.0 if fp8 and new_token else 0.0,
+                        DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=split,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
-                    out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}"
-                                f"{' new_token' if new_token else ''}", resources(k)))
+                    out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
                 k = bal._balanced_decode_kernel.warmup(
                     dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, torch.float32,
                     torch.float32, torch.int32, 0.1, torch.float32, torch.float32, 24,

@@ -33,8 +33,8 @@ def models(tmp_path_factory):
 
 
 def engine(path, **options):
-    options = dict(num_kvcache_blocks=64, max_model_len=512, max_num_seqs=8) | options
-    return LLM(path, backend="cpu_ref", dtype="float32", **options)
+    return LLM(path, backend="cpu_ref", dtype="float32", num_kvcache_blocks=64, max_model_len=512, max_num_seqs=8,
+               **options)
 
 
 def with_cuda_kernels(llm):
@@ -97,31 +97,3 @@ def test_fold_refused_where_it_does_not_apply(models, tmp_path):
     assert fold_norms(torch.nn.Linear(2, 2)) == "Linear is not a decoder of models/decoder.py"
     folded = fold_engine(engine(models["llama"])).engine.runner.model
     assert fold_norms(folded).startswith("its forward was replaced already")  # never folded twice
-
-
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_decode_kernel_with_the_new_token_generates_the_unfused_tokens(models, monkeypatch, kv_cache_dtype):
-    """With the cuda decode kernel in the plan too (interpreted), decode steps of >= 9 sequences (one program per
-    (KV head, sequence) on the interpreter's 16 SMs) run rotary.qk_store's work inside it
-    (triton_decode.decode_with_new_token); smaller ones keep two launches. Same tokens as the folded engine
-    without it, itself the unfolded one's (above)."""
-    from nanovllm.backends.cuda import kernels
-    from nanovllm.backends.cuda.attention import triton_decode
-    prompts = random_prompts(12, 512, (3, 30), seed=6)
-
-    def folded(fuse_attention):
-        llm = engine(models["qwen3"], max_num_seqs=12, num_kvcache_blocks=96, kv_cache_dtype=kv_cache_dtype)
-        for layer in with_cuda_kernels(llm).engine.runner.model.model.layers:
-            layer.self_attn.attn.decode = kernels.triton_paged_decode
-        from nanovllm.backends.cuda.norm_folding import fold_norms
-        assert fold_norms(llm.engine.runner.model, fuse_products=False, fuse_attention=fuse_attention) == ""
-        return llm
-
-    want = [o["token_ids"] for o in folded(False).generate(prompts, GREEDY, use_tqdm=False)]
-    calls = []
-    fused = triton_decode.decode_with_new_token
-    monkeypatch.setattr(triton_decode, "decode_with_new_token", lambda *a, **k: calls.append(a[0].shape[0]) or
-                        fused(*a, **k))
-    got = [o["token_ids"] for o in folded(True).generate(prompts, GREEDY, use_tqdm=False)]
-    assert got == want
-    assert calls and min(calls) >= 9  # it ran, and only where one program owns a (KV head, sequence)

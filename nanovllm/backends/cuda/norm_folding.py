@@ -13,9 +13,7 @@ into the o and down products, as cuBLAS's C += A B on the residual. A layer's st
     silu(gate * s(r)) * (up * s(r))           one Triton launch (elementwise.py)
     r += W_down silu_mul                      cuBLAS, beta = 1
 
-instead of the two residual add + RMSNorm launches besides. Where the decode kernel runs one program per (KV
-head, sequence) (`fuse_attention`), it does the second launch's work for its own KV head first
-(attention/triton_decode_new_token.py): six launches a layer. The engine's model code does not change: the cuda
+instead of the two residual add + RMSNorm launches besides. The engine's model code does not change: the cuda
 backend's `prepare_model` folds a model (`fold_norms`) when its layers run exactly this backend's own `rotary.qk_store`,
 `act.silu_mul` and `norm.add_rms` kernels (not the reference's, not shadow-verified wrappers), it runs on one
 device, has no biases, and the `fold_norms` option is on. Each value is rounded where the unfolded path rounds
@@ -26,7 +24,6 @@ import types
 import torch
 
 from nanovllm.backends.cuda import kernels, qkv_rotary_store
-from nanovllm.backends.cuda.attention import triton_decode
 from nanovllm.backends.cuda.linear import GLU_TABLE, TABLE_DTYPES, TritonLinear, matmul, pick
 from nanovllm.models.decoder import DecoderModel
 
@@ -56,19 +53,16 @@ def why_not_foldable(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def fold_norms(model: torch.nn.Module, fuse_products: bool = True, fuse_attention: bool = True) -> str:
+def fold_norms(model: torch.nn.Module, fuse_products: bool = True) -> str:
     """Fold the layers' RMSNorm weights into the products after them and give the decoder the folded forward;
     returns why it did not ("" when it did). Call once, after the weights are loaded. `fuse_products`: decode
     steps run the q/k/v and gate/up products with their next kernel in the epilogue at the batch sizes their
-    tables list (qkv_rotary_store.TABLE, linear.GLU_TABLE): five launches a layer there, not seven.
-    `fuse_attention`: other decode steps run rotary.qk_store's work inside the decode kernel where its launch shape
-    allows (`triton_decode.new_token_config`): six launches a layer there."""
+    tables list (qkv_rotary_store.TABLE, linear.GLU_TABLE): five launches a layer there, not seven."""
     why = why_not_foldable(model)
     if why:
         return why
     decoder = model.model
     decoder.fuse_products = fuse_products
-    decoder.fuse_attention = fuse_attention
     for layer in decoder.layers:
         layer.self_attn.qkv_proj.weight.mul_(layer.input_layernorm.weight)  # [N, K] * [K]: column k times g[k]
         layer.mlp.gate_up_proj.weight.mul_(layer.post_attention_layernorm.weight)
@@ -81,7 +75,7 @@ def folded_forward(decoder, input_ids: torch.Tensor, positions: torch.Tensor, me
     r = decoder.embed_tokens(input_ids)
     fuse = decoder.fuse_products and r.dtype in TABLE_DTYPES
     for layer in decoder.layers:
-        attention_block(layer, positions, r, meta, fuse, decoder.fuse_attention)
+        attention_block(layer, positions, r, meta, fuse)
         mlp_block(layer, r, fuse)
     return decoder.norm(r)
 
@@ -98,32 +92,10 @@ def fused_qkv_config(sa, r: torch.Tensor, meta) -> qkv_rotary_store.Config | Non
     return config
 
 
-def new_token_config(sa, r: torch.Tensor, meta) -> triton_decode.DecodeConfig | None:
-    """The decode kernel's tile config when it can take rotary.qk_store's work for this step (a decode step run by
-    the backend's own decode kernel, one program per (KV head, sequence)), or None."""
-    attn = sa.attn
-    if meta.prefill is not None or meta.decode is None or not attn.k_cache.numel() \
-            or attn.decode is not kernels.triton_paged_decode:
-        return None
-    return triton_decode.new_token_config(r.shape[0], sa.num_kv_heads, sa.head_dim, attn.k_cache.shape[1], r.dtype,
-                                          attn.k_cache.dtype, r.device)
-
-
-def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta, fuse: bool = False,
-                    fuse_attention: bool = False) -> None:
+def attention_block(layer, positions: torch.Tensor, r: torch.Tensor, meta, fuse: bool = False) -> None:
     """r += o_proj(attention(q, k, v)), with q, k, v = s(r) * (W_qkv g1) r."""
     sa, eps = layer.self_attn, layer.input_layernorm.eps
     config = fused_qkv_config(sa, r, meta) if fuse else None
-    decode_config = new_token_config(sa, r, meta) if fuse_attention and config is None else None
-    if decode_config is not None:  # cuBLAS's product, then one launch: rotary.qk_store's work and attention
-        attn, decode = sa.attn, meta.decode
-        k_scale, v_scale = attn.kv_scales or (None, None)
-        out = triton_decode.decode_with_new_token(
-            sa.qkv_proj(r), sa.num_heads, positions, sa.rotary_emb.cos_sin_cache, *sa.qk_norm_args(), attn.k_cache,
-            attn.v_cache, meta.slot_mapping, decode.context_lens, decode.block_tables, attn.scale, k_scale, v_scale,
-            decode.seq_order, row_scale_of=r, row_eps=eps, config=decode_config)
-        add_product(sa.o_proj, out.flatten(1), r)
-        return
     if config is not None:  # one launch: the product, the row scale, q/k norm, rotary and the KV store
         attn = sa.attn
         k_scale, v_scale = attn.kv_scales or (None, None)  # an FP8 cache's

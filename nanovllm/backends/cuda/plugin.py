@@ -34,11 +34,7 @@ class CudaBackend(Backend):
                                           "layer instead of 9; backends/cuda/norm_folding.py)"),
                "fuse_products": Switch(True, "with folded norms, decode steps run the q/k/v and gate/up products "
                                              "with rotary + KV store and SiLU in their epilogues where measured "
-                                             "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)"),
-               "fuse_attention": Switch(True, "with folded norms, other decode steps whose decode kernel runs one "
-                                               "program per (KV head, sequence) do the q/k norm, rotary and KV store "
-                                               "inside it (6 launches a layer; backends/cuda/attention/"
-                                               "triton_decode_new_token.py)")}
+                                             "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -69,15 +65,13 @@ class CudaBackend(Backend):
         super().configure_process(config)
         self.fold_norms = bool(self.option(config, "fold_norms"))  # read by prepare_model, next in build_model
         self.fuse_products = bool(self.option(config, "fuse_products"))
-        self.fuse_attention = bool(self.option(config, "fuse_attention"))
 
     def prepare_model(self, model, dtype: torch.dtype) -> None:
         """The layers' RMSNorms folded into their neighbours (when `fold_norms` is on and the model allows it),
         and layers whose product the Triton decode GEMM does faster at some batch sizes (its table) get it there."""
         from nanovllm.backends.cuda.linear import install_triton_linear
         from nanovllm.backends.cuda.norm_folding import fold_norms
-        why = (fold_norms(model, getattr(self, "fuse_products", True), getattr(self, "fuse_attention", True))
-               if getattr(self, "fold_norms", True)
+        why = (fold_norms(model, getattr(self, "fuse_products", True)) if getattr(self, "fold_norms", True)
                else "the fold_norms option is off")
         if why:
             logger.info("cuda backend: RMSNorms not folded (%s): 9 launches a decoder layer", why)

@@ -18,9 +18,8 @@ import triton.language as tl
 from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
                                                            padded_head_dim)
 from nanovllm.backends.cuda.attention.triton_decode_balanced import balanced_decode
-from nanovllm.backends.cuda.attention.triton_decode_new_token import store_new_token
 from nanovllm.backends.cuda.attention.triton_decode_tiles import attend_range, load_query, normalise
-from nanovllm.core.kv_quant import fp8_max, is_fp8
+from nanovllm.core.kv_quant import is_fp8
 from nanovllm.core.step_metadata import DecodeMetadata
 
 MAX_SPLITS = 32  # a power of two: the combine kernel reads this many partials, masked
@@ -124,14 +123,9 @@ def _decode_split_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, qk_scale, k_scale_ptr, v_scale_ptr, seq_order_ptr, table_width,
     stride_q_seq, stride_q_head, stride_cache_block, stride_cache_row, stride_cache_head,
     stride_bt_seq, stride_o_seq, stride_o_head,
-    qkv_ptr, stride_qkv, positions_ptr, cos_sin_ptr, stride_cos_sin, q_w_ptr, k_w_ptr, norm_eps, x_ptr, stride_x,
-    x_eps, slot_mapping_ptr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, ORDERED: tl.constexpr,
-    NEW_TOKEN: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-    HAS_NORM: tl.constexpr, ROW_SCALE: tl.constexpr, X_SIZE: tl.constexpr, X_PAD: tl.constexpr,
-    FP8_MAX: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the KV heads of a token, adjacent in the cache, are read together
     if ORDERED:  # programs start in launch order: the longest sequences first leave the shortest for the tail
@@ -154,14 +148,6 @@ def _decode_split_kernel(
         start = 0
         end = context_len
         lookup_end = table_width * PAGE_SIZE
-
-    if NEW_TOKEN:  # this step's token first (triton_decode_new_token.py): q rows into q_ptr (= out), K/V cached
-        store_new_token(qkv_ptr, stride_qkv, q_ptr, stride_q_seq, stride_q_head, seq, kv_head, positions_ptr,
-                        cos_sin_ptr, stride_cos_sin, q_w_ptr, k_w_ptr, norm_eps, x_ptr, stride_x, x_eps, k_cache_ptr,
-                        v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr, stride_cache_block,
-                        stride_cache_row, stride_cache_head, NUM_HEADS, NUM_KV_HEADS, GROUP, GROUP_PAD, HALF,
-                        HALF_PAD, HEAD_DIM_PAD, HAS_NORM, ROW_SCALE, X_SIZE, X_PAD, PAGE_SIZE, KV_FP8, FP8_MAX)
-        tl.debug_barrier()  # every thread's stores land before any thread reads q or the new K/V back
 
     q, q_even, q_odd = load_query(q_ptr, seq, kv_head, stride_q_seq, stride_q_head, GROUP, GROUP_PAD, HEAD_DIM,
                                   HEAD_DIM_PAD, KV_FP8, DOT_DTYPE)
@@ -227,46 +213,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_programs the balanced schedule (`triton_decode_balanced`) with that many programs a KV head; neither:
     `decode_plan` picks from the launch shape. Issues no host sync, so it can be captured in a CUDA graph."""
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    _check_shapes(q, k_cache, v_cache, k_scale, v_scale, seq_order)
-    kv_fp8 = is_fp8(k_cache.dtype)
-    out = _output(out, q)
-    if num_seqs == 0:
-        return out
-    if num_splits is None and num_programs is None:
-        plan = decode_plan(num_seqs, num_kv_heads, head_dim, block_size, q.dtype, k_cache.dtype, q.device)
-        config = config or plan.config
-        num_splits, num_programs = (None, plan.num_programs) if plan.num_programs else (plan.num_splits, None)
-    config = config or decode_config(padded_head_dim(head_dim), block_size, q.dtype, k_cache.dtype)
-    if num_programs is not None and num_splits is None:
-        if num_programs < 1:
-            raise ValueError(f"decode: num_programs {num_programs} must be at least 1")
-        return balanced_decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_programs,
-                               config.block_n, config.num_warps, config.num_stages, k_scale if kv_fp8 else None,
-                               v_scale if kv_fp8 else None, seq_order)
-    head_dim_pad = padded_head_dim(head_dim)
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"decode: num_splits {num_splits} is not in [1, {MAX_SPLITS}]")
-    if num_splits > 1:
-        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused by the single-split kernel
-    _launch_split(q, k_cache, v_cache, context_lens, block_tables, scale, out, part_out, part_lse, k_scale, v_scale,
-                  seq_order, config, num_splits, NO_NEW_TOKEN)
-    if num_splits > 1:
-        _decode_combine_kernel[(num_heads, num_seqs)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
-        )
-    return out
-
-
-def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-                  v_scale: torch.Tensor | None, seq_order: torch.Tensor | None) -> None:
-    """What both decode entry points refuse (ValueError naming the mismatch)."""
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads, cache_head_dim = k_cache.shape[2:]
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, "
                          f"{tuple(v_cache.shape)}")
@@ -283,95 +230,44 @@ def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if seq_order is not None and (seq_order.shape != (num_seqs,) or seq_order.dtype != torch.int32):
         raise ValueError(f"decode: seq_order must be [num_seqs] = [{num_seqs}] int32 (a permutation, see "
                          f"core/step_metadata.longest_first), got {tuple(seq_order.shape)} {seq_order.dtype}")
-
-
-NO_NEW_TOKEN = None
-
-
-def _launch_split(q, k_cache, v_cache, context_lens, block_tables, scale, out, part_out, part_lse, k_scale, v_scale,
-                  seq_order, config: DecodeConfig, num_splits: int, new_token: dict | None) -> None:
-    """One launch of `_decode_split_kernel`; `new_token`: the arguments of its NEW_TOKEN prologue (q is then `out`,
-    written by the prologue), or NO_NEW_TOKEN."""
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    kv_fp8 = is_fp8(k_cache.dtype)
-    t = new_token or dict(qkv=q, stride_qkv=0, positions=q, cos_sin=q, stride_cos_sin=0, q_w=q, k_w=q, eps=0.0,
-                          x=q, stride_x=0, x_eps=0.0, slots=q, has_norm=False, row_scale=False, x_size=1,
-                          fp8_max=0.0)
+    out = _output(out, q)
+    if num_seqs == 0:
+        return out
+    if num_splits is None and num_programs is None:
+        plan = decode_plan(num_seqs, num_kv_heads, head_dim, block_size, q.dtype, k_cache.dtype, q.device)
+        config = config or plan.config
+        num_splits, num_programs = (None, plan.num_programs) if plan.num_programs else (plan.num_splits, None)
+    config = config or decode_config(padded_head_dim(head_dim), block_size, q.dtype, k_cache.dtype)
+    if num_programs is not None and num_splits is None:
+        if num_programs < 1:
+            raise ValueError(f"decode: num_programs {num_programs} must be at least 1")
+        return balanced_decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_programs,
+                               config.block_n, config.num_warps, config.num_stages, k_scale if kv_fp8 else None,
+                               v_scale if kv_fp8 else None, seq_order)
+    group = num_heads // num_kv_heads
+    head_dim_pad = padded_head_dim(head_dim)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"decode: num_splits {num_splits} is not in [1, {MAX_SPLITS}]")
+    if num_splits > 1:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the single-split kernel
     _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * LOG2_E,
         k_scale if kv_fp8 else q, v_scale if kv_fp8 else q, seq_order if seq_order is not None else context_lens,
         block_tables.shape[1], q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        t["qkv"], t["stride_qkv"], t["positions"], t["cos_sin"], t["stride_cos_sin"], t["q_w"], t["k_w"], t["eps"],
-        t["x"], t["stride_x"], t["x_eps"], t["slots"],
-        GROUP=num_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=padded_head_dim(head_dim), PAGE_SIZE=k_cache.shape[1],
-        BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8,
-        DOT_DTYPE=fp8_dot_dtype(q.dtype), ASM=q.device.type == "cuda", ORDERED=seq_order is not None,
-        NEW_TOKEN=new_token is not None, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
-        HALF_PAD=triton.next_power_of_2(max(1, head_dim // 2)), HAS_NORM=t["has_norm"], ROW_SCALE=t["row_scale"],
-        X_SIZE=t["x_size"], X_PAD=triton.next_power_of_2(t["x_size"]), FP8_MAX=t["fp8_max"],
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        PAGE_SIZE=block_size, BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
+        KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype), ASM=q.device.type == "cuda", ORDERED=seq_order is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-
-
-def new_token_config(num_seqs: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                     kv_dtype: torch.dtype, device: torch.device) -> DecodeConfig | None:
-    """The tile config `decode_with_new_token` runs a launch shape with, or None where `decode_plan` splits the
-    sequences or balances them (several programs share a sequence's KV head, so none of them owns its new token)."""
-    plan = decode_plan(num_seqs, num_kv_heads, head_dim, block_size, dtype, kv_dtype, device)
-    if plan.num_programs is not None or plan.num_splits != 1:
-        return None
-    return plan.config
-
-
-def decode_with_new_token(qkv: torch.Tensor, num_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                          q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                          context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                          seq_order: torch.Tensor | None = None, row_scale_of: torch.Tensor | None = None,
-                          row_eps: float = 0.0, config: DecodeConfig | None = None) -> torch.Tensor:
-    """`rotary.qk_store` then `paged_decode`, in one launch (triton_decode_new_token.py): qkv [num_seqs, (num_heads
-    + 2 num_kv_heads) head_dim], the q/k/v product's output for one new token a sequence; the rest as
-    `rotary_qk_store` (return_k False; `row_scale_of` [num_seqs, n], the folded RMSNorm's input rows) and
-    `paged_decode` take them -> attention's output [num_seqs, num_heads, head_dim]. K and V go into the cache at
-    `slot_mapping` (slot < 0: padding). Only for launch shapes `new_token_config` accepts (config: that one, or a
-    tile config to time). Issues no host sync, so it can be captured in a CUDA graph."""
-    num_seqs = qkv.shape[0]
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
-        raise ValueError(f"decode_with_new_token: qkv {tuple(qkv.shape)} is not [num_seqs, ({num_heads} + 2 x "
-                         f"{num_kv_heads}) x {head_dim}] with a unit stride on its last dim")
-    if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim or cos_sin_cache.stride(-1) != 1:
-        raise ValueError(f"decode_with_new_token: head_dim {head_dim} must be even and match the cos/sin cache's last "
-                         f"dim {cos_sin_cache.shape[-1]}")
-    if any(t.shape[0] != num_seqs for t in (positions, slot_mapping, context_lens, block_tables)):
-        raise ValueError(f"decode_with_new_token: positions, slot_mapping, context_lens and block_tables need one "
-                         f"entry a sequence ({num_seqs})")
-    scaled = row_scale_of is not None
-    if scaled and (row_scale_of.dim() != 2 or row_scale_of.shape[0] != num_seqs or row_scale_of.stride(-1) != 1):
-        raise ValueError(f"decode_with_new_token: row_scale_of {tuple(row_scale_of.shape)} needs one row [n] with "
-                         f"unit stride for each of the {num_seqs} sequences")
-    out = torch.empty(num_seqs, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _check_shapes(out, k_cache, v_cache, k_scale, v_scale, seq_order)
-    config = config or new_token_config(num_seqs, num_kv_heads, head_dim, block_size, qkv.dtype, k_cache.dtype,
-                                        qkv.device)
-    if config is None:
-        raise ValueError(f"decode_with_new_token: {num_seqs} sequences x {num_kv_heads} KV heads are split or "
-                         f"balanced across programs on this device; run rotary.qk_store then paged_decode")
-    if num_seqs == 0:
-        return out
-    kv_fp8 = is_fp8(k_cache.dtype)
-    x = row_scale_of if scaled else qkv
-    new_token = dict(qkv=qkv, stride_qkv=qkv.stride(0), positions=positions, cos_sin=cos_sin_cache,
-                     stride_cos_sin=cos_sin_cache.stride(0), q_w=q_weight if q_weight is not None else qkv,
-                     k_w=k_weight if k_weight is not None else qkv, eps=eps, x=x, stride_x=x.stride(0), x_eps=row_eps,
-                     slots=slot_mapping, has_norm=q_weight is not None, row_scale=scaled,
-                     x_size=x.shape[1] if scaled else 1, fp8_max=fp8_max(k_cache.dtype) if kv_fp8 else 0.0)
-    _launch_split(out, k_cache, v_cache, context_lens, block_tables, scale, out, out, out, k_scale, v_scale, seq_order,
-                  config, 1, new_token)
+    if num_splits > 1:
+        _decode_combine_kernel[(num_heads, num_seqs)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            num_splits, SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
+        )
     return out
 
 
