@@ -74,7 +74,7 @@ def compile_all() -> list[tuple[str, dict]]:
                         3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
                         GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                         BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
-                        DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=split, WHOLE_TILES=fp8 and cfg.block_n <= 64,
+                        DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=split,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                     out.append((f"decode {dtype} kv {kv} d{head_dim} page{block_size} split={split}", resources(k)))
                 k = bal._balanced_decode_kernel.warmup(
@@ -83,7 +83,7 @@ def compile_all() -> list[tuple[str, dict]]:
                     3 * GROUP * row, head_dim, block_size * row, row, head_dim, 64, GROUP * row, head_dim,
                     GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size,
                     BLOCK_N=cfg.block_n, SEQS_PAD=256, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
-                    DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=True, WHOLE_TILES=fp8 and cfg.block_n <= 64,
+                    DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=True,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                 out.append((f"balanced decode {dtype} kv {kv} d{head_dim} page{block_size}", resources(k)))
                 configs = {pre.prefill_config(pad, dtype, context) for context in (None, pre.SHORT_CONTEXT)}

@@ -20,17 +20,6 @@ def fp8_dot_dtype(q_dtype: torch.dtype):
     return tl.float32 if q_dtype == torch.float32 else tl.float16
 
 
-WHOLE_TILES_FOR = {1}  # KV itemsizes whose decode runs whole tiles unmasked (benchmarks change it to compare)
-
-
-def whole_tiles(kv_dtype: torch.dtype, block_n: int) -> bool:
-    """Whether a decode kernel runs a range's whole tiles without per-token masks (attend_range's WHOLE_TILES): for
-    FP8 caches, whose decode is bound by instructions, not bytes (RESULTS.md, round thirteen); on sm_90 its
-    64-token tile's loop is 337 instructions a warp instead of 363. Not for 128-token tiles, where the second loop
-    costs ~40 registers a thread (and spills under Triton 3.9)."""
-    return kv_dtype.itemsize in WHOLE_TILES_FOR and block_n <= 64
-
-
 @triton.jit
 def paged_row_offsets(block_table_ptr, tile_start, end, stride_block, stride_row,
                       PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):

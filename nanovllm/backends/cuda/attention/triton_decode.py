@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
-                                                           padded_head_dim, whole_tiles)
+                                                           padded_head_dim)
 from nanovllm.backends.cuda.attention.triton_decode_balanced import balanced_decode
 from nanovllm.backends.cuda.attention.triton_decode_tiles import attend_range, load_query, normalise
 from nanovllm.core.kv_quant import is_fp8
@@ -126,7 +126,6 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, ORDERED: tl.constexpr,
-    WHOLE_TILES: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the KV heads of a token, adjacent in the cache, are read together
     if ORDERED:  # programs start in launch order: the longest sequences first leave the shortest for the tail
@@ -161,8 +160,7 @@ def _decode_split_kernel(
         q, q_even, q_odd, qk_scale, k_cache_ptr + kv_head * stride_cache_head,
         v_cache_ptr + kv_head * stride_cache_head, block_tables_ptr + seq.to(tl.int64) * stride_bt_seq, start, end,
         lookup_end, stride_cache_block, stride_cache_row,
-        GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM,
-        WHOLE_TILES)
+        GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM)
     part, lse = normalise(acc, l_i, m_i, v_scale)
 
     group_rows = tl.arange(0, GROUP_PAD)
@@ -263,7 +261,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=block_size, BLOCK_N=config.block_n, SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
         KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype), ASM=q.device.type == "cuda", ORDERED=seq_order is not None,
-        WHOLE_TILES=whole_tiles(k_cache.dtype, config.block_n),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

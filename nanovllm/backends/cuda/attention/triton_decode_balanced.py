@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.backends.cuda.attention.triton_common import (LOG2_E, dot_precision, fp8_dot_dtype, head_dim_mask,
-                                                           padded_head_dim, whole_tiles)
+                                                           padded_head_dim)
 from nanovllm.backends.cuda.attention.triton_decode_tiles import attend_range, load_query, normalise
 
 
@@ -89,7 +89,6 @@ def _balanced_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEQS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, ORDERED: tl.constexpr,
-    WHOLE_TILES: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the KV heads of a tile range, adjacent in the cache, are read together
     prog = tl.program_id(1)
@@ -131,8 +130,7 @@ def _balanced_decode_kernel(
         acc, l_i, m_i = attend_range(
             q, q_even, q_odd, qk_scale, k_base, v_base, block_tables_ptr + seq.to(tl.int64) * stride_bt_seq,
             first * BLOCK_N, end, end, stride_cache_block, stride_cache_row,
-            GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM,
-            WHOLE_TILES)
+            GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM)
         part, lse = normalise(acc, l_i, m_i, v_scale)
         out_rows = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :]
         if (first == 0) & (last == seq_tiles):
@@ -198,6 +196,5 @@ def balanced_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=block_size, BLOCK_N=block_n,
         SEQS_PAD=max(256, triton.next_power_of_2(num_seqs)),  # one compiled kernel for every batch up to 256
         DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
-        ASM=q.device.type == "cuda", ORDERED=seq_order is not None, WHOLE_TILES=whole_tiles(k_cache.dtype, block_n),
-        num_warps=num_warps, num_stages=num_stages)
+        ASM=q.device.type == "cuda", ORDERED=seq_order is not None, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -53,60 +53,10 @@ def load_query(q_ptr, seq, kv_head, stride_q_seq, stride_q_head, GROUP: tl.const
 
 
 @triton.jit
-def attend_tile(q, q_even, q_odd, qk_scale, k_base, v_base, rows, tile_start, end, m_i, l_cols, acc, acc_even, acc_odd,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
-                MASKED: tl.constexpr):
-    """One tile of `attend_range`: the running (m_i, l_cols, acc or acc_even/acc_odd) updated with context tokens
-    tile_start .. tile_start + BLOCK_N - 1, whose cache rows are `rows`. MASKED: positions >= `end` are masked
-    out; without it the tile is whole (no per-token mask on the loads or the scores)."""
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
-    pairs = tl.arange(0, HEAD_DIM_PAD // 2)
-    pair_mask = head_dim_mask(HEAD_DIM // 2, HEAD_DIM_PAD // 2)
-    k_words = k_base.to(tl.pointer_type(tl.uint16))
-    v_words = v_base.to(tl.pointer_type(tl.uint16))
-    if MASKED:
-        token_mask = tile_start + tl.arange(0, BLOCK_N) < end
-    else:
-        token_mask = tl.full([BLOCK_N], 1, tl.int1)
-    kv_mask = token_mask[:, None] & dim_mask[None, :]
-    if KV_FP8:  # dims 2i and 2i+1 in two dots (no reordering of K's operand); see widen_fp8_pairs
-        words = tl.load(k_words + (rows >> 1)[:, None] + pairs[None, :],
-                        mask=token_mask[:, None] & pair_mask[None, :], other=0)
-        k_even, k_odd = widen_fp8_pairs(words, k_base.dtype.element_ty, ASM)
-        s = tl.dot(q_even, tl.trans(k_even.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-        s = tl.dot(q_odd, tl.trans(k_odd.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
-    else:
-        k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    # scores in log2 units are s * qk_scale (> 0): the scale goes into the row max once and into the
-    # exponent's fused multiply-add, not a multiply per score
-    if MASKED:
-        s = tl.where(token_mask[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_N]
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    l_cols = l_cols * alpha[:, None] + p
-    if KV_FP8:
-        words = tl.load(v_words + (rows >> 1)[:, None] + pairs[None, :],
-                        mask=token_mask[:, None] & pair_mask[None, :], other=0)
-        v_even, v_odd = widen_fp8_pairs(words, v_base.dtype.element_ty, ASM)
-        p = p.to(DOT_DTYPE)
-        acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    else:
-        v = tl.load(v_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_cols, acc, acc_even, acc_odd
-
-
-@triton.jit
 def attend_range(q, q_even, q_odd, qk_scale, k_base, v_base, block_table_ptr, start, end, lookup_end,
                  stride_cache_block, stride_cache_row, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
-                 WHOLE_TILES: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Context tokens start .. end - 1 (start a multiple of BLOCK_N) of the sequence whose block-table row starts at
     `block_table_ptr`, for the query rows from `load_query` -> (acc [GROUP_PAD, HEAD_DIM_PAD] unnormalised, l_i,
     m_i [GROUP_PAD]): sum of exp2(s - m_i) V, its denominator and the running max, scores s in log2 units (qk_scale
@@ -114,9 +64,13 @@ def attend_range(q, q_even, q_odd, qk_scale, k_base, v_base, block_table_ptr, st
 
     `lookup_end` bounds the positions whose block-table entries are read (K/V rows past `end` are never loaded):
     `end`, or the row's whole width when the caller knows `start` without the context length, so the first
-    tile's table entries load beside the context length rather than after it (one dependent load fewer).
-    WHOLE_TILES: the whole tiles run without per-token masks, the last partial one after them with (fewer
-    instructions a byte, for the issue-bound FP8 kernel); else every tile is masked."""
+    tile's table entries load beside the context length rather than after it (one dependent load fewer)."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
+    pairs = tl.arange(0, HEAD_DIM_PAD // 2)
+    pair_mask = head_dim_mask(HEAD_DIM // 2, HEAD_DIM_PAD // 2)
+    k_words = k_base.to(tl.pointer_type(tl.uint16))
+    v_words = v_base.to(tl.pointer_type(tl.uint16))
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     # the softmax denominator is summed per token column and reduced once after the loop: warps split a tile's
     # tokens, so a per-tile row sum is a cross-warp reduction through shared memory (two barriers) each tile
@@ -128,22 +82,38 @@ def attend_range(q, q_even, q_odd, qk_scale, k_base, v_base, block_table_ptr, st
     # block-table load: that lets the compiler keep num_stages - 1 tiles in flight while this one computes
     rows = tile_rows(block_table_ptr, start, lookup_end, stride_cache_block, stride_cache_row, PAGE_SIZE, BLOCK_N,
                      KV_FP8)
-    whole_end = start
-    if WHOLE_TILES:
-        whole_end = start + (end - start) // BLOCK_N * BLOCK_N
-        for tile_start in range(start, whole_end, BLOCK_N):
-            next_rows = tile_rows(block_table_ptr, tile_start + BLOCK_N, lookup_end, stride_cache_block,
-                                  stride_cache_row, PAGE_SIZE, BLOCK_N, KV_FP8)
-            m_i, l_cols, acc, acc_even, acc_odd = attend_tile(
-                q, q_even, q_odd, qk_scale, k_base, v_base, rows, tile_start, end, m_i, l_cols, acc, acc_even,
-                acc_odd, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM, False)
-            rows = next_rows
-    for tile_start in range(whole_end, end, BLOCK_N):
+    for tile_start in range(start, end, BLOCK_N):
         next_rows = tile_rows(block_table_ptr, tile_start + BLOCK_N, lookup_end, stride_cache_block, stride_cache_row,
                               PAGE_SIZE, BLOCK_N, KV_FP8)
-        m_i, l_cols, acc, acc_even, acc_odd = attend_tile(
-            q, q_even, q_odd, qk_scale, k_base, v_base, rows, tile_start, end, m_i, l_cols, acc, acc_even, acc_odd,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, DOT_PRECISION, KV_FP8, DOT_DTYPE, ASM, True)
+        token_mask = tile_start + tl.arange(0, BLOCK_N) < end
+        kv_mask = token_mask[:, None] & dim_mask[None, :]
+        if KV_FP8:  # dims 2i and 2i+1 in two dots (no reordering of K's operand); see widen_fp8_pairs
+            words = tl.load(k_words + (rows >> 1)[:, None] + pairs[None, :],
+                            mask=token_mask[:, None] & pair_mask[None, :], other=0)
+            k_even, k_odd = widen_fp8_pairs(words, k_base.dtype.element_ty, ASM)
+            s = tl.dot(q_even, tl.trans(k_even.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            s = tl.dot(q_odd, tl.trans(k_odd.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
+        else:
+            k = tl.load(k_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # scores in log2 units are s * qk_scale (> 0): the scale goes into the row max once and into the
+        # exponent's fused multiply-add, not a multiply per score
+        s = tl.where(token_mask[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        l_cols = l_cols * alpha[:, None] + p
+        if KV_FP8:
+            words = tl.load(v_words + (rows >> 1)[:, None] + pairs[None, :],
+                            mask=token_mask[:, None] & pair_mask[None, :], other=0)
+            v_even, v_odd = widen_fp8_pairs(words, v_base.dtype.element_ty, ASM)
+            p = p.to(DOT_DTYPE)
+            acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        else:
+            v = tl.load(v_base + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
         rows = next_rows
     if KV_FP8:  # dims 2i and 2i+1 back side by side
         acc = tl.reshape(tl.join(acc_even, acc_odd), [GROUP_PAD, HEAD_DIM_PAD])
