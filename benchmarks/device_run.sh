@@ -9,7 +9,8 @@
 #                                34 sequences) waits: its GPU time is the others', its launch ~65 ms against 14-33
 #                                (round eighteen; lazy kernel loading and pinned allocations ruled out, RESULTS.md).
 #                                A run with --sync-check (torch's sync debug mode: which nanovllm line makes a host
-#                                sync), then steps 5 and 6 alone under torch.profiler
+#                                sync), then steps 5 and 6 alone under torch.profiler. Round nineteen: no nanovllm
+#                                sync; step 6 spends 16.7 ms in aten::mm on the host (a new cuBLAS shape: ~3 ms)
 #   STEPS="blas"                 the decode products at M 64-256 (gemm_layouts.py), then seed runs, with torch's default
 #                                BLAS and with cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick
 #                                other kernels for the o and down products with the residual

@@ -55,10 +55,14 @@ def test_an_engine_collected_during_another_start_up_releases_without_a_deadlock
     import threading
     freeze = StartUpFreeze()
 
+    released_in = []
+
     class Unclosed:  # what an LLM left open does when collected
         def __del__(self):
+            released_in.append(threading.current_thread())
             freeze.release()
 
+    gc.disable()  # no automatic collection may find the cycle first, outside freeze()
     try:
         freeze.freeze()
         cycle = Unclosed()
@@ -68,6 +72,8 @@ def test_an_engine_collected_during_another_start_up_releases_without_a_deadlock
         starting.start()
         starting.join(timeout=30)
         assert not starting.is_alive(), "freeze() deadlocked on a release() from a collected object's __del__"
+        assert released_in == [starting]  # the case under test: released inside the other start-up's collection
         assert freeze.open_engines == 1 and gc.get_freeze_count() > 0  # one closed, one started
     finally:
+        gc.enable()
         gc.unfreeze()
