@@ -11,6 +11,9 @@
 #                                A run with --sync-check (torch's sync debug mode: which nanovllm line makes a host
 #                                sync), then steps 5 and 6 alone under torch.profiler. Round nineteen: no nanovllm
 #                                sync; step 6 spends 16.7 ms in aten::mm on the host (a new cuBLAS shape: ~3 ms)
+#   STEPS="pad"                  prefill's LM head at its own sampled row count against padded to a captured size
+#                                (model_runner.padded_rows; profile_steps --no-logit-padding), alternated, both KV
+#                                dtypes: the prefill steps' launch and GPU times and the run's idle time
 #   STEPS="blas"                 the decode products at M 64-256 (gemm_layouts.py), then seed runs, with torch's default
 #                                BLAS and with cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick
 #                                other kernels for the o and down products with the residual
@@ -48,6 +51,11 @@ for step in ${STEPS:-bench profile}; do
     stall) steps sync --sync-check && sed -n '/^host syncs/,/^total/p' "$OUT/sync.log" | head -18
            steps trace --trace-steps 5,6 && grep -v Warning "$OUT/trace.log" | sed -n '/^prefill steps/p;/^step [0-9]/,$p' \
              | grep -v -E "^-+$" | cut -c1-150 | head -75 ;;
+    pad) for i in 1 2; do for kv in auto fp8; do for mode in padded own; do
+           [ $kv = fp8 ] && [ $i = 2 ] && continue
+           steps pad-$kv-$mode-$i --kv-cache-dtype $kv $([ $mode = own ] && echo --no-logit-padding) \
+             && grep -E '^total|^prefill steps \(gpu|^idle in total' "$OUT/pad-$kv-$mode-$i.log" | sed "s/^/$kv $mode: /"
+         done; done; done ;;
     blas) for lt in 0 1; do
             TORCH_BLAS_PREFER_CUBLASLT=$lt timeout 120 python3 benchmarks/gemm_layouts.py --ms 64,128,256 \
               --shapes qkv,o,gate_up,down > "$OUT/layouts-lt$lt.log" 2>&1

@@ -37,11 +37,15 @@ def main():
     p.add_argument("--trace-steps", default="", help="comma-separated step indices to run alone (synchronised) "
                    "under torch.profiler: each one's host calls and GPU kernels by time")
     p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--no-logit-padding", action="store_true", help="prefill steps run the LM head at their own "
+                   "sampled row count, not padded to a captured size (model_runner.padded_rows): for A/B runs")
     add_backend_option_argument(p)
     args = p.parse_args()
     llm = LLM(os.path.dirname(os.path.abspath(args.config)), backend="cuda", load_format="dummy",
               skip_tokenizer_init=True, async_scheduling=not args.sync, kv_cache_dtype=args.kv_cache_dtype,
               **backend_options(args))
+    if args.no_logit_padding:
+        llm.engine.runner.logit_row_sizes = []
     prompts, max_tokens = seed_workload()
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)

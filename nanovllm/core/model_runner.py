@@ -51,6 +51,9 @@ class ModelRunner:
         self.attention_layers = self.model.attention_layers()
         self.num_blocks = 0
         self.graphs = None
+        # row counts the LM head ran at during start-up (the captured graphs' batch sizes): prefill steps pad their
+        # sampled rows to one of them (`padded_rows`)
+        self.logit_row_sizes: list[int] = []
         self.sampling = StepSampler(backend, self.device, self.kernel_label, self.hf_config.vocab_size)
         self.inputs: StepInputBuilder | None = None  # sized with the KV cache (runner_setup.allocate_kv_cache)
 
@@ -77,7 +80,9 @@ class ModelRunner:
         if self.graphs is not None and meta.prefill is None and self.graphs.can_run(input_ids.numel()):
             return self.graphs.run(input_ids, positions, meta)
         hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[meta.logits_indices])
+        rows = meta.logits_indices
+        logits = self.model.compute_logits(hidden[padded_rows(rows, self.logit_row_sizes)])
+        return None if logits is None else logits[:rows.numel()]
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None) -> LaunchedStep:
@@ -123,3 +128,14 @@ class ModelRunner:
     def kernel_label(self, op: str) -> str:
         """Words naming the kernel that runs `op` now and its plugin (for errors about its output)."""
         return kernel_label(self.plan, op)
+
+
+def padded_rows(rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """`rows` with its last entry repeated up to the smallest of `sizes` that holds it (unchanged when it is empty, one
+    of `sizes`, or longer than all). The LM head then meets in a prefill step only row counts it already ran at
+    start-up: on an H200 cuBLAS's first call for a row count that needs a kernel not yet used costs ~3 ms of host
+    time (LM head at 19, 25, 33, 47 rows in the seed run; benchmarks/RESULTS.md, round nineteen), where the extra
+    rows cost nothing measurable (the LM head is bound by its weight's read at these sizes)."""
+    n = rows.numel()
+    size = next((s for s in sizes if s >= n), n) if n else 0
+    return rows if size == n else torch.cat((rows, rows[-1:].expand(size - n)))

@@ -227,4 +227,7 @@ def capture_graphs(runner: ModelRunner) -> None:
         logger.info("device graphs are off: shadow verification (verify_kernels=%d) checks kernel calls on the "
                     "host, which a captured graph would skip; decode runs eagerly", runner.config.verify_kernels)
         return
-    runner.graphs = runner.backend.capture_graphs(runner, graph_sizes(runner.config.max_num_seqs))
+    sizes = graph_sizes(runner.config.max_num_seqs)
+    runner.graphs = runner.backend.capture_graphs(runner, sizes)
+    if runner.graphs is not None:
+        runner.logit_row_sizes = sizes  # capture ran the LM head at each (model_runner.padded_rows)
