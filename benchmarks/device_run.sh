@@ -11,6 +11,7 @@
 #                                A run with --sync-check (torch's sync debug mode: which nanovllm line makes a host
 #                                sync), then steps 5 and 6 alone under torch.profiler. Round nineteen: no nanovllm
 #                                sync; step 6 spends 16.7 ms in aten::mm on the host (a new cuBLAS shape: ~3 ms)
+#                                Round twenty: that first cuBLAS call was it; prefill pads LM-head rows (STEPS=pad)
 #   STEPS="pad"                  prefill's LM head at its own sampled row count against padded to a captured size
 #                                (model_runner.padded_rows; profile_steps --no-logit-padding), alternated, both KV
 #                                dtypes: the prefill steps' launch and GPU times and the run's idle time
