@@ -125,7 +125,8 @@ def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, r_ptr, stride_r, r
     tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dtype), mask=mask)
 
 
-def silu_mul(x: torch.Tensor, row_scale_of: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+def silu_mul(x: torch.Tensor, row_scale_of: torch.Tensor | None = None, eps: float = 0.0, block: int | None = None,
+             warps: int = 4) -> torch.Tensor:
     """The `act.silu_mul` op: x [..., 2 * d] -> silu(gate) * up [..., d]. `row_scale_of` [rows, n] (unit stride on
     n): gate and up of each row are first multiplied by rsqrt(mean(row^2) + eps) of that row of it, the RMSNorm
     folded into the gate/up product (backends/cuda/norm_folding.py)."""
@@ -139,12 +140,12 @@ def silu_mul(x: torch.Tensor, row_scale_of: torch.Tensor | None = None, eps: flo
                          f"each of the {rows.shape[0]} rows of x")
     out = torch.empty(rows.shape[0], d, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        block = min(1024, triton.next_power_of_2(d))
+        block = min(block or 1024, triton.next_power_of_2(d))
         r = row_scale_of if scaled else rows
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
             rows, out, d, rows.stride(0), out.stride(0), r, r.stride(0), eps, BLOCK=block, ROW_SCALE=scaled,
             R_SIZE=r.shape[1] if scaled else 1, R_PAD=triton.next_power_of_2(r.shape[1]) if scaled else 1,
-            num_warps=4)
+            num_warps=warps)
     return out.view(*x.shape[:-1], d)
 
 
