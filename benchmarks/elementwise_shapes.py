@@ -7,12 +7,14 @@ kernels take ~3.7 and ~2.3 us a layer at batch 256 against ~1 us of memory traff
 (qk_store: 16 q + 8 KV heads in 4 warps) may leave the SMs too few warps to hide the chain position -> cos/sin,
 row -> 1/RMS -> stores. Each variant runs 28 layers in one CUDA graph, each layer's input first rewritten by a
 copy (as the product before it leaves it in L2); a graph of the copies alone is subtracted. Prints us a layer,
-median of `--rounds` alternated rounds; outputs are checked bit-equal to the default shape's.
+median of `--rounds` alternated rounds; outputs are checked against the default shape's (equal up to the
+rounding of sums that another warp count orders differently).
 
     python benchmarks/elementwise_shapes.py [--tokens 96,128,192,256,16384] [--kv auto,fp8]
 """
 import argparse
 import itertools
+import json
 import time
 
 import torch
@@ -87,7 +89,7 @@ def silu_step(layers, block: int | None, warps: int, work: bool, outs: list):
     return step
 
 
-def run_variants(name: str, tokens: int, variants: dict, baseline, rounds_n: int) -> None:
+def run_variants(name: str, tokens: int, variants: dict, baseline, rounds_n: int) -> dict:
     rounds: dict = {}
     timers = {key: graph_us(step, rounds, key) for key, (step, _) in variants.items()}
     timers["copies"] = graph_us(baseline, rounds, "copies")
@@ -99,8 +101,8 @@ def run_variants(name: str, tokens: int, variants: dict, baseline, rounds_n: int
         got = [o.clone() for o in outs]
         if reference is None:
             reference = got
-        elif not all(torch.equal(a, b) for a, b in zip(reference, got)):
-            raise AssertionError(f"{name} {key}: output differs from {next(iter(variants))}")
+        elif not all(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2) for a, b in zip(reference, got)):
+            raise AssertionError(f"{name} {key}: output differs from {next(iter(variants))}")  # warps reorder sums
     for _ in range(rounds_n):
         for timer in timers.values():
             timer()
@@ -110,6 +112,7 @@ def run_variants(name: str, tokens: int, variants: dict, baseline, rounds_n: int
     line = ", ".join(f"{key} {(t - base) / LAYERS:.2f}" for key, t in sorted(median.items(), key=lambda kv: kv[1]))
     print(f"{name} {tokens:>5} tokens (us a layer, copies {base / LAYERS:.2f} subtracted; default {first} "
           f"{(median[first] - base) / LAYERS:.2f}): {line}", flush=True)
+    return {key: (t - base) / LAYERS for key, t in median.items()}
 
 
 def main():
@@ -117,7 +120,9 @@ def main():
     p.add_argument("--tokens", default="96,128,192,256,16384")
     p.add_argument("--kv", default="auto,fp8")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", help="write {kernel: {tokens: {shape: us a layer}}} here")
     args = p.parse_args()
+    results: dict = {}
     g = torch.Generator().manual_seed(0)
     cos_sin = torch.randn(4096, HEAD_DIM, generator=g).to(DEVICE)
     weights = tuple(torch.randn(HEAD_DIM, generator=g).to(DEVICE, torch.bfloat16) for _ in "qk")
@@ -140,7 +145,8 @@ def main():
                                                           True, outs), outs)
             variants = dict(sorted(variants.items(), key=lambda kv: kv[0] != "g1w4"))  # the default first
             baseline = qk_step(layers, positions, cos_sin, weights, scales, 1, 4, False, [])
-            run_variants(f"qk_store {kv}", tokens, variants, baseline, args.rounds)
+            results.setdefault(f"qk_store {kv}", {})[tokens] = run_variants(f"qk_store {kv}", tokens, variants,
+                                                                             baseline, args.rounds)
         layers = [(torch.randn(tokens, 2 * INTER, generator=g).to(DEVICE, torch.bfloat16),
                    torch.empty(tokens, 2 * INTER, device=DEVICE, dtype=torch.bfloat16),
                    torch.randn(tokens, HIDDEN, generator=g).to(DEVICE, torch.bfloat16))
@@ -151,7 +157,11 @@ def main():
                 continue
             outs = []
             variants[f"b{block}w{warps}"] = (silu_step(layers, block, warps, True, outs), outs)
-        run_variants("silu_mul", tokens, variants, silu_step(layers, None, 4, False, []), args.rounds)
+        results.setdefault("silu_mul", {})[tokens] = run_variants("silu_mul", tokens, variants,
+                                                                   silu_step(layers, None, 4, False, []), args.rounds)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
