@@ -1,9 +1,9 @@
 """Triton `rotary.qk_store`: q/k RMSNorm + rotary and the KV store of a layer in one launch.
 
-One program per token: it normalises and rotates the token's q and k heads (`elementwise.norm_rope`), writes
-the rotated q, writes the rotated K and the token's V straight into the paged cache through the slot mapping
-(slot < 0: padding, nothing stored; an FP8 cache quantised as `kv_store` does, bit-exact), and writes the
-rotated k as a tensor only when asked (a prefill reads this step's K from it; decode reads the cache). Against
+A program takes a token's q and k heads, or a share of them (`launch_shape`): it normalises and rotates them
+(`elementwise.norm_rope`), writes the rotated q, writes the rotated K and the token's V straight into the paged
+cache through the slot mapping (slot < 0: padding, nothing stored; an FP8 cache quantised as `kv_store` does,
+bit-exact), and writes the rotated k as a tensor only when asked (a prefill reads this step's K from it; decode reads the cache). Against
 `rotary.qk` then `kv_cache.store` this saves a launch and a read of the rotated K per layer.
 """
 import torch
@@ -98,14 +98,15 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                     eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                     return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                     row_scale_of: torch.Tensor | None = None, row_eps: float = 0.0, head_groups: int | None = None,
-                    warps: int = 4):
+                    warps: int | None = None):
     """The `rotary.qk_store` op (reference: backends/cpu_ref/elementwise.py): q [T, H, D], k and v [T, KV, D] with
     unit stride on D; caches [num_blocks, block_size, KV, D]; k_scale, v_scale [KV] float32 for an FP8 cache.
 
     `row_scale_of` [T, n] (unit stride on n; not part of the op): q, k and v of token t are first multiplied by
     rsqrt(mean(row_t^2) + row_eps), the RMSNorm folded into the q/k/v product (backends/cuda/norm_folding.py);
     with `return_k` the scaled V is also written back into `v`, where a prefill reads it. `head_groups`: programs a
-    token (each a share of its q and KV heads; a divisor of both counts), by default `head_groups_for`."""
+    token (each a share of its q and KV heads; a divisor of both counts) and `warps` a program, by default
+    `launch_shape`'s."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim or any(t.stride(-1) != 1 for t in (q, k, v)):
@@ -130,7 +131,9 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     x = row_scale_of if scaled else q
     has_norm = q_weight is not None
     half = head_dim // 2
-    groups = head_groups_for(num_tokens, num_heads, num_kv_heads) if head_groups is None else head_groups
+    default_groups, default_warps = launch_shape(num_tokens, num_heads, num_kv_heads, fp8)
+    groups = default_groups if head_groups is None else head_groups
+    warps = default_warps if warps is None else warps
     if num_heads % groups or num_kv_heads % groups:
         raise ValueError(f"rotary.qk_store: head_groups={groups} must divide the {num_heads} q heads and the "
                          f"{num_kv_heads} KV heads")
@@ -151,6 +154,18 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     return q_out, k_out
 
 
-def head_groups_for(num_tokens: int, num_heads: int, num_kv_heads: int) -> int:
-    """Programs a token: one (every head of a token in one program)."""
-    return 1
+def launch_shape(num_tokens: int, num_heads: int, num_kv_heads: int, fp8: bool) -> tuple[int, int]:
+    """(programs a token, warps a program): two shapes by size, so start-up's small steps compile what decode steps
+    and short prefills use and its full-size prefill what long ones use. Measured on an H200 at Qwen3-0.6B's 16/8
+    heads of 128 with the folded norm's row scale (benchmarks/elementwise_shapes.py, us a layer in CUDA graphs,
+    round twenty-one): at 96-256 tokens one 4-warp program a token took 3.61-3.77 us (bf16 cache) and 4.31-4.43
+    (FP8); four 1-warp programs 3.27-3.60 (bf16), two 4-warp ones 3.60-3.80 (FP8, whose quantising division wants
+    more threads a head); at 16,384 tokens one 2-warp program 4-11% under one 4-warp one. Heads are shared out as
+    far as both counts divide."""
+    if num_tokens > 512:
+        groups, warps = 1, 2
+    else:
+        groups, warps = (2, 4) if fp8 else (4, 1)
+    while num_heads % groups or num_kv_heads % groups:
+        groups //= 2
+    return groups, warps
