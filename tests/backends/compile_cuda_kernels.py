@@ -134,11 +134,26 @@ def compile_all() -> list[tuple[str, dict]]:
                     X_SIZE=1024 if scaled else 1, X_PAD=1024 if scaled else 1, num_warps=4, grid=(1,))
                 out.append((f"q/k norm + rotary + store {dtype} kv {str(kv_dtype).removeprefix('torch.')} "
                             f"d{head_dim} k={return_k}{' row-scaled' if scaled else ''}", resources(k)))
-        for scaled in (False, True):
+            for groups, warps in ((8, 1), (4, 1), (2, 4), (1, 2)):  # rotary_store.launch_shape's shapes
+                if NUM_KV_HEADS % groups:
+                    continue
+                k = rotary_store._qk_norm_rope_store_kernel.warmup(
+                    dtype, dtype, dtype, dtype, dtype, torch.int64, torch.float32, dtype, dtype, 1e-6,
+                    kv_dtype, kv_dtype, torch.int64, torch.float32, torch.float32, dtype, 1024, 1e-6,
+                    3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim, 3 * GROUP * row, head_dim, head_dim,
+                    PAGE * row, row, head_dim, PAGE * row, row, head_dim,
+                    NUM_HEADS=GROUP * NUM_KV_HEADS // groups, HEADS_PAD=GROUP * NUM_KV_HEADS // groups,
+                    NUM_KV_HEADS=NUM_KV_HEADS // groups, KV_PAD=NUM_KV_HEADS // groups, HALF=half,
+                    HALF_PAD=triton.next_power_of_2(half), HEAD_DIM_PAD=pad, HAS_NORM=True, RETURN_K=False,
+                    BLOCK_SIZE=PAGE, FP8=fp8, FP8_MAX=float(torch.finfo(kv_dtype).max) if fp8 else 0.0,
+                    ROW_SCALE=True, X_SIZE=1024, X_PAD=1024, GROUPS=groups, num_warps=warps, grid=(1,))
+                out.append((f"q/k norm + rotary + store {dtype} kv {str(kv_dtype).removeprefix('torch.')} "
+                            f"d{head_dim} row-scaled, {groups} programs a token of {warps} warps", resources(k)))
+        for scaled, block, warps in ((False, 1024, 4), (True, 1024, 4), (True, 4096, 8)):  # decode, prefill
             k = elementwise._silu_mul_kernel.warmup(
-                dtype, dtype, 3072, 6144, 3072, dtype, 1024, 1e-6, BLOCK=1024, ROW_SCALE=scaled,
-                R_SIZE=1024 if scaled else 1, R_PAD=1024 if scaled else 1, num_warps=4, grid=(1,))
-            out.append((f"silu and mul {dtype}{' row-scaled' if scaled else ''}", resources(k)))
+                dtype, dtype, 3072, 6144, 3072, dtype, 1024, 1e-6, BLOCK=block, ROW_SCALE=scaled,
+                R_SIZE=1024 if scaled else 1, R_PAD=1024 if scaled else 1, num_warps=warps, grid=(1,))
+            out.append((f"silu and mul {dtype}{' row-scaled' if scaled else ''} block {block}", resources(k)))
         k = elementwise._add_rms_norm_kernel.warmup(dtype, dtype, dtype, dtype, dtype, 1024, 1e-6, 1024, 1024,
                                                     BLOCK=1024, num_warps=4, grid=(1,))
         out.append((f"residual add + RMSNorm {dtype}", resources(k)))

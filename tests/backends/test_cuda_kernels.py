@@ -570,11 +570,11 @@ def test_elementwise_kernels_match_reference(device, op, dtype, head_dim, num_he
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows,d", [(5, 3072), (3, 1500), (1, 64)])
+@pytest.mark.parametrize("rows,d", [(5, 3072), (3, 1500), (1, 64), (520, 3072)])
 def test_row_scaled_silu_mul_matches_torch(device, rows, d):
     """The folded norms' SiLU (backends/cuda/norm_folding.py): gate and up scaled by 1/RMS of another tensor's row,
     rounded to the dtype, then silu(gate) * up (a width of several column blocks, one not a multiple of the block,
-    and one below it)."""
+    one below it, and a prefill-sized call, whose rows take one padded block each)."""
     from nanovllm.backends.cuda.elementwise import silu_mul
     g = torch.Generator().manual_seed(rows * d)
     for dtype in dtypes_for(device):
@@ -586,3 +586,47 @@ def test_row_scaled_silu_mul_matches_torch(device, rows, d):
         assert_close(silu_mul(x, row_scale_of=r, eps=1e-6), want, dtype)
         with pytest.raises(ValueError, match="row_scale_of"):
             silu_mul(x, row_scale_of=r[:1] if rows > 1 else r.t(), eps=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_tokens", [7, 520])
+def test_rotary_qk_store_launch_shapes_agree(device, num_tokens):
+    """rotary.qk_store with a token's heads shared out over 1, 2, 4 or 8 programs of 1-4 warps (the shapes
+    `launch_shape` picks by batch size, and its choice): the same q, k, V rows and cache contents (a bf16 cache,
+    the folded norm's row scale, slots -1 skipped), exactly under the interpreter and within the dtype's rounding
+    compiled (another warp count sums in another order); head_groups that do not divide the heads are refused."""
+    from nanovllm.backends.cuda.rotary_store import launch_shape, rotary_qk_store
+    heads, kv_heads, head_dim, block = 16, 8, 128, 16
+    g = torch.Generator().manual_seed(num_tokens)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = fused_qkv_views(num_tokens, heads, kv_heads, head_dim, dtype, device, g)
+    x = torch.randn(num_tokens, 96, generator=g).to(dtype).to(device)
+    positions = torch.randint(0, 64, (num_tokens,), generator=g).to(device)
+    cos_sin = torch.randn(64, head_dim, generator=g).to(device)
+    weights = tuple(torch.randn(head_dim, generator=g).to(dtype).to(device) for _ in "qk")
+    num_blocks = num_tokens // block + 2
+    slots = torch.randperm(num_blocks * block, generator=g)[:num_tokens]
+    slots[::5] = -1
+    slots = slots.to(device)
+    results = []
+    shapes = [(1, 4), (2, 4), (4, 1), (8, 1), (1, 2)] if num_tokens <= 192 else [(1, 4), (1, 2)]  # a prefill's
+    for shape in shapes + [(None, None)]:
+        caches = [torch.full((num_blocks, block, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+                  for _ in "kv"]
+        v_in = v.clone()
+        q_out, k_out = rotary_qk_store(positions, q, k, v_in, cos_sin, *weights, 1e-6, *caches, slots, True,
+                                       row_scale_of=x, row_eps=1e-6, head_groups=shape[0], warps=shape[1])
+        results.append((q_out, k_out, v_in, *caches))
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            if device == "cpu":
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+            else:
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, equal_nan=True)
+    written = slots[slots >= 0]
+    assert not results[0][3].flatten(0, 1)[written].isnan().any()
+    for h, kv, fp8 in ((14, 2, False), (6, 3, False), (16, 8, True), (32, 4, False)):
+        groups, warps = launch_shape(num_tokens, h, kv, fp8)
+        assert h % groups == 0 and kv % groups == 0 and warps in (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="head_groups=3"):
+        rotary_qk_store(positions, q, k, v.clone(), cos_sin, *weights, 1e-6, *caches, slots, False, head_groups=3)

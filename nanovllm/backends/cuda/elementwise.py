@@ -125,10 +125,12 @@ def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, r_ptr, stride_r, r
     tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dtype), mask=mask)
 
 
-def silu_mul(x: torch.Tensor, row_scale_of: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+def silu_mul(x: torch.Tensor, row_scale_of: torch.Tensor | None = None, eps: float = 0.0, block: int | None = None,
+             warps: int | None = None) -> torch.Tensor:
     """The `act.silu_mul` op: x [..., 2 * d] -> silu(gate) * up [..., d]. `row_scale_of` [rows, n] (unit stride on
     n): gate and up of each row are first multiplied by rsqrt(mean(row^2) + eps) of that row of it, the RMSNorm
-    folded into the gate/up product (backends/cuda/norm_folding.py)."""
+    folded into the gate/up product (backends/cuda/norm_folding.py). `block` (columns a program) and `warps`
+    override the launch shape."""
     d = x.shape[-1] // 2
     rows = x.reshape(-1, 2 * d)
     if rows.stride(-1) != 1:
@@ -139,12 +141,15 @@ def silu_mul(x: torch.Tensor, row_scale_of: torch.Tensor | None = None, eps: flo
                          f"each of the {rows.shape[0]} rows of x")
     out = torch.empty(rows.shape[0], d, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        block = min(1024, triton.next_power_of_2(d))
+        big = rows.shape[0] > 512  # prefill: a row a program (16,384 x 3,072: 2.8 against 3.4 ms over 28 layers on
+        # an H200, benchmarks/elementwise_shapes.py); decode: 1,024 columns in 4 warps (no other shape was faster)
+        block = min(block or (4096 if big else 1024), triton.next_power_of_2(d))
+        warps = warps or (8 if big else 4)
         r = row_scale_of if scaled else rows
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
             rows, out, d, rows.stride(0), out.stride(0), r, r.stride(0), eps, BLOCK=block, ROW_SCALE=scaled,
             R_SIZE=r.shape[1] if scaled else 1, R_PAD=triton.next_power_of_2(r.shape[1]) if scaled else 1,
-            num_warps=4)
+            num_warps=warps)
     return out.view(*x.shape[:-1], d)
 
 

@@ -1,9 +1,9 @@
 """Triton `rotary.qk_store`: q/k RMSNorm + rotary and the KV store of a layer in one launch.
 
-One program per token: it normalises and rotates the token's q and k heads (`elementwise.norm_rope`), writes
-the rotated q, writes the rotated K and the token's V straight into the paged cache through the slot mapping
-(slot < 0: padding, nothing stored; an FP8 cache quantised as `kv_store` does, bit-exact), and writes the
-rotated k as a tensor only when asked (a prefill reads this step's K from it; decode reads the cache). Against
+A program takes a token's q and k heads, or a share of them (`launch_shape`): it normalises and rotates them
+(`elementwise.norm_rope`), writes the rotated q, writes the rotated K and the token's V straight into the paged
+cache through the slot mapping (slot < 0: padding, nothing stored; an FP8 cache quantised as `kv_store` does,
+bit-exact), and writes the rotated k as a tensor only when asked (a prefill reads this step's K from it; decode reads the cache). Against
 `rotary.qk` then `kv_cache.store` this saves a launch and a read of the rotated K per layer.
 """
 import torch
@@ -24,9 +24,22 @@ def _qk_norm_rope_store_kernel(
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
     RETURN_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
-    ROW_SCALE: tl.constexpr, X_SIZE: tl.constexpr, X_PAD: tl.constexpr,
+    ROW_SCALE: tl.constexpr, X_SIZE: tl.constexpr, X_PAD: tl.constexpr, GROUPS: tl.constexpr = 1,
 ):
+    # Program (token, g) takes the g-th of GROUPS equal shares of the token's q heads and KV heads (NUM_HEADS and
+    # NUM_KV_HEADS are a share's counts here, HEADS_PAD and KV_PAD their padding); each share's program reads the
+    # position, cos/sin and the row scale itself.
     token = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
+    q_ptr += group * NUM_HEADS * stride_q_head
+    q_out_ptr += group * NUM_HEADS * 2 * HALF
+    k_ptr += group * NUM_KV_HEADS * stride_k_head
+    k_out_ptr += group * NUM_KV_HEADS * 2 * HALF
+    v_ptr += group * NUM_KV_HEADS * stride_v_head
+    k_cache_ptr += group * NUM_KV_HEADS * stride_k_head_c
+    v_cache_ptr += group * NUM_KV_HEADS * stride_v_head_c
+    k_scale_ptr += group * NUM_KV_HEADS
+    v_scale_ptr += group * NUM_KV_HEADS
     position = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, HALF_PAD)
     cos = tl.load(cos_sin_ptr + position * stride_cos_sin + cols, mask=cols < HALF, other=0.0)
@@ -41,7 +54,7 @@ def _qk_norm_rope_store_kernel(
     q1, q2 = norm_rope(q_ptr + token * stride_q_token, stride_q_head, q_w_ptr, cos, sin, heads, cols, eps, q_out_ptr,
                        row_scale, NUM_HEADS, HALF, HAS_NORM, ROW_SCALE)
     mask = (heads < NUM_HEADS)[:, None] & (cols < HALF)[None, :]
-    out = q_out_ptr + token * (NUM_HEADS * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
+    out = q_out_ptr + token * (GROUPS * NUM_HEADS * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
     tl.store(out, q1.to(dtype), mask=mask)
     tl.store(out + HALF, q2.to(dtype), mask=mask)
 
@@ -50,7 +63,7 @@ def _qk_norm_rope_store_kernel(
                        q_out_ptr, row_scale, NUM_KV_HEADS, HALF, HAS_NORM, ROW_SCALE)
     mask = (kv_heads < NUM_KV_HEADS)[:, None] & (cols < HALF)[None, :]
     if RETURN_K:
-        out = k_out_ptr + token * (NUM_KV_HEADS * 2 * HALF) + kv_heads[:, None] * (2 * HALF) + cols[None, :]
+        out = k_out_ptr + token * (GROUPS * NUM_KV_HEADS * 2 * HALF) + kv_heads[:, None] * (2 * HALF) + cols[None, :]
         tl.store(out, k1.to(dtype), mask=mask)
         tl.store(out + HALF, k2.to(dtype), mask=mask)
 
@@ -84,13 +97,16 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                     cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                     eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                     return_k: bool, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                    row_scale_of: torch.Tensor | None = None, row_eps: float = 0.0):
+                    row_scale_of: torch.Tensor | None = None, row_eps: float = 0.0, head_groups: int | None = None,
+                    warps: int | None = None):
     """The `rotary.qk_store` op (reference: backends/cpu_ref/elementwise.py): q [T, H, D], k and v [T, KV, D] with
     unit stride on D; caches [num_blocks, block_size, KV, D]; k_scale, v_scale [KV] float32 for an FP8 cache.
 
     `row_scale_of` [T, n] (unit stride on n; not part of the op): q, k and v of token t are first multiplied by
     rsqrt(mean(row_t^2) + row_eps), the RMSNorm folded into the q/k/v product (backends/cuda/norm_folding.py);
-    with `return_k` the scaled V is also written back into `v`, where a prefill reads it."""
+    with `return_k` the scaled V is also written back into `v`, where a prefill reads it. `head_groups`: programs a
+    token (each a share of its q and KV heads; a divisor of both counts) and `warps` a program, by default
+    `launch_shape`'s."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim or any(t.stride(-1) != 1 for t in (q, k, v)):
@@ -115,7 +131,14 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     x = row_scale_of if scaled else q
     has_norm = q_weight is not None
     half = head_dim // 2
-    _qk_norm_rope_store_kernel[(num_tokens,)](
+    default_groups, default_warps = launch_shape(num_tokens, num_heads, num_kv_heads, fp8)
+    groups = default_groups if head_groups is None else head_groups
+    warps = default_warps if warps is None else warps
+    if num_heads % groups or num_kv_heads % groups:
+        raise ValueError(f"rotary.qk_store: head_groups={groups} must divide the {num_heads} q heads and the "
+                         f"{num_kv_heads} KV heads")
+    num_heads, num_kv_heads = num_heads // groups, num_kv_heads // groups
+    _qk_norm_rope_store_kernel[(num_tokens, groups)](
         q, k, v, q_out, k_out if return_k else q_out, positions, cos_sin_cache,
         q_weight if has_norm else q, k_weight if has_norm else k, eps,
         k_cache, v_cache, slot_mapping, k_scale if fp8 else cos_sin_cache, v_scale if fp8 else cos_sin_cache,
@@ -127,5 +150,22 @@ def rotary_qk_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_NORM=has_norm, RETURN_K=bool(return_k),
         BLOCK_SIZE=k_cache.shape[1], FP8=fp8, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0,
         ROW_SCALE=scaled, X_SIZE=x.shape[1] if scaled else 1,
-        X_PAD=triton.next_power_of_2(x.shape[1]) if scaled else 1, num_warps=4)
+        X_PAD=triton.next_power_of_2(x.shape[1]) if scaled else 1, GROUPS=groups, num_warps=warps)
     return q_out, k_out
+
+
+def launch_shape(num_tokens: int, num_heads: int, num_kv_heads: int, fp8: bool) -> tuple[int, int]:
+    """(programs a token, warps a program): two shapes by size, so start-up's small steps compile what decode steps
+    and short prefills use and its full-size prefill what long ones use. Measured on an H200 at Qwen3-0.6B's 16/8
+    heads of 128 with the folded norm's row scale (benchmarks/elementwise_shapes.py, us a layer in CUDA graphs,
+    round twenty-one): at 96-256 tokens one 4-warp program a token took 3.61-3.77 us (bf16 cache) and 4.31-4.43
+    (FP8); four 1-warp programs 3.27-3.60 (bf16), two 4-warp ones 3.60-3.80 (FP8, whose quantising division wants
+    more threads a head); at 16,384 tokens one 2-warp program 4-11% under one 4-warp one. Heads are shared out as
+    far as both counts divide."""
+    if num_tokens > 512:
+        groups, warps = 1, 2
+    else:
+        groups, warps = (2, 4) if fp8 else (4, 1)
+    while num_heads % groups or num_kv_heads % groups:
+        groups //= 2
+    return groups, warps
