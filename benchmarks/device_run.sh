@@ -18,6 +18,8 @@
 #   STEPS="blas"                 the decode products at M 64-256 (gemm_layouts.py), then seed runs, with torch's default
 #                                BLAS and with cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1): its heuristic may pick
 #                                other kernels for the o and down products with the residual
+#   STEPS="shapes"               launch shapes of rotary.qk_store and act.silu_mul (elementwise_shapes.py; round
+#                                twenty-one chose rotary_store.launch_shape's and silu_mul's prefill shape by it)
 #   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn)
 #   STEPS="recheck"              the parity matrix's cuda cells and the Triton-GEMM-in-graphs test
 # Here first: mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/,
@@ -66,6 +68,8 @@ for step in ${STEPS:-bench profile}; do
             TORCH_BLAS_PREFER_CUBLASLT=$lt steps blas-lt$lt-$i \
               && grep -E '^total' "$OUT/blas-lt$lt-$i.log" | sed "s/^/cuBLASLt $lt: /"
           done; done ;;
+    shapes) timeout 300 python3 benchmarks/elementwise_shapes.py --json "$OUT/shapes.json" > "$OUT/shapes.log" 2>&1
+            grep -v Warning "$OUT/shapes.log" ;;
     flash) bash .flash-attn/build.sh .flash-attn/flash-attn-src.tgz 2>&1 | tail -3; export PYTHONPATH=/tmp/flash-attn:$PYTHONPATH ;;
     tests) python3 -m pytest -q tests/backends -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
     recheck) python3 -m pytest -q -p no:cacheprovider tests/backends/test_parity_matrix.py \
