@@ -609,7 +609,7 @@ def test_rotary_qk_store_launch_shapes_agree(device, num_tokens):
     slots[::5] = -1
     slots = slots.to(device)
     results = []
-    shapes = [(1, 4), (2, 4), (4, 1), (8, 1), (1, 2)] if num_tokens <= 192 else [(1, 4), (1, 2)]  # a prefill's
+    shapes = [(1, 4), (2, 4), (4, 1), (8, 1), (1, 2)] if num_tokens <= 192 else [(1, 4)]  # None: a prefill's (1, 2)
     for shape in shapes + [(None, None)]:
         caches = [torch.full((num_blocks, block, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
                   for _ in "kv"]

@@ -3,8 +3,9 @@
 A program takes a token's q and k heads, or a share of them (`launch_shape`): it normalises and rotates them
 (`elementwise.norm_rope`), writes the rotated q, writes the rotated K and the token's V straight into the paged
 cache through the slot mapping (slot < 0: padding, nothing stored; an FP8 cache quantised as `kv_store` does,
-bit-exact), and writes the rotated k as a tensor only when asked (a prefill reads this step's K from it; decode reads the cache). Against
-`rotary.qk` then `kv_cache.store` this saves a launch and a read of the rotated K per layer.
+bit-exact), and writes the rotated k as a tensor only when asked (a prefill reads this step's K from it; decode
+reads the cache). Against `rotary.qk` then `kv_cache.store` this saves a launch and a read of the rotated K per
+layer.
 """
 import torch
 import triton
