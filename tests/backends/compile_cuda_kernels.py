@@ -86,7 +86,7 @@ def compile_all() -> list[tuple[str, dict]]:
                     DOT_DTYPE=fp8_dot_dtype(dtype), ASM=True, ORDERED=True,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
                 out.append((f"balanced decode {dtype} kv {kv} d{head_dim} page{block_size}", resources(k)))
-                configs = {pre.prefill_config(pad, dtype, context) for context in (None, pre.SHORT_CONTEXT)}
+                configs = {pre.prefill_config(pad, dtype, context, fp8) for context in (None, pre.SHORT_CONTEXT)}
                 for cfg, paged in itertools.product(configs, (False, True) if not fp8 else (True,)):
                     k = pre._prefill_kernel.warmup(
                         dtype, kv_dtype, kv_dtype, torch.int32, torch.int32, torch.int32, dtype, 0.1,
@@ -94,9 +94,10 @@ def compile_all() -> list[tuple[str, dict]]:
                         block_size * row, row, head_dim, row, head_dim, 64, 2,
                         GROUP=GROUP, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PAGE_SIZE=block_size, PAGED=paged,
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(dtype), KV_FP8=fp8,
-                        DOT_DTYPE=fp8_dot_dtype(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                        DOT_DTYPE=fp8_dot_dtype(dtype), PACK=cfg.heads_per_program(GROUP), num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, grid=(1,))
                     out.append((f"prefill {dtype} kv {kv} d{head_dim} page{block_size} paged={paged} "
-                                f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}", resources(k)))
+                                f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}/pack{cfg.pack}", resources(k)))
         k = dec._decode_combine_kernel.warmup(
             torch.float32, torch.float32, dtype, GROUP * row, head_dim, 3, SPLITS_PAD=dec.MAX_SPLITS,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, num_warps=4, grid=(1,))

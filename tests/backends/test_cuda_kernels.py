@@ -251,15 +251,43 @@ def test_triton_prefill_matches_reference(device, group, num_kv_heads, head_dim,
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("context", [None, 1024])
 def test_triton_prefill_tiles_for_long_and_short_contexts_match_reference(device, paged, context):
-    """Both head_dim-128 tile configs (`prefill_config` picks by the step's longest context) on the same batch."""
+    """The head_dim-128 tile configs (`prefill_config` picks by the step's longest context and the cache's dtype;
+    the short-context ones take two query heads a program) on the same batch."""
     from nanovllm.backends.cuda.attention.triton_prefill import paged_prefill, prefill_config
     g = torch.Generator().manual_seed(11 + paged)
     for dtype in dtypes_for(device):
         q_lens, cached = prefill_batch(paged, device, g)
         meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, paged, 4, 2, 128, 16, dtype, device, g)
         out = torch.full_like(q, float("nan"))
-        paged_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5, out=out, config=prefill_config(128, dtype, context))
-        assert_close(out, ref_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5), dtype)
+        expected = ref_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5)
+        for kv_fp8 in (False, True):  # the FP8 cache's tiles, here on a cache of q's dtype
+            paged_prefill(q, k, v, k_cache, v_cache, meta, 128 ** -0.5, out=out,
+                          config=prefill_config(128, dtype, context, kv_fp8))
+            assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("group,pack,packed", [(2, 2, 2), (4, 4, 4), (4, 2, 2), (8, 4, 4), (6, 4, 2), (3, 2, 1)])
+def test_triton_prefill_packed_heads_match_reference(device, paged, group, pack, packed):
+    """A program may take several query heads of one KV head (their rows stacked in one tile): the largest power of
+    two dividing both the group and `pack` (6 heads a KV head with pack 4: 2; 3 heads: 1). Every packing gives the
+    reference's output, on short and long tiles."""
+    from nanovllm.backends.cuda.attention.triton_prefill import PrefillConfig, paged_prefill
+    g = torch.Generator().manual_seed(group * 10 + pack + paged)
+    small = device == "cpu"
+    configs = [PrefillConfig(16 if small else 64, 16 if small else 64, 4, 2, pack),
+               PrefillConfig(32 if small else 128, 16 if small else 64, 4 if small else 8, 2, pack)]
+    for dtype in dtypes_for(device):
+        q_lens, cached = prefill_batch(paged, device, g)
+        meta, q, k, v, k_cache, v_cache = make_prefill_inputs(q_lens, cached, paged, 2 * group, 2, 64, 16, dtype,
+                                                              device, g)
+        expected = ref_prefill(q, k, v, k_cache, v_cache, meta, 0.125)
+        for config in configs:
+            assert config.heads_per_program(group) == packed
+            out = torch.full_like(q, float("nan"))
+            paged_prefill(q, k, v, k_cache, v_cache, meta, 0.125, out=out, config=config)
+            assert_close(out, expected, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -309,10 +337,14 @@ def test_prefill_reads_prefix_free_sequences_apart_only_in_big_enough_steps():
 
 def test_prefill_tiles_follow_the_longest_context():
     from nanovllm.backends.cuda.attention.triton_prefill import SHORT_CONTEXT, PrefillConfig, prefill_config
-    long, short = PrefillConfig(128, 64, 8, 3), PrefillConfig(64, 64, 4, 3)
+    long, short = PrefillConfig(128, 64, 8, 3), PrefillConfig(64, 32, 4, 3, pack=2)
+    short_fp8 = PrefillConfig(64, 64, 4, 3, pack=2)
     assert prefill_config(128, torch.bfloat16, SHORT_CONTEXT) == short
+    assert prefill_config(128, torch.bfloat16, SHORT_CONTEXT, kv_fp8=True) == short_fp8
     assert prefill_config(128, torch.bfloat16, SHORT_CONTEXT + 1) == long
+    assert prefill_config(128, torch.bfloat16, SHORT_CONTEXT + 1, kv_fp8=True) == long
     assert prefill_config(128, torch.bfloat16) == long  # no context given: the tiles that serve any
+    assert short.heads_per_program(2) == 2 and short.heads_per_program(1) == 1 and long.heads_per_program(2) == 1
     assert prefill_config(64, torch.bfloat16, 100) == prefill_config(64, torch.bfloat16, 10_000)
 
 

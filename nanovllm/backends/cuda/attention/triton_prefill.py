@@ -1,7 +1,8 @@
 """Paged prefill attention in Triton: query chunks against their whole context through the block table.
 
-Grid (num_heads, num_seqs, query tiles). A program takes BLOCK_M query rows of one head of one sequence;
-the chunk is the last len_q positions of a context of len_k tokens, so row r sits at position
+Grid (num_heads / PACK, num_seqs, query tiles). A program takes BLOCK_M / PACK query positions of PACK query
+heads that share a KV head (PACK = 1: one head), stacked as the BLOCK_M rows of one tile, so each K/V tile it
+loads serves them all; the chunk is the last len_q positions of a context of len_k tokens, so position r sits at
 len_k - len_q + r and is causal from there. Key tiles wholly before the tile's first position run
 without masks; only the few tiles on the diagonal are masked. Heavy (late) query tiles are launched first.
 Without a block table (no cached prefix) K/V come straight from this step's tensors. With one, K and V share
@@ -30,31 +31,46 @@ class PrefillConfig:
     block_n: int  # context tokens per tile
     num_warps: int
     num_stages: int
+    pack: int = 1  # query heads of one KV head per program (up to the largest power of two dividing the group)
+
+    def heads_per_program(self, group: int) -> int:
+        """How many of a KV head's `group` query heads one program takes: `pack`, or less where the group or the
+        tile's rows do not divide by it (a power of two that divides both)."""
+        heads = 1
+        while heads * 2 <= self.pack and group % (heads * 2) == 0 and self.block_m % (heads * 2) == 0:
+            heads *= 2
+        return heads
 
 
 SPLIT_LAUNCH_TOKENS = 8192  # query tokens from which a paged step may read its prefix-free sequences apart
 SHORT_CONTEXT = 2048  # longest context (cached prefix + chunk) of a step that takes the short-context tiles
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, max_context: int | None = None) -> PrefillConfig:
-    """Tile shape by padded head dim and, at head_dim 128, the step's longest context. float32 (exact-comparison
-    runs only) gets small tiles: its 128x64 tiles would spill registers and fill shared memory.
+def prefill_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, max_context: int | None = None,
+                   kv_fp8: bool = False) -> PrefillConfig:
+    """Tile shape by padded head dim and, at head_dim 128, the step's longest context and whether the launch reads
+    an FP8 cache. float32 (exact-comparison runs only) gets small tiles: its 128x64 tiles would spill registers
+    and fill shared memory.
 
     At head_dim 128 a step of short prompts (every context <= SHORT_CONTEXT) runs a few query tiles per sequence
-    and head, so 64x64 tiles with 4 warps (more programs a SM) win; long contexts keep 128x64 with 8 warps.
-    Measured on an H200 at Qwen3-0.6B's shape (RESULTS.md, round twelve), us a layer, 128x64/8 warps against
-    64x64/4: 16,384 tokens of 100-1,024-token prompts read through the cache 312 -> 289 (bf16) and 333 -> 289
-    (FP8); the same unpaged 250 -> 205; 16 x 1,024 260 -> 245; 8 x 128 48 -> 52 (slower, and such steps run
-    FlashAttention by default); 2 x 8,192 1,288 against 1,331 and a 2,048-token chunk after 6,144 cached 355
-    against 373 (faster with the long-context tiles). 128x32 tiles read the short steps faster still (263 bf16)
-    but spill registers on sm_90."""
+    and KV head, and takes both query heads of a KV head in one program (Qwen3's group of two: K/V tiles read
+    once for both): 64 rows (32 positions x 2 heads) by 32 tokens, 4 warps, or 64 by 64 when the launch reads an
+    FP8 cache (its widening wants the longer tile). Long contexts keep 128x64 with 8 warps, one head a program.
+    Measured on an H200 at Qwen3-0.6B's shape (`benchmarks/prefill_tiles.py`, RESULTS.md round twenty-two), us a
+    layer against round twelve's 64x64 one-head tiles: 16,384 tokens of 100-1,024-token prompts, one continued,
+    229.5 -> 213.0 (bf16) and 272.7 -> 266.6 (FP8); the same with no cache 207.3 -> 187.5; 16 x 1,024 241.4 ->
+    230.0; 8 x 128 87.7 -> 91.6 (such steps run FlashAttention by default). Round twelve: 128x64/8 warps
+    against 64x64/4 312 -> 289 on the first step; 2 x 8,192 1,288 against 1,331 and a 2,048-token chunk after
+    6,144 cached 355 against 373 (faster with the long-context tiles)."""
     if dtype == torch.float32:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
         if max_context is not None and max_context <= SHORT_CONTEXT:
-            return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+            if kv_fp8:
+                return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, pack=2)
+            return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, pack=2)
         return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
@@ -106,14 +122,17 @@ def _prefill_kernel(
     stride_k_block, stride_k_row, stride_k_head, stride_v_row, stride_v_head, stride_bt_seq, prefix,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PACK: tl.constexpr,
 ):
-    head = tl.program_id(0)
+    """A program: BLOCK_M // PACK query positions of PACK heads sharing one KV head, a [BLOCK_M, head_dim] tile
+    whose row i is position i // PACK of head i % PACK (a token's heads are adjacent in q and out)."""
+    first_head = tl.program_id(0) * PACK
     seq = tl.program_id(1)
     tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    m_start = tile * BLOCK_M
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query positions per program
+    m_start = tile * BLOCK_Q
     if m_start >= q_len:
         return
     kv_start = tl.load(cu_seqlens_k_ptr + seq)
@@ -127,16 +146,17 @@ def _prefill_kernel(
         if context_offset == 0:
             return
 
-    rows = m_start + tl.arange(0, BLOCK_M)
+    rows = m_start + tl.arange(0, BLOCK_M) // PACK
+    heads = first_head + tl.arange(0, BLOCK_M) % PACK
     row_mask = rows < q_len
     positions = context_offset + rows
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = head_dim_mask(HEAD_DIM, HEAD_DIM_PAD)
     q_rows = (q_start + rows).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_q_token + head * stride_q_head + dims[None, :],
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :],
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
 
-    kv_head = head // GROUP
+    kv_head = first_head // GROUP
     if KV_FP8:  # stored = value / scale: fold K's scale into the scores, V's into the output
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
@@ -147,7 +167,7 @@ def _prefill_kernel(
     v_base = v_ptr + kv_head * stride_v_head
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     first_position = context_offset + m_start
-    kv_end = context_offset + tl.minimum(m_start + BLOCK_M, q_len)  # one past the last visible token
+    kv_end = context_offset + tl.minimum(m_start + BLOCK_Q, q_len)  # one past the last visible token
     full_end = (first_position + 1) // BLOCK_N * BLOCK_N  # tiles before this are visible to every row
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -172,7 +192,7 @@ def _prefill_kernel(
 
     # every real row sees at least token 0, so l_i > 0 there; padding rows are not stored
     out = acc * (v_scale / tl.where(row_mask, l_i, 1.0))[:, None]
-    tl.store(out_ptr + q_rows[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
+    tl.store(out_ptr + q_rows[:, None] * stride_o_token + heads[:, None] * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
@@ -216,7 +236,7 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     if num_tokens == 0:
         return out
     head_dim_pad = padded_head_dim(head_dim)
-    config = config or prefill_config(head_dim_pad, q.dtype, meta.max_seqlen_k)
+    config = config or prefill_config(head_dim_pad, q.dtype, meta.max_seqlen_k, kv_fp8)
     fresh = paged and not kv_fp8 and split_launch(meta, num_tokens) and all(
         t is not None and t.dtype == k_cache.dtype and t.shape == (num_tokens, num_kv_heads, head_dim)
         and t.stride(-1) == 1 for t in (k, v))
@@ -251,14 +271,17 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: tor
     else:  # [num_tokens, num_kv_heads, head_dim]: rows are tokens; the table pointer and block stride are unused
         block_tables, page_size, strides = meta.cu_seqlens_k, 1, (0, k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     num_heads, head_dim = q.shape[1], q.shape[2]
-    _prefill_kernel[(num_heads, meta.num_seqs, triton.cdiv(meta.max_seqlen_q, config.block_m))](
+    group = num_heads // k.shape[-2]
+    pack = config.heads_per_program(group)
+    grid = (num_heads // pack, meta.num_seqs, triton.cdiv(meta.max_seqlen_q, config.block_m // pack))
+    _prefill_kernel[grid](
         q, k, v, block_tables, meta.cu_seqlens_q, meta.cu_seqlens_k, out, scale * LOG2_E,
         k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_tables.stride(0) if paged else 0,
         prefix,
-        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         PAGED=paged, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8, DOT_DTYPE=fp8_dot_dtype(q.dtype), PACK=pack,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
