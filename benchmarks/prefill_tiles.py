@@ -2,7 +2,8 @@
 
 Each candidate `BMxBN/warps/stages/pack` (pack: query heads of one KV head a program takes) runs the same steps as
 the default `prefill_config`, alternated over rounds; prints us a call (one layer) and the largest difference
-from the default's output. The steps:
+from the default's output. Steps with no cache also run PyTorch's FlashAttention-2 varlen (the `torch_flash`
+kernel the default plan runs there). The steps:
 - `seed paged` (bf16 and FP8 cache): 16,384 tokens of 100-1,024-token prompts, the first continuing 300 cached
   tokens, as the seed benchmark's prefill steps after its first (a block table; bf16 reads the prefix-free
   prompts apart, `split_launch`);
@@ -17,6 +18,7 @@ import statistics
 
 import torch
 
+from nanovllm.backends.cuda.attention import torch_flash
 from nanovllm.backends.cuda.attention.triton_prefill import PrefillConfig, paged_prefill, prefill_config
 from nanovllm.core.step_metadata import PrefillMetadata
 
@@ -99,11 +101,17 @@ def run(step, config):
 
 
 def timed(fn, iters: int = 20) -> float:
+    """GPU us a call: `iters` calls captured in one CUDA graph, replayed (a tiny step's time is not the host's)."""
     fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters * 1000
@@ -118,25 +126,27 @@ def main():
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     cases = steps(g)
-    names = ["default"] + args.candidates
     results = {}
-    print(f"{torch.cuda.get_device_name()}; us a call (one layer), median of {args.rounds} alternated rounds; "
-          f"max |diff| against the default's output")
+    print(f"{torch.cuda.get_device_name()}; GPU us a call (one layer, in CUDA graphs), median of {args.rounds} "
+          f"alternated rounds; max |diff| against the default's output")
     for step_name, step in cases.items():
         q, meta = step[0], step[5]
-        default = prefill_config(HEAD_DIM, q.dtype, meta.max_seqlen_k)
+        default = prefill_config(HEAD_DIM, q.dtype, meta.max_seqlen_k, kv_fp8=step[3].dtype != q.dtype)
         configs = {"default": default, **{c: parse(c) for c in args.candidates}}
-        expected = run(step, default).float()
-        diffs = {name: (run(step, c).float() - expected).abs().max().item() for name, c in configs.items()}
-        times = {name: [] for name in names}
+        runs = {name: (lambda c=c: run(step, c)) for name, c in configs.items()}
+        if meta.block_tables is None:  # what the default plan runs on such steps: PyTorch's FlashAttention-2 varlen
+            runs["FA2 varlen"] = lambda: torch_flash.prefill_attention(*step[:5], meta, HEAD_DIM ** -0.5)
+        expected = runs["default"]().float()
+        diffs = {name: (fn().float() - expected).abs().max().item() for name, fn in runs.items()}
+        times = {name: [] for name in runs}
         for _ in range(args.rounds):
-            for name in names:
-                times[name].append(timed(lambda: run(step, configs[name])))
+            for name, fn in runs.items():
+                times[name].append(timed(fn))
         medians = {name: statistics.median(t) for name, t in times.items()}
         results[step_name] = medians
         d = default
         print(f"{step_name} (default {d.block_m}x{d.block_n}/{d.num_warps}/{d.num_stages}/{d.pack}):")
-        for name in names:
+        for name in runs:
             print(f"  {name:>14} {medians[name]:8.1f} us  {medians[name] / medians['default']:.3f}  "
                   f"diff {diffs[name]:.2e}")
     if args.json:
