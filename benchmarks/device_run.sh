@@ -20,6 +20,11 @@
 #                                other kernels for the o and down products with the residual
 #   STEPS="shapes"               launch shapes of rotary.qk_store and act.silu_mul (elementwise_shapes.py; round
 #                                twenty-one chose rotary_store.launch_shape's and silu_mul's prefill shape by it)
+#   STEPS="prefill"              tile shapes of the Triton prefill attention, FlashAttention-2 varlen beside them on
+#                                steps with no cache (prefill_tiles.py; round twenty-two chose prefill_config's
+#                                short-context tiles, two query heads a program, by it)
+#   STEPS="chain"                a decode step's 112 products as one persistent Triton kernel against a launch a
+#                                product (persistent_chain.py; round twenty-two)
 #   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn)
 #   STEPS="recheck"              the parity matrix's cuda cells and the Triton-GEMM-in-graphs test
 # Here first: mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/,
@@ -70,6 +75,10 @@ for step in ${STEPS:-bench profile}; do
           done; done ;;
     shapes) timeout 300 python3 benchmarks/elementwise_shapes.py --json "$OUT/shapes.json" > "$OUT/shapes.log" 2>&1
             grep -v Warning "$OUT/shapes.log" ;;
+    prefill) timeout 200 python3 benchmarks/prefill_tiles.py --json "$OUT/prefill_tiles.json" > "$OUT/prefill_tiles.log" 2>&1
+             grep -v Warning "$OUT/prefill_tiles.log" ;;
+    chain) timeout 300 python3 benchmarks/persistent_chain.py --json "$OUT/chain.json" > "$OUT/chain.log" 2>&1
+           grep -v Warning "$OUT/chain.log" | tail -60 ;;
     flash) bash .flash-attn/build.sh .flash-attn/flash-attn-src.tgz 2>&1 | tail -3; export PYTHONPATH=/tmp/flash-attn:$PYTHONPATH ;;
     tests) python3 -m pytest -q tests/backends -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
     recheck) python3 -m pytest -q -p no:cacheprovider tests/backends/test_parity_matrix.py \
