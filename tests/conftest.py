@@ -1,6 +1,7 @@
 import contextlib
 import logging
 import os
+import signal
 
 # Before torch loads OpenMP: idle threads sleep instead of spinning, which keeps 2-thread torch ops from
 # slowing down tenfold when other processes share the CPU cores (measured on a busy 2-core machine:
@@ -15,6 +16,10 @@ from nanovllm.testing.tiny_models import make_tiny_model  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(4, os.cpu_count() or 1))
+# A shell without job control starts background commands with SIGINT ignored, and Python then keeps it ignored
+# (so would the CLI processes tests start): the Ctrl-C tests need Python's own handler, whoever started pytest.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
