@@ -163,10 +163,12 @@ def register_cuda_kernels(registry) -> None:
                       graph_safe=True)
     registry.register("attention.prefill", BACKEND, "flash_attn", flash_attn_prefill, priority=30,
                       check=check_flash_attn)
-    registry.register("attention.prefill", BACKEND, "torch_flash", torch_flash_prefill, priority=20,
-                      check=check_torch_flash, fallback="cuda/triton_paged for batches with a cached prefix")
-    registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=10,
+    # Triton's prefill serves every step by default: on an H200 PyTorch's FA2 varlen took 1.4-1.7x its time on
+    # steps with no cached prefix (RESULTS.md, round twenty-three); torch_flash stays a candidate for tune
+    registry.register("attention.prefill", BACKEND, "triton_paged", triton_paged_prefill, priority=20,
                       check=check_triton)
+    registry.register("attention.prefill", BACKEND, "torch_flash", torch_flash_prefill, priority=15,
+                      check=check_torch_flash, fallback="cuda/triton_paged for batches with a cached prefix")
     registry.register("sampler", BACKEND, "triton_split", triton_sampler, priority=10, check=check_triton_sampler,
                       graph_safe=True,
                       fallback="core/sampling/topk_candidates for top-k batches, cpu_ref/torch for other "

@@ -1,4 +1,4 @@
-"""The cuda backend: Triton paged kernels (flash-attn or PyTorch's flash attention where they fit),
+"""The cuda backend: Triton paged kernels (flash-attn where it fits, PyTorch's flash attention if tuned),
 CUDA graphs for decode, a KV budget measured after warm-up, and NCCL for tensor parallelism.
 
 Kernels are imported lazily (inside the registration hook and the kernels' own modules), so this
