@@ -22,9 +22,10 @@
 #                                twenty-one chose rotary_store.launch_shape's and silu_mul's prefill shape by it)
 #   STEPS="prefill"              tile shapes of the Triton prefill attention, FlashAttention-2 varlen beside them on
 #                                steps with no cache (prefill_tiles.py; round twenty-two chose prefill_config's
-#                                short-context tiles, two query heads a program, by it)
+#                                short-context tiles, two query heads a program, by it; round twenty-three moved
+#                                prefix-free steps from FA2 varlen, 1.4-1.7x slower, to the Triton prefill)
 #   STEPS="chain"                a decode step's 112 products as one persistent Triton kernel against a launch a
-#                                product (persistent_chain.py; round twenty-two)
+#                                product (persistent_chain.py; round twenty-three: 1.0-2.3x cuBLAS's time, ruled out)
 #   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn)
 #   STEPS="recheck"              the parity matrix's cuda cells and the Triton-GEMM-in-graphs test
 # Here first: mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/,
