@@ -26,7 +26,8 @@
 #                                prefix-free steps from FA2 varlen, 1.4-1.7x slower, to the Triton prefill)
 #   STEPS="chain"                a decode step's 112 products as one persistent Triton kernel against a launch a
 #                                product (persistent_chain.py; round twenty-three: 1.0-2.3x cuBLAS's time, ruled out)
-#   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn)
+#   STEPS="flash tests kernels"  build flash-attn, run the GPU tests and the kernel table (ours beside flash-attn);
+#                                tests-kernels and tests-rest split the GPU tests (453 s in all) over two calls
 #   STEPS="recheck"              the parity matrix's cuda cells and the Triton-GEMM-in-graphs test
 # Here first: mkdir -p .wt-models/qwen3-0.6b && cp ../shared/models/qwen3-0.6b/config.json .wt-models/qwen3-0.6b/,
 # then on the device (carry .wt-models): STEPS="..." bash benchmarks/device_run.sh [seconds for the profile_steps
@@ -82,6 +83,13 @@ for step in ${STEPS:-bench profile}; do
            grep -v Warning "$OUT/chain.log" | tail -60 ;;
     flash) bash .flash-attn/build.sh .flash-attn/flash-attn-src.tgz 2>&1 | tail -3; export PYTHONPATH=/tmp/flash-attn:$PYTHONPATH ;;
     tests) python3 -m pytest -q tests/backends -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
+    # the GPU tests took 453 s in round twenty-three (most of it Triton compiling): in two calls, the kernel files
+    # (test_cuda_kernels.py, test_cuda_fp8_kernels.py) in one and the rest in the other
+    tests-kernels) python3 -m pytest -q tests/backends/test_cuda_kernels.py tests/backends/test_cuda_fp8_kernels.py \
+                     -p no:cacheprovider 2>&1 | tee "$OUT/tests-kernels.log" | tail -4 ;;
+    tests-rest) python3 -m pytest -q tests/backends --ignore=tests/backends/test_cuda_kernels.py \
+                  --ignore=tests/backends/test_cuda_fp8_kernels.py -p no:cacheprovider 2>&1 \
+                  | tee "$OUT/tests-rest.log" | tail -4 ;;
     recheck) python3 -m pytest -q -p no:cacheprovider tests/backends/test_parity_matrix.py \
                tests/backends/test_cuda_linear.py -k "cuda or cublas" 2>&1 | tee "$OUT/recheck.log" | tail -4 ;;
     kernels) python3 benchmarks/kernels_cuda.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -40 "$OUT/kernels.log" ;;
