@@ -132,16 +132,19 @@ def test_no_kernel_is_compiled_after_start_up(tiny_qwen3):
     assert counters["stats"]["unique_graphs"] == graphs_before
 
 
-def test_long_contexts_compile_nothing_after_start_up(tmp_path_factory):
+@pytest.mark.parametrize("step_tokens", [1024, 4096])
+def test_long_contexts_compile_nothing_after_start_up(tmp_path_factory, step_tokens):
     """At head_dim 128 the bf16 prefill picks its tiles by the step's longest context (triton_prefill.prefill_config):
-    the start-up warm-up's longest-context chunk compiles the long-context tiles, so short prompts and a
-    3,000-token prompt, chunked, compile nothing after start-up (both tile configs match the reference in
-    test_cuda_kernels)."""
+    the start-up warm-up's longest-context chunk compiles the long-context tiles for the paged prefill, and the
+    peak-memory step (runner_setup.measure_peak: max_model_len-long prompts, no cache) those for a long prompt with
+    no cached prefix, which the Triton prefill serves too since round twenty-three. So short prompts and a
+    3,000-token prompt, chunked (1,024-token steps) or whole (4,096), compile nothing after start-up (both tile
+    configs match the reference in test_cuda_kernels)."""
     from nanovllm.testing.tiny_models import make_tiny_model
     model = make_tiny_model(str(tmp_path_factory.mktemp("qwen3_hd128")), "qwen3", head_dim=128)
     prompts = random_prompts(6, 512, (1, 300), seed=17) + random_prompts(1, 512, (3000, 3000), seed=18)
     llm = LLM(model, backend="cuda", dtype="bfloat16", max_model_len=4096, num_kvcache_blocks=1024, max_num_seqs=8,
-              max_num_batched_tokens=1024)
+              max_num_batched_tokens=step_tokens)
     before = compiled_variants()
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert all(len(o["token_ids"]) == GREEDY.max_tokens for o in outputs)
