@@ -1,19 +1,20 @@
 """Full-size warm-up steps: pay every first-use cost of a real prefill step at start-up, not in the first request.
 
-The peak-memory warm-up (`runner_setup.measure_peak`) runs one large prefill before the KV cache exists, so it stores
-nothing and samples nothing; `runner_setup.warm_up_kernels` runs tiny steps. A real first step is neither: on an
-H200 the seed benchmark's first 16,384-token prefill took 101-212 ms against 40-60 ms for the later ones. What
-such a step meets for the first time: the KV store and the paged prefill at full size, the LM head and the
-sampler at a batch of many rows, pinned host staging buffers and device activations of that size next to the
-allocated cache, and any kernel variant (Triton specialisation, torch.compile graph, library kernel loaded on
-first launch) those sizes select. Here two such steps run through the runner's own launch/wait path, on blocks
-of the fresh cache that nothing references yet (no block manager or prefix cache is involved): a prefix-free
-prefill of `max_num_batched_tokens` tokens over several sequences, then the same step with its first sequence
-continued after a cached first block: the paged path a chunked prefill or a prefix-cache hit takes, with as many
-prefix-free sequences beside it as a step of new prompts has (the cuda prefill may read those apart, in a launch
-of their own, whose kernel is compiled then). `warm_up_longest_context` then runs
-one chunk at the end of the longest context max_model_len allows: kernels may pick their tiles by a step's longest
-context (the cuda prefill does), and a long prompt must not meet a first compilation.
+The peak-memory warm-up (`runner_setup.measure_peak`) runs one large prefill before the KV cache exists, so it
+stores nothing and samples nothing (its prompts, max_model_len long where a step holds one, compile the prefix-free
+prefill for the longest prompt a step can hold); `runner_setup.warm_up_kernels` runs tiny steps. A real first step
+is neither: on an H200 the seed benchmark's first 16,384-token prefill took 101-212 ms against 40-60 ms for the
+later ones. What such a step meets for the first time: the KV store and the paged prefill at full size, the LM head
+and the sampler at a batch of many rows, pinned host staging buffers and device activations of that size next to the
+allocated cache, and any kernel variant (Triton specialisation, torch.compile graph, library kernel loaded on first
+launch) those sizes select. Here two such steps run through the runner's own launch/wait path, on blocks of the
+fresh cache that nothing references yet (no block manager or prefix cache is involved): a prefix-free prefill of
+`max_num_batched_tokens` tokens over several sequences, then the same step with its first sequence continued after a
+cached first block: the paged path a chunked prefill or a prefix-cache hit takes, with as many prefix-free sequences
+beside it as a step of new prompts has (the cuda prefill may read those apart, in a launch of their own, whose
+kernel is compiled then). `warm_up_longest_context` then runs one chunk at the end of the longest context
+max_model_len allows: kernels may pick their tiles by a step's longest context (the cuda prefill does), and a long
+prompt must not meet a first compilation.
 """
 from __future__ import annotations
 
