@@ -59,9 +59,9 @@ def prefill_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, max_conte
     Measured on an H200 at Qwen3-0.6B's shape (`benchmarks/prefill_tiles.py`, RESULTS.md round twenty-two), us a
     layer against round twelve's 64x64 one-head tiles: 16,384 tokens of 100-1,024-token prompts, one continued,
     229.5 -> 213.0 (bf16) and 272.7 -> 266.6 (FP8); the same with no cache 207.3 -> 187.5; 16 x 1,024 241.4 ->
-    230.0; 8 x 128 87.7 -> 91.6 (such steps run FlashAttention by default). Round twelve: 128x64/8 warps
-    against 64x64/4 312 -> 289 on the first step; 2 x 8,192 1,288 against 1,331 and a 2,048-token chunk after
-    6,144 cached 355 against 373 (faster with the long-context tiles)."""
+    230.0; 8 x 128 87.7 -> 91.6 (timed by launches; in CUDA graphs 7.3 us, FA2 varlen 10.3: round twenty-three).
+    Round twelve: 128x64/8 warps against 64x64/4 312 -> 289 on the first step; 2 x 8,192 1,288 against 1,331 and a
+    2,048-token chunk after 6,144 cached 355 against 373 (faster with the long-context tiles)."""
     if dtype == torch.float32:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
