@@ -3,24 +3,28 @@
 Each candidate `BMxBN/warps/stages/pack` (pack: query heads of one KV head a program takes) runs the same steps as
 the default `prefill_config`, alternated over rounds; prints us a call (one layer) and the largest difference
 from the default's output. Steps with no cache also run PyTorch's FlashAttention-2 varlen (the `torch_flash`
-kernel the default plan runs there). The steps:
+kernel, which the default plan ran there until round twenty-three measured it 1.4-1.7x slower). The steps:
 - `seed paged` (bf16 and FP8 cache): 16,384 tokens of 100-1,024-token prompts, the first continuing 300 cached
   tokens, as the seed benchmark's prefill steps after its first (a block table; bf16 reads the prefix-free
   prompts apart, `split_launch`);
-- `seed unpaged`: the same prompts, none cached (the seed run's first step, when the plan runs this kernel);
+- `seed unpaged`: the same prompts, none cached (the seed run's first step);
 - `16 x 1024`, `2 x 8192`, `8 x 128` with no cache; `chunk 2048 after 6144` (a chunked long prompt).
 
     python benchmarks/prefill_tiles.py [--candidates 64x64/4/3/2 128x64/8/3/2] [--rounds 5] [--json FILE]
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 
 import torch
 
-from nanovllm.backends.cuda.attention import torch_flash
-from nanovllm.backends.cuda.attention.triton_prefill import PrefillConfig, paged_prefill, prefill_config
-from nanovllm.core.step_metadata import PrefillMetadata
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.gemm_sweep import graph_us  # noqa: E402
+from nanovllm.backends.cuda.attention import torch_flash  # noqa: E402
+from nanovllm.backends.cuda.attention.triton_prefill import PrefillConfig, paged_prefill, prefill_config  # noqa: E402
+from nanovllm.core.step_metadata import PrefillMetadata  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 8, 128, 16
 DEVICE = "cuda"
@@ -100,23 +104,6 @@ def run(step, config):
                          v_scale=v_scale)
 
 
-def timed(fn, iters: int = 20) -> float:
-    """GPU us a call: `iters` calls captured in one CUDA graph, replayed (a tiny step's time is not the host's)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1000
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--candidates", nargs="+", default=["64x64/4/3/2", "128x64/8/3/2", "64x32/4/3/2", "64x64/4/2/2",
@@ -134,14 +121,14 @@ def main():
         default = prefill_config(HEAD_DIM, q.dtype, meta.max_seqlen_k, kv_fp8=step[3].dtype != q.dtype)
         configs = {"default": default, **{c: parse(c) for c in args.candidates}}
         runs = {name: (lambda c=c: run(step, c)) for name, c in configs.items()}
-        if meta.block_tables is None:  # what the default plan runs on such steps: PyTorch's FlashAttention-2 varlen
+        if meta.block_tables is None:  # PyTorch's FlashAttention-2 varlen, the torch_flash kernel
             runs["FA2 varlen"] = lambda: torch_flash.prefill_attention(*step[:5], meta, HEAD_DIM ** -0.5)
         expected = runs["default"]().float()
         diffs = {name: (fn().float() - expected).abs().max().item() for name, fn in runs.items()}
         times = {name: [] for name in runs}
         for _ in range(args.rounds):
             for name, fn in runs.items():
-                times[name].append(timed(fn))
+                times[name].append(graph_us(lambda i, fn=fn: fn(), 4))  # GPU time in CUDA graphs, not the host's
         medians = {name: statistics.median(t) for name, t in times.items()}
         results[step_name] = medians
         d = default
