@@ -50,7 +50,8 @@ def new_request_id(prefix: str = "req") -> str:
 
 @dataclass
 class EngineRequest:
-    """One request as a caller submits it: already validated (token ids in the vocabulary, params checked)."""
+    """One request as a caller submits it, already validated: token ids inside the vocabulary, and `params` a clone
+    the caller checked with `Engine.check_params` and holds alone (the loop does not check it again)."""
     request_id: str
     token_ids: list[int]
     params: SamplingParams
@@ -191,7 +192,8 @@ class EngineLoop:
                     params = copy.copy(params)
                     params.prompt_logprobs = r.prompt_logprobs
                 detokenize = r.stream if r.detokenize is None else r.detokenize
-                seq = self.engine.add_request(r.token_ids, params, detokenize=detokenize)
+                # the caller checked r.params (a clone of its own): only a changed copy is checked again
+                seq = self.engine.add_request(r.token_ids, params, detokenize=detokenize, checked=params is r.params)
                 lives = [_Live(r, sample, channel) for sample in seq.group]
                 self._by_id[r.request_id] = lives
                 for live in lives:

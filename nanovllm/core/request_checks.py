@@ -8,9 +8,11 @@ from nanovllm.sampling_params import SamplingParams
 
 
 def check_request_params(params: SamplingParams, vocab_size: int, has_tokenizer: bool,
-                         detokenize: bool = False) -> None:
-    """ValueError naming the field, the value and what is allowed."""
-    params.validate()
+                         detokenize: bool = False, validated: bool = False) -> None:
+    """ValueError naming the field, the value and what is allowed. `validated`: `params` was validated just now
+    (a fresh SamplingParams.clone no one else holds), so its own fields are not checked again."""
+    if not validated:
+        params.validate()
     if (detokenize and params.detokenize or params.stop_strings) and not has_tokenizer:
         raise ValueError("stop strings and streaming need a tokenizer, and this engine has none "
                          "(skip_tokenizer_init=True): drop SamplingParams.stop, stream token ids only "
