@@ -5,7 +5,9 @@
 Per bucket: wall time per step (from one launch's return to the next), and from CUDA events on the stream the
 GPU time per step (from the end of the step's host preparation to the end of its sampler) and the GPU's idle
 time before the step (from the previous step's end to this step's start: the host was late). A bucket whose
-idle time is not ~0 is host-bound. Then the largest idle gaps one by one, and the garbage collector's pauses
+idle time is not ~0 is host-bound. The call's time is then split into the steps' GPU windows, the GPU's idle time
+before the first step (checking and admitting the requests, preparing the first step), between steps, and after
+the last. Then the largest idle gaps one by one, and the garbage collector's pauses
 during the run (count and milliseconds per generation).
 """
 import argparse
@@ -131,9 +133,11 @@ def main():
         torch.cuda.set_sync_debug_mode(1)
     memory_keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
     memory_before = {k: torch.cuda.memory_stats().get(k, 0) for k in memory_keys}
+    before_call = event()  # the GPU is idle: this event completes at once, at the call's start
     last[0] = start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     total = time.perf_counter() - start
+    after_call = event()
     memory_after = torch.cuda.memory_stats()
     # cudaMalloc/cudaFree inside a step (an allocator retry frees cached blocks) block the host until the GPU is idle
     print("caching allocator during the run:", {k: memory_after.get(k, 0) - memory_before[k] for k in memory_keys})
@@ -167,6 +171,11 @@ def main():
     print("largest idle gaps (ms, step index, kind, batch or tokens):",
           [(round(ms, 2), i, records[i][0], records[i][1]) for ms, i in idle[:12]])
     print(f"idle in total {sum(ms for ms, _ in idle):.1f} ms; gaps over 1 ms: {sum(ms > 1 for ms, _ in idle)}")
+    gpu_s = sum(r[3].elapsed_time(r[4]) for r in records) / 1000
+    print(f"the call's {total:.3f} s: GPU {gpu_s:.3f} s (steps' windows), idle before the first step "
+          f"{before_call.elapsed_time(records[0][3]):.1f} ms (the requests' checks and admission, the first "
+          f"prepare), between steps {sum(ms for ms, _ in idle):.1f} ms, after the last "
+          f"{records[-1][4].elapsed_time(after_call):.1f} ms")
     if args.host_split:
         split.print("prefill")
         split.print("decode")
