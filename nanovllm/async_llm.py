@@ -60,7 +60,7 @@ class AsyncLLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {type(params).__name__}")
         params = params.clone()  # the request keeps these values whatever the caller reassigns later
-        self.llm.engine.check_params(params, validated=True)  # clone() validated its fields
+        self.llm.engine.check_params(params)  # clone() validated its fields
         ids = prompt_to_ids(index, prompt, self.tokenizer, config.hf_config.vocab_size, config.max_model_len,
                             params.truncate_prompt_tokens)
         return ids, params

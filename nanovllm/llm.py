@@ -156,7 +156,7 @@ class LLM:
                 clones[id(p)] = p.clone()
         params = [clones[id(p)] for p in given]
         for p in clones.values():
-            self.engine.check_params(p, detokenize=stream, validated=True)  # clone() validated its fields
+            self.engine.check_params(p, detokenize=stream)  # clone() validated its fields
         ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len,
                              [p.truncate_prompt_tokens for p in params])
         return ids, params

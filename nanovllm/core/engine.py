@@ -110,17 +110,19 @@ class Engine:
                     checked: bool = False) -> Sequence:
         """Queue a request; returns its first sample, whose `group` lists all `params.n` samples. `detokenize`
         keeps the text up to date token by token (for streaming); requests with stop strings always are.
-        `checked`: the caller ran `check_params(params, detokenize)` on this very object, which no one else holds
-        (the engine loop's requests: `LLM` and `AsyncLLM` check a clone before they submit), so it is not checked
-        again; fields the model's defaults fill in are.
+        `checked`: the caller validated this very object and ran `check_params(params, detokenize)` on it, and no
+        one else holds it (the engine loop's requests: `LLM` and `AsyncLLM` check a clone before they submit), so
+        it is not checked again; fields the model's defaults fill in are.
 
         Fields the request left unset take the model's generation_config.json defaults first. Sample i is seeded
         with `params.sample_seed(i)` (seed + i). Only the first sample is queued now: the others follow once its
         prompt is computed, and share its prompt's KV blocks through the prefix cache."""
         self.check_open()
-        given, params = params, params.with_model_defaults(self.model_defaults)
-        if not checked or params is not given:
-            self.check_params(params, detokenize, validated=params is not given)  # a copy validates itself
+        given, params = params, params.with_model_defaults(self.model_defaults)  # a copy validates itself
+        if params is given and not checked:
+            params.validate()  # fields may have been reassigned since construction
+        if params is not given or not checked:
+            self.check_params(params, detokenize)
         samples = [self._new_sample(token_ids, params, i, detokenize) for i in range(params.n)]
         for i, sample in enumerate(samples):
             sample.group, sample.sample_index = samples, i
@@ -148,14 +150,12 @@ class Engine:
         if self.closed_reason is not None:
             raise RuntimeError(f"the engine is shut down ({self.closed_reason}); create a new LLM")
 
-    def check_params(self, params: SamplingParams, detokenize: bool = False, validated: bool = False) -> None:
-        """Validate `params` again (fields may have been reassigned) and what it cannot check alone: values the
+    def check_params(self, params: SamplingParams, detokenize: bool = False) -> None:
+        """What validated `params` (a fresh `clone()`, or just `validate()`d) cannot check alone: values the
         vocabulary bounds, settings that need a tokenizer (stop strings, streaming with `detokenize`, bad words as
         text) and a structured-output constraint, compiled now so that one that cannot be is refused before any
-        work (see core/request_checks.py). `validated`: params were validated just now (a fresh clone), so only
-        what needs the engine is checked."""
-        check_request_params(params, self.config.hf_config.vocab_size, self.tokenizer is not None, detokenize,
-                             validated)
+        work (see core/request_checks.py)."""
+        check_request_params(params, self.config.hf_config.vocab_size, self.tokenizer is not None, detokenize)
         if params.structured is not None:
             self.structured_compiler().compile(params.structured)
 

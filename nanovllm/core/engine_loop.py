@@ -51,7 +51,7 @@ def new_request_id(prefix: str = "req") -> str:
 @dataclass
 class EngineRequest:
     """One request as a caller submits it, already validated: token ids inside the vocabulary, and `params` a clone
-    the caller checked with `Engine.check_params` and holds alone (the loop does not check it again)."""
+    (validated) the caller checked with `Engine.check_params` and holds alone (the loop does not check it again)."""
     request_id: str
     token_ids: list[int]
     params: SamplingParams

@@ -1,6 +1,7 @@
 """What SamplingParams cannot check alone, checked when a request is submitted (before any work is queued).
 
-The fields are validated again here (they can be reassigned after construction), then the values the model
+The params come validated (`SamplingParams.clone` or `validate`, just before: fields can be reassigned after
+construction); checked here are the values the model
 bounds: token ids inside the vocabulary, logprob counts and top_k at most its size; and the settings that need a
 tokenizer: stop strings, streaming, bad words given as text, structured output.
 """
@@ -8,11 +9,8 @@ from nanovllm.sampling_params import SamplingParams
 
 
 def check_request_params(params: SamplingParams, vocab_size: int, has_tokenizer: bool,
-                         detokenize: bool = False, validated: bool = False) -> None:
-    """ValueError naming the field, the value and what is allowed. `validated`: `params` was validated just now
-    (a fresh SamplingParams.clone no one else holds), so its own fields are not checked again."""
-    if not validated:
-        params.validate()
+                         detokenize: bool = False) -> None:
+    """ValueError naming the field, the value and what is allowed; `params` validated just before."""
     if (detokenize and params.detokenize or params.stop_strings) and not has_tokenizer:
         raise ValueError("stop strings and streaming need a tokenizer, and this engine has none "
                          "(skip_tokenizer_init=True): drop SamplingParams.stop, stream token ids only "

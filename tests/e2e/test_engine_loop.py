@@ -203,6 +203,22 @@ def test_a_call_validates_each_params_once(llm, monkeypatch):
     assert_idle(llm)
 
 
+def test_engine_add_request_called_directly_validates_reassigned_fields(llm):
+    params = SamplingParams(max_tokens=4)
+    params.temperature = -1.0  # valid at construction, reassigned since: the Engine API's callers hold no clone
+    assert llm.loop.run(lambda engine: _refusal(engine.add_request, [1, 2, 3], params)) == (
+        "SamplingParams.temperature=-1.0 is invalid: expected a finite number >= 0 (0 means greedy)")
+    assert_idle(llm)
+
+
+def _refusal(fn, *args) -> str | None:
+    try:
+        fn(*args)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def test_the_model_defaults_a_request_takes_are_still_checked(tiny_qwen3, tmp_path):
     # A request the caller checked skips the loop's check, but a copy the model's defaults changed is checked.
     folder = tmp_path / "model"
