@@ -132,6 +132,12 @@ class Backend:
     def synchronize(self, device: torch.device) -> None:
         pass
 
+    def record_copier(self, device: torch.device):
+        """How decode steps' records reach the device when the step builder builds them there (`supports_graphs`):
+        a RecordCopier (`core/decode_record.py`). The default copies in the order of the device's work."""
+        from nanovllm.core.decode_record import InOrderCopier
+        return InOrderCopier()
+
     def record_event(self, device: torch.device):
         """An object whose .synchronize() waits for the work queued so far, or None if work is synchronous."""
         return None

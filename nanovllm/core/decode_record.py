@@ -8,6 +8,10 @@ the tensors of the step (and the static inputs a backend's graphs capture), so a
 
 The scalar arrays are laid out for max_seqs rows each, the block tables last, so a step of n sequences needs the
 bytes up to its last table row, `nbytes(n)`: its padding rows (a graph's batch size beyond n) are scalars only.
+
+The step builder keeps two device records and two host records, used in turn (slot 0, 1, 0, ...), and moves a step
+through a RecordCopier: `InOrderCopier` copies on the step's own stream, after the step before it; a backend may
+give one that copies on a stream of its own while the step before computes (`Backend.record_copier`).
 """
 import torch
 
@@ -54,3 +58,19 @@ class DecodeRecord:
         """Copy the first `rows` rows of every array from `host` (asynchronously when it is pinned)."""
         n = self.nbytes(rows)
         self.bytes[:n].copy_(host.bytes[:n], non_blocking=True)
+
+
+class InOrderCopier:
+    """Copies a host record to a device record in the order of the device's work (its current stream): the copy
+    runs after the steps launched before it and before the one it feeds. The default `Backend.record_copier`.
+
+    A RecordCopier's contract: `before_fill(slot)` returns once host record `slot` may be rewritten (its last copy
+    has read it); `copy(dst, src, rows, slot)` moves `rows` rows of host record `src` into device record `dst`
+    (both of turn `slot`) so that the work launched after it sees them, and never while a step launched before it
+    still reads `dst`. Slots alternate 0, 1, 0, ... from one decode step to the next."""
+
+    def before_fill(self, slot: int) -> None:
+        pass  # this copy ran in stream order before its step, which the engine waited for before reusing the slot
+
+    def copy(self, dst: DecodeRecord, src: DecodeRecord, rows: int, slot: int) -> None:
+        dst.copy_from(src, rows)

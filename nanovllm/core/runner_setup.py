@@ -200,6 +200,8 @@ def allocate_kv_cache(runner: ModelRunner, num_blocks: int) -> None:
                                      runner.max_num_blocks_per_seq, pin=runner.backend.pin_memory,
                                      table_multiple=runner.backend.block_table_multiple,
                                      device_record=runner.backend.supports_graphs)
+    if runner.inputs.records is not None:
+        runner.inputs.copier = runner.backend.record_copier(runner.device)
     logger.info("KV cache: %d blocks of %d tokens, %s (%.2f GiB)", num_blocks, runner.block_size,
                 str(runner.kv_dtype).removeprefix("torch."), num_blocks * bytes_per_block(runner) / 2**30)
     if is_fp8(runner.kv_dtype):

@@ -2,15 +2,16 @@
 
 The decode path (the hot one: every step after the prompts) is vectorised with numpy over a host
 DecodeRecord (pinned where the backend asks). Where the backend's graphs capture it, one asynchronous copy moves
-it to the device record (`core/decode_record.py`), whose views are the step's tensors. Two host records
-alternate, so building step N+1 never overwrites what step N's copy is still reading.
+it to a device record (`core/decode_record.py`), whose views are the step's tensors. Two host and two device records
+alternate (slot 0, 1, 0, ... a decode step), so building step N+1 never overwrites what step N's copy reads or
+step N computes from, and the backend's RecordCopier may move step N+1 while step N runs.
 """
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from nanovllm.core.decode_record import DecodeRecord
+from nanovllm.core.decode_record import DecodeRecord, InOrderCopier
 from nanovllm.core.sampling.prompt_logprobs import prompt_positions
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.step_metadata import DecodeMetadata, PrefillMetadata, StepMetadata, longest_first
@@ -33,9 +34,11 @@ class StepInputBuilder:
         self.pin, self.table_multiple = pin, table_multiple
         self.host = [DecodeRecord(max_num_seqs, max_blocks_per_seq, torch.device("cpu"), pin) for _ in range(2)]
         self.turn = 0
-        # the decode steps' tensors are views of this record (a backend's graphs may capture them as their inputs)
-        self.record = (DecodeRecord(max_num_seqs, max_blocks_per_seq, device)
-                       if device_record and device.type != "cpu" else None)
+        # the decode steps' tensors are views of these records, one per slot (a backend's graphs capture them as
+        # their inputs); the copier moves each step's host record into its slot's
+        self.records = ([DecodeRecord(max_num_seqs, max_blocks_per_seq, device) for _ in range(2)]
+                        if device_record and device.type != "cpu" else None)
+        self.copier = InOrderCopier()
         # decode steps are padded to the smallest of these sizes that holds them (the captured graphs' batch sizes):
         # padding rows store nothing (slot -1), attend to nothing (context length 0) and come last in the order
         self.pad_sizes: list[int] = []
@@ -57,8 +60,11 @@ class StepInputBuilder:
         copied to the device record in one copy (`device_record`), padded to the graphs' size."""
         seqs, n, bs = batch.seqs, len(batch.seqs), self.block_size
         rows = next((size for size in self.pad_sizes if size >= n), n)
-        host = self.host[self.turn]
+        slot = self.turn
+        host = self.host[slot]
         self.turn ^= 1
+        if self.records is not None:
+            self.copier.before_fill(slot)
         ids, positions, slots = host.ids.numpy(), host.positions.numpy(), host.slots.numpy()
         context_lens = host.context_lens.numpy()
         tables = host.tables.numpy()[:n]  # whole rows: a contiguous slice copies without a host-side gather
@@ -74,9 +80,9 @@ class StepInputBuilder:
         if k:
             host.pending.numpy()[:2 * k] = np.concatenate(pending)
         r, dev = host, self._to_device  # without a device record: each tensor copied on its own (none on the CPU)
-        if self.record is not None:
-            self.record.copy_from(host, n)  # padding rows: their scalars (all rows are copied), no table rows
-            r, dev = self.record, _in_place
+        if self.records is not None:
+            r, dev = self.records[slot], _in_place
+            self.copier.copy(r, host, n, slot)  # padding rows: their scalars (all rows are copied), no table rows
         # no seq_order: the scheduler hands decode steps over longest first (Scheduler._schedule_decode)
         decode = DecodeMetadata(dev(r.context_lens[:n]), dev(r.tables[:n]), int(context_lens[:n].max()))
         meta = StepMetadata(dev(r.slots[:n]), 0, None, decode, self.iota[:n])

@@ -81,9 +81,10 @@ def test_decode_steps_arrive_in_the_graphs_inputs_in_place(tiny_qwen3, prompts, 
               max_num_seqs=16)
     runner = llm.engine.runner
     graphs = runner.graphs
-    assert graphs.record is runner.inputs.record and runner.inputs.pad_sizes == graphs.batch_sizes
+    assert graphs.records is runner.inputs.records and runner.inputs.pad_sizes == graphs.batch_sizes
+    assert graphs.records[0] is not graphs.records[1]
     copied, replays = [], []
-    graphs._copy_in = lambda *args: copied.append(args[3])
+    graphs._copy_in = lambda *args: copied.append(args[4])
     replay = graphs._replay
     graphs._replay = lambda *args: replays.append(len(args[0])) or replay(*args)
     assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference

@@ -4,7 +4,7 @@ one copy to the device record, padded to the graphs' sizes, the pending-token in
 import pytest
 import torch
 
-from nanovllm.core.decode_record import DecodeRecord
+from nanovllm.core.decode_record import DecodeRecord, InOrderCopier
 
 from nanovllm.core.scheduler import ScheduledBatch
 from nanovllm.core.sequence import Sequence
@@ -50,7 +50,7 @@ def decode_batch(seqs) -> ScheduledBatch:
 def with_device_record(b: StepInputBuilder, pad_sizes=()) -> StepInputBuilder:
     """`b` building decode steps as it does on a device: into a record of their own, through one copy (the record
     lives on the CPU here)."""
-    b.record = DecodeRecord(8, 4, torch.device("cpu"))
+    b.records = [DecodeRecord(8, 4, torch.device("cpu")) for _ in range(2)]
     b.pad_sizes = list(pad_sizes)
     return b
 
@@ -63,7 +63,7 @@ def test_a_device_record_holds_the_same_step_as_the_host_buffers(pad_sizes):
                        [sequence(n, n - 1, 3 * i + 1) for i, n in enumerate(lengths[:2])]):
         ids, positions, meta, pending = b.build(decode_batch(batch_seqs), ([1], [0]))
         want_ids, want_positions, want, _ = ref.build(decode_batch(batch_seqs))
-        r = b.record
+        r = b.records[1 - b.turn]  # the slot this step took
         assert ids.data_ptr() == r.ids.data_ptr() and meta.decode.block_tables.data_ptr() == r.tables.data_ptr()
         assert ids.tolist() == want_ids.tolist() and positions.tolist() == want_positions.tolist()
         assert meta.slot_mapping.tolist() == want.slot_mapping.tolist()
@@ -80,9 +80,10 @@ def test_padding_rows_store_nothing_and_attend_to_nothing():
     b = with_device_record(builder(), (1, 2, 4, 8))
     big = [sequence(n, n - 1, 3 * i) for i, n in enumerate([5, 40, 17, 33, 9])]
     b.build(decode_batch(big))
-    b.build(decode_batch(big))  # both host records (they alternate) now hold 5 real rows
+    b.build(decode_batch(big))  # both host and both device records (they alternate) now hold 5 real rows
     ids, positions, meta, pending = b.build(decode_batch(big[:3]))
-    r = b.record
+    r = b.records[0]
+    assert ids.data_ptr() == r.ids.data_ptr()
     assert r.slots[3].item() == -1 and r.context_lens[3].item() == 0
     assert r.ids[3].item() == 0 and r.positions[3].item() == 0
     assert pending is None
@@ -108,7 +109,8 @@ def test_random_batches_in_a_record_match_the_host_buffers_and_pad_to_the_graph_
     rng = random.Random(0)
     max_seqs, max_blocks, bs = 40, 6, 16
     b = StepInputBuilder(torch.device("cpu"), bs, max_seqs, max_blocks, pin=False)
-    b.record, b.pad_sizes = DecodeRecord(max_seqs, max_blocks, torch.device("cpu")), graph_sizes(max_seqs)
+    b.records = [DecodeRecord(max_seqs, max_blocks, torch.device("cpu")) for _ in range(2)]
+    b.pad_sizes = graph_sizes(max_seqs)
     ref = StepInputBuilder(torch.device("cpu"), bs, max_seqs, max_blocks, pin=False)
     for _ in range(300):
         n = rng.randint(1, max_seqs)
@@ -128,5 +130,41 @@ def test_random_batches_in_a_record_match_the_host_buffers_and_pad_to_the_graph_
         assert (pending.tolist() if dst else pending) == ([dst, src] if dst else None)
         for i, seq in enumerate(seqs):
             assert meta.decode.block_tables[i, :len(seq.block_table)].tolist() == seq.block_table
-        size, r = next(s for s in b.pad_sizes if s >= n), b.record
+        size, r = next(s for s in b.pad_sizes if s >= n), b.records[1 - b.turn]
+        assert ids.data_ptr() == r.ids.data_ptr()
         assert (r.slots[n:size] == -1).all() and (r.context_lens[n:size] == 0).all()
+
+
+class LoggingCopier(InOrderCopier):
+    """The default copier, logging its calls and checking the contract's order: a slot's host record is released
+    (`before_fill`) before the builder writes it, and each copy reads the host record of its own slot."""
+
+    def __init__(self, builder):
+        self.builder, self.calls = builder, []
+
+    def before_fill(self, slot):
+        self.calls.append(("fill", slot))
+
+    def copy(self, dst, src, rows, slot):
+        assert src is self.builder.host[slot] and dst is self.builder.records[slot]
+        self.calls.append(("copy", slot, rows))
+        super().copy(dst, src, rows, slot)
+
+
+def test_decode_steps_alternate_two_device_records_through_the_copier():
+    """Consecutive decode steps take slots 0, 1, 0, ... (host and device record alike), prefill steps take none,
+    and each step's tensors are views of its slot's device record, the step before's record left as it was: a
+    backend's copier may move step N+1 while step N still reads its own (record_copier.py)."""
+    b = with_device_record(builder(), (1, 2, 4, 8))
+    b.copier = LoggingCopier(b)
+    first = [sequence(n, n - 1, 3 * i) for i, n in enumerate([5, 40, 17])]
+    second = [sequence(n, n - 1, 3 * i + 1) for i, n in enumerate([9, 33])]
+    ids0, _, meta0, _ = b.build(decode_batch(first))
+    ids1, _, meta1, _ = b.build(decode_batch(second))
+    b.build(ScheduledBatch([sequence(30, 0, 20)], [30], 1, [True]))  # a prefill step: no slot
+    ids2, _, _, _ = b.build(decode_batch(second[:1]))
+    assert b.copier.calls == [("fill", 0), ("copy", 0, 3), ("fill", 1), ("copy", 1, 2), ("fill", 0), ("copy", 0, 1)]
+    assert ids0.data_ptr() == ids2.data_ptr() == b.records[0].ids.data_ptr() != ids1.data_ptr()
+    assert ids1.data_ptr() == b.records[1].ids.data_ptr()
+    assert meta1.decode.context_lens.tolist() == [9, 33]  # step 1's record untouched by step 2
+    assert b.records[1].slots[:2].tolist() == meta1.slot_mapping.tolist() and b.records[1].slots[2].item() == -1

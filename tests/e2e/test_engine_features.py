@@ -101,8 +101,8 @@ def test_decode_steps_built_in_a_device_record_change_nothing(tiny_qwen3, prompt
         llm = LLM(tiny_qwen3, backend="cpu_ref", num_kvcache_blocks=24, max_model_len=256, async_scheduling=True)
         inputs = llm.engine.runner.inputs
         if in_record:
-            inputs.record = DecodeRecord(llm.engine.config.max_num_seqs, llm.engine.runner.max_num_blocks_per_seq,
-                                         torch.device("cpu"))
+            inputs.records = [DecodeRecord(llm.engine.config.max_num_seqs, llm.engine.runner.max_num_blocks_per_seq,
+                                           torch.device("cpu")) for _ in range(2)]
             inputs.pad_sizes = [1, 2, 4, 8, 16]
         outs[in_record] = llm.generate(prompts + prompts[:1], params, use_tqdm=False)
         assert llm.engine.scheduler.num_preemptions > 0

@@ -1,8 +1,10 @@
 """CUDA graphs for decode steps: one graph per batch size, replayed over static input buffers.
 
-The static inputs are a DecodeRecord (`core/decode_record.py`): the step builder's own device record, so a
-decode step arrives in place with one host-to-device copy and the replay copies nothing (under tensor
-parallelism, where steps are built on the host, a record of the graphs' own that each step is copied into).
+The static inputs are DecodeRecords (`core/decode_record.py`): the step builder's two device records, one per graph
+instance (the builder alternates them, so consecutive steps alternate instances), so a decode step arrives in place
+with one host-to-device copy, made while the step before runs (`record_copier.py`), and the replay copies nothing.
+Under tensor parallelism, where steps are built on the host, both instances read one record of the graphs' own
+that each step is copied into.
 Its block tables are as wide as max_model_len needs, so any sequence the engine accepts fits (a narrower
 buffer is a known nano-vllm bug). Padding rows store nothing (slot -1) and attend to nothing.
 
@@ -27,20 +29,21 @@ class CudaGraphRunner:
         self.batch_sizes = sorted(batch_sizes)
         self.max_batch_size = self.batch_sizes[-1]
         n, width, dev = self.max_batch_size, runner.max_num_blocks_per_seq, runner.device
-        # The static inputs are the step builder's device record when it builds on this device: its decode steps
-        # then arrive in place, padded to the graphs' sizes. Under tensor parallelism steps are built on the host:
-        # the graphs keep a record of their own and copy each step in.
-        record = runner.inputs.record
-        if record is None:
-            record = DecodeRecord(n, width, dev)
-        elif record.max_seqs != n:
-            raise RuntimeError(f"the step builder's record holds {record.max_seqs} rows, the largest graph {n}")
+        # The static inputs are the step builder's two device records when it builds on this device (instance i
+        # reads record i): its decode steps then arrive in place, padded to the graphs' sizes. Under tensor
+        # parallelism steps are built on the host: both instances read one record of the graphs' own, each step
+        # copied in.
+        records = runner.inputs.records
+        if records is None:
+            own = DecodeRecord(n, width, dev)
+            records = [own, own]
+        elif records[0].max_seqs != n:
+            raise RuntimeError(f"the step builder's records hold {records[0].max_seqs} rows, the largest graph {n}")
         else:
             runner.inputs.pad_sizes = self.batch_sizes
-        record.clear()  # the warm-up steps wrote real rows: replayed as padding they would store K/V
-        self.record = record
-        self.input_ids, self.positions, self.slot_mapping = record.ids, record.positions, record.slots
-        self.context_lens, self.block_tables = record.context_lens, record.tables
+        for record in records:
+            record.clear()  # the warm-up steps wrote real rows: replayed as padding they would store K/V
+        self.records = records  # instance i reads records[i]
         self.temperatures = torch.ones(n, dtype=torch.float32, device=dev)
         self._temperatures_from = None  # the SamplingTensors.temperatures last copied in (reused per batch)
         # Two instances per size: launching a graph exec that is still running blocks the host until it ends,
@@ -55,17 +58,19 @@ class CudaGraphRunner:
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.batch_sizes):
-                meta = self._meta(bs, max_len)
-                logits = model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))  # warm-up
+                first = records[0]
+                meta = self._meta(first, bs, max_len)
+                logits = model.compute_logits(model(first.ids[:bs], first.positions[:bs], meta))  # warm-up
                 # under tensor parallelism only rank 0 has logits, and only it samples
                 self.samples = sampler is not None and logits is not None
                 params = SamplingTensors(self.temperatures[:bs], seed=runner.sampling.seed)
                 if self.samples:
                     sampler(logits, params)
-                for instance in range(2):
+                for instance, record in enumerate(records):
+                    meta = self._meta(record, bs, max_len)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool):
-                        logits = model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
+                        logits = model.compute_logits(model(record.ids[:bs], record.positions[:bs], meta))
                         if self.samples:
                             self.tokens[bs, instance] = sampler(logits, params)
                     pool = graph.pool()
@@ -74,10 +79,11 @@ class CudaGraphRunner:
         logger.info("captured CUDA graphs for decode batch sizes %s%s", self.batch_sizes,
                     ", sampling inside them" if self.samples else "")
 
-    def _meta(self, bs: int, max_context_len: int) -> StepMetadata:
+    @staticmethod
+    def _meta(record: DecodeRecord, bs: int, max_context_len: int) -> StepMetadata:
         # no seq_order: decode kernels start programs in batch order, which the scheduler makes longest first
-        decode = DecodeMetadata(self.context_lens[:bs], self.block_tables[:bs], max_context_len)
-        return StepMetadata(self.slot_mapping[:bs], 0, None, decode, torch.arange(bs, device=self.input_ids.device))
+        decode = DecodeMetadata(record.context_lens[:bs], record.tables[:bs], max_context_len)
+        return StepMetadata(record.slots[:bs], 0, None, decode, torch.arange(bs, device=record.ids.device))
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_batch_size
@@ -100,18 +106,23 @@ class CudaGraphRunner:
     def _replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> int:
         n = input_ids.numel()
         bs = next(b for b in self.batch_sizes if b >= n)
-        if input_ids.data_ptr() != self.input_ids.data_ptr():  # not built in place: copy the step in, pad it
-            self._copy_in(input_ids, positions, meta, n, bs)
-        self.turn ^= 1
+        built_in = [i for i, r in enumerate(self.records) if r.ids.data_ptr() == input_ids.data_ptr()]
+        if len(built_in) == 1:  # built in place, in this instance's record
+            self.turn = built_in[0]
+        else:  # not built in place: copy the step into the graphs' own record, pad it
+            self.turn ^= 1
+            self._copy_in(self.records[self.turn], input_ids, positions, meta, n, bs)
         self.graphs[bs, self.turn].replay()
         return bs
 
-    def _copy_in(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, n: int, bs: int):
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:bs].fill_(-1)
-        self.context_lens[:n].copy_(meta.decode.context_lens)
-        self.context_lens[n:bs].zero_()
+    @staticmethod
+    def _copy_in(record: DecodeRecord, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, n: int,
+                 bs: int):
+        record.ids[:n].copy_(input_ids)
+        record.positions[:n].copy_(positions)
+        record.slots[:n].copy_(meta.slot_mapping)
+        record.slots[n:bs].fill_(-1)
+        record.context_lens[:n].copy_(meta.decode.context_lens)
+        record.context_lens[n:bs].zero_()
         width = meta.decode.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(meta.decode.block_tables)
+        record.tables[:n, :width].copy_(meta.decode.block_tables)

@@ -114,6 +114,10 @@ class CudaBackend(Backend):
     def synchronize(self, device) -> None:
         torch.cuda.synchronize(device)
 
+    def record_copier(self, device):
+        from nanovllm.backends.cuda.record_copier import SideStreamCopier
+        return SideStreamCopier(device)
+
     def record_event(self, device):
         event = torch.cuda.Event()
         event.record()
