@@ -93,7 +93,7 @@ class ModelRunner:
         """
         input_ids, positions, meta, pending = self.prepare(batch, self._pending_rows(batch, prev))
         if pending is not None:
-            fill_pending(input_ids, pending, prev.tokens)
+            input_ids[pending[0]] = prev.tokens[pending[1]]
         if self.workers is not None:  # the workers' copy lacks the tokens filled in from `prev`
             self.comm.broadcast(input_ids)
         params = self.graph_sampling(batch, input_ids, meta)
@@ -128,16 +128,6 @@ class ModelRunner:
     def kernel_label(self, op: str) -> str:
         """Words naming the kernel that runs `op` now and its plugin (for errors about its output)."""
         return kernel_label(self.plan, op)
-
-
-def fill_pending(input_ids: torch.Tensor, pending: torch.Tensor, tokens: torch.Tensor) -> None:
-    """input_ids[pending[0]] = tokens[pending[1]]: the step's input tokens still being sampled by the step in flight.
-    When every row is pending (a decode step after a decode step: `_pending_rows` lists rows in order, so pending[0]
-    is then 0..n-1) it is one gather into input_ids, one kernel instead of an index and an index_put."""
-    if pending.shape[1] == input_ids.numel() and input_ids.dtype == tokens.dtype and input_ids.is_contiguous():
-        torch.index_select(tokens, 0, pending[1], out=input_ids)
-    else:
-        input_ids[pending[0]] = tokens[pending[1]]
 
 
 def padded_rows(rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:

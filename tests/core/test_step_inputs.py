@@ -169,19 +169,3 @@ def test_decode_steps_alternate_two_device_records_through_the_copier():
     assert meta1.decode.context_lens.tolist() == [9, 33]  # step 1's record untouched by step 2
     assert b.records[1].slots[:2].tolist() == meta1.slot_mapping.tolist() and b.records[1].slots[2].item() == -1
 
-
-@pytest.mark.parametrize("k", [0, 3, 6])
-def test_fill_pending_puts_each_in_flight_token_in_its_row(k):
-    """All rows pending (one gather into the ids) or some (index and index_put): the same ids either way."""
-    from nanovllm.core.model_runner import fill_pending
-    gen = torch.Generator().manual_seed(k)
-    tokens = torch.randint(0, 1000, (9,), generator=gen)
-    ids = torch.randint(1000, 2000, (6,), generator=gen)
-    dst = sorted(torch.randperm(6, generator=gen)[:k].tolist())
-    src = torch.randperm(9, generator=gen)[:k].tolist()
-    want = ids.clone()
-    for d, s in zip(dst, src):
-        want[d] = tokens[s]
-    view = ids[:6]
-    fill_pending(view, torch.tensor([dst, src], dtype=torch.int64).view(2, k), tokens)
-    assert ids.tolist() == want.tolist() and view.data_ptr() == ids.data_ptr()

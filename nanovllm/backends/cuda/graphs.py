@@ -106,9 +106,10 @@ class CudaGraphRunner:
     def _replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> int:
         n = input_ids.numel()
         bs = next(b for b in self.batch_sizes if b >= n)
-        built_in = [i for i, r in enumerate(self.records) if r.ids.data_ptr() == input_ids.data_ptr()]
-        if len(built_in) == 1:  # built in place, in this instance's record
-            self.turn = built_in[0]
+        ptr = input_ids.data_ptr()
+        built_in = next((i for i, r in enumerate(self.records) if r.ids.data_ptr() == ptr), None)
+        if built_in is not None:  # built in place, in this instance's record
+            self.turn = built_in
         else:  # not built in place: copy the step into the graphs' own record, pad it
             self.turn ^= 1
             self._copy_in(self.records[self.turn], input_ids, positions, meta, n, bs)
