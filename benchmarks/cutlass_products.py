@@ -28,6 +28,7 @@ def load(folder: str) -> None:
             ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         LIBS[n] = lib
 
+
 SHAPES = {"qkv": (4096, 1024, 0.0), "o": (1024, 2048, 1.0), "gate_up": (6144, 1024, 0.0), "down": (1024, 3072, 1.0),
           "lm_head": (151936, 1024, 0.0)}
 LAYERS = 28
