@@ -1,7 +1,8 @@
-"""The arguments of generate / stream, checked in full before anything is queued.
+"""The arguments of generate / stream, checked in full.
 
 A bad prompt or parameter anywhere in a batch raises ValueError naming its index, so a call is accepted or
-refused as a whole and the engine never holds part of a refused call.
+refused as a whole and the engine never keeps part of a refused call (`LLM.generate` queues a large call in runs
+as they pass and aborts those already queued when a later one is refused).
 """
 from numbers import Integral
 
