@@ -19,8 +19,7 @@ from nanovllm.models.registry import model_class
 from nanovllm.outputs import (RequestOutput, StreamOutput, delta_num_cached_tokens, delta_stop_reason,
                               request_output)
 from nanovllm.chat_template import content_text, render, template_kwargs
-from nanovllm.requests import (checked_prompt_list, params_per_prompt, prompt_texts, prompt_to_ids,
-                               prompts_to_ids)
+from nanovllm.requests import checked_prompt_list, params_per_prompt, prompt_texts, prompts_to_ids
 from nanovllm.beam_search import BeamSearchOutput, beam_search
 from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 from nanovllm.text import check_text
@@ -148,40 +147,19 @@ class LLM:
     def _requests(self, prompts, sampling_params, stream: bool = False
                   ) -> tuple[list[list[int]], list[SamplingParams]]:
         """Validate every prompt and every SamplingParams before anything is queued (see nanovllm/requests.py)."""
-        ids, params = [], []
-        for run_ids, run_params in self._checked_runs(prompts, sampling_params, stream):
-            ids += run_ids
-            params += run_params
-        return ids, params
-
-    def _checked_runs(self, prompts, sampling_params, stream: bool = False
-                      ) -> Iterator[tuple[list[list[int]], list[SamplingParams]]]:
-        """The call's requests, checked in order, as consecutive runs of (token ids, params): a run ends once its
-        prompts hold 2 x max_num_batched_tokens tokens or number 2 x max_num_seqs (two full prefill steps), so
-        `generate` can start the device on the first run while it checks the next. A bad prompt or SamplingParams
-        raises ValueError naming its index (see nanovllm/requests.py); the prompt list's shape and the number of
-        params are checked before the first run."""
         self.engine.check_open()
         prompts = checked_prompt_list(prompts)
-        given = params_per_prompt(sampling_params, len(prompts))
-        vocab_size, max_model_len = self.config.hf_config.vocab_size, self.config.max_model_len
-        max_tokens, max_prompts = 2 * self.config.max_num_batched_tokens, 2 * self.config.max_num_seqs
         clones = {}  # one snapshot per distinct object: the caller may reassign its fields while these run
-        ids, params, num_tokens = [], [], 0
-        for i, (prompt, p) in enumerate(zip(prompts, given)):
-            clone = clones.get(id(p))
-            if clone is None:
-                clone = clones[id(p)] = p.clone()  # clone() validates its fields
-                self.engine.check_params(clone, detokenize=stream)
-            ids.append(prompt_to_ids(i, prompt, self.tokenizer, vocab_size, max_model_len,
-                                     clone.truncate_prompt_tokens))
-            params.append(clone)
-            num_tokens += len(ids[-1])
-            if num_tokens >= max_tokens or len(ids) >= max_prompts:
-                yield ids, params
-                ids, params, num_tokens = [], [], 0
-        if ids:
-            yield ids, params
+        given = params_per_prompt(sampling_params, len(prompts))
+        for p in given:
+            if id(p) not in clones:
+                clones[id(p)] = p.clone()
+        params = [clones[id(p)] for p in given]
+        for p in clones.values():
+            self.engine.check_params(p, detokenize=stream)  # clone() validated its fields
+        ids = prompts_to_ids(prompts, self.tokenizer, self.config.hf_config.vocab_size, self.config.max_model_len,
+                             [p.truncate_prompt_tokens for p in params])
+        return ids, params
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool | Callable = True) -> list[RequestOutput]:
@@ -200,38 +178,19 @@ class LLM:
         equal outputs).
         `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
-
-        The requests are checked in runs of about two prefill steps and each run is queued once checked, so the
-        device starts on the first prompts while the rest are checked (text prompts tokenized). A bad request
-        anywhere still refuses the whole call: the runs already queued are aborted before the ValueError reaches
-        the caller.
         """
-        return self._generate_runs(self._checked_runs(prompts, sampling_params), use_tqdm,
-                                   lambda: prompt_texts(prompts))
+        ids, params = self._requests(prompts, sampling_params)
+        return self._generate(ids, params, use_tqdm, prompt_texts(prompts))
 
     def _generate(self, ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool | Callable,
                   texts: list[str | None]) -> list[RequestOutput]:
-        """`generate` for checked token ids and params (clones the caller holds alone), e.g. beam search's."""
-        return self._generate_runs([(ids, params)], use_tqdm, lambda: texts)
-
-    def _generate_runs(self, runs, use_tqdm: bool | Callable, texts: Callable[[], list[str | None]]
-                       ) -> list[RequestOutput]:
-        """Queue each run of checked (ids, params) as it comes, then collect the outputs; `texts()`: the prompts'
-        texts (None for token ids), read once every run is queued."""
-        per_step = GenerationProgress.wants_step_counts(use_tqdm)
-        channel = OutputChannel()
-        # With a bar shown, samples report every step's tokens (not detokenized); else only their end.
-        ids, params, remaining = self._submit(channel, runs, stream=per_step, detokenize=False)
-        try:
-            texts = texts()
-            planned = [sp.n * self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
-            progress = GenerationProgress(sum(planned), sum(sp.n for sp in params), sum(map(len, ids)), use_tqdm)
-        except BaseException:
-            self._abort_remaining(remaining)
-            raise
-        outputs: list[RequestOutput | None] = [None] * len(ids)
+        requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        planned = [sp.n * self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
+        progress = GenerationProgress(sum(planned), sum(sp.n for sp in params), sum(map(len, ids)), use_tqdm)
+        outputs: list[RequestOutput | None] = [None] * len(requests)
         received: dict[tuple[int, int], int] = {}  # output tokens counted per (request, sample)
-        with closing(progress), closing(self._deltas(channel, remaining)) as deltas:
+        # With a bar shown, samples report every step's tokens (not detokenized); else only their end.
+        with closing(progress), closing(self._run(requests, stream=progress.per_step, detokenize=False)) as deltas:
             for delta in deltas:
                 key = (delta.index, delta.sample_index)
                 before = received.get(key, 0)
@@ -245,34 +204,16 @@ class LLM:
                                                           texts[delta.index])
         return outputs
 
-    def _submit(self, channel: OutputChannel, runs, stream: bool, detokenize: bool | None = None
-                ) -> tuple[list[list[int]], list[SamplingParams], set[str]]:
-        """Queue each run of checked (ids, params) on the engine loop as it comes, its deltas to `channel`; returns
-        all ids, all params and the queued request ids. If a run is refused (a bad request: ValueError) or the
-        caller is interrupted, the runs already queued are aborted first: the call is refused as a whole.
+    def _run(self, requests: list[EngineRequest], stream: bool, detokenize: bool | None = None):
+        """Submit a call's requests to the engine loop and yield their deltas as they come. However the caller
+        stops (done, an error, Ctrl-C, closing a stream) the requests still in the engine are aborted.
         `stream`: a delta every step a request gains tokens; `detokenize` (None: as `stream`) keeps its text."""
-        ids, params, remaining = [], [], set()
+        channel = OutputChannel()
+        for r in requests:
+            r.stream, r.detokenize = stream, detokenize
+        remaining = {r.request_id for r in requests}
         try:
-            for run_ids, run_params in runs:
-                requests = [EngineRequest(new_request_id(), p, sp, len(ids) + i, stream, detokenize)
-                            for i, (p, sp) in enumerate(zip(run_ids, run_params))]
-                self.loop.submit(channel, requests)
-                remaining.update(r.request_id for r in requests)
-                ids += run_ids
-                params += run_params
-        except BaseException:
-            self._abort_remaining(remaining)
-            raise
-        return ids, params, remaining
-
-    def _abort_remaining(self, remaining: set[str]) -> None:
-        if remaining and self.loop.alive:
-            self.loop.abort(list(remaining))
-
-    def _deltas(self, channel: OutputChannel, remaining: set[str]):
-        """Yield the deltas of the queued requests `remaining` as they come. However the caller stops (done, an
-        error, Ctrl-C, closing a stream) the requests still in the engine are aborted."""
-        try:
+            self.loop.submit(channel, requests)
             while remaining:
                 for delta in channel.get():
                     if delta.request_finished:
@@ -282,7 +223,8 @@ class LLM:
             self.engine.interrupt()  # the loop may be waiting on a stopped TP worker: the abort below must not
             raise
         finally:
-            self._abort_remaining(remaining)
+            if remaining and self.loop.alive:
+                self.loop.abort(list(remaining))
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool | Callable = False
                     ) -> list[BeamSearchOutput]:
@@ -303,7 +245,8 @@ class LLM:
         apply_chat_template)."""
         texts, ids = self._render_chats(messages, add_generation_prompt, continue_final_message,
                                         chat_template_kwargs, chat_template)
-        return self._generate_runs(self._checked_runs(ids, sampling_params), use_tqdm, lambda: texts)
+        ids, params = self._requests(ids, sampling_params)
+        return self._generate(ids, params, use_tqdm, texts)
 
     def apply_chat_template(self, messages: list[dict] | list[list[dict]], *, add_generation_prompt: bool = True,
                             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
@@ -337,9 +280,8 @@ class LLM:
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamOutput]:
-        channel = OutputChannel()
-        *_, remaining = self._submit(channel, [(ids, params)], stream=True)
-        with closing(self._deltas(channel, remaining)) as deltas:
+        requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        with closing(self._run(requests, stream=True)) as deltas:
             for d in deltas:
                 yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
                                    prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index,

@@ -1,8 +1,7 @@
-"""The arguments of generate / stream, checked in full.
+"""The arguments of generate / stream, checked in full before anything is queued.
 
 A bad prompt or parameter anywhere in a batch raises ValueError naming its index, so a call is accepted or
-refused as a whole and the engine never keeps part of a refused call (`LLM.generate` queues a large call in runs
-as they pass and aborts those already queued when a later one is refused).
+refused as a whole and the engine never holds part of a refused call.
 """
 from numbers import Integral
 

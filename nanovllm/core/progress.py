@@ -27,21 +27,13 @@ class GenerationProgress:
         self.total, self.count = planned_output_tokens, 0  # output tokens: planned (shrinking), produced
         self.num_finished = self.num_prefilled = 0
         make_bar = use_tqdm if callable(use_tqdm) else tqdm
-        visible = self.visible(use_tqdm)
-        self.per_step = self.wants_step_counts(use_tqdm)
+        visible = bool(use_tqdm) and logger.isEnabledFor(logging.INFO)
+        # whether step-by-step counts are wanted: for a visible bar, and for a caller's own bar class (bench
+        # times the first token with one); otherwise counting each request's end is enough
+        self.per_step = visible or callable(use_tqdm)
         self.bar = make_bar(total=planned_output_tokens, desc=desc, unit="tok", dynamic_ncols=True,
                             disable=not visible)
         self._show_postfix()
-
-    @staticmethod
-    def visible(use_tqdm: bool | Callable) -> bool:
-        return bool(use_tqdm) and logger.isEnabledFor(logging.INFO)
-
-    @classmethod
-    def wants_step_counts(cls, use_tqdm: bool | Callable) -> bool:
-        """Whether the bar wants step-by-step counts: a visible bar does, and so does a caller's own bar class
-        (bench times the first token with one); otherwise counting each request's end is enough."""
-        return cls.visible(use_tqdm) or callable(use_tqdm)
 
     def advance(self, output_tokens: int = 0, prompt_tokens: int = 0, finished_unused: list[int] = ()) -> None:
         """One step's new output tokens and newly computed prompt tokens (negative when a preempted request
