@@ -52,6 +52,11 @@ def cutlass_fn(name, x, w, out, beta):
     return f
 
 
+def best_cutlass(row: dict) -> tuple[float, str]:
+    """(us, configuration) of the fastest CUTLASS configuration that ran correctly in a row; (9e9, "none") if none."""
+    return min([(v, c) for c, v in row.items() if isinstance(v, float) and c != "cublas"] or [(9e9, "none")])
+
+
 def main():
     global SM, ws
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +98,7 @@ def main():
                     row[name] = graph_us(lambda i: fns[i](), copies)
                 except Exception as e:
                     row[name] = f"error {e}"[:80]
-            best = min([(v, c) for c, v in row.items() if isinstance(v, float) and c != "cublas"] or [(9e9, "none")])
+            best = best_cutlass(row)
             results[f"{shape} M={m}"] = row
             print(f"{shape:8s} M={m:4d} cublas {row['cublas']:.2f} us, best cutlass {best[0]:.2f} ({best[1]}) "
                   f"[{time.time() - t0:.0f} s]", flush=True)
@@ -123,7 +128,7 @@ def chain(results, ms):
         best = {}
         for s in ("qkv", "o", "gate_up", "down"):
             row = results[f"{s} M={m}"]
-            v, c = min([(v, c) for c, v in row.items() if isinstance(v, float) and c != "cublas"] or [(9e9, "none")])
+            v, c = best_cutlass(row)
             best[s] = c if v < row["cublas"] else None
         fns = []
         for i in range(LAYERS):

@@ -105,14 +105,15 @@ def main():
         last[0] = now
         return step
     engine._launch, engine.runner.prepare = timed_launch, timed_prepare
-    if args.host_split:
-        from benchmarks.host_split import HostSplit
-        split = HostSplit(engine.runner)
     if os.environ.get("TWICE"):  # measure the process's second run: what its first pays once is then paid
         llm.generate(prompts, params, use_tqdm=False)
         llm.reset_prefix_cache()  # the same prompts would hit the prefix cache
         records.clear()
         firsts.clear()
+        traces.clear()
+    if args.host_split:
+        from benchmarks.host_split import HostSplit
+        split = HostSplit(engine.runner)
     pauses = defaultdict(list)  # generation -> pause seconds
 
     def on_gc(phase, info, t0=[0.0]):
