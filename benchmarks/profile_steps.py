@@ -38,6 +38,9 @@ def main():
                    "each stalls")
     p.add_argument("--trace-steps", default="", help="comma-separated step indices to run alone (synchronised) "
                    "under torch.profiler: each one's host calls and GPU kernels by time")
+    p.add_argument("--phases", action="store_true", help="time the engine loop's phases of each turn (schedule, "
+                   "launch, wait for the step in flight, commit, the loop's own work) and print them around each "
+                   "idle gap over 1 ms")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--no-logit-padding", action="store_true", help="prefill steps run the LM head at their own "
                    "sampled row count, not padded to a captured size (model_runner.padded_rows): for A/B runs")
@@ -101,26 +104,48 @@ def main():
             if changed:
                 firsts.append((*step_id, changed))
         now = time.perf_counter()
+        if args.phases:
+            phases.append((step_id[0], "launch", begin, now))
         records.append((*step_id[1:], now - last[0], prepared.pop(), end, now - begin))
         last[0] = now
         return step
     engine._launch, engine.runner.prepare = timed_launch, timed_prepare
+    phases = []  # (steps launched when it began, phase, start s, end s)
+    if args.phases:
+        def timed(name, fn):
+            def wrapper(*a, **k):
+                begin = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    phases.append((len(records), name, begin, time.perf_counter()))
+            return wrapper
+        engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+        engine.runner.wait = timed("wait", engine.runner.wait)
+        engine.scheduler.commit = timed("commit", engine.scheduler.commit)
+        engine.pipelined_step = timed("turn", engine.pipelined_step)
+        llm._requests = timed("requests", llm._requests)  # the caller's checks
+        llm.loop._add = timed("add", llm.loop._add)  # the loop thread's admission
+        engine.runner.prepare = timed("prepare", engine.runner.prepare)
     if os.environ.get("TWICE"):  # measure the process's second run: what its first pays once is then paid
         llm.generate(prompts, params, use_tqdm=False)
         llm.reset_prefix_cache()  # the same prompts would hit the prefix cache
         records.clear()
+        phases.clear()
         firsts.clear()
         traces.clear()
     if args.host_split:
         from benchmarks.host_split import HostSplit
         split = HostSplit(engine.runner)
     pauses = defaultdict(list)  # generation -> pause seconds
+    collections_at = defaultdict(list)  # steps launched before the collection -> [(generation, ms)]
 
     def on_gc(phase, info, t0=[0.0]):
         if phase == "start":
             t0[0] = time.perf_counter()
         else:
             pauses[info["generation"]].append(time.perf_counter() - t0[0])
+            collections_at[len(records)].append((info["generation"], round(pauses[info["generation"]][-1] * 1e3, 2)))
     gc.callbacks.append(on_gc)
     syncs = Counter()
     if args.sync_check:
@@ -174,11 +199,24 @@ def main():
     print("largest idle gaps (ms, step index, kind, batch or tokens):",
           [(round(ms, 2), i, records[i][0], records[i][1]) for ms, i in idle[:12]])
     print(f"idle in total {sum(ms for ms, _ in idle):.1f} ms; gaps over 1 ms: {sum(ms > 1 for ms, _ in idle)}")
+    print("garbage collections (generation, ms) between the two launches before each gap over 1 ms:",
+          {i: collections_at.get(i - 1, []) + collections_at.get(i, []) for ms, i in idle if ms > 1})
     gpu_s = sum(r[3].elapsed_time(r[4]) for r in records) / 1000
     print(f"the call's {total:.3f} s: GPU {gpu_s:.3f} s (steps' windows), idle before the first step "
           f"{before_call.elapsed_time(records[0][3]):.1f} ms (the requests' checks and admission, the first "
           f"prepare), between steps {sum(ms for ms, _ in idle):.1f} ms, after the last "
           f"{records[-1][4].elapsed_time(after_call):.1f} ms")
+    if args.phases:
+        print("phases before the first step's GPU work (phase, ms from the call's start, ms):",
+              [(name, round((begin - start) * 1e3, 3), round((end - begin) * 1e3, 3))
+               for n, name, begin, end in phases if n == 0 and name != "turn"])
+        origin = phases[0][2] if phases else 0.0
+        for ms, i in idle:
+            if ms > 1:
+                print(f"phases around the {ms:.2f} ms gap before step {i} (steps launched, phase, start ms, ms):")
+                for n, name, begin, end in phases:
+                    if i - 3 <= n <= i + 1:
+                        print(f"   {n:>5} {name:>8} {(begin - origin) * 1e3:>10.3f} {(end - begin) * 1e3:>8.3f}")
     if args.host_split:
         split.print("prefill")
         split.print("decode")
