@@ -5,11 +5,10 @@ entered in the cache only once its K/V have been computed, and a hit is served o
 token ids equal the request's, so a hash collision can never serve wrong K/V. Freed blocks keep their
 key and stay reusable until their slot is handed out again (least recently freed first).
 """
-from collections import OrderedDict
-
 import numpy as np
 import xxhash
 
+from nanovllm.core.free_block_queue import FreeBlockQueue
 from nanovllm.core.sampling.prompt_logprobs import wants_prompt_logprobs
 from nanovllm.core.sequence import Sequence
 
@@ -38,7 +37,7 @@ class BlockManager:
         self.prefix_caching = prefix_caching  # False: no block is ever hashed, so no request ever hits
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
-        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.free_block_ids = FreeBlockQueue(num_blocks)
         self.num_prefix_hit_tokens = 0
         self.num_prefix_query_tokens = 0
 
@@ -51,7 +50,7 @@ class BlockManager:
         return len(self.free_block_ids)
 
     def _take_free_block(self) -> int:
-        block_id, _ = self.free_block_ids.popitem(last=False)
+        block_id = self.free_block_ids.popleft()
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
@@ -101,7 +100,7 @@ class BlockManager:
             for block_id in hits:
                 block = self.blocks[block_id]
                 if block.ref_count == 0:
-                    del self.free_block_ids[block_id]
+                    self.free_block_ids.remove(block_id)
                 block.ref_count += 1
                 taken.append(block_id)
             for _ in range(seq.num_blocks(self.block_size) - len(hits)):
@@ -121,7 +120,7 @@ class BlockManager:
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
-                self.free_block_ids[block_id] = None
+                self.free_block_ids.append(block_id)
 
     def free(self, seq: Sequence) -> None:
         table, seq.block_table = seq.block_table, []
@@ -190,11 +189,10 @@ class BlockManager:
         failure may have left half-updated. Prefix-cache entries stay where their block still holds their hash."""
         for block in self.blocks:
             block.ref_count = 0
-        still_free = [b for b in self.free_block_ids if 0 <= b < self.num_blocks]
-        self.free_block_ids = OrderedDict.fromkeys(still_free)
-        for block in self.blocks:  # blocks that were in use go last: the least recently freed are reused first
-            if block.block_id not in self.free_block_ids:
-                self.free_block_ids[block.block_id] = None
+        order = list(dict.fromkeys(b for b in self.free_block_ids if 0 <= b < self.num_blocks))  # no repeats
+        listed = set(order)
+        order += [b.block_id for b in self.blocks if b.block_id not in listed]  # in use before: reused last
+        self.free_block_ids = FreeBlockQueue(self.num_blocks, order)
         self.hash_to_block_id = {h: b for h, b in self.hash_to_block_id.items() if self.blocks[b].hash == h}
         for block in self.blocks:
             if block.hash is not None and block.token_ids is None:  # hashed half-way: forget it
@@ -211,6 +209,10 @@ class BlockManager:
                 raise RuntimeError(f"block {block.block_id}: ref_count {block.ref_count}, referenced {refs[block.block_id]}")
             if (block.ref_count == 0) != (block.block_id in self.free_block_ids):
                 raise RuntimeError(f"block {block.block_id}: ref_count {block.ref_count} but free={block.block_id in self.free_block_ids}")
+        listed = list(self.free_block_ids)
+        if len(listed) != len(set(listed)) or len(listed) != len(self.free_block_ids):
+            raise RuntimeError(f"the free-block queue lists {len(listed)} blocks ({len(set(listed))} distinct) but "
+                               f"counts {len(self.free_block_ids)}")
         for h, block_id in self.hash_to_block_id.items():
             if self.blocks[block_id].hash != h:
                 raise RuntimeError(f"prefix cache entry {h:x} points at block {block_id} holding another hash")

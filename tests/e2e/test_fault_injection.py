@@ -1,12 +1,12 @@
 """Fault injection: a KeyboardInterrupt or an error at every distinct point of a generate (or stream) call —
 scheduling, admission, allocation, launch, commit, detokenize — in turn. After each the engine is idle, every KV
 block is free, the block manager's invariants hold, and the next call gives what a fresh engine gives."""
-from collections import OrderedDict
 
 import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.core.detokenizer import IncrementalDetokenizer
+from nanovllm.core.free_block_queue import FreeBlockQueue
 from tests.conftest import random_prompts
 
 OPTIONS = dict(backend="cpu_ref", num_kvcache_blocks=24, kvcache_block_size=16, max_model_len=128)
@@ -44,17 +44,17 @@ def fail_nth_call(obj, name: str, n: int, error: BaseException):
     return lambda: setattr(obj, name, fn) if had_own else delattr(obj, name)
 
 
-class FailingFreeList(OrderedDict):
-    """The block manager's free list, whose pop raises on its n-th call."""
-    def __init__(self, items, n, error):
-        super().__init__(items)
+class FailingFreeList(FreeBlockQueue):
+    """The block manager's free-block queue, whose pop raises on its n-th call."""
+    def __init__(self, queue: FreeBlockQueue, n, error):
+        super().__init__(queue.num_blocks, list(queue))
         self.calls, self.n, self.error = 0, n, error
 
-    def popitem(self, last=True):
+    def popleft(self):
         self.calls += 1
         if self.calls == self.n:
             raise self.error
-        return super().popitem(last)
+        return super().popleft()
 
 
 def inject(llm, point: str, n: int, error: BaseException):
@@ -63,7 +63,7 @@ def inject(llm, point: str, n: int, error: BaseException):
     scheduler, bm, runner = engine.scheduler, engine.scheduler.block_manager, engine.runner
     if point == "allocation":  # the free-block pop inside BlockManager._take_free_block (admission or append)
         bm.free_block_ids = FailingFreeList(bm.free_block_ids, n, error)
-        return lambda: setattr(bm, "free_block_ids", OrderedDict(bm.free_block_ids))
+        return lambda: setattr(bm, "free_block_ids", FreeBlockQueue(bm.num_blocks, list(bm.free_block_ids)))
     target = {"scheduling": (scheduler, "schedule"), "admission": (bm, "allocate"),
               "decode append": (bm, "append_slots"), "launch": (runner, "launch"), "forward": (runner, "execute"),
               "sampling": (runner, "sampler"), "wait": (runner, "wait"), "commit": (scheduler, "commit"),
