@@ -56,6 +56,7 @@ def main():
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
     engine = llm.engine
     records, last, prepared = [], [time.perf_counter()], []
+    phases = []  # --phases: (steps launched when it began, phase, start s, end s)
     launch, prepare = engine._launch, engine.runner.prepare
 
     def event():
@@ -110,7 +111,6 @@ def main():
         last[0] = now
         return step
     engine._launch, engine.runner.prepare = timed_launch, timed_prepare
-    phases = []  # (steps launched when it began, phase, start s, end s)
     if args.phases:
         def timed(name, fn):
             def wrapper(*a, **k):
@@ -210,13 +210,13 @@ def main():
         print("phases before the first step's GPU work (phase, ms from the call's start, ms):",
               [(name, round((begin - start) * 1e3, 3), round((end - begin) * 1e3, 3))
                for n, name, begin, end in phases if n == 0 and name != "turn"])
-        origin = phases[0][2] if phases else 0.0
         for ms, i in idle:
             if ms > 1:
-                print(f"phases around the {ms:.2f} ms gap before step {i} (steps launched, phase, start ms, ms):")
+                print(f"phases around the {ms:.2f} ms gap before step {i} (steps launched, phase, ms from the "
+                      f"call's start, ms):")
                 for n, name, begin, end in phases:
                     if i - 3 <= n <= i + 1:
-                        print(f"   {n:>5} {name:>8} {(begin - origin) * 1e3:>10.3f} {(end - begin) * 1e3:>8.3f}")
+                        print(f"   {n:>5} {name:>8} {(begin - start) * 1e3:>10.3f} {(end - begin) * 1e3:>8.3f}")
     if args.host_split:
         split.print("prefill")
         split.print("decode")

@@ -189,7 +189,7 @@ class BlockManager:
         failure may have left half-updated. Prefix-cache entries stay where their block still holds their hash."""
         for block in self.blocks:
             block.ref_count = 0
-        order = list(dict.fromkeys(b for b in self.free_block_ids if 0 <= b < self.num_blocks))  # no repeats
+        order = list(dict.fromkeys(self.free_block_ids))  # its bounded walk, repeats dropped
         listed = set(order)
         order += [b.block_id for b in self.blocks if b.block_id not in listed]  # in use before: reused last
         self.free_block_ids = FreeBlockQueue(self.num_blocks, order)
