@@ -83,6 +83,11 @@ class Backend:
         """Called once per engine after the weights are loaded: a backend may adapt layers to its device here,
         e.g. give linear layers a `linear_op` that reads weights it pre-packed. The base does nothing."""
 
+    def warm_up(self, runner) -> None:
+        """Called once per engine on every rank, after the engine's warm-up steps and before graph capture: pay the
+        backend's own first-use costs now (e.g. a library's set-up of each kernel it may pick), not in a request.
+        Must run no collective. The base does nothing."""
+
     def check_block_size(self, block_size: int) -> list[str]:
         """Reasons the KV block size cannot be used (empty: usable)."""
         return []

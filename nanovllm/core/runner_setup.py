@@ -10,7 +10,8 @@ the graph capture run collectives:
    the KV budget from the backend, the smallest budget of all ranks (`agree_on_num_blocks`), the KV
    cache allocated and bound to the attention layers (`allocate_kv_cache`), the kernels compiled by a
    real paged prefill + decode + sample (`warm_up_kernels`), on GPU backends a full-size prefill
-   (`core/warmup_steps.py`), and the decode graphs (`capture_graphs`).
+   (`core/warmup_steps.py`), the backend's own warm-up (`Backend.warm_up`), and the decode graphs
+   (`capture_graphs`).
 
 This is the only module of the core that imports `nanovllm.models` to build a model.
 """
@@ -102,6 +103,7 @@ def set_up(runner: ModelRunner) -> int:
         if backend.measures_peak_memory:  # the GPU backends: first-use costs of a full-size step
             warm_up_full_steps(runner)
             warm_up_longest_context(runner)
+    backend.warm_up(runner)
     capture_graphs(runner)
     return num_blocks
 

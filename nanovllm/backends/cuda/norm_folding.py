@@ -52,6 +52,12 @@ def why_not_foldable(model: torch.nn.Module) -> str:
     return ""
 
 
+def is_folded(model: torch.nn.Module) -> bool:
+    """Whether `fold_norms` gave this model's decoder the folded forward."""
+    decoder = getattr(model, "model", None)
+    return isinstance(decoder, DecoderModel) and "forward" in vars(decoder)
+
+
 @torch.no_grad()
 def fold_norms(model: torch.nn.Module, fuse_products: bool = True) -> str:
     """Fold the layers' RMSNorm weights into the products after them and give the decoder the folded forward;

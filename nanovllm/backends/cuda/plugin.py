@@ -5,6 +5,7 @@ Kernels are imported lazily (inside the registration hook and the kernels' own m
 plugin loads on machines without a GPU, triton or flash-attn and reports why it cannot run there.
 """
 import importlib.util
+import time
 
 import torch
 
@@ -34,7 +35,10 @@ class CudaBackend(Backend):
                                           "layer instead of 9; backends/cuda/norm_folding.py)"),
                "fuse_products": Switch(True, "with folded norms, decode steps run the q/k/v and gate/up products "
                                              "with rotary + KV store and SiLU in their epilogues where measured "
-                                             "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)")}
+                                             "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)"),
+               "warm_products": Switch(True, "at start-up, run a decoder layer's products at row counts from 1 to "
+                                             "max_num_batched_tokens, so no step pays cuBLAS's first call of a "
+                                             "kernel (2-5 ms of host each; backends/cuda/product_warmup.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
@@ -81,6 +85,17 @@ class CudaBackend(Backend):
         count = install_triton_linear(model, dtype)
         logger.debug("cuda backend: %d linear layers use the Triton decode GEMM at the batch sizes its table lists",
                      count)
+
+    def warm_up(self, runner) -> None:
+        """Each product of a decoder layer at the row counts a step can have (backends/cuda/product_warmup.py)."""
+        if not self.option(runner.config, "warm_products"):
+            return
+        from nanovllm.backends.cuda.product_warmup import warm_up_products
+        start = time.perf_counter()
+        calls = warm_up_products(runner.model, runner.config.max_num_batched_tokens)
+        torch.cuda.synchronize(runner.device)
+        logger.info("cuda backend: warmed a decoder layer's products at rows 1-%d (%d calls, %.2f s)",
+                    runner.config.max_num_batched_tokens, calls, time.perf_counter() - start)
 
     def check_block_size(self, block_size: int) -> list[str]:
         if block_size < 16:

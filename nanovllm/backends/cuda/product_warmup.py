@@ -1,0 +1,82 @@
+"""Run a decoder layer's products at the row counts a step can have, at start-up, so no step pays cuBLAS's
+first call of a kernel.
+
+cuBLAS picks its kernel by the product's shape, and the first call of a kernel a process has not run before costs
+2.2-4.7 ms of host time (on an H200, with every CUDA module loaded eagerly too: its own set-up, not the driver's
+lazy loading; benchmarks/RESULTS.md, round twenty-eight). Rows are what varies: a prefill step has as many as its
+tokens, 1 to max_num_batched_tokens. The seed benchmark's last prefill step (11,755 tokens) met three such
+kernels, its launch 16-24 ms slower than the same step's in a second run and ~2-3 ms of it idling the GPU; a
+server meets them at every new size range, one first call each, in some user's request. The decode graphs ran
+their batch sizes at capture, and the LM head pads its rows to those sizes (model_runner.padded_rows).
+
+So here each distinct product of the first decoder layer (the others have the same shapes: same kernels) runs once
+at every row count of `warm_up_rows`: every count up to 16, then steps of ROW_STEP rows. Kernels change with the
+row count only at tile and wave boundaries, which `benchmarks/gemm_first_call.py --scan` finds for a model's
+shapes; the products are called as the layer's forward calls them (its `linear_op`, or the folded layer's
+`add_product` with the residual), on inputs of zeros, under tensor parallelism on this rank's shard (no collective).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ROW_STEP = 16  # between warmed row counts past 16; see warm_up_rows
+
+
+def warm_up_rows(max_rows: int, step: int = ROW_STEP) -> list[int]:
+    """Row counts to warm: 1 to 16 each, the multiples of `step`, and `max_rows` itself."""
+    rows = set(range(1, min(16, max_rows) + 1)) | set(range(step, max_rows + 1, step)) | {max_rows}
+    return sorted(r for r in rows if 1 <= r <= max_rows)
+
+
+def layer_products(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, bool]]:
+    """(name, linear module, added into the residual) for each product of the model's first decoder layer; []
+    when the model has no `model.layers` of such modules. Added: the folded layer (norm_folding) runs the o and
+    down products as cuBLAS's C += A B on the residual, which may pick other kernels than F.linear."""
+    from nanovllm.backends.cuda.norm_folding import is_folded
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        return []
+    layer = layers[0]
+    folded = is_folded(model)
+    added = {id(getattr(getattr(layer, "self_attn", None), "o_proj", None)),
+             id(getattr(getattr(layer, "mlp", None), "down_proj", None))} if folded else set()
+    return [(name, module, id(module) in added) for name, module in layer.named_modules()
+            if hasattr(module, "linear_op") and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() == 2]
+
+
+def product_calls(products: list[tuple[str, torch.nn.Module, bool]], max_rows: int
+                  ) -> list[tuple[str, Callable[[int], None]]]:
+    """One `call(rows)` per product, on slices of zero inputs of max_rows rows (one per role, width and dtype)."""
+    from nanovllm.backends.cuda.norm_folding import add_product
+    zeros: dict[tuple, torch.Tensor] = {}
+
+    def input_of(width: int, like: torch.Tensor, role: str = "x") -> torch.Tensor:
+        key = (role, width, like.dtype, like.device)
+        if key not in zeros:
+            zeros[key] = torch.zeros(max_rows, width, dtype=like.dtype, device=like.device)
+        return zeros[key]
+    calls = []
+    for name, module, added in products:
+        weight = module.weight
+        n, k = weight.shape
+        x = input_of(k, weight)
+        if added:
+            residual = input_of(n, weight, "residual")  # never an input too (addmm_ must not alias its output)
+            calls.append((name, lambda m, module=module, x=x, r=residual: add_product(module, x[:m], r[:m])))
+        else:
+            calls.append((name, lambda m, module=module, x=x: module.linear_op(x[:m], module.weight, module.bias)))
+    return calls
+
+
+@torch.inference_mode()
+def warm_up_products(model: torch.nn.Module, max_rows: int, step: int = ROW_STEP) -> int:
+    """Run each product of the first decoder layer at every row count of `warm_up_rows`; returns the calls made."""
+    calls = product_calls(layer_products(model), max_rows)
+    rows = warm_up_rows(max_rows, step)
+    for m in rows:
+        for _, call in calls:
+            call(m)
+    return len(rows) * len(calls)
