@@ -11,12 +11,12 @@ to its return, the device idle before it) against the second's. Row counts run i
 
 `--scan MAX` instead calls every product at every row count from 1 to MAX in turn, as the engine calls them (o and
 down also as the folded layer's C += A B on a residual), and lists the row counts whose first call took over 1 ms
-of host (a kernel not run before). `--sweep STEP --random N` warms as the cuda backend's start-up does
-(backends/cuda/product_warmup.py, every STEP rows) and then times first calls at N random row counts up to MAX,
+of host (a kernel not run before). `--sweep ALIGN --random N` warms as the cuda backend's start-up does
+(backends/cuda/product_warmup.py: every ALIGN-th row count and the one after) and then times first calls at N random row counts up to MAX,
 counting those still over 1 ms.
 
     python benchmarks/gemm_first_call.py --scan 16384
-    python benchmarks/gemm_first_call.py --scan 16384 --sweep 16 --random 300
+    python benchmarks/gemm_first_call.py --scan 16384 --sweep 8 --random 400
 """
 import argparse
 import json
@@ -59,7 +59,7 @@ def scan(args) -> None:
         call(1)
     start = time.perf_counter()
     if args.sweep:
-        for m in warm_up_rows(args.scan, args.sweep):
+        for m in warm_up_rows(args.scan, align=args.sweep):
             for _, call in calls:
                 call(m)
         torch.cuda.synchronize()
@@ -84,7 +84,7 @@ def main():
     p.add_argument("--rows", default="11755,11756,12000,12288,9001")
     p.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default")
     p.add_argument("--scan", type=int, default=0, help="every row count 1..SCAN, or with --sweep random ones")
-    p.add_argument("--sweep", type=int, default=0, help="warm as the engine does, every SWEEP rows, first")
+    p.add_argument("--sweep", type=int, default=0, help="warm as the engine does (align SWEEP; 8 is its) first")
     p.add_argument("--random", type=int, default=200, help="with --sweep: row counts timed after it")
     args = p.parse_args()
     if args.blas != "default":

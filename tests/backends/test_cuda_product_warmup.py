@@ -28,14 +28,17 @@ def model_path(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("warm_qwen3")), "qwen3", head_dim=64)
 
 
-def test_warm_up_rows_take_every_count_to_16_then_every_step_and_the_largest():
+def test_warm_up_rows_take_1_to_16_then_each_multiple_of_8_and_the_next_count():
     from nanovllm.backends.cuda.product_warmup import warm_up_rows
-    rows = warm_up_rows(1000, step=64)
+    rows = warm_up_rows(16384)
     assert rows[:16] == list(range(1, 17))
-    assert rows[16:-1] == list(range(64, 1000, 64))
-    assert rows[-1] == 1000 and rows == sorted(set(rows))
+    assert rows == sorted(set(range(1, 17)) | {r for m in range(8, 16385, 8) for r in (m, m + 1) if r <= 16384})
+    assert all(r % 8 in (0, 1) for r in rows[16:]) and rows[-1] == 16384
     assert warm_up_rows(5) == [1, 2, 3, 4, 5]
-    assert warm_up_rows(16384) == list(range(1, 16)) + list(range(16, 16385, 16))
+    assert warm_up_rows(100, align=32) == list(range(1, 17)) + [32, 33, 64, 65, 96, 97, 100]
+    beyond = warm_up_rows(20000)  # every 64 rows past 16,384, with the count after each
+    assert beyond[beyond.index(16384):] == [16384, 16385, 16448, 16449] + sorted(
+        {r for m in range(16512, 20000, 64) for r in (m, m + 1)}) + [20000]
 
 
 @pytest.mark.parametrize("folded", [False, True])
@@ -88,9 +91,9 @@ def test_warm_up_calls_each_product_at_each_row_count_as_the_layer_calls_it(mode
         seen.append((name, x.shape[0], "add"))
         return real_add(linear, x, residual)
     monkeypatch.setattr(norm_folding, "add_product", add_spy)
-    calls = warm_up_products(model, 70, step=32)
-    rows = warm_up_rows(70, 32)
-    assert rows == list(range(1, 17)) + [32, 64, 70]
+    calls = warm_up_products(model, 70, align=32)
+    rows = warm_up_rows(70, align=32)
+    assert rows == list(range(1, 17)) + [32, 33, 64, 65, 70]
     assert calls == len(rows) * 4 == len(seen)
     kinds = {"self_attn.o_proj": "add", "mlp.down_proj": "add"} if folded else {}
     assert seen == [(name, m, kinds.get(name, "linear")) for m in rows for name in PRODUCTS]
