@@ -28,17 +28,16 @@ def model_path(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("warm_qwen3")), "qwen3", head_dim=64)
 
 
-def test_warm_up_rows_take_1_to_16_then_each_multiple_of_8_and_the_next_count():
+def test_warm_up_rows_take_1_to_16_then_each_multiple_of_8_and_the_next_count_then_of_64():
     from nanovllm.backends.cuda.product_warmup import warm_up_rows
     rows = warm_up_rows(16384)
-    assert rows[:16] == list(range(1, 17))
-    assert rows == sorted(set(range(1, 17)) | {r for m in range(8, 16385, 8) for r in (m, m + 1) if r <= 16384})
+    assert rows == sorted(set(range(1, 17)) | {r for m in range(8, 8193, 8) for r in (m, m + 1)}
+                          | {r for m in range(8256, 16385, 64) for r in (m, m + 1) if r <= 16384})
     assert all(r % 8 in (0, 1) for r in rows[16:]) and rows[-1] == 16384
     assert warm_up_rows(5) == [1, 2, 3, 4, 5]
     assert warm_up_rows(100, align=32) == list(range(1, 17)) + [32, 33, 64, 65, 96, 97, 100]
-    beyond = warm_up_rows(20000)  # every 64 rows past 16,384, with the count after each
-    assert beyond[beyond.index(16384):] == [16384, 16385, 16448, 16449] + sorted(
-        {r for m in range(16512, 20000, 64) for r in (m, m + 1)}) + [20000]
+    assert warm_up_rows(200, align=8, exhaustive_rows=64, coarse_step=64) == list(range(1, 17)) + [
+        17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57, 64, 65, 128, 129, 192, 193, 200]
 
 
 @pytest.mark.parametrize("folded", [False, True])

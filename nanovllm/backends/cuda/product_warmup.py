@@ -13,11 +13,12 @@ So here each distinct product of the first decoder layer (the others have the sa
 at every row count of `warm_up_rows`. Which counts: `benchmarks/gemm_first_call.py --scan 16384` called a
 Qwen3-0.6B layer's products at every row count from 1 to 16,384 in turn on an H200 and found 380 first calls of a
 kernel (68 for q/k/v, 119 for o added into the residual, ...), all but one (1.05 ms, at 10,491) at a count of 8k or
-8k + 1: cuBLAS's choice changes where the count crosses a multiple of 8, either way. So every 8k and 8k + 1 runs,
-which is every kernel's first count; past EXHAUSTIVE_ROWS (more than the default step of 16,384 tokens, where the
-products' time grows with the square of the range) every COARSE_STEP rows only. The products are called as the
-layer's forward calls them (its `linear_op`, or the folded layer's `add_product` with the residual), on inputs of
-zeros, under tensor parallelism on this rank's shard (no collective).
+8k + 1: cuBLAS's choice changes where the count crosses a multiple of 8, either way; past 8,192 rows there were
+three (10,624 and 11,584, multiples of 64, and that one). So every 8k and 8k + 1 runs up to EXHAUSTIVE_ROWS, every
+64k and 64k + 1 beyond (a product's time grows with its rows: on an H200 every 8k and 8k + 1 up to 16,384 took
+3.3-5.0 s of start-up, with no first call left at 400 random counts after it; this third of it: see RESULTS.md).
+The products are called as the layer's forward calls them (its `linear_op`, or the folded layer's `add_product`
+with the residual), on inputs of zeros, under tensor parallelism on this rank's shard (no collective).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 
 ALIGN = 8  # cuBLAS's kernel choice changes at row counts of 8k or 8k + 1 (see above)
-EXHAUSTIVE_ROWS = 16384  # every 8k and 8k + 1 up to here
+EXHAUSTIVE_ROWS = 8192  # every 8k and 8k + 1 up to here
 COARSE_STEP = 64  # beyond it, every 64k and 64k + 1
 
 
