@@ -38,7 +38,8 @@ class CudaBackend(Backend):
                                              "faster (5 launches a layer; backends/cuda/qkv_rotary_store.py)"),
                "warm_products": Switch(True, "at start-up, run a decoder layer's products at row counts from 1 to "
                                              "max_num_batched_tokens, so no step pays cuBLAS's first call of a "
-                                             "kernel (2-5 ms of host each; backends/cuda/product_warmup.py)")}
+                                             "kernel (2-5 ms of host each; 3-5 s of start-up on an H200; "
+                                             "backends/cuda/product_warmup.py)")}
 
     # The block size follows the kernels measured faster, not the packages installed: flash-attn's paged
     # kernels need blocks of a multiple of 256 tokens, and on an H200 the seed benchmark ran slower with them
