@@ -107,3 +107,21 @@ def test_warm_products_is_an_option_checked_whichever_backend_runs(model_path):
     llm = LLM(model_path, backend="cpu_ref", num_kvcache_blocks=32, max_model_len=256, warm_products=False)
     assert llm.config.backend_options["warm_products"] is False
     llm.close()
+
+
+def test_products_take_the_bias_as_the_layer_forward_passes_it(tiny_llama_biased):
+    """Column-parallel layers pass their bias into the product; a row-parallel one (o, down) adds it after the
+    all-reduce, so its product runs without one, as its forward calls it."""
+    from nanovllm.backends.cuda.product_warmup import layer_products, product_calls
+    llm = LLM(tiny_llama_biased, backend="cpu_ref", num_kvcache_blocks=32, max_model_len=256)
+    products = layer_products(llm.engine.runner.model)
+    seen = {}
+    for name, module, _ in products:
+        assert module.bias is not None
+        module.linear_op = lambda x, weight, bias=None, name=name, op=module.linear_op: (
+            seen.setdefault(name, bias), op(x, weight, bias))[1]
+    for _, call in product_calls(products, 8):
+        call(8)
+    assert {name: bias is not None for name, bias in seen.items()} == {
+        "self_attn.qkv_proj": True, "self_attn.o_proj": False, "mlp.gate_up_proj": True, "mlp.down_proj": False}
+    llm.close()
