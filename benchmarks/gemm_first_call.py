@@ -40,11 +40,11 @@ def host_ms(fn) -> float:
 
 
 def engine_products(dev: torch.device) -> list[tuple[str, object, bool]]:
-    """The products as product_warmup.layer_products gives them: (name, a linear with F.linear, added)."""
+    """The products as product_warmup.layer_products gives them: (name, a plain linear layer, added)."""
     out = []
     for name, (n, k) in SHAPES.items():
-        linear = types.SimpleNamespace(weight=torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02, bias=None,
-                                       linear_op=F.linear)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        linear = types.SimpleNamespace(weight=w, linear_op=F.linear, product=lambda x, w=w: F.linear(x, w))
         out.append((name, linear, False))
         if name in ("o", "down"):
             out.append((name + "+=", linear, True))

@@ -35,7 +35,7 @@ def why_not_foldable(model: torch.nn.Module) -> str:
     decoder = getattr(model, "model", None)
     if not isinstance(decoder, DecoderModel):
         return f"{type(model).__name__} is not a decoder of models/decoder.py"
-    if "forward" in vars(decoder):
+    if is_folded(model):
         return "its forward was replaced already (folded once: the weights hold the norms)"
     for layer in decoder.layers:
         attn, mlp = layer.self_attn, layer.mlp

@@ -18,7 +18,7 @@ three (10,624 and 11,584, multiples of 64, and that one). So every 8k and 8k + 1
 64k and 64k + 1 beyond (a product's time grows with its rows: on an H200 every 8k and 8k + 1 up to 16,384 took
 3.3-5.0 s of start-up, with no first call left at 400 random counts after it; stopping at 8,192 runs 2,316
 row counts, not 4,108, a third of the products' work, and left none either: see RESULTS.md, round twenty-nine).
-The products are called as the layer's forward calls them (its `linear_op`, or the folded layer's `add_product`
+The products are called as the layer's forward calls them (its `product`, or the folded layer's `add_product`
 with the residual), on inputs of zeros, under tensor parallelism on this rank's shard (no collective).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from nanovllm.models.layers.linear import RowParallelLinear
+from nanovllm.models.layers.linear import LinearBase
 
 ALIGN = 8  # cuBLAS's kernel choice changes at row counts of 8k or 8k + 1 (see above)
 EXHAUSTIVE_ROWS = 8192  # every 8k and 8k + 1 up to here
@@ -59,8 +59,7 @@ def layer_products(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, b
     added = {id(getattr(getattr(layer, "self_attn", None), "o_proj", None)),
              id(getattr(getattr(layer, "mlp", None), "down_proj", None))} if folded else set()
     return [(name, module, id(module) in added) for name, module in layer.named_modules()
-            if hasattr(module, "linear_op") and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() == 2]
+            if isinstance(module, LinearBase)]
 
 
 def product_calls(products: list[tuple[str, torch.nn.Module, bool]], max_rows: int
@@ -83,9 +82,7 @@ def product_calls(products: list[tuple[str, torch.nn.Module, bool]], max_rows: i
             residual = input_of(n, weight, "residual")  # never an input too (addmm_ must not alias its output)
             calls.append((name, lambda m, module=module, x=x, r=residual: add_product(module, x[:m], r[:m])))
         else:
-            # a row-parallel layer adds its bias after the all-reduce, not in the product
-            bias = None if isinstance(module, RowParallelLinear) else module.bias
-            calls.append((name, lambda m, module=module, x=x, bias=bias: module.linear_op(x[:m], module.weight, bias)))
+            calls.append((name, lambda m, module=module, x=x: module.product(x[:m])))
     return calls
 
 

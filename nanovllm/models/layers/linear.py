@@ -48,8 +48,12 @@ class LinearBase(nn.Module):
         rows = self.checkpoint_rows(shard_id)
         return (rows, self.full_input_size) if param.dim() == 2 else (rows,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's product, as `forward` computes it before any collective."""
         return self.linear_op(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x)
 
 
 class ReplicatedLinear(LinearBase):
@@ -135,8 +139,11 @@ class RowParallelLinear(LinearBase):
         size = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.ctx.tp_rank * size, size))
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_op(x, self.weight)  # the bias is added once, after the all-reduce
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear_op(x, self.weight)
+        y = self.product(x)
         if self.ctx.tp_size > 1:
             y = self.ctx.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
