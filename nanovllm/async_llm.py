@@ -13,13 +13,15 @@ awaiting task once per step, never blocking the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from nanovllm.beam_search import BeamSearch
 from nanovllm.core.engine_loop import EngineRequest, new_request_id
 from nanovllm.core.output_channel import AsyncOutputChannel
-from nanovllm.outputs import (CompletionOutput, RequestOutput, StreamOutput, build_request_output,
+from nanovllm.outputs import (CompletionOutput, RequestMetrics, RequestOutput, StreamOutput, build_request_output,
                               delta_num_cached_tokens, delta_stop_reason, output_text)
 from nanovllm.requests import prompt_texts, prompt_to_ids
 from nanovllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -98,7 +100,8 @@ class AsyncLLM:
           `index`; its cumulative_logprob is the running total).
         - FINAL_ONLY: one output, when every sample has ended, holding them all.
         `finished` is True on the last output only, and `num_cached_tokens` is set once the first sample has
-        finished. An aborted request's last output has finish_reason "abort".
+        finished; `metrics` (RequestMetrics) gains first_token_time with the first token, finished_time on the last
+        output. An aborted request's last output has finish_reason "abort".
         Cancelling or closing the iteration aborts the request, as with `generate_async`, whose per-step pieces
         this is built from."""
         ids, params = self.check_request(prompt, sampling_params)
@@ -109,6 +112,7 @@ class AsyncLLM:
                                     cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for i in range(params.n)]
         prompt_logprobs, unfinished, num_cached_tokens = None, params.n, None
+        metrics = RequestMetrics(time.monotonic())
         kind = params.output_kind
         async with aclosing(self._pieces(ids, params, request_id, True, None)) as pieces:
             async for piece in pieces:
@@ -121,6 +125,7 @@ class AsyncLLM:
                     sample["cumulative_logprob"] += sum(lp[t] for t, lp in zip(piece.token_ids, piece.logprobs))
                 if piece.prompt_logprobs is not None:
                     prompt_logprobs = piece.prompt_logprobs
+                metrics.saw_first_token(piece.first_token_time)
                 if piece.finished:
                     sample["finish_reason"], sample["stop_reason"] = piece.finish_reason, piece.stop_reason
                     unfinished -= 1
@@ -135,8 +140,11 @@ class AsyncLLM:
                     shown_prompt_logprobs, prompt_logprobs = piece.prompt_logprobs, None
                 else:
                     outputs = [CompletionOutput(s) for s in samples]
-                yield build_request_output(outputs, request_id, num_cached_tokens, prompt=text, prompt_token_ids=ids,
-                                           prompt_logprobs=shown_prompt_logprobs, finished=unfinished == 0)
+                if not unfinished:
+                    metrics.finished_time = time.monotonic()
+                yield build_request_output(outputs, request_id, num_cached_tokens, dataclasses.replace(metrics),
+                                           prompt=text, prompt_token_ids=ids, prompt_logprobs=shown_prompt_logprobs,
+                                           finished=unfinished == 0)
 
     async def _pieces(self, ids: list[int], params: SamplingParams, request_id: str | None, stream: bool,
                       prompt_logprobs: int | None) -> AsyncIterator[StreamOutput]:

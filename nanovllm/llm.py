@@ -1,6 +1,7 @@
 """LLM: the user-facing API, shaped like vLLM's (`generate`, `chat`, `stream`); thread-safe, every call a client of
 the engine loop (core/engine_loop.py)."""
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
@@ -16,8 +17,8 @@ from nanovllm.core.registry import KernelPlan
 from nanovllm.core.logging import get_logger
 from nanovllm.checkpoint.folder import check_hf_config, check_model_folder, check_tokenizer_folder, read_hf_config
 from nanovllm.models.registry import model_class
-from nanovllm.outputs import (RequestOutput, StreamOutput, delta_num_cached_tokens, delta_stop_reason,
-                              request_output)
+from nanovllm.outputs import (RequestMetrics, RequestOutput, StreamOutput, delta_num_cached_tokens,
+                              delta_stop_reason, request_output)
 from nanovllm.chat_template import content_text, render, template_kwargs
 from nanovllm.requests import checked_prompt_list, params_per_prompt, prompt_texts, prompts_to_ids
 from nanovllm.beam_search import BeamSearchOutput, beam_search
@@ -174,8 +175,9 @@ class LLM:
         token, a stop string or a completed structured output; "length" for max_tokens or max_model_len),
         `stop_reason` (as vLLM: the stop string or stop_token_ids entry that ended it, else None, EOS included),
         `logprobs` and `cumulative_logprob` (None unless logprobs were asked) as flat keys; and the attributes
-        `request_id` and `num_cached_tokens` (prompt tokens the prefix cache served; not keys: equal requests give
-        equal outputs).
+        `request_id`, `num_cached_tokens` (prompt tokens the prefix cache served) and `metrics` (a RequestMetrics:
+        the call's arrival_time, the request's first_token_time and finished_time, time.monotonic() seconds); not
+        keys: equal requests give equal outputs.
         `use_tqdm` shows a progress bar over the output tokens on stderr: True, False, or (as in vLLM) a tqdm-like
         class to build it with, e.g. `functools.partial(tqdm, delay=2)`.
         """
@@ -184,7 +186,9 @@ class LLM:
 
     def _generate(self, ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool | Callable,
                   texts: list[str | None]) -> list[RequestOutput]:
+        arrival = time.monotonic()
         requests = [EngineRequest(new_request_id(), p, sp, i) for i, (p, sp) in enumerate(zip(ids, params))]
+        metrics = [RequestMetrics(arrival) for _ in requests]
         planned = [sp.n * self.engine.planned_output_tokens(len(p), sp) for p, sp in zip(ids, params)]
         progress = GenerationProgress(sum(planned), sum(sp.n for sp in params), sum(map(len, ids)), use_tqdm)
         outputs: list[RequestOutput | None] = [None] * len(requests)
@@ -197,11 +201,13 @@ class LLM:
                 new_tokens = delta.seq.num_output_tokens - before if delta.finished else len(delta.token_ids)
                 first = key not in received and delta.sample_index == 0 and (new_tokens or delta.finished)
                 received[key] = before + new_tokens
+                metrics[delta.index].saw_first_token(delta.first_token_time)
                 unused = [planned[delta.index] // delta.seq.params.n - received[key]] if delta.finished else []
                 progress.advance(new_tokens, len(ids[delta.index]) if first else 0, unused)
                 if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
+                    metrics[delta.index].finished_time = time.monotonic()
                     outputs[delta.index] = request_output(delta.seq.group[0], self.tokenizer, delta.request_id,
-                                                          texts[delta.index])
+                                                          texts[delta.index], metrics[delta.index])
         return outputs
 
     def _run(self, requests: list[EngineRequest], stream: bool, detokenize: bool | None = None):
@@ -285,7 +291,8 @@ class LLM:
             for d in deltas:
                 yield StreamOutput(d.index, d.text, d.token_ids, d.finished, d.finish_reason, d.logprobs,
                                    prompt_logprobs=d.prompt_logprobs, sample_index=d.sample_index,
-                                   stop_reason=delta_stop_reason(d), num_cached_tokens=delta_num_cached_tokens(d))
+                                   stop_reason=delta_stop_reason(d), num_cached_tokens=delta_num_cached_tokens(d),
+                                   first_token_time=d.first_token_time)
 
     def chat_prompt(self, conversation: str | list[dict]) -> list[int]:
         """Token ids of one conversation (a user message, or a list of {"role", "content"} dicts) under the

@@ -23,7 +23,7 @@ class StreamOutput:
     logprobs: list[dict[int, float]] | None = None
     request_id: str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None  # on a request's first piece, when asked for
-    first_token_time: float | None = None  # AsyncLLM: time.monotonic() at the first token (on the last piece)
+    first_token_time: float | None = None  # time.monotonic() at the sample's first token (on pieces from then on)
     sample_index: int = 0  # which of the request's n samples (SamplingParams.n) this piece belongs to
     stop_reason: int | str | None = None  # on the last piece: as CompletionOutput.stop_reason
     num_cached_tokens: int | None = None  # on the last piece: prompt tokens the prefix cache served
@@ -106,16 +106,33 @@ class CompletionOutput(_KeysAsAttributes):
         return self["finish_reason"] is not None
 
 
+@dataclass
+class RequestMetrics:
+    """When a request arrived, had its first output token and finished (vLLM's RequestOutput.metrics fields of
+    these names), in time.monotonic() seconds: `first_token_time - arrival_time` is its time to first token.
+    `first_token_time` is when the engine committed the earliest first token of its samples (None if none was
+    made, e.g. aborted first)."""
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    def saw_first_token(self, when: float | None) -> None:
+        """Keep the earliest first-token time of the request's samples."""
+        if when is not None and (self.first_token_time is None or when < self.first_token_time):
+            self.first_token_time = when
+
+
 class RequestOutput(_KeysAsAttributes):
     """One request's result (see request_output): prompt, prompt_token_ids, prompt_logprobs, outputs (its
     CompletionOutputs), finished, and the first sample's fields as flat keys; as vLLM's RequestOutput, also as a
-    dict. `request_id` and `num_cached_tokens` (prompt tokens the prefix cache served) are attributes only, so
-    two runs of the same request compare equal."""
-    __slots__ = ("request_id", "num_cached_tokens")
+    dict. `request_id`, `num_cached_tokens` (prompt tokens the prefix cache served) and `metrics` (its
+    RequestMetrics, when the call timed it) are attributes only, so two runs of the same request compare equal."""
+    __slots__ = ("request_id", "num_cached_tokens", "metrics")
 
-    def __init__(self, *args, request_id: str | None = None, num_cached_tokens: int | None = None, **kwargs):
+    def __init__(self, *args, request_id: str | None = None, num_cached_tokens: int | None = None,
+                 metrics: RequestMetrics | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.request_id, self.num_cached_tokens = request_id, num_cached_tokens
+        self.request_id, self.num_cached_tokens, self.metrics = request_id, num_cached_tokens, metrics
 
 
 def stop_reason(seq: Sequence):
@@ -137,8 +154,8 @@ def completion_output(seq: Sequence, tokenizer) -> CompletionOutput:
                             cumulative_logprob=cumulative)
 
 
-def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prompt: str | None = None
-                   ) -> RequestOutput:
+def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prompt: str | None = None,
+                   metrics: RequestMetrics | None = None) -> RequestOutput:
     """One request (`seq` is its first sample): {prompt, prompt_token_ids, prompt_logprobs, outputs, finished}
     (and the attributes request_id, num_cached_tokens) where `outputs` lists its n samples (see
     completion_output), plus the first sample's text, token_ids, finish_reason, stop_reason, logprobs and
@@ -148,13 +165,14 @@ def request_output(seq: Sequence, tokenizer, request_id: str | None = None, prom
     return build_request_output(
         [completion_output(sample, tokenizer) for sample in seq.group], request_id, seq.num_cached_tokens,
         prompt=prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-        prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None, finished=True)
+        prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None, finished=True,
+        metrics=metrics)
 
 
 def build_request_output(outputs: list[CompletionOutput], request_id: str | None, num_cached_tokens: int | None,
-                         **fields) -> RequestOutput:
+                         metrics: RequestMetrics | None = None, **fields) -> RequestOutput:
     """A RequestOutput of these samples and `fields` (prompt, prompt_token_ids, prompt_logprobs, finished), with
     the first sample's fields as flat keys."""
     flat = {k: v for k, v in outputs[0].items() if k != "index"}
     return RequestOutput(**flat, **fields, outputs=outputs, request_id=request_id,
-                         num_cached_tokens=num_cached_tokens)
+                         num_cached_tokens=num_cached_tokens, metrics=metrics)

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from nanovllm.checkpoint.folder import config_folder
 from nanovllm.commands.arguments import (add_backend_option_argument, add_threads_argument, backend_options,
@@ -47,31 +46,16 @@ def seed_workload(num_seqs=256, max_input_len=1024, max_output_len=1024, seed=0,
     return prompts, max_tokens
 
 
-class FirstTokenClock(tqdm):
-    """A progress bar (possibly disabled) that also notes when the first output token arrives."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.first_token_at: float | None = None
-
-    def update(self, n=1):
-        if n and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        return super().update(n)
-
-
 def timed_generate(llm, prompts, params, progress: bool = True) -> dict:
-    """Run one generate; output tokens, seconds, time to first token (of the batch) and the rates."""
-    bars = []
-
-    def bar(*args, **kwargs):
-        bars.append(FirstTokenClock(*args, **{**kwargs, "disable": kwargs.get("disable") or not progress}))
-        return bars[-1]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=bar)
+    """Run one generate; output tokens, seconds, time to first token (of the batch: the earliest
+    RequestOutput.metrics.first_token_time, when the engine committed that token) and the rates. Without
+    `progress` nothing is streamed step by step (`use_tqdm=False`, as nano-vllm's bench calls it): each request
+    reports its end only."""
+    start, clock = time.perf_counter(), time.monotonic()
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
     seconds = time.perf_counter() - start
     num_output = sum(len(o["token_ids"]) for o in outputs)
-    ttft = bars[0].first_token_at - start
+    ttft = min(o.metrics.first_token_time for o in outputs) - clock
     return {"output_tokens": num_output, "seconds": round(seconds, 3), "tokens_per_s": round(num_output / seconds, 1),
             "ttft_s": round(ttft, 3),
             "decode_tokens_per_s": round((num_output - len(prompts)) / max(seconds - ttft, 1e-9), 1)}

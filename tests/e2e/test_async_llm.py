@@ -223,6 +223,9 @@ def test_vllm_style_generate_yields_cumulative_request_outputs(llm):
                                                                               else None)
         assert last.prompt_token_ids == expected.prompt_token_ids and last.num_cached_tokens == 0  # < a KV block
         assert all(o.num_cached_tokens is None for o, _ in outs if not o.outputs[0].finished())  # known at its end
+        times = [(o.metrics.arrival_time, o.metrics.first_token_time, o.metrics.finished_time) for o, _ in outs]
+        assert all(t[2] is None for t in times[:-1]) and times[-1][0] < times[-1][1] <= times[-1][2]
+        assert len({t[:2] for t in times}) == 1  # the first output already had its first token
         exact = ("text", "token_ids", "finish_reason", "stop_reason", "index")
         assert set(last) == set(expected) and last.finished and last.text == expected.text
         for got, want in zip(last.outputs, expected.outputs, strict=True):  # logprobs: the batches differed

@@ -175,7 +175,25 @@ def test_outputs_read_as_vllm_request_outputs_and_as_dicts(llm):
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         back = pickle.loads(pickle.dumps(ignored, protocol=protocol))
         assert back == ignored and type(back) is RequestOutput and type(back.outputs[0]) is CompletionOutput
-        assert (back.request_id, back.num_cached_tokens) == (ignored.request_id, ignored.num_cached_tokens)
+        assert (back.request_id, back.num_cached_tokens, back.metrics) == (
+            ignored.request_id, ignored.num_cached_tokens, ignored.metrics)
+
+
+def test_outputs_carry_their_times(llm):
+    """RequestOutput.metrics: one arrival for the call, then each request's first token and end in that order (a
+    request of n samples included); streamed pieces carry their sample's first-token time."""
+    import time
+    before = time.monotonic()
+    outs = llm.generate(PROMPTS + [PROMPTS[0]], [SamplingParams(max_tokens=m, ignore_eos=True) for m in (2, 9, 5)] +
+                        [SamplingParams(max_tokens=4, n=3, seed=1, ignore_eos=True)], use_tqdm=False)
+    after = time.monotonic()
+    assert len({o.metrics.arrival_time for o in outs}) == 1
+    for o in outs:
+        m = o.metrics
+        assert before <= m.arrival_time < m.first_token_time <= m.finished_time <= after
+    assert outs[0].metrics.finished_time < outs[1].metrics.finished_time  # 2 tokens end before 9
+    streamed = [p.first_token_time for p in llm.stream(PROMPTS[:1], SamplingParams(max_tokens=3, ignore_eos=True))]
+    assert len(streamed) >= 2 and len(set(streamed)) == 1 and streamed[0] is not None
 
 
 def test_chat_outputs_carry_the_rendered_prompt(llm):
