@@ -39,8 +39,8 @@ def main():
     p.add_argument("--trace-steps", default="", help="comma-separated step indices to run alone (synchronised) "
                    "under torch.profiler: each one's host calls and GPU kernels by time")
     p.add_argument("--phases", action="store_true", help="time the engine loop's phases of each turn (schedule, "
-                   "launch, wait for the step in flight, commit, the loop's own work) and print them around each "
-                   "idle gap over 1 ms")
+                   "launch, wait for the step in flight, commit, publish, the loop's own work) and print them around "
+                   "each idle gap over 1 ms and after the last launch")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--no-logit-padding", action="store_true", help="prefill steps run the LM head at their own "
                    "sampled row count, not padded to a captured size (model_runner.padded_rows): for A/B runs")
@@ -126,6 +126,7 @@ def main():
         engine.pipelined_step = timed("turn", engine.pipelined_step)
         llm._requests = timed("requests", llm._requests)  # the caller's checks
         llm.loop._add = timed("add", llm.loop._add)  # the loop thread's admission
+        llm.loop._publish = timed("publish", llm.loop._publish)  # the loop thread's deltas to the caller
         engine.runner.prepare = timed("prepare", engine.runner.prepare)
     if os.environ.get("TWICE"):  # measure the process's second run: what its first pays once is then paid
         llm.generate(prompts, params, use_tqdm=False)
@@ -210,6 +211,12 @@ def main():
         print("phases before the first step's GPU work (phase, ms from the call's start, ms):",
               [(name, round((begin - start) * 1e3, 3), round((end - begin) * 1e3, 3))
                for n, name, begin, end in phases if n == 0 and name != "turn"])
+        ended = before_call.elapsed_time(records[-1][4])  # GPU clock, 0 at the call's start (the GPU was idle)
+        print(f"after the last launch: its GPU work ended {ended:.3f} ms from the call's start (GPU clock), the call "
+              f"returned at {total * 1e3:.3f} ms (host); phases (steps launched, phase, ms from the call's start, ms):")
+        for n, name, begin, end in phases:
+            if n >= len(records) - 1:
+                print(f"   {n:>5} {name:>8} {(begin - start) * 1e3:>10.3f} {(end - begin) * 1e3:>8.3f}")
         for ms, i in idle:
             if ms > 1:
                 print(f"phases around the {ms:.2f} ms gap before step {i} (steps launched, phase, ms from the "
