@@ -28,8 +28,8 @@ class GenerationProgress:
         self.num_finished = self.num_prefilled = 0
         make_bar = use_tqdm if callable(use_tqdm) else tqdm
         visible = bool(use_tqdm) and logger.isEnabledFor(logging.INFO)
-        # whether step-by-step counts are wanted: for a visible bar, and for a caller's own bar class (bench
-        # times the first token with one); otherwise counting each request's end is enough
+        # whether step-by-step counts are wanted: for a visible bar, and for a caller's own bar class (it may
+        # act on every update); otherwise counting each request's end is enough (and streams nothing per step)
         self.per_step = visible or callable(use_tqdm)
         self.bar = make_bar(total=planned_output_tokens, desc=desc, unit="tok", dynamic_ncols=True,
                             disable=not visible)
