@@ -41,7 +41,8 @@ def seed_workload(num_seqs=256, max_input_len=1024, max_output_len=1024, seed=0,
 
     def length(n: int) -> int:
         return n if fixed_lengths else random.randint(min(100, n), n)
-    prompts = [[random.randint(0, min(10000, vocab_size - 1)) for _ in range(length(max_input_len))] for _ in range(num_seqs)]
+    top = min(10000, vocab_size - 1)
+    prompts = [[random.randint(0, top) for _ in range(length(max_input_len))] for _ in range(num_seqs)]
     max_tokens = [length(max_output_len) for _ in range(num_seqs)]
     return prompts, max_tokens
 
@@ -228,7 +229,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync", action="store_true", help="no pipelined decode (async_scheduling=False)")
     p.add_argument("--no-floor", action="store_true", help="skip measuring the workload's floor (copy bandwidth and "
                                                            "matmul rate)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: the call then streams nothing per "
+                   "step (as nano-vllm's bench); the time to first token comes from the outputs' metrics")
     p.add_argument("--via-server", action="store_true",
                    help="also send the workload as concurrent HTTP requests to a local server on the same engine "
                         "(needs the serve extra) and report its throughput and the ratio to the offline one")
