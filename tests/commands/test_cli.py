@@ -48,7 +48,14 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("nanovllm 0.1.0 (torch ")
 
 
-def test_bench_on_random_weights_of_a_config(tiny_qwen3, capsys):
+def test_bench_on_random_weights_of_a_config(tiny_qwen3, capsys, monkeypatch):
+    from nanovllm.llm import LLM
+    streamed, run = [], LLM._run
+
+    def spy(self, requests, stream, detokenize=None):
+        streamed.append(stream)
+        return run(self, requests, stream, detokenize)
+    monkeypatch.setattr(LLM, "_run", spy)
     args = ["bench", "--config", f"{tiny_qwen3}/config.json", "--backend", "cpu", "--num-prompts", "3",
             "--input-len", "12", "--output-len", "5", "--fixed-lengths", "--max-model-len", "64", "--no-floor",
             "--no-progress", "--backend-option", "cpu_memory_fraction=0.2", "--backend-option",
@@ -58,6 +65,7 @@ def test_bench_on_random_weights_of_a_config(tiny_qwen3, capsys):
     assert result["output_tokens"] == 15 and result["num_prompts"] == 3 and "floor_s" not in result
     assert result["backend_options"] == {"cpu_memory_fraction": 0.2, "gpu_memory_utilization": 0.8}
     assert 0 < result["ttft_s"] <= result["seconds"]
+    assert streamed == [False, False]  # the warm-up and the timed call: no per-step deltas with --no-progress
 
 
 def test_bench_and_backends_plan_default_to_the_model_generate_uses(tiny_qwen3, monkeypatch, capsys):
