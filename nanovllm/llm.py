@@ -201,7 +201,8 @@ class LLM:
                 new_tokens = delta.seq.num_output_tokens - before if delta.finished else len(delta.token_ids)
                 first = key not in received and delta.sample_index == 0 and (new_tokens or delta.finished)
                 received[key] = before + new_tokens
-                metrics[delta.index].saw_first_token(delta.first_token_time)
+                if delta.finished:  # a sample's last delta carries its first token's time too
+                    metrics[delta.index].saw_first_token(delta.first_token_time)
                 unused = [planned[delta.index] // delta.seq.params.n - received[key]] if delta.finished else []
                 progress.advance(new_tokens, len(ids[delta.index]) if first else 0, unused)
                 if delta.request_finished:  # its last sample finished: delta.seq.group holds all of them
